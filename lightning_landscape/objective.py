@@ -1,0 +1,320 @@
+"""The objective: the loss ("energy") of a module on a fixed probe set, as a function of a flat vector.
+
+For a module with trainable parameters ``theta`` in ``R^P`` and probe batches ``B_1, ..., B_n`` of sizes
+``n_1, ..., n_n`` the objective is the size-weighted mean of the per-batch losses
+
+    L(theta) = sum_b (n_b / N) * loss(f_theta, B_b),        N = sum_b n_b,
+
+with ``loss`` either the user's ``loss_fn(module, batch)`` or, for a LightningModule, the loss that its
+``training_step`` returns (called with ``self.log``/``self.log_dict`` muted). :class:`Objective` gives
+``L``, its gradient, Hessian-vector products and batched values at many parameter vectors, always by
+``torch.func.functional_call``: the module itself is never mutated.
+
+Evaluation mode is explicit and recorded in :attr:`Objective.metadata`:
+
+* ``bn_mode="eval"`` (default): BatchNorm uses its running statistics, as at test time;
+* ``bn_mode="train"``: BatchNorm normalizes with batch statistics, as SGD sees it, but running statistics
+  are *not* updated (``track_running_stats`` is switched off for the call);
+* dropout is off unless ``dropout=True``; autocast is off; parameters, floating buffers and floating
+  batch tensors are evaluated in ``dtype`` (float32 unless asked for float64).
+
+Example::
+
+    >>> import torch
+    >>> net = torch.nn.Linear(2, 1, bias=False)
+    >>> x, y = torch.eye(2), torch.zeros(2, 1)
+    >>> obj = Objective(net, [(x, y)], loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    >>> theta = torch.tensor([1.0, 3.0])
+    >>> float(obj.loss(theta))  # (1 + 9) / 2
+    5.0
+    >>> obj.grad(theta).tolist(), obj.hvp(theta, torch.tensor([1.0, 0.0])).tolist()
+    ([1.0, 3.0], [1.0, 0.0])
+    >>> obj.losses(torch.stack([theta, 2 * theta])).tolist()
+    [5.0, 20.0]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from lightning_landscape.guard import _RNGState
+from lightning_landscape.params import ParameterLayout
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+BNMode = Literal["eval", "train"]
+
+
+def _first_tensor(batch: Any) -> Tensor | None:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _batch_size(batch: Any) -> int:
+    first = _first_tensor(batch)
+    return int(first.shape[0]) if first is not None and first.ndim > 0 else 1
+
+
+def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _map_tensors(v, fn) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_map_tensors(v, fn) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_map_tensors(v, fn) for v in batch)
+    return batch
+
+
+def _as_scalar_loss(out: Any, source: str) -> Tensor:
+    if isinstance(out, Mapping) and "loss" in out:
+        out = out["loss"]
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"{source} returned {type(out).__name__}, not a loss tensor."
+            " HINT: return a scalar tensor or a dict with a 'loss' entry, or pass `loss_fn=lambda module, batch: ...`."
+        )
+    if out.numel() != 1:
+        raise ValueError(
+            f"{source} returned a tensor of shape {tuple(out.shape)}; the objective needs a scalar loss."
+            " HINT: reduce it, e.g. `loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])` (mean reduction)."
+        )
+    return out.reshape(())
+
+
+class _Evaluated(nn.Module):
+    """Calls the loss of ``module`` on a batch as ``forward``, so that ``functional_call`` can swap its tensors."""
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn | None) -> None:
+        super().__init__()
+        self.module = module
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.loss_fn is not None:
+            return _as_scalar_loss(self.loss_fn(self.module, batch), "`loss_fn`")
+        out = self.module.training_step(batch, batch_idx)
+        return _as_scalar_loss(out, f"`{type(self.module).__name__}.training_step`")
+
+
+class Objective:
+    """Loss, gradient, Hessian-vector products and batched losses of ``module`` on fixed ``batches``.
+
+    Args:
+        module: the network (a LightningModule or any ``nn.Module``). Never mutated.
+        batches: the probe set, a non-empty sequence of batches as the dataloader yields them. They are
+            copied to the module's device once.
+        loss_fn: ``loss_fn(module, batch) -> scalar tensor``. Default: the loss that
+            ``module.training_step(batch, batch_idx)`` returns, with logging muted.
+        bn_mode: ``"eval"`` (running statistics) or ``"train"`` (batch statistics, running ones untouched).
+        dropout: keep dropout layers active (off by default, so the objective is deterministic).
+        dtype: float32 or float64; parameters, floating buffers and inputs are cast to it.
+        chunk_size: how many parameter vectors :meth:`losses` evaluates at once under ``vmap``.
+
+    Raises:
+        ValueError: empty ``batches``, a module without trainable parameters, an unknown ``bn_mode``,
+            a non-floating ``dtype``, or a loss that is not a scalar.
+        TypeError: no ``loss_fn`` for a module without ``training_step``.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        batches: Sequence[Any],
+        loss_fn: LossFn | None = None,
+        *,
+        bn_mode: BNMode = "eval",
+        dropout: bool = False,
+        dtype: torch.dtype = torch.float32,
+        chunk_size: int = 32,
+    ) -> None:
+        if bn_mode not in ("eval", "train"):
+            raise ValueError(f"`bn_mode` must be 'eval' or 'train', got {bn_mode!r}.")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}.")
+        if chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
+        if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Sequence) or len(batches) == 0:
+            raise ValueError(
+                f"`batches` must be a non-empty list of batches, got {type(batches).__name__}."
+                " HINT: wrap a single batch in a list: `Objective(module, [(x, y)])`."
+            )
+        if loss_fn is None and not callable(getattr(module, "training_step", None)):
+            raise TypeError(
+                f"{type(module).__name__} has no `training_step`, so there is no default loss."
+                " HINT: pass `loss_fn=lambda module, batch: ...` returning a scalar tensor."
+            )
+        self.module = module
+        self.loss_fn = loss_fn
+        self.bn_mode: BNMode = bn_mode
+        self.dropout = dropout
+        self.dtype = dtype
+        self.chunk_size = chunk_size
+        self.layout = ParameterLayout.from_module(module)
+        self._wrapper = _Evaluated(module, loss_fn)
+        device = self.device
+        with torch.inference_mode(False):
+            self.batches = [_map_tensors(b, lambda t: self._cast(t.to(device)).clone()) for b in batches]
+        self.batch_sizes = [_batch_size(b) for b in self.batches]
+        self.weights = [n / sum(self.batch_sizes) for n in self.batch_sizes]
+        self._vmap_ok: bool | None = None
+        rng = _RNGState()  # the check below must not consume the caller's random numbers
+        try:
+            with torch.no_grad():
+                self.loss()
+        finally:
+            rng.restore()
+
+    # ----------------------------------------------------------------- state
+    @property
+    def device(self) -> torch.device:
+        return next(p for p in self.module.parameters() if p.requires_grad).device
+
+    @property
+    def numel(self) -> int:
+        """P, the number of trainable parameters."""
+        return self.layout.numel
+
+    @property
+    def theta0(self) -> Tensor:
+        """The module's current trainable parameters as one flat ``dtype`` vector (a copy)."""
+        return self.layout.flatten(dict(self.module.named_parameters()), self.dtype).clone()
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """How the objective is evaluated; stored with every result."""
+        return {
+            "bn_mode": self.bn_mode,
+            "dropout": self.dropout,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "autocast": False,
+            "n_batches": len(self.batches),
+            "n_samples": sum(self.batch_sizes),
+            "n_params": self.numel,
+        }
+
+    def _cast(self, t: Tensor) -> Tensor:
+        return t.to(self.dtype) if t.is_floating_point() else t
+
+    @contextmanager
+    def _evaluation_mode(self) -> Iterator[None]:
+        """Set train/eval flags for the declared mode, mute Lightning logging, turn autocast off; undo all."""
+        modules = list(self.module.modules())
+        saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in modules]
+        muted = []
+        with ExitStack() as stack:
+            for m in modules:
+                m.training = False
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and self.bn_mode == "train":
+                    m.training, m.track_running_stats = True, False
+                elif isinstance(m, nn.modules.dropout._DropoutNd) and self.dropout:
+                    m.training = True
+            for name in ("log", "log_dict"):
+                if callable(getattr(self.module, name, None)) and name not in vars(self.module):
+                    object.__setattr__(self.module, name, lambda *a, **k: None)
+                    muted.append(name)
+            stack.enter_context(torch.autocast(self.device.type, enabled=False))
+            stack.enter_context(torch.inference_mode(False))
+            try:
+                yield
+            finally:
+                for name in muted:
+                    object.__delattr__(self.module, name)
+                for m, training, track in saved:
+                    m.training = training
+                    if track is not None:
+                        m.track_running_stats = track
+
+    def _tensors(self, theta: Tensor) -> dict[str, Tensor]:
+        out = {f"module.{n}": self._cast(b) for n, b in self.module.named_buffers()}
+        out.update({f"module.{n}": self._cast(p) for n, p in self.module.named_parameters() if not p.requires_grad})
+        out.update({f"module.{n}": t for n, t in self.layout.unflatten(theta).items()})
+        return out
+
+    def _batch_loss(self, theta: Tensor, index: int) -> Tensor:
+        return functional_call(self._wrapper, self._tensors(theta), (self.batches[index], index), strict=False)
+
+    def _point(self, theta: Tensor | None) -> Tensor:
+        if theta is None:
+            return self.theta0
+        if theta.shape != (self.numel,):
+            raise ValueError(
+                f"`theta` must have shape ({self.numel},), got {tuple(theta.shape)}."
+                " HINT: use `objective.theta0` as a template; for many points call `objective.losses`."
+            )
+        return theta.to(device=self.device, dtype=self.dtype)
+
+    # ----------------------------------------------------------------- evaluation
+    def _loss_at(self, theta: Tensor) -> Tensor:
+        return sum(w * self._batch_loss(theta, i) for i, w in enumerate(self.weights))  # type: ignore[return-value]
+
+    def loss(self, theta: Tensor | None = None) -> Tensor:
+        """``L(theta)`` (detached scalar). ``theta=None`` means the module's current parameters."""
+        theta = self._point(theta)
+        with self._evaluation_mode(), torch.no_grad():
+            return self._loss_at(theta).detach()
+
+    def grad(self, theta: Tensor | None = None) -> Tensor:
+        """``grad L(theta)``, accumulated batch by batch."""
+        theta = self._point(theta).detach().requires_grad_(True)
+        total = torch.zeros_like(theta)
+        with self._evaluation_mode(), torch.enable_grad():
+            for i, w in enumerate(self.weights):
+                (g,) = torch.autograd.grad(self._batch_loss(theta, i), theta)
+                total += w * g
+        return total
+
+    def hvp(self, theta: Tensor | None, v: Tensor) -> Tensor:
+        """The Hessian-vector product ``H(theta) v`` by double backward, accumulated batch by batch."""
+        theta = self._point(theta).detach().requires_grad_(True)
+        v = v.to(device=theta.device, dtype=theta.dtype)
+        if v.shape != theta.shape:
+            raise ValueError(f"`v` must have shape ({self.numel},), got {tuple(v.shape)}.")
+        total = torch.zeros_like(theta)
+        with self._evaluation_mode(), torch.enable_grad():
+            for i, w in enumerate(self.weights):
+                (g,) = torch.autograd.grad(self._batch_loss(theta, i), theta, create_graph=True)
+                (hv,) = torch.autograd.grad(g, theta, grad_outputs=v)
+                total += w * hv
+        return total
+
+    def losses(self, thetas: Tensor) -> Tensor:
+        """``L`` at each row of the ``(M, P)`` tensor ``thetas``: ``vmap`` in chunks, or a loop if the module
+        cannot be vmapped (e.g. its loss calls ``.item()``)."""
+        if thetas.ndim != 2 or thetas.shape[1] != self.numel:
+            raise ValueError(
+                f"`thetas` must have shape (M, {self.numel}), got {tuple(thetas.shape)}."
+                " HINT: stack parameter vectors with `torch.stack([...])`."
+            )
+        thetas = thetas.to(device=self.device, dtype=self.dtype)
+        with self._evaluation_mode(), torch.no_grad():
+            if self._vmap_ok is not False:
+                try:
+                    out = vmap(self._loss_at, chunk_size=self.chunk_size)(thetas)
+                    self._vmap_ok = True
+                    return out
+                except Exception as err:  # vmap is an optimization: fall back to the exact loop
+                    if self._vmap_ok:  # it worked before, so this is a real error
+                        raise
+                    self._vmap_ok = False
+                    warnings.warn(
+                        f"Objective.losses: cannot vmap over {type(self.module).__name__} ({err!s:.200});"
+                        " evaluating parameter vectors one by one.",
+                        stacklevel=2,
+                    )
+            return torch.stack([self._loss_at(t) for t in thetas])

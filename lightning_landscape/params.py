@@ -1,0 +1,79 @@
+"""Flat parameter vectors: the coordinates of the loss landscape.
+
+A network with trainable tensors ``W_1, ..., W_m`` is a point ``theta = concat(vec(W_1), ..., vec(W_m))``
+in ``R^P``. :class:`ParameterLayout` records names, shapes and offsets so that a flat vector and the
+module's parameter dictionary can be converted into each other without touching the module.
+
+Example::
+
+    >>> import torch
+    >>> layout = ParameterLayout.from_module(torch.nn.Linear(3, 2))
+    >>> layout.numel, layout.names
+    (8, ('weight', 'bias'))
+    >>> theta = layout.flatten(dict(torch.nn.Linear(3, 2).named_parameters()))
+    >>> layout.unflatten(theta)["weight"].shape
+    torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Names, shapes and offsets of the trainable parameters of a module, in ``named_parameters`` order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> ParameterLayout:
+        """The layout of ``module``'s parameters with ``requires_grad=True``.
+
+        Raises:
+            ValueError: if the module has no trainable parameters.
+        """
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                f"`module` ({type(module).__name__}) has no trainable parameters, so it has no loss landscape."
+                " HINT: pass a module with parameters that have `requires_grad=True`"
+                " (frozen parameters are treated as constants)."
+            )
+        return cls(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(torch.Size(s).numel()) for s in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        """P, the dimension of the parameter space."""
+        return sum(self.sizes)
+
+    def slices(self) -> dict[str, slice]:
+        """The slice of the flat vector that holds each named parameter."""
+        out, start = {}, 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            out[name] = slice(start, start + size)
+            start += size
+        return out
+
+    def flatten(self, tensors: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> Tensor:
+        """Concatenate ``tensors[name]`` in layout order into one flat (detached) vector."""
+        return torch.cat([tensors[n].detach().reshape(-1).to(dtype or tensors[n].dtype) for n in self.names])
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Views of ``theta`` shaped like each parameter (differentiable; works under ``vmap``)."""
+        if theta.shape[-1] != self.numel:
+            raise ValueError(
+                f"`theta` has {theta.shape[-1]} entries but the module has {self.numel} trainable parameters."
+                " HINT: build theta with `objective.theta0` or `layout.flatten(...)`."
+            )
+        parts = torch.split(theta, self.sizes, dim=-1)
+        return {n: p.reshape(*theta.shape[:-1], *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
