@@ -1,0 +1,253 @@
+"""The base of every lightning-landscape callback: when to run, on which data, leaving no trace.
+
+A :class:`LandscapeCallback` decides *when* an analysis runs (every ``n`` optimizer steps, every ``n``
+epochs, at the end of training, or on demand with :meth:`LandscapeCallback.run_now`), draws a fixed
+probe set from the training data once (seeded, recorded), runs the subclass's :meth:`analyze` inside
+:func:`~lightning_landscape.guard.preserve_state`, and reports through a
+:class:`~lightning_landscape.report.Reporter`.
+
+Guarantees:
+
+* the decision to run depends only on ``trainer.global_step`` / ``current_epoch``, so every DDP rank
+  makes the same decision and joins the same collectives;
+* parameters, buffers, gradients, optimizer state, train/eval flags and RNG streams are exactly as
+  before the analysis;
+* an exception inside an analysis never stops training: it is warned about, appended to
+  ``<run_dir>/<name>/failures.jsonl`` and counted in the scalar ``landscape/<name>/failures``.
+
+The class derives from the ``Callback`` of every installed Lightning namespace, so the same callback
+object works in a ``lightning.pytorch.Trainer`` and in a ``pytorch_lightning.Trainer``.
+
+Example::
+
+    >>> class PrintLoss(LandscapeCallback):
+    ...     name = "printloss"
+    ...     def analyze(self, trainer, pl_module, step):
+    ...         self.reporter.scalars({"loss": self.objective(trainer, pl_module).loss()}, step)
+    >>> cb = PrintLoss(every_n_steps=100)  # then: Trainer(callbacks=[cb])
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_landscape import distributed
+from lightning_landscape._compat import CALLBACK_BASES
+from lightning_landscape.guard import preserve_state
+from lightning_landscape.objective import BNMode, LossFn, Objective
+from lightning_landscape.params import ParameterLayout
+from lightning_landscape.report import Reporter
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+def _check_optional_positive(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}. HINT: e.g. `{name}=100`.")
+
+
+class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
+    """Base class: triggers, probe set, state guard, failure handling and reporting.
+
+    Args:
+        every_n_steps: run after every ``n``-th optimizer step (``None``: never by step).
+        every_n_epochs: run at the end of every ``n``-th training epoch (``None``: never by epoch).
+        at_fit_end: run once more when training ends.
+        probe_size: number of training samples in the fixed probe set.
+        probe_batch_size: batch size of the probe set (default: the train dataloader's).
+        probe_seed: seed of the probe set draw (recorded with every result).
+        bn_mode: ``"eval"`` or ``"train"``, see :class:`~lightning_landscape.Objective`.
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step`` loss.
+        progress: show a progress bar for long analyses (rank 0).
+
+    Raises:
+        ValueError: for an invalid trigger, probe size or ``bn_mode`` (in the constructor), and for a
+            model without trainable parameters (in ``setup``).
+    """
+
+    name = "analysis"
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        at_fit_end: bool = True,
+        probe_size: int = 256,
+        probe_batch_size: int | None = None,
+        probe_seed: int = 0,
+        bn_mode: BNMode = "eval",
+        loss_fn: LossFn | None = None,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_optional_positive("every_n_steps", every_n_steps)
+        _check_optional_positive("every_n_epochs", every_n_epochs)
+        _check_optional_positive("probe_batch_size", probe_batch_size)
+        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
+            raise ValueError(f"`probe_size` must be a positive integer, got {probe_size!r}. HINT: e.g. 256.")
+        if bn_mode not in ("eval", "train"):
+            raise ValueError(
+                f"`bn_mode` must be 'eval' or 'train', got {bn_mode!r}."
+                " HINT: 'eval' uses BatchNorm running statistics, 'train' batch statistics."
+            )
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.at_fit_end = at_fit_end
+        self.probe_size = probe_size
+        self.probe_batch_size = probe_batch_size
+        self.probe_seed = probe_seed
+        self.bn_mode: BNMode = bn_mode
+        self.loss_fn = loss_fn
+        self.progress = progress
+        self.failures = 0
+        self.runs = 0
+        self._last_step: int | None = None
+        self._probe: list[Any] | None = None
+        self._objective: Objective | None = None
+        self.reporter = Reporter(".", is_global_zero=False)
+
+    # ----------------------------------------------------------------- to override
+    def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """The analysis. Runs on every rank with grad enabled, inside the state guard."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- identity and state
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            name=self.name, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"failures": self.failures, "runs": self.runs, "last_step": self._last_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.failures = state_dict.get("failures", 0)
+        self.runs = state_dict.get("runs", 0)
+        self._last_step = state_dict.get("last_step")
+
+    # ----------------------------------------------------------------- data
+    @property
+    def probe_metadata(self) -> dict[str, Any]:
+        return {"probe_size": self.probe_size, "probe_seed": self.probe_seed, "bn_mode": self.bn_mode}
+
+    def probe_batches(self, trainer: pl.Trainer) -> list[Any]:
+        """This rank's share of the fixed probe set, on the module's device (drawn once, then cached).
+
+        The probe set is the first ``probe_size`` samples of a permutation of the training set drawn with
+        ``probe_seed``, cut into batches; under DDP each rank holds a contiguous block of those batches,
+        so the union over ranks is the same set for any number of ranks.
+        """
+        if self._probe is not None:
+            return self._probe
+        loader = trainer.train_dataloader
+        if isinstance(loader, dict):
+            loader = next(iter(loader.values()))
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        if not isinstance(loader, DataLoader):
+            raise TypeError(
+                f"{type(self).__name__} needs a torch DataLoader for training, got {type(loader).__name__}."
+            )
+        dataset = loader.dataset
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError(
+                f"{type(self).__name__} draws its probe set by index and needs a map-style training dataset,"
+                f" got {type(dataset).__name__}. HINT: use a map-style Dataset, or pass the probe batches explicitly."
+            )
+        size = min(self.probe_size, len(dataset))
+        generator = torch.Generator().manual_seed(self.probe_seed)
+        indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
+        batch_size = self.probe_batch_size or loader.batch_size or size
+        chunks = [indices[i : i + batch_size] for i in range(0, size, batch_size)]
+        rank, world_size = distributed.world(trainer.strategy)
+        mine = distributed.shard(len(chunks), rank, world_size)
+        if len(chunks) < world_size:
+            raise ValueError(
+                f"The probe set has {len(chunks)} batches but there are {world_size} ranks."
+                f" HINT: raise `probe_size` ({self.probe_size}) or lower `probe_batch_size` ({batch_size})."
+            )
+        self._probe = [
+            trainer.strategy.batch_to_device(loader.collate_fn([dataset[i] for i in chunks[j]])) for j in mine
+        ]
+        return self._probe
+
+    def objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Objective:
+        """The :class:`Objective` of ``pl_module`` on this rank's probe batches (built once)."""
+        if self._objective is None or self._objective.module is not pl_module:
+            self._objective = Objective(pl_module, self.probe_batches(trainer), self.loss_fn, bn_mode=self.bn_mode)
+        return self._objective
+
+    # ----------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        ParameterLayout.from_module(pl_module)  # raises early for a module with nothing to analyze
+        self.reporter = Reporter.from_trainer(trainer, progress=self.progress)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.run_now(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.run_now(trainer, pl_module)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_fit_end:
+            self.run_now(trainer, pl_module)
+
+    def run_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Run the analysis at the current step (on every rank). Returns False if it failed or was skipped.
+
+        Runs at most once per optimizer step, and never in ``fast_dev_run`` or the sanity check.
+        """
+        step = trainer.global_step
+        if trainer.sanity_checking or trainer.fast_dev_run or step == self._last_step:
+            return False
+        self._last_step = step
+        start = time.perf_counter()
+        try:
+            with (
+                preserve_state(pl_module, trainer.optimizers),
+                torch.inference_mode(False),
+                torch.enable_grad(),
+            ):
+                self.analyze(trainer, pl_module, step)
+        except Exception as err:
+            self._record_failure(err, step)
+            return False
+        self.runs += 1
+        self.reporter.scalars({f"{self.name}/seconds": time.perf_counter() - start}, step)
+        return True
+
+    def _record_failure(self, err: Exception, step: int) -> None:
+        self.failures += 1
+        if self.reporter.is_global_zero:
+            warnings.warn(
+                f"lightning-landscape: {type(self).__name__} failed at step {step} and was skipped;"
+                f" training goes on. {type(err).__name__}: {err}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self.reporter.event(
+            f"{self.name}/failures",
+            {"step": step, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()},
+        )
+        self.reporter.scalars({f"{self.name}/failures": self.failures}, step)

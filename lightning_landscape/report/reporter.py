@@ -1,0 +1,197 @@
+"""Where results go: scalars to every logger, rich media to W&B, every file to the run directory.
+
+A :class:`Reporter` is created once per callback in ``setup`` (on every rank, because
+``trainer.log_dir`` is a collective), and only writes and logs on global rank 0.
+
+* ``scalars`` -> ``logger.log_metrics`` of every logger of the Trainer (TensorBoard, CSV, W&B, ...);
+* ``figure``  -> a PNG under the run directory, and ``wandb.Image`` when a ``WandbLogger`` is present;
+* ``plotly``  -> an interactive HTML file (plotly.js written once beside it), and ``wandb.Plotly``;
+* ``table``   -> a CSV file, and ``wandb.Table``;
+* ``arrays``  -> an ``.npz`` file with the arrays and their metadata;
+* ``artifact``-> a W&B artifact of a file or directory (large arrays, stores).
+
+Keys are ``"<namespace>/<name>"``, e.g. ``landscape/flatness/lambda_max``; files are
+``<run_dir>/<name>-step<step>.<ext>``. The run directory is
+``<trainer.log_dir>/landscape`` (for W&B: ``<save_dir>/landscape/<run id>``).
+
+Example::
+
+    >>> import tempfile, numpy as np
+    >>> rep = Reporter(tempfile.mkdtemp(), loggers=[], is_global_zero=True)
+    >>> rep.arrays("flatness/eigenvalues", step=3, values=np.arange(3)).name
+    'eigenvalues-step0000003.npz'
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lightning_landscape._compat import is_instance
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_./-]", "_", name).strip("/")
+
+
+class Reporter:
+    """Writes results of the analyses; a no-op on every rank but global rank 0.
+
+    Args:
+        run_dir: directory for files (created on first write).
+        loggers: the Lightning loggers to send scalars (and W&B media) to.
+        is_global_zero: whether this process writes.
+        namespace: prefix of every logged key.
+        progress: show progress bars for long analyses.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        loggers: Sequence[Any] = (),
+        is_global_zero: bool = True,
+        namespace: str = "landscape",
+        progress: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.loggers = list(loggers)
+        self.is_global_zero = is_global_zero
+        self.namespace = namespace
+        self.show_progress = progress
+
+    @classmethod
+    def from_trainer(cls, trainer: pl.Trainer, namespace: str = "landscape", progress: bool = True) -> Reporter:
+        """The reporter of a Trainer. Call it on every rank (``trainer.log_dir`` broadcasts)."""
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir = log_dir / "landscape"
+        wandb_logger = next((lg for lg in trainer.loggers if is_instance(lg, "loggers", "WandbLogger")), None)
+        if wandb_logger is not None and trainer.is_global_zero:
+            run_dir = Path(wandb_logger.save_dir or log_dir) / "landscape" / str(wandb_logger.experiment.id)
+        return cls(run_dir, trainer.loggers, trainer.is_global_zero, namespace, progress)
+
+    # ----------------------------------------------------------------- helpers
+    def key(self, name: str) -> str:
+        return f"{self.namespace}/{name}" if self.namespace else name
+
+    def path(self, name: str, step: int | None, suffix: str) -> Path:
+        """``<run_dir>/<name>-step<step><suffix>``, with parent directories created."""
+        stem = _safe(name) + ("" if step is None else f"-step{step:07d}")
+        path = self.run_dir / f"{stem}{suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def wandb_loggers(self) -> list[Any]:
+        return [lg for lg in self.loggers if is_instance(lg, "loggers", "WandbLogger")]
+
+    def _to_wandb(self, name: str, value_fn: Any, step: int) -> None:
+        for lg in self.wandb_loggers:
+            lg.log_metrics({self.key(name): value_fn()}, step=step)
+
+    # ----------------------------------------------------------------- sinks
+    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log ``{name: value}`` under the namespace to every logger."""
+        if not self.is_global_zero or not metrics:
+            return
+        values = {self.key(k): float(v) for k, v in metrics.items()}
+        for lg in self.loggers:
+            lg.log_metrics(values, step=step)
+
+    def figure(self, name: str, fig: Any, step: int, dpi: int = 110) -> Path | None:
+        """Save a matplotlib figure as PNG (and log it to W&B); the figure is closed."""
+        import matplotlib.pyplot as plt
+
+        if not self.is_global_zero:
+            plt.close(fig)
+            return None
+        path = self.path(name, step, ".png")
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        if self.wandb_loggers:
+            import wandb
+
+            self._to_wandb(name, lambda: wandb.Image(str(path)), step)
+        return path
+
+    def plotly(self, name: str, fig: Any, step: int) -> Path | None:
+        """Save a plotly figure as interactive HTML (and log it to W&B)."""
+        if not self.is_global_zero:
+            return None
+        path = self.path(name, step, ".html")
+        fig.write_html(path, include_plotlyjs="directory")
+        if self.wandb_loggers:
+            import wandb
+
+            self._to_wandb(name, lambda: wandb.Plotly(fig), step)
+        return path
+
+    def table(self, name: str, columns: Sequence[str], rows: Iterable[Sequence[Any]], step: int) -> Path | None:
+        """Save a table as CSV (and log it to W&B as a ``wandb.Table``)."""
+        if not self.is_global_zero:
+            return None
+        rows = [list(r) for r in rows]
+        path = self.path(name, step, ".csv")
+        with path.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns)
+            writer.writerows(rows)
+        if self.wandb_loggers:
+            import wandb
+
+            self._to_wandb(name, lambda: wandb.Table(columns=list(columns), data=rows), step)
+        return path
+
+    def arrays(self, name: str, step: int | None, metadata: Mapping[str, Any] | None = None, **arrays: Any) -> Path:
+        """Save arrays (and a JSON ``metadata`` entry) to ``.npz``. Returns the path (also on other ranks)."""
+        path = self.run_dir / f"{_safe(name)}{'' if step is None else f'-step{step:07d}'}.npz"
+        if self.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            payload = {k: np.asarray(v) for k, v in arrays.items()}
+            payload["metadata"] = np.asarray(json.dumps(dict(metadata or {}), default=str))
+            np.savez(path, **payload)
+        return path
+
+    def artifact(self, name: str, path: str | Path, type: str = "landscape") -> None:
+        """Log a file or directory to W&B as an artifact (nothing without a W&B logger)."""
+        if not self.is_global_zero or not self.wandb_loggers:
+            return
+        import wandb
+
+        path = Path(path)
+        art = wandb.Artifact(_safe(name).replace("/", "-"), type=type)
+        if path.is_dir():
+            art.add_dir(str(path))
+        else:
+            art.add_file(str(path))
+        for lg in self.wandb_loggers:
+            lg.experiment.log_artifact(art)
+
+    def event(self, name: str, record: Mapping[str, Any]) -> None:
+        """Append one JSON line to ``<run_dir>/<name>.jsonl`` (failures, budgets, ...)."""
+        if not self.is_global_zero:
+            return
+        path = self.path(name, None, ".jsonl")
+        with path.open("a") as fh:
+            fh.write(json.dumps(dict(record), default=str) + "\n")
+
+    def progress(self, total: int, desc: str) -> tqdm:
+        """A progress bar on rank 0 below Lightning's own bars, removed when done."""
+        return tqdm(
+            total=total,
+            desc=desc,
+            position=2,
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=0.5,
+            disable=not (self.is_global_zero and self.show_progress),
+        )
