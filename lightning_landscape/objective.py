@@ -271,9 +271,9 @@ class Objective:
 
     def grad(self, theta: Tensor | None = None) -> Tensor:
         """``grad L(theta)``, accumulated batch by batch."""
-        theta = self._point(theta).detach().requires_grad_(True)
-        total = torch.zeros_like(theta)
         with self._evaluation_mode(), torch.enable_grad():
+            theta = self._point(theta).detach().clone().requires_grad_(True)
+            total = torch.zeros_like(theta)
             for i, w in enumerate(self.weights):
                 (g,) = torch.autograd.grad(self._batch_loss(theta, i), theta)
                 total += w * g
@@ -281,12 +281,12 @@ class Objective:
 
     def hvp(self, theta: Tensor | None, v: Tensor) -> Tensor:
         """The Hessian-vector product ``H(theta) v`` by double backward, accumulated batch by batch."""
-        theta = self._point(theta).detach().requires_grad_(True)
-        v = v.to(device=theta.device, dtype=theta.dtype)
-        if v.shape != theta.shape:
+        if v.shape != (self.numel,):
             raise ValueError(f"`v` must have shape ({self.numel},), got {tuple(v.shape)}.")
-        total = torch.zeros_like(theta)
         with self._evaluation_mode(), torch.enable_grad():
+            theta = self._point(theta).detach().clone().requires_grad_(True)
+            v = v.to(device=theta.device, dtype=theta.dtype).clone()
+            total = torch.zeros_like(theta)
             for i, w in enumerate(self.weights):
                 (g,) = torch.autograd.grad(self._batch_loss(theta, i), theta, create_graph=True)
                 (hv,) = torch.autograd.grad(g, theta, grad_outputs=v)

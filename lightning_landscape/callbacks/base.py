@@ -13,7 +13,7 @@ Guarantees:
 * parameters, buffers, gradients, optimizer state, train/eval flags and RNG streams are exactly as
   before the analysis;
 * an exception inside an analysis never stops training: it is warned about, appended to
-  ``<run_dir>/<name>/failures.jsonl`` and counted in the scalar ``landscape/<name>/failures``.
+  ``<run dir>/<name>/failures.jsonl`` and counted in the scalar ``landscape/<name>/failures``.
 
 The class derives from the ``Callback`` of every installed Lightning namespace, so the same callback
 object works in a ``lightning.pytorch.Trainer`` and in a ``pytorch_lightning.Trainer``.
@@ -195,7 +195,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if stage != "fit":
             return
         ParameterLayout.from_module(pl_module)  # raises early for a module with nothing to analyze
-        self.reporter = Reporter.from_trainer(trainer, progress=self.progress)
+        self.reporter = Reporter.from_trainer(trainer, self.name, progress=self.progress)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -234,7 +234,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             self._record_failure(err, step)
             return False
         self.runs += 1
-        self.reporter.scalars({f"{self.name}/seconds": time.perf_counter() - start}, step)
+        self.reporter.scalars({"seconds": time.perf_counter() - start}, step)
         return True
 
     def _record_failure(self, err: Exception, step: int) -> None:
@@ -247,7 +247,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 stacklevel=2,
             )
         self.reporter.event(
-            f"{self.name}/failures",
+            "failures",
             {"step": step, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()},
         )
-        self.reporter.scalars({f"{self.name}/failures": self.failures}, step)
+        self.reporter.scalars({"failures": self.failures}, step)

@@ -10,15 +10,15 @@ A :class:`Reporter` is created once per callback in ``setup`` (on every rank, be
 * ``arrays``  -> an ``.npz`` file with the arrays and their metadata;
 * ``artifact``-> a W&B artifact of a file or directory (large arrays, stores).
 
-Keys are ``"<namespace>/<name>"``, e.g. ``landscape/flatness/lambda_max``; files are
-``<run_dir>/<name>-step<step>.<ext>``. The run directory is
-``<trainer.log_dir>/landscape`` (for W&B: ``<save_dir>/landscape/<run id>``).
+Each analysis has its own reporter: keys are ``"landscape/<analysis>/<name>"``, e.g.
+``landscape/flatness/lambda_max``, and files are ``<run dir>/<analysis>/<name>-step<step>.<ext>``, where the
+run directory is ``<trainer.log_dir>/landscape`` (with W&B: ``<save_dir>/landscape/<run id>``).
 
 Example::
 
     >>> import tempfile, numpy as np
     >>> rep = Reporter(tempfile.mkdtemp(), loggers=[], is_global_zero=True)
-    >>> rep.arrays("flatness/eigenvalues", step=3, values=np.arange(3)).name
+    >>> rep.arrays("eigenvalues", step=3, values=np.arange(3)).name
     'eigenvalues-step0000003.npz'
 """
 
@@ -42,6 +42,15 @@ if TYPE_CHECKING:
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_./-]", "_", name).strip("/")
+
+
+def run_directory(trainer: pl.Trainer) -> Path:
+    """``<trainer.log_dir>/landscape``, or ``<save_dir>/landscape/<run id>`` with a W&B logger (all ranks)."""
+    log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    wandb_logger = next((lg for lg in trainer.loggers if is_instance(lg, "loggers", "WandbLogger")), None)
+    if wandb_logger is not None and trainer.is_global_zero:
+        return Path(wandb_logger.save_dir or log_dir) / "landscape" / str(wandb_logger.experiment.id)
+    return log_dir / "landscape"
 
 
 class Reporter:
@@ -70,14 +79,12 @@ class Reporter:
         self.show_progress = progress
 
     @classmethod
-    def from_trainer(cls, trainer: pl.Trainer, namespace: str = "landscape", progress: bool = True) -> Reporter:
-        """The reporter of a Trainer. Call it on every rank (``trainer.log_dir`` broadcasts)."""
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        run_dir = log_dir / "landscape"
-        wandb_logger = next((lg for lg in trainer.loggers if is_instance(lg, "loggers", "WandbLogger")), None)
-        if wandb_logger is not None and trainer.is_global_zero:
-            run_dir = Path(wandb_logger.save_dir or log_dir) / "landscape" / str(wandb_logger.experiment.id)
-        return cls(run_dir, trainer.loggers, trainer.is_global_zero, namespace, progress)
+    def from_trainer(cls, trainer: pl.Trainer, name: str, progress: bool = True) -> Reporter:
+        """The reporter of analysis ``name``: keys ``landscape/<name>/...``, files in ``<run dir>/<name>/``.
+
+        Call it on every rank (``trainer.log_dir`` is a collective).
+        """
+        return cls(run_directory(trainer) / name, trainer.loggers, trainer.is_global_zero, f"landscape/{name}", progress)
 
     # ----------------------------------------------------------------- helpers
     def key(self, name: str) -> str:

@@ -1,0 +1,12 @@
+"""Test setup: lightning_landscape first (torchvision on CPU torch), W&B offline in a temporary folder."""
+
+import os
+import tempfile
+
+import lightning_landscape  # noqa: F401  (must precede lightning: see lightning_landscape/_compat.py)
+
+_WANDB_HOME = tempfile.mkdtemp(prefix="ll-wandb-")
+os.environ["WANDB_MODE"] = "offline"  # read once per process
+os.environ.setdefault("WANDB_SILENT", "true")
+for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+    os.environ[var] = _WANDB_HOME

@@ -1,0 +1,94 @@
+"""Small models, data and callbacks shared by the tests (and by the DDP scripts they spawn)."""
+
+from __future__ import annotations
+
+import importlib
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_landscape.callbacks.base import LandscapeCallback
+
+
+def blobs(n: int = 96, dim: int = 3, classes: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(classes, (n,), generator=g)
+    x = torch.randn(n, dim, generator=g) + 2 * F.one_hot(y, max(classes, dim))[:, :dim].float()
+    return TensorDataset(x, y)
+
+
+def loader(n: int = 96, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    return DataLoader(blobs(n, seed=seed), batch_size=batch_size, shuffle=True)
+
+
+def tiny_module_class(namespace: str = "lightning.pytorch") -> type:
+    """A LightningModule of the given namespace with BatchNorm, dropout and SGD with momentum."""
+    base = importlib.import_module(namespace).LightningModule
+
+    class TinyNet(base):  # type: ignore[misc, valid-type]
+        def __init__(self, optimizer: str = "sgd") -> None:
+            super().__init__()
+            self.optimizer_name = optimizer
+            self.net = nn.Sequential(
+                nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.25), nn.Linear(8, 3)
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("train_loss", loss, on_step=True, on_epoch=True)
+            return loss
+
+        def configure_optimizers(self):
+            if self.optimizer_name == "adam":
+                return torch.optim.Adam(self.parameters(), lr=0.05)
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    return TinyNet
+
+
+class DisturbingAnalysis(LandscapeCallback):
+    """Runs real analyses and then does everything an analysis must not leave behind."""
+
+    name = "disturb"
+
+    def __init__(self, fail: bool = False, **kwargs) -> None:
+        kwargs.setdefault("every_n_steps", 1)
+        kwargs.setdefault("probe_size", 32)
+        super().__init__(**kwargs)
+        self.fail = fail
+        self.probe_losses: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.run_now(trainer, pl_module)  # gradients exist here: they must survive
+
+    def analyze(self, trainer, pl_module, step: int) -> None:
+        objective = self.objective(trainer, pl_module)
+        theta = objective.theta0
+        objective.grad(theta)
+        objective.hvp(theta, torch.randn_like(theta))
+        objective.losses(theta + 0.1 * torch.randn(5, theta.numel()))
+        self.probe_losses.append(float(objective.loss()))
+        self.reporter.scalars({"probe_loss": self.probe_losses[-1]}, step)
+        # now disturb everything
+        x, _ = self.probe_batches(trainer)[0]
+        pl_module.train()(x)  # BatchNorm statistics move, dropout draws random numbers
+        pl_module.eval()
+        optimizer = trainer.optimizers[0]
+        for p in pl_module.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer.step()  # params and momentum/Adam state change
+        optimizer.param_groups[0]["lr"] = 123.0
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.mul_(2.0)
+        random.random(), np.random.rand(), torch.rand(3)
+        if self.fail:
+            raise RuntimeError("analysis exploded on purpose")

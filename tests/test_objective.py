@@ -1,0 +1,183 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_landscape import Objective, ParameterLayout
+from lightning_landscape.examples import Classifier, MLP
+from tests.helpers import blobs, tiny_module_class
+
+
+def mlp_and_data(seed: int = 0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3))
+    data = blobs(40, seed=seed)
+    batches = [(data.tensors[0][:24], data.tensors[1][:24]), (data.tensors[0][24:], data.tensors[1][24:])]
+    return net, batches
+
+
+def ce(module, batch):
+    return F.cross_entropy(module(batch[0]), batch[1])
+
+
+def exact_loss_fn(net, batches):
+    """The objective written out by hand: size-weighted mean over batches, at a flat vector."""
+    layout = ParameterLayout.from_module(net)
+    x = torch.cat([b[0] for b in batches]).to(next(net.parameters()).dtype)
+    y = torch.cat([b[1] for b in batches])
+
+    def f(theta):
+        params = layout.unflatten(theta)
+        return F.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+
+    return f
+
+
+def test_loss_grad_hvp_match_dense_autograd():
+    net, batches = mlp_and_data()
+    obj = Objective(net, batches, ce, dtype=torch.float64)
+    f = exact_loss_fn(net.double(), batches)
+    theta = obj.theta0
+    assert theta.dtype == torch.float64
+    torch.testing.assert_close(obj.loss(theta), f(theta))
+    torch.testing.assert_close(obj.grad(theta), torch.autograd.functional.jacobian(f, theta))
+    hessian = torch.autograd.functional.hessian(f, theta)
+    v = torch.randn_like(theta)
+    torch.testing.assert_close(obj.hvp(theta, v), hessian @ v)
+
+
+def test_batched_losses_equal_one_by_one_and_use_vmap():
+    net, batches = mlp_and_data()
+    obj = Objective(net, batches, ce, chunk_size=3)
+    thetas = obj.theta0 + 0.3 * torch.randn(7, obj.numel)
+    batched = obj.losses(thetas)
+    assert obj._vmap_ok is True
+    torch.testing.assert_close(batched, torch.stack([obj.loss(t) for t in thetas]))
+
+
+def test_losses_fall_back_to_a_loop_when_the_loss_cannot_be_vmapped():
+    net, batches = mlp_and_data()
+
+    def loss_with_item(module, batch):
+        loss = ce(module, batch)
+        _ = loss.item()  # not allowed under vmap
+        return loss
+
+    obj = Objective(net, batches, loss_with_item)
+    thetas = obj.theta0 + 0.3 * torch.randn(4, obj.numel)
+    with pytest.warns(UserWarning, match="cannot vmap"):
+        out = obj.losses(thetas)
+    assert obj._vmap_ok is False
+    torch.testing.assert_close(out, torch.stack([obj.loss(t) for t in thetas]))
+
+
+def test_objective_never_mutates_the_module():
+    module = tiny_module_class()()
+    module.train()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    x, y = blobs(32).tensors
+    for bn_mode in ("eval", "train"):
+        obj = Objective(module, [(x, y)], bn_mode=bn_mode)
+        theta = obj.theta0 + 1.0
+        obj.loss(theta), obj.grad(theta), obj.hvp(theta, theta), obj.losses(torch.stack([theta, theta]))
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in module.modules())
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_bn_mode_selects_running_or_batch_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with torch.no_grad():
+        net[1].running_mean.fill_(5.0)  # far from the batch statistics
+    x = torch.randn(16, 3)
+
+    def mse(module, batch):
+        return module(batch).pow(2).mean()
+
+    eval_loss = Objective(net, [x], mse, bn_mode="eval").loss()
+    train_loss = Objective(net, [x], mse, bn_mode="train").loss()
+    with torch.no_grad():
+        expected_eval = mse(net.eval(), x)
+        expected_train = mse(net.train(), x)  # (updates running stats of this copy: fine, checked last)
+    torch.testing.assert_close(eval_loss, expected_eval)
+    torch.testing.assert_close(train_loss, expected_train)
+    assert not torch.isclose(eval_loss, train_loss)
+
+
+def test_dropout_is_off_unless_asked():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5), nn.Linear(64, 1)).train()
+    x = torch.randn(8, 3)
+    obj = Objective(net, [x], lambda m, b: m(b).sum())
+    assert obj.loss() == obj.loss()
+    noisy = Objective(net, [x], lambda m, b: m(b).sum(), dropout=True)
+    assert noisy.loss() != noisy.loss()
+    assert obj.metadata["dropout"] is False and obj.metadata["bn_mode"] == "eval"
+
+
+def test_default_loss_is_the_training_step_loss_with_logging_muted():
+    calls = []
+
+    class Recording(Classifier):
+        def log_dict(self, *args, **kwargs):
+            calls.append(args)
+
+    model = Recording(MLP(3, 3, hidden=[5]))
+    x, y = blobs(20).tensors
+    obj = Objective(model, [(x, y)])
+    torch.testing.assert_close(obj.loss(), F.cross_entropy(model(x), y))
+    obj.grad(), obj.losses(torch.stack([obj.theta0]))
+    assert calls == []
+    model.log_dict({})  # logging is restored afterwards
+    assert len(calls) == 1
+
+
+def test_works_under_inference_mode_like_a_validation_hook():
+    net, batches = mlp_and_data()
+    with torch.inference_mode():
+        obj = Objective(net, batches, ce)
+        g = obj.grad()
+        hv = obj.hvp(None, torch.ones(obj.numel))
+    assert g.abs().sum() > 0 and hv.abs().sum() > 0
+
+
+def test_frozen_parameters_are_constants():
+    net, batches = mlp_and_data()
+    net[0].weight.requires_grad_(False)
+    obj = Objective(net, batches, ce)
+    assert obj.numel == sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert ParameterLayout.from_module(net).names == ("0.bias", "2.weight", "2.bias")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"loss_fn": lambda m, b: m(b[0])}, ValueError, "scalar loss.*HINT"),
+        ({"loss_fn": lambda m, b: "loss"}, TypeError, "not a loss tensor"),
+        ({"loss_fn": ce, "bn_mode": "batch"}, ValueError, "`bn_mode`"),
+        ({"loss_fn": ce, "dtype": torch.float16}, ValueError, "`dtype`"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(kwargs, error, match):
+    net, batches = mlp_and_data()
+    with pytest.raises(error, match=match):
+        Objective(net, batches, **kwargs)
+
+
+def test_module_without_trainable_parameters_is_rejected():
+    net, batches = mlp_and_data()
+    net.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters.*HINT"):
+        Objective(net, batches, ce)
+
+
+def test_missing_loss_and_empty_batches_are_rejected():
+    net, batches = mlp_and_data()
+    with pytest.raises(TypeError, match="no `training_step`.*loss_fn"):
+        Objective(net, batches)
+    with pytest.raises(ValueError, match="non-empty list of batches"):
+        Objective(net, [], ce)
+    with pytest.raises(ValueError, match="shape"):
+        Objective(net, batches, ce).loss(torch.zeros(3))
