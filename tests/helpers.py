@@ -33,9 +33,7 @@ def tiny_module_class(namespace: str = "lightning.pytorch") -> type:
         def __init__(self, optimizer: str = "sgd") -> None:
             super().__init__()
             self.optimizer_name = optimizer
-            self.net = nn.Sequential(
-                nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.25), nn.Linear(8, 3)
-            )
+            self.net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.25), nn.Linear(8, 3))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)

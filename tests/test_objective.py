@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_landscape import Objective, ParameterLayout
-from lightning_landscape.examples import Classifier, MLP
+from lightning_landscape.examples import MLP, Classifier
 from tests.helpers import blobs, tiny_module_class
 
 

@@ -84,7 +84,9 @@ class Reporter:
 
         Call it on every rank (``trainer.log_dir`` is a collective).
         """
-        return cls(run_directory(trainer) / name, trainer.loggers, trainer.is_global_zero, f"landscape/{name}", progress)
+        return cls(
+            run_directory(trainer) / name, trainer.loggers, trainer.is_global_zero, f"landscape/{name}", progress
+        )
 
     # ----------------------------------------------------------------- helpers
     def key(self, name: str) -> str:

@@ -1,0 +1,110 @@
+"""The reference examples: data modules, networks, and every config through the CLI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_landscape.cli import main
+from lightning_landscape.examples import (
+    CIFAR10DataModule,
+    GaussianMixtureClassification,
+    GaussianMixtureRegression,
+    MNISTDataModule,
+    cifar_resnet,
+)
+from tests.fixtures import write_cifar10, write_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_gaussian_data_is_seeded_and_shaped():
+    a, b = GaussianMixtureClassification(seed=3), GaussianMixtureClassification(seed=3)
+    a.setup("fit"), b.setup("fit")
+    assert torch.equal(a.train_set.tensors[0], b.train_set.tensors[0])
+    x, y = a.train_set.tensors
+    assert x.shape == (2048, 2) and set(y.tolist()) == {0, 1, 2, 3}
+    # each class is centred on its mean
+    for k in range(4):
+        assert torch.allclose(x[y == k].mean(0), a.means[k], atol=0.2)
+    reg = GaussianMixtureRegression(noise=0.0, n_train=50)
+    reg.setup("fit")
+    xr, yr = reg.train_set.tensors
+    torch.testing.assert_close(yr, reg.target(xr))
+
+
+def test_mnist_reads_real_idx_files(tmp_path):
+    write_mnist(tmp_path, n_train=60, n_test=20)
+    dm = MNISTDataModule(data_dir=str(tmp_path), batch_size=8, val_size=10)
+    dm.setup("fit"), dm.setup("test")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32
+    assert len(dm.train_set) == 50 and len(dm.val_set) == 10 and len(dm.test_set) == 20
+    assert abs(float(dm.train_set.tensors[0].mean()) - (127.5 / 255 - 0.1307) / 0.3081) < 0.05
+
+
+def test_cifar10_reads_real_pickle_batches(tmp_path):
+    write_cifar10(tmp_path, n_per_batch=12)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=4, val_size=10, verify_checksums=False)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and len(dm.train_set) == 50 and len(dm.val_set) == 10
+    with pytest.raises(FileNotFoundError, match="not found.*corrupted"):  # the real checksums do not match
+        CIFAR10DataModule(data_dir=str(tmp_path)).setup("fit")
+
+
+@pytest.mark.parametrize("module", [MNISTDataModule, CIFAR10DataModule])
+def test_missing_data_names_the_folder_and_the_fix(tmp_path, module):
+    with pytest.raises(FileNotFoundError, match=r"not found under data_dir=.*HINT: .*(MNIST.raw|cifar-10-batches-py)"):
+        module(data_dir=str(tmp_path / "nowhere")).setup("fit")
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_cifar_resnet_depths_and_skip_switch(skip):
+    net = cifar_resnet(depth=20, skip_connections=skip)
+    assert len(net.blocks) == 9 and all(b.skip is skip for b in net.blocks)
+    assert len(cifar_resnet(depth=56).blocks) == 27
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="6n \\+ 2"):
+        cifar_resnet(depth=21)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_runs_a_step(config, tmp_path, capsys):
+    write_mnist(tmp_path, n_train=40, n_test=10)
+    write_cifar10(tmp_path, n_per_batch=8)
+    args = ["fit", "--config", str(config), "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar=false"]
+    args += ["--trainer.accelerator=cpu"]
+    if "mnist" in config.stem or "cifar" in config.stem:
+        args += [f"--data.data_dir={tmp_path}", "--data.val_size=8", "--data.batch_size=4"]
+    if "cifar" in config.stem:
+        args += ["--data.verify_checksums=false"]
+    main(args)
+
+
+def test_unknown_config_keys_are_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--model.init_args.learning_rate=0.1"])
+    assert exit_info.value.code != 0
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_quickstart_command_trains_and_logs_offline(tmp_path):
+    """The README's main job, as a user runs it (a short version: 2 epochs)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env["HOME"] = str(tmp_path)  # no netrc: no W&B login
+    env.pop("WANDB_API_KEY", None)
+    cmd = [sys.executable, "-m", "lightning_landscape.cli", "fit", "--config", str(ROOT / "configs/quickstart.yaml")]
+    cmd += ["--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "offline mode" in proc.stderr
+    runs = list((tmp_path / "runs" / "quickstart" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = next(runs[0].glob("*.wandb")).read_bytes()  # the offline run's record log
+    assert b"val/acc" in records and b"train/loss_epoch" in records

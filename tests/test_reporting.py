@@ -1,0 +1,107 @@
+"""Reporting to real W&B (offline mode), to a CSV logger and to the run directory."""
+
+import csv
+import glob
+import json
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import plotly.graph_objects as go
+import wandb
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from matplotlib.figure import Figure
+
+from lightning_landscape.callbacks.base import LandscapeCallback
+from lightning_landscape.report import Reporter
+from tests.helpers import loader, tiny_module_class
+
+
+class MediaAnalysis(LandscapeCallback):
+    name = "media"
+
+    def analyze(self, trainer, pl_module, step):
+        loss = float(self.objective(trainer, pl_module).loss())
+        self.reporter.scalars({"probe_loss": loss}, step)
+        fig = Figure()
+        fig.add_subplot().plot([0, 1], [loss, loss])
+        self.reporter.figure("profile", fig, step)
+        self.reporter.plotly("surface", go.Figure(go.Surface(z=np.outer(np.arange(3), np.arange(3)))), step)
+        self.reporter.table("grid", ["alpha", "loss"], [[0.0, loss], [1.0, 2 * loss]], step)
+        path = self.reporter.arrays("grid", step, metadata={"probe_seed": self.probe_seed}, losses=np.ones((2, 2)))
+        self.reporter.artifact("grid-arrays", path)
+
+
+def test_results_reach_wandb_every_logger_and_the_run_directory(tmp_path):
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), project="ll-test", offline=True)
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    callback = MediaAnalysis(every_n_steps=3, at_fit_end=True, probe_size=32)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=[wandb_logger, csv_logger],
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(tiny_module_class()(), train_dataloaders=loader())
+    run = wandb_logger.experiment
+    keys = set(run.summary.keys())
+    for key in ("probe_loss", "profile", "surface", "grid", "seconds"):
+        assert f"landscape/media/{key}" in keys
+    assert callback.runs == 2  # steps 3 and 6; the end of training is step 6 again and runs once
+    run_id = run.id
+    wandb.finish()
+
+    offline = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))
+    assert len(offline) == 1
+    media = os.path.join(offline[0], "files", "media")
+    assert glob.glob(f"{media}/images/landscape/media/profile_*.png")
+    assert glob.glob(f"{media}/plotly/landscape/media/surface_*.plotly.json")
+    tables = glob.glob(f"{media}/table/landscape/media/grid_*.table.json")
+    assert tables and json.load(open(tables[0]))["columns"] == ["alpha", "loss"]
+    wandb_log = glob.glob(os.path.join(offline[0], "*.wandb"))[0]
+    assert b"grid-arrays" in open(wandb_log, "rb").read()  # the artifact was logged
+
+    run_dir = tmp_path / "landscape" / run_id / "media"
+    assert callback.reporter.run_dir == run_dir
+    for name in ("profile-step0000003.png", "surface-step0000003.html", "grid-step0000003.csv"):
+        assert (run_dir / name).exists()
+    assert (run_dir / "profile-step0000006.png").stat().st_size > 1000
+    assert (run_dir / "surface-step0000006.html").exists() and (run_dir / "plotly.min.js").exists()
+    saved = np.load(run_dir / "grid-step0000006.npz")
+    assert json.loads(str(saved["metadata"]))["probe_seed"] == 0 and saved["losses"].shape == (2, 2)
+
+    with open(f"{csv_logger.log_dir}/metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("landscape/media/probe_loss")]
+    assert [int(r["step"]) for r in rows] == [3, 6]
+
+
+class _RecordingLogger:
+    def __init__(self):
+        self.calls = []
+
+    def log_metrics(self, metrics, step):
+        self.calls.append((metrics, step))
+
+
+def test_only_global_rank_zero_writes_and_logs(tmp_path):
+    logger = _RecordingLogger()
+    for zero in (False, True):
+        rep = Reporter(tmp_path / str(zero), [logger], is_global_zero=zero, namespace="landscape/x")
+        rep.scalars({"a": 1.0}, step=0)
+        rep.table("t", ["a"], [[1]], step=0)
+        rep.arrays("arr", 0, a=np.zeros(2))
+        rep.event("events", {"a": 1})
+        fig = Figure()
+        fig.add_subplot()
+        rep.figure("fig", fig, 0)
+    assert not (tmp_path / "False").exists()
+    assert logger.calls == [({"landscape/x/a": 1.0}, 0)]
+    assert sorted(p.name for p in (tmp_path / "True").iterdir()) == [
+        "arr-step0000000.npz",
+        "events.jsonl",
+        "fig-step0000000.png",
+        "t-step0000000.csv",
+    ]
