@@ -41,7 +41,7 @@ def test_mnist_reads_real_idx_files(tmp_path):
     write_mnist(tmp_path, n_train=60, n_test=20)
     dm = MNISTDataModule(data_dir=str(tmp_path), batch_size=8, val_size=10)
     dm.setup("fit"), dm.setup("test")
-    x, y = next(iter(dm.train_dataloader()))
+    x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 1, 28, 28) and x.dtype == torch.float32
     assert len(dm.train_set) == 50 and len(dm.val_set) == 10 and len(dm.test_set) == 20
     assert abs(float(dm.train_set.tensors[0].mean()) - (127.5 / 255 - 0.1307) / 0.3081) < 0.05
@@ -51,9 +51,9 @@ def test_cifar10_reads_real_pickle_batches(tmp_path):
     write_cifar10(tmp_path, n_per_batch=12)
     dm = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=4, val_size=10, verify_checksums=False)
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
+    x, _ = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 3, 32, 32) and len(dm.train_set) == 50 and len(dm.val_set) == 10
-    with pytest.raises(FileNotFoundError, match="not found.*corrupted"):  # the real checksums do not match
+    with pytest.raises(FileNotFoundError, match=r"not found.*corrupted"):  # the real checksums do not match
         CIFAR10DataModule(data_dir=str(tmp_path)).setup("fit")
 
 

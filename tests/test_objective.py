@@ -169,13 +169,13 @@ def test_bad_arguments_get_clear_errors(kwargs, error, match):
 def test_module_without_trainable_parameters_is_rejected():
     net, batches = mlp_and_data()
     net.requires_grad_(False)
-    with pytest.raises(ValueError, match="no trainable parameters.*HINT"):
+    with pytest.raises(ValueError, match=r"no trainable parameters.*HINT"):
         Objective(net, batches, ce)
 
 
 def test_missing_loss_and_empty_batches_are_rejected():
     net, batches = mlp_and_data()
-    with pytest.raises(TypeError, match="no `training_step`.*loss_fn"):
+    with pytest.raises(TypeError, match=r"no `training_step`.*loss_fn"):
         Objective(net, batches)
     with pytest.raises(ValueError, match="non-empty list of batches"):
         Objective(net, [], ce)

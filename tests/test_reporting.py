@@ -4,6 +4,7 @@ import csv
 import glob
 import json
 import os
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -60,9 +61,9 @@ def test_results_reach_wandb_every_logger_and_the_run_directory(tmp_path):
     assert glob.glob(f"{media}/images/landscape/media/profile_*.png")
     assert glob.glob(f"{media}/plotly/landscape/media/surface_*.plotly.json")
     tables = glob.glob(f"{media}/table/landscape/media/grid_*.table.json")
-    assert tables and json.load(open(tables[0]))["columns"] == ["alpha", "loss"]
-    wandb_log = glob.glob(os.path.join(offline[0], "*.wandb"))[0]
-    assert b"grid-arrays" in open(wandb_log, "rb").read()  # the artifact was logged
+    assert tables and json.loads(Path(tables[0]).read_text())["columns"] == ["alpha", "loss"]
+    wandb_log = Path(glob.glob(os.path.join(offline[0], "*.wandb"))[0])
+    assert b"grid-arrays" in wandb_log.read_bytes()  # the artifact was logged
 
     run_dir = tmp_path / "landscape" / run_id / "media"
     assert callback.reporter.run_dir == run_dir

@@ -1,0 +1,66 @@
+"""A callback's collectives under DDP: probe set sharded over ranks, sums and gathers through the strategy.
+
+Usage: python sharded_objective.py OUT.json DEVICES
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning_landscape  # noqa: F401  (first)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_landscape import distributed  # noqa: E402
+from lightning_landscape.callbacks.base import LandscapeCallback  # noqa: E402
+from tests.helpers import loader, tiny_module_class  # noqa: E402
+
+
+class ShardedAnalysis(LandscapeCallback):
+    name = "sharded"
+
+    def on_train_start(self, trainer, pl_module):
+        self.run_now(trainer, pl_module)  # step 0: the same parameters for any number of ranks
+
+    def analyze(self, trainer, pl_module, step):
+        s = trainer.strategy
+        obj = self.objective(trainer, pl_module)
+        n_local = sum(obj.batch_sizes)
+        v = torch.linspace(-1, 1, obj.numel)
+        thetas = obj.theta0 + 0.1 * torch.randn(7, obj.numel, generator=torch.Generator().manual_seed(1))
+        rank, world = distributed.world(s)
+        mine = distributed.shard(len(thetas), rank, world)
+        self.result = {
+            "world": world,
+            "n_total": int(distributed.reduce_sum(s, torch.tensor(n_local))),
+            "loss": float(distributed.weighted_mean(s, obj.loss(), n_local)),
+            "grad": distributed.weighted_mean(s, obj.grad(), n_local).tolist(),
+            "hvp": distributed.weighted_mean(s, obj.hvp(None, v), n_local).tolist(),
+            "losses": distributed.weighted_mean(s, obj.losses(thetas), n_local).tolist(),
+            "gathered": distributed.gather_rows(s, thetas[mine.start : mine.stop] @ v).tolist(),
+            "expected_gathered": (thetas @ v).tolist(),
+            "broadcast": distributed.broadcast(s, f"from rank {rank}"),
+        }
+
+
+if __name__ == "__main__":
+    out, devices = sys.argv[1], int(sys.argv[2])
+    pl.seed_everything(0)
+    callback = ShardedAnalysis(probe_size=64, probe_batch_size=16, at_fit_end=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    trainer.fit(tiny_module_class()(), train_dataloaders=loader(96, 16))
+    if trainer.is_global_zero:
+        Path(out).write_text(json.dumps(callback.result))
