@@ -35,5 +35,6 @@ def run_ddp_script(name: str, tmp_path: Path, devices: int = 2, *extra: str, tim
         timeout=timeout,
     )
     if proc.returncode != 0 or not out.exists():
-        raise AssertionError(f"DDP script {name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        output = f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        raise AssertionError(f"DDP script {name} failed ({proc.returncode}):\n{output}")
     return json.loads(out.read_text())

@@ -11,12 +11,12 @@ import lightning_landscape  # noqa: F401  (first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
+import lightning.pytorch as pl
+import torch
 
-from lightning_landscape import distributed  # noqa: E402
-from lightning_landscape.callbacks.base import LandscapeCallback  # noqa: E402
-from tests.helpers import loader, tiny_module_class  # noqa: E402
+from lightning_landscape import distributed
+from lightning_landscape.callbacks.base import LandscapeCallback
+from tests.helpers import loader, tiny_module_class
 
 
 class ShardedAnalysis(LandscapeCallback):
@@ -64,3 +64,5 @@ if __name__ == "__main__":
     trainer.fit(tiny_module_class()(), train_dataloaders=loader(96, 16))
     if trainer.is_global_zero:
         Path(out).write_text(json.dumps(callback.result))
+    if torch.distributed.is_initialized():  # gloo aborts at interpreter exit if the group is left open
+        torch.distributed.destroy_process_group()
