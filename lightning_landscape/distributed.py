@@ -70,3 +70,105 @@ def weighted_mean(strategy: Any, value: Tensor, n_local: int) -> Tensor:
         return value
     total = reduce_sum(strategy, torch.tensor(float(n_local), dtype=value.dtype, device=value.device))
     return reduce_sum(strategy, value * n_local) / total
+
+
+class ShardedObjective:
+    """Rank 0's view of an objective whose probe set is split over ranks; the other ranks serve it.
+
+    Estimators in :mod:`lightning_landscape.curvature` only call ``loss``, ``grad``, ``hvp`` and ``losses``.
+    :meth:`run` executes an estimator on global rank 0 with this object in place of the objective: every
+    call is broadcast to all ranks, each rank evaluates it on its own probe shard (weighted by its share
+    ``n_r / N`` of the samples), and the results are summed with ``all_reduce``. So 2 ranks compute
+    exactly what 1 process computes on the whole probe set, whatever the estimator does (data-dependent
+    iteration counts, random vectors drawn on rank 0 only), and no rank can fall out of step. The result is
+    broadcast to every rank; an exception on rank 0 is re-raised on every rank.
+
+    Example::
+
+        sharded = ShardedObjective(trainer.strategy, objective)
+        result = sharded.run(lambda obj: hessian_eigenvalues(obj, k=5))
+    """
+
+    _OPS = ("loss", "grad", "hvp", "losses")
+
+    def __init__(self, strategy: Any, local: Any) -> None:
+        self.strategy = strategy
+        self.local = local
+        self.rank, self.world_size = world(strategy)
+        n_local = float(sum(local.batch_sizes))
+        total = reduce_sum(strategy, torch.tensor(n_local, dtype=torch.float64, device=local.device))
+        self.weight = n_local / float(total)
+        self.numel, self.dtype, self.device = local.numel, local.dtype, local.device
+        self.layout, self.metadata = local.layout, local.metadata
+
+    @property
+    def theta0(self) -> Tensor:
+        return self.local.theta0
+
+    # ------------------------------------------------------------------ served calls
+    def _local(self, op: str, x: Tensor) -> Tensor:
+        if op == "loss":
+            out = self.local.loss(x)
+        elif op == "grad":
+            out = self.local.grad(x)
+        elif op == "hvp":
+            out = self.local.hvp(x[0], x[1])
+        else:
+            out = self.local.losses(x)
+        return out * self.weight
+
+    def _call(self, op: str, x: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return self._local(op, x)
+        x = x.to(device=self.device, dtype=self.dtype).contiguous()
+        header = torch.tensor([self._OPS.index(op), x.ndim, *x.shape, *[0] * (3 - x.ndim)], device=self.device)
+        torch.distributed.broadcast(header, src=0)
+        torch.distributed.broadcast(x, src=0)
+        out = self._local(op, x)
+        torch.distributed.all_reduce(out)
+        return out
+
+    def _serve(self) -> None:
+        while True:
+            header = torch.zeros(5, dtype=torch.long, device=self.device)
+            torch.distributed.broadcast(header, src=0)
+            op, ndim = int(header[0]), int(header[1])
+            if op < 0:
+                return
+            x = torch.empty(tuple(header[2 : 2 + ndim].tolist()), dtype=self.dtype, device=self.device)
+            torch.distributed.broadcast(x, src=0)
+            out = self._local(self._OPS[op], x)
+            torch.distributed.all_reduce(out)
+
+    def loss(self, theta: Tensor | None = None) -> Tensor:
+        return self._call("loss", self.theta0 if theta is None else theta)
+
+    def grad(self, theta: Tensor | None = None) -> Tensor:
+        return self._call("grad", self.theta0 if theta is None else theta)
+
+    def hvp(self, theta: Tensor | None, v: Tensor) -> Tensor:
+        theta = self.theta0 if theta is None else theta
+        return self._call("hvp", torch.stack([theta.to(v.dtype), v]))
+
+    def losses(self, thetas: Tensor) -> Tensor:
+        return self._call("losses", thetas)
+
+    # ------------------------------------------------------------------ driver
+    def run(self, estimator: Any) -> Any:
+        """``estimator(self)`` on rank 0, served by every other rank; its result on every rank."""
+        if self.world_size == 1:
+            return estimator(self)
+        if self.rank != 0:
+            self._serve()
+            outcome = broadcast(self.strategy, None)
+        else:
+            try:
+                outcome = ("ok", estimator(self))
+            except Exception as err:
+                outcome = ("error", f"{type(err).__name__}: {err}")
+            torch.distributed.broadcast(torch.tensor([-1, 0, 0, 0, 0], device=self.device), src=0)
+            outcome = broadcast(self.strategy, outcome)
+        status, value = outcome
+        if status == "error":
+            raise RuntimeError(f"estimator failed on rank 0: {value}")
+        return value

@@ -1,0 +1,106 @@
+"""Gradient noise of SGD, its temperature, and the edge-of-stability ratio.
+
+With per-sample gradients ``g_i`` (i = 1..n) on the probe set and their mean ``g``:
+
+* gradient noise covariance trace ``tr(Sigma) = (1/(n-1)) sum_i |g_i - g|^2``;
+* simple noise scale ``B_simple = tr(Sigma) / |g|^2`` (McCandlish et al. 2018, "An Empirical Model of
+  Large-Batch Training"): the batch size at which SGD noise and signal are comparable;
+* SGD temperature ``T = lr tr(Sigma) / (2 B d)`` (Li, Tai & E 2017/2019: SGD with learning rate ``lr`` and
+  batch ``B`` is a weak first-order approximation of an SDE whose noise per coordinate is ``T``; ``d`` is
+  the number of parameters);
+* edge of stability (Cohen et al. 2021): gradient descent on a quadratic is stable iff
+  ``lambda_max < 2 / lr``, and heavy-ball momentum ``beta`` raises the limit to ``(2 + 2 beta) / lr``; the
+  ratio ``lr lambda_max / (2 + 2 beta)`` is 1 at the limit.
+
+Example::
+
+    >>> round(edge_of_stability_ratio(lambda_max=10.0, lr=0.1), 3), round(edge_of_stability_ratio(10.0, 0.1, 0.9), 3)
+    (0.5, 0.263)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from lightning_landscape.objective import _batch_size, _map_tensors
+
+
+@dataclass
+class GradientMoments:
+    """Sums over per-sample gradients: ``sum_i g_i`` (P,), ``sum_i |g_i|^2`` and ``n`` (add them across ranks)."""
+
+    grad_sum: Tensor
+    sq_norm_sum: Tensor
+    n: int
+
+
+@dataclass
+class GradientNoise:
+    """``tr(Sigma)``, ``|g|^2``, ``B_simple`` and (with a learning rate and batch size) the SGD temperature."""
+
+    trace_cov: float
+    grad_norm_sq: float
+    b_simple: float
+    n_samples: int
+    temperature: float | None = None
+
+
+def gradient_moments(objective: Any, theta: Tensor | None = None, chunk_size: int = 64) -> GradientMoments:
+    """Per-sample gradient sums of an :class:`~lightning_landscape.Objective` over its probe set.
+
+    Each sample is evaluated as a batch of one (``torch.func.vmap`` over the samples of each batch, in
+    chunks; a loop if the loss cannot be vmapped). BatchNorm in ``"train"`` mode makes per-sample gradients
+    ill-defined, so the objective must use ``bn_mode="eval"`` when it has BatchNorm layers.
+    """
+    theta = (objective.theta0 if theta is None else theta).detach().to(objective.dtype)
+    if objective.bn_mode == "train" and any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.module.modules()
+    ):
+        raise ValueError("Per-sample gradients need `bn_mode='eval'` for a module with BatchNorm layers.")
+
+    def sample_loss(t: Tensor, sample: Any) -> Tensor:
+        one = _map_tensors(sample, lambda x: x.unsqueeze(0))
+        return torch.func.functional_call(objective._wrapper, objective._tensors(t), (one, 0), strict=False)
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0), chunk_size=chunk_size)
+    grad_sum = torch.zeros_like(theta)
+    sq = torch.zeros((), dtype=theta.dtype, device=theta.device)
+    n = 0
+    with objective._evaluation_mode():
+        for batch in objective.batches:
+            size = _batch_size(batch)
+            try:
+                grads = per_sample_grad(theta, batch)
+            except Exception:  # not vmappable: one sample at a time
+                grads = torch.stack(
+                    [grad(sample_loss)(theta, _map_tensors(batch, lambda x, i=i: x[i])) for i in range(size)]
+                )
+            grad_sum += grads.sum(0)
+            sq += (grads**2).sum()
+            n += size
+    return GradientMoments(grad_sum, sq, n)
+
+
+def gradient_noise(moments: GradientMoments, lr: float | None = None, batch_size: int | None = None) -> GradientNoise:
+    """``tr(Sigma)``, ``B_simple`` and the temperature ``lr tr(Sigma) / (2 B d)`` from per-sample moments."""
+    n = moments.n
+    if n < 2:
+        raise ValueError(f"Gradient noise needs at least 2 samples, got {n}.")
+    mean = moments.grad_sum / n
+    mean_sq = float(mean.pow(2).sum())
+    trace_cov = (float(moments.sq_norm_sum) - n * mean_sq) / (n - 1)
+    b_simple = trace_cov / mean_sq if mean_sq > 0 else float("inf")
+    temperature = None
+    if lr is not None and batch_size:
+        temperature = lr * trace_cov / (2 * batch_size * mean.numel())
+    return GradientNoise(trace_cov, mean_sq, b_simple, n, temperature)
+
+
+def edge_of_stability_ratio(lambda_max: float, lr: float, momentum: float = 0.0) -> float:
+    """``lr lambda_max / (2 + 2 momentum)``: 1 at the stability limit of (heavy-ball) gradient descent."""
+    return lr * lambda_max / (2.0 + 2.0 * momentum)
