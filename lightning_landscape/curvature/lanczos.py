@@ -51,7 +51,6 @@ def lanczos_tridiagonal(
     alphas, betas = [], []
     q = v0 / v0.norm()
     beta = torch.zeros((), dtype=v0.dtype, device=v0.device)
-    betas.append(beta)  # placeholder, removed below: keeps torch.stack(betas) valid for stop()
     for j in range(steps):
         basis[:, j] = q
         w = matvec(q)
@@ -65,7 +64,7 @@ def lanczos_tridiagonal(
         alphas.append(alpha)
         if j == steps - 1:
             break
-        if stop is not None and (j + 1) % check_every == 0 and stop(torch.stack(alphas), torch.stack(betas)):
+        if stop is not None and (j + 1) % check_every == 0 and stop(torch.stack(alphas), _stack(betas, v0)):
             break
         beta = w.norm()
         if beta <= 1e-10 * max(1.0, float(alpha.abs())):
@@ -73,7 +72,11 @@ def lanczos_tridiagonal(
         betas.append(beta)
         q = w / beta
     m = len(alphas)
-    return torch.stack(alphas), torch.stack(betas[1:m]), basis[:, :m]
+    return torch.stack(alphas), _stack(betas, v0), basis[:, :m]
+
+
+def _stack(values: list[Tensor], like: Tensor) -> Tensor:
+    return torch.stack(values) if values else like.new_zeros(0)
 
 
 def tridiagonal_eigh(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:

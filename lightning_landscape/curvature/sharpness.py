@@ -9,8 +9,9 @@ With ``L`` the objective and ``w = theta`` the current point:
   Relationship between Sharpness and Generalization"): perturbations scaled elementwise by
   ``T_w = |w| + eta``, which makes the measure invariant to the ReLU / BatchNorm rescalings that leave the
   network function unchanged (for ``eta = 0``).
-  Worst case: ``max_{||T_w^{-1} delta||_p <= rho} L(w + delta) - L(w)``, by projected gradient ascent in
-  the scaled coordinates ``u = T_w^{-1} delta``.
+  Worst case: ``max_{||T_w^{-1} delta||_p <= rho} L(w + delta) - L(w)``, by projected (normalized or
+  sign) gradient ascent in the scaled coordinates ``u = T_w^{-1} delta`` with linearly decaying steps (a
+  simpler stand-in for the Auto-PGD of Andriushchenko et al.; a lower bound of the maximum).
   Average case: ``E_{xi ~ N(0, I)} L(w + rho T_w xi) - L(w)``.
 * **SAM sharpness** (Foret et al. 2021): the one-step ascent ``L(w + rho g / |g|) - L(w)``.
 * **PAC-Bayes flatness** (Jiang et al. 2020, "Fantastic Generalization Measures", sigma of eq. 47): the
@@ -123,9 +124,9 @@ def adaptive_sharpness(
         return SharpnessResult(float(losses.mean()) - base, base, float(losses.mean()), n_samples, {"std_error": err})
     u = torch.randn(w.numel(), generator=g, dtype=torch.float64).to(w)  # random start: the gradient may vanish
     u = _project(0.5 * rho * u / u.norm() if p == 2 else 0.5 * rho * u.sign(), rho, p)
-    step = 2.0 * rho / max(n_steps, 1)
     best = base
-    for _ in range(n_steps):
+    for t in range(n_steps):
+        step = rho * (1.0 - t / n_steps)  # linearly decaying steps settle on the boundary maximum
         grad_u = scale * objective.grad(w + scale * u)
         if p == 2:
             u = _project(u + step * grad_u / grad_u.norm().clamp_min(1e-30), rho, p)
