@@ -1,5 +1,7 @@
 """The Lightning callbacks. Each one decides when to run the functional core, on which data and ranks."""
 
 from lightning_landscape.callbacks.base import LandscapeCallback
+from lightning_landscape.callbacks.flatness import MEASURES as FLATNESS_MEASURES
+from lightning_landscape.callbacks.flatness import FlatnessMonitor
 
-__all__ = ["LandscapeCallback"]
+__all__ = ["FLATNESS_MEASURES", "FlatnessMonitor", "LandscapeCallback"]

@@ -67,6 +67,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         bn_mode: ``"eval"`` or ``"train"``, see :class:`~lightning_landscape.Objective`.
         loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step`` loss.
         progress: show a progress bar for long analyses (rank 0).
+        dtype: ``torch.float32`` or ``torch.float64`` for the analyses (autocast is always off).
 
     Raises:
         ValueError: for an invalid trigger, probe size or ``bn_mode`` (in the constructor), and for a
@@ -86,6 +87,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         bn_mode: BNMode = "eval",
         loss_fn: LossFn | None = None,
         progress: bool = True,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         _check_optional_positive("every_n_steps", every_n_steps)
@@ -105,8 +107,11 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.probe_batch_size = probe_batch_size
         self.probe_seed = probe_seed
         self.bn_mode: BNMode = bn_mode
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}.")
         self.loss_fn = loss_fn
         self.progress = progress
+        self.dtype = dtype
         self.failures = 0
         self.runs = 0
         self._last_step: int | None = None
@@ -186,7 +191,9 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Objective:
         """The :class:`Objective` of ``pl_module`` on this rank's probe batches (built once)."""
         if self._objective is None or self._objective.module is not pl_module:
-            self._objective = Objective(pl_module, self.probe_batches(trainer), self.loss_fn, bn_mode=self.bn_mode)
+            self._objective = Objective(
+                pl_module, self.probe_batches(trainer), self.loss_fn, bn_mode=self.bn_mode, dtype=self.dtype
+            )
         return self._objective
 
     # ----------------------------------------------------------------- hooks

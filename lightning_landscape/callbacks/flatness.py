@@ -1,0 +1,287 @@
+"""FlatnessMonitor: local curvature and sharpness of the training loss, tracked over training.
+
+At each trigger the callback evaluates the selected measures of
+:mod:`lightning_landscape.curvature` on a fixed probe set of training samples (drawn once with
+``probe_seed``), at the current parameters, in float32 (or ``dtype``) with autocast off and BatchNorm in
+``bn_mode``. Under DDP the probe set is split over the ranks: rank 0 runs the estimators and every
+Hessian-vector product is summed over the ranks
+(:class:`~lightning_landscape.distributed.ShardedObjective`), so 2 ranks give what 1 process gives on the
+same probe set.
+
+Measures (``measures=...``):
+
+================================ =========================================================================
+``lambda_max``                   largest Hessian eigenvalue (Lanczos/ARPACK to relative ``tol``)
+``top_eigenvalues``              the ``top_k`` largest eigenvalues (and a W&B table of them over training)
+``lambda_min``                   smallest eigenvalue (negative: a saddle direction)
+``trace``                        Hutch++ estimate of ``tr(H)`` with ``trace_samples`` products, and its error
+``density``                      SLQ spectral density (figure over training)
+``eos_ratio``                    ``lr lambda_max / (2 + 2 momentum)``, 1 at the edge of stability
+``epsilon_sharpness``            Keskar et al., box radius ``epsilon``
+``adaptive_sharpness``           worst-case adaptive sharpness (radius ``rho``)
+``average_adaptive_sharpness``   average-case adaptive sharpness (radius ``rho``)
+``sam_sharpness``                one-step SAM sharpness (radius ``rho``)
+``pac_bayes_sigma``              largest Gaussian sigma raising the loss by ``pac_bayes_threshold``
+``gradient_noise``               ``tr(Sigma)``, ``B_simple`` and the SGD temperature ``lr tr(Sigma)/(2Bd)``
+================================ =========================================================================
+
+Scalars go to every logger as ``landscape/flatness/<measure>``; ``lambda_max`` is also published in
+``trainer.callback_metrics`` (for EarlyStopping, ModelCheckpoint or other callbacks). Per-layer values of
+``lambda_max`` and ``trace`` are logged as ``<measure>/<layer>`` for each entry of ``layers``.
+
+Example::
+
+    from lightning_landscape import FlatnessMonitor
+    monitor = FlatnessMonitor(every_n_epochs=1, measures=["lambda_max", "trace", "density"],
+                              layers={"first": ["network.1.*"]})
+    trainer = L.Trainer(callbacks=[monitor])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from typing_extensions import override
+
+from lightning_landscape import curvature, distributed
+from lightning_landscape.callbacks.base import LandscapeCallback
+from lightning_landscape.objective import BNMode, LossFn
+from lightning_landscape.report.plots import eigenvalue_figure, spectral_density_figure
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+MEASURES = (
+    "lambda_max",
+    "top_eigenvalues",
+    "lambda_min",
+    "trace",
+    "density",
+    "eos_ratio",
+    "epsilon_sharpness",
+    "adaptive_sharpness",
+    "average_adaptive_sharpness",
+    "sam_sharpness",
+    "pac_bayes_sigma",
+    "gradient_noise",
+)
+
+
+class FlatnessMonitor(LandscapeCallback):
+    """Hessian eigenvalues, trace, spectral density and sharpness measures of the training loss.
+
+    Args:
+        measures: names from :data:`MEASURES` (see the module docstring).
+        every_n_steps: run every ``n`` optimizer steps.
+        every_n_epochs: run at the end of every ``n``-th epoch.
+        at_fit_end: run when training ends.
+        top_k: eigenvalues for ``top_eigenvalues``.
+        tol: relative accuracy of the eigenvalues.
+        trace_samples: Hessian-vector products for the trace.
+        density_vectors: SLQ start vectors; density_steps: Lanczos steps each.
+        epsilon: box radius of epsilon-sharpness; rho: radius of SAM/adaptive sharpness.
+        pac_bayes_threshold: loss increase that defines the PAC-Bayes sigma.
+        layers: per-layer ``lambda_max``/``trace``: ``{label: [name patterns]}`` or a list of patterns.
+        probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, progress: see
+            :class:`~lightning_landscape.callbacks.LandscapeCallback`.
+        dtype: ``torch.float32`` or ``torch.float64``.
+        seed: seed of the random vectors of the estimators.
+
+    Raises:
+        ValueError: for an unknown measure or a non-positive setting (in the constructor).
+    """
+
+    name = "flatness"
+
+    def __init__(
+        self,
+        measures: Sequence[str] = ("lambda_max", "trace", "eos_ratio"),
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        at_fit_end: bool = True,
+        top_k: int = 5,
+        tol: float = 1e-3,
+        trace_samples: int = 15,
+        density_vectors: int = 3,
+        density_steps: int = 40,
+        epsilon: float = 1e-3,
+        rho: float = 0.05,
+        pac_bayes_threshold: float = 0.1,
+        layers: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
+        probe_size: int = 256,
+        probe_batch_size: int | None = None,
+        probe_seed: int = 0,
+        bn_mode: BNMode = "eval",
+        loss_fn: LossFn | None = None,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__(
+            every_n_steps,
+            every_n_epochs,
+            at_fit_end,
+            probe_size,
+            probe_batch_size,
+            probe_seed,
+            bn_mode,
+            loss_fn,
+            progress,
+            dtype,
+        )
+        unknown = [m for m in measures if m not in MEASURES]
+        if unknown or not measures:
+            raise ValueError(
+                f"`measures` has unknown names {unknown} (or is empty). HINT: choose from {list(MEASURES)}."
+            )
+        for name, value in (
+            ("top_k", top_k),
+            ("trace_samples", trace_samples),
+            ("density_vectors", density_vectors),
+            ("density_steps", density_steps),
+        ):
+            if value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
+        for name, value in (
+            ("tol", tol),
+            ("epsilon", epsilon),
+            ("rho", rho),
+            ("pac_bayes_threshold", pac_bayes_threshold),
+        ):
+            if not value > 0:
+                raise ValueError(f"`{name}` must be positive, got {value}.")
+        if trace_samples < 3 and "trace" in measures:
+            raise ValueError(f"`trace_samples` must be at least 3 for Hutch++, got {trace_samples}.")
+        self.measures = tuple(measures)
+        self.top_k, self.tol, self.trace_samples = top_k, tol, trace_samples
+        self.density_vectors, self.density_steps = density_vectors, density_steps
+        self.epsilon, self.rho, self.pac_bayes_threshold = epsilon, rho, pac_bayes_threshold
+        self.layers = dict(layers) if isinstance(layers, Mapping) else {p: [p] for p in (layers or [])}
+        self.seed = seed
+        self.history: list[dict[str, Any]] = []
+        self._eigenvalues: list[tuple[int, list[float]]] = []
+        self._densities: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    # ------------------------------------------------------------------ the measurements
+    def _optimizer_settings(self, trainer: pl.Trainer) -> tuple[float | None, float, int | None]:
+        if not trainer.optimizers:
+            return None, 0.0, None
+        group = trainer.optimizers[0].param_groups[0]
+        lr = float(group["lr"])
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        loader = trainer.train_dataloader
+        batch = getattr(loader, "batch_size", None)
+        if batch:
+            batch *= trainer.world_size * trainer.accumulate_grad_batches
+        return lr, momentum, batch
+
+    def _estimate(self, obj: Any, lr: float | None, momentum: float) -> dict[str, Any]:
+        """All Hessian-based measures; runs on rank 0 with a sharded objective."""
+        want = set(self.measures)
+        out: dict[str, Any] = {"scalars": {}, "n_hvp": 0}
+        s = out["scalars"]
+        if want & {"lambda_max", "top_eigenvalues", "eos_ratio"}:
+            k = self.top_k if "top_eigenvalues" in want else 1
+            res = curvature.hessian_eigenvalues(obj, k=min(k, obj.numel - 1), tol=self.tol, seed=self.seed)
+            out["top_eigenvalues"] = res.eigenvalues.tolist()
+            out["n_hvp"] += res.n_hvp
+            s["lambda_max"] = out["top_eigenvalues"][0]
+            if "top_eigenvalues" in want:
+                s.update({f"lambda_{i + 1}": v for i, v in enumerate(out["top_eigenvalues"])})
+            if "eos_ratio" in want and lr is not None:
+                s["eos_ratio"] = curvature.edge_of_stability_ratio(s["lambda_max"], lr, momentum)
+        if "lambda_min" in want:
+            res = curvature.hessian_eigenvalues(obj, k=1, which="smallest", tol=self.tol, seed=self.seed)
+            s["lambda_min"] = float(res.eigenvalues[0])
+            out["n_hvp"] += res.n_hvp
+        if "trace" in want:
+            tr = curvature.hessian_trace(obj, self.trace_samples, seed=self.seed)
+            s["trace"], s["trace_std_error"] = tr.estimate, tr.std_error
+            out["n_hvp"] += tr.n_hvp
+        for label, patterns in self.layers.items():
+            if want & {"lambda_max", "top_eigenvalues", "eos_ratio"}:
+                res = curvature.hessian_eigenvalues(obj, k=1, tol=self.tol, params=patterns, seed=self.seed)
+                s[f"lambda_max/{label}"] = float(res.eigenvalues[0])
+                out["n_hvp"] += res.n_hvp
+            if "trace" in want:
+                tr = curvature.hessian_trace(obj, self.trace_samples, params=patterns, seed=self.seed)
+                s[f"trace/{label}"] = tr.estimate
+                out["n_hvp"] += tr.n_hvp
+        if "density" in want:
+            d = curvature.spectral_density(obj, self.density_vectors, self.density_steps, seed=self.seed)
+            out["density"] = {"nodes": d.nodes, "weights": d.weights, "grid": d.grid, "density": d.density}
+            out["n_hvp"] += d.n_hvp
+        if "epsilon_sharpness" in want:
+            s["epsilon_sharpness"] = curvature.epsilon_sharpness(obj, self.epsilon, seed=self.seed).value
+        if "adaptive_sharpness" in want:
+            s["adaptive_sharpness"] = curvature.adaptive_sharpness(obj, self.rho, "worst", seed=self.seed).value
+        if "average_adaptive_sharpness" in want:
+            res = curvature.adaptive_sharpness(obj, self.rho, "average", seed=self.seed)
+            s["average_adaptive_sharpness"] = res.value
+        if "sam_sharpness" in want:
+            s["sam_sharpness"] = curvature.sam_sharpness(obj, self.rho).value
+        if "pac_bayes_sigma" in want:
+            s["pac_bayes_sigma"] = curvature.pac_bayes_sigma(obj, self.pac_bayes_threshold, seed=self.seed).value
+        return out
+
+    @override
+    def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        strategy = trainer.strategy
+        obj = self.objective(trainer, pl_module)
+        lr, momentum, batch_size = self._optimizer_settings(trainer)
+        scalars: dict[str, float] = {}
+        if "gradient_noise" in self.measures:  # per-sample sums on every rank, added up
+            m = curvature.gradient_moments(obj)
+            m.grad_sum = distributed.reduce_sum(strategy, m.grad_sum)
+            m.sq_norm_sum = distributed.reduce_sum(strategy, m.sq_norm_sum)
+            m.n = int(distributed.reduce_sum(strategy, torch.tensor(m.n, device=obj.device)))
+            noise = curvature.gradient_noise(m, lr, batch_size)
+            scalars.update(grad_noise_trace=noise.trace_cov, b_simple=noise.b_simple)
+            if noise.temperature is not None:
+                scalars["temperature"] = noise.temperature
+        hessian_measures = set(self.measures) - {"gradient_noise"}
+        out: dict[str, Any] = {"scalars": {}, "n_hvp": 0}
+        if hessian_measures:
+            sharded = distributed.ShardedObjective(strategy, obj)
+            out = sharded.run(lambda o: self._estimate(o, lr, momentum))
+        scalars.update(out["scalars"])
+        scalars["n_hvp"] = out["n_hvp"]
+        if "lambda_max" in scalars:
+            trainer.callback_metrics[self.reporter.key("lambda_max")] = torch.tensor(scalars["lambda_max"])
+        record = {"step": step, "epoch": trainer.current_epoch, **scalars}
+        self.history.append(record)
+        self._report(step, scalars, out, obj.metadata, lr, momentum)
+
+    def _report(
+        self, step: int, scalars: dict[str, float], out: dict[str, Any], meta: dict, lr: float | None, momentum: float
+    ) -> None:
+        rep = self.reporter
+        rep.scalars({k: v for k, v in scalars.items() if math.isfinite(v)}, step)
+        metadata = {**meta, **self.probe_metadata, "step": step, "tol": self.tol, "seed": self.seed}
+        arrays: dict[str, Any] = {k: np.asarray(v) for k, v in scalars.items()}
+        if "top_eigenvalues" in self.measures:
+            arrays["top_eigenvalues"] = np.asarray(out["top_eigenvalues"])
+            self._eigenvalues.append((step, out["top_eigenvalues"]))
+            rows = [[s, i + 1, v] for s, values in self._eigenvalues for i, v in enumerate(values)]
+            rep.table("top_eigenvalues", ["step", "index", "eigenvalue"], rows, step)
+            steps, values = zip(*self._eigenvalues, strict=True)
+            rep.figure("eigenvalues", eigenvalue_figure(steps, values, lr, momentum), step)
+        if "density" in out:
+            d = out["density"]
+            arrays.update({f"density_{k}": v for k, v in d.items()})
+            self._densities.append((step, d["grid"], d["density"]))
+            rep.figure("spectral_density", spectral_density_figure(self._densities), step)
+        rep.arrays("flatness", step, metadata=metadata, **arrays)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": self.history}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = list(state_dict.get("history", []))

@@ -1,0 +1,58 @@
+"""Figures of the analyses (matplotlib ``Figure`` objects, no pyplot state; the Reporter saves and logs them).
+
+Example::
+
+    >>> import numpy as np
+    >>> fig = spectral_density_figure([(10, np.linspace(-1, 1, 5), np.ones(5))])
+    >>> fig.axes[0].get_xlabel()
+    'Hessian eigenvalue'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+
+def spectral_density_figure(history: Sequence[tuple[int, np.ndarray, np.ndarray]], log: bool = True) -> Figure:
+    """Hessian eigenvalue densities ``(step, grid, density)`` over training, coloured by step."""
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    steps = [s for s, _, _ in history]
+    norm = Normalize(min(steps), max(max(steps), min(steps) + 1))
+    cmap = colormaps["viridis"]
+    floor = 1e-5 * max(float(np.max(d)) for _, _, d in history)
+    for step, grid, density in history:
+        ax.plot(grid, np.maximum(density, floor) if log else density, color=cmap(norm(step)), lw=1.2)
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
+    ax.set_xlabel("Hessian eigenvalue")
+    ax.set_ylabel("density (SLQ)")
+    ax.set_title("Hessian spectral density over training")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="optimizer step")
+    return fig
+
+
+def eigenvalue_figure(
+    steps: Sequence[int], eigenvalues: Sequence[Sequence[float]], lr: float | None = None, momentum: float = 0.0
+) -> Figure:
+    """Top-k Hessian eigenvalues versus step, with the stability limit ``(2 + 2 momentum) / lr`` of GD."""
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    values = np.asarray([list(v) for v in eigenvalues], dtype=float)
+    for i in range(values.shape[1]):
+        ax.plot(steps, values[:, i], marker="o", ms=3, lw=1.2, label=f"lambda_{i + 1}")
+    if lr:
+        label = "2 / lr" if not momentum else f"(2 + 2*{momentum:g}) / lr"
+        ax.axhline((2 + 2 * momentum) / lr, color="k", ls="--", lw=1, label=f"{label} (stability limit)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("Hessian eigenvalue")
+    ax.set_title("Top Hessian eigenvalues")
+    ax.legend(fontsize=8)
+    return fig
