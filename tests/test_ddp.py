@@ -27,3 +27,14 @@ def test_uneven_shards_are_gathered_in_rank_order(results):
         np.testing.assert_allclose(r["gathered"], r["expected_gathered"], rtol=1e-5, atol=1e-6)
     assert len(ddp["gathered"]) == 7
     assert ddp["broadcast"] == "from rank 0"
+
+
+def test_flatness_monitor_on_two_ranks_equals_one_process(tmp_path):
+    single = run_ddp_script("flatness", tmp_path, 1)
+    ddp = run_ddp_script("flatness", tmp_path, 2)
+    assert (single["world"], ddp["world"]) == (1, 2)
+    a, b = single["history"][0], ddp["history"][0]
+    for key in ("lambda_max", "lambda_2", "lambda_3", "lambda_min", "sam_sharpness", "grad_noise_trace", "b_simple"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
+    np.testing.assert_allclose(b["trace"], a["trace"], rtol=1e-4)  # same random vectors, drawn on rank 0
+    assert ddp["published"] == pytest.approx(b["lambda_max"], rel=1e-6)

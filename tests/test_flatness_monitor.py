@@ -1,0 +1,106 @@
+"""FlatnessMonitor in real Trainers: logged values, exactness against the functional core, errors, observer."""
+
+import json
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import wandb
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from lightning_landscape import FlatnessMonitor, Objective
+from lightning_landscape.callbacks import FLATNESS_MEASURES
+from lightning_landscape.curvature import hessian_eigenvalues, hessian_trace
+from tests.helpers import loader, tiny_module_class
+from tests.test_observer import assert_identical_runs, fit
+
+
+def test_monitor_logs_all_measures_and_matches_the_functional_core(tmp_path):
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), project="ll-test", offline=True)
+    monitor = FlatnessMonitor(
+        measures=FLATNESS_MEASURES,
+        every_n_epochs=1,
+        at_fit_end=False,
+        probe_size=48,
+        tol=1e-6,
+        trace_samples=30,
+        layers={"first": ["net.0.*"]},
+        density_steps=10,
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=[wandb_logger, CSVLogger(tmp_path)],
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    model = tiny_module_class()()
+    trainer.fit(model, train_dataloaders=loader())
+    assert monitor.runs == 2 and monitor.failures == 0
+    last = monitor.history[-1]
+    for key in (
+        "lambda_max",
+        "lambda_5",
+        "lambda_min",
+        "trace",
+        "eos_ratio",
+        "epsilon_sharpness",
+        "adaptive_sharpness",
+        "average_adaptive_sharpness",
+        "sam_sharpness",
+        "pac_bayes_sigma",
+        "grad_noise_trace",
+        "b_simple",
+        "temperature",
+        "lambda_max/first",
+        "trace/first",
+    ):
+        assert key in last and np.isfinite(last[key]), key
+    # the published metric, and the same numbers from the functional core on the same probe set
+    assert trainer.callback_metrics["landscape/flatness/lambda_max"] == pytest.approx(last["lambda_max"])
+    objective = Objective(model, monitor.probe_batches(trainer))
+    exact = hessian_eigenvalues(objective, k=5, tol=1e-6).eigenvalues
+    assert last["lambda_max"] == pytest.approx(float(exact[0]), rel=1e-4)
+    assert last["eos_ratio"] == pytest.approx(0.1 * last["lambda_max"] / (2 + 2 * 0.9), rel=1e-9)
+    assert last["lambda_max"] >= last["lambda_5"] >= last["lambda_min"]
+    assert last["trace"] == pytest.approx(hessian_trace(objective, 30).estimate, rel=1e-4)
+    keys = set(wandb_logger.experiment.summary.keys())
+    assert {
+        "landscape/flatness/lambda_max",
+        "landscape/flatness/top_eigenvalues",
+        "landscape/flatness/spectral_density",
+        "landscape/flatness/eigenvalues",
+    } <= keys
+    run_dir = monitor.reporter.run_dir
+    wandb.finish()
+    saved = np.load(run_dir / f"flatness-step{trainer.global_step:07d}.npz")
+    assert saved["top_eigenvalues"].shape == (5,) and saved["density_nodes"].shape == (3, 10)
+    meta = json.loads(str(saved["metadata"]))
+    assert meta["probe_seed"] == 0 and meta["bn_mode"] == "eval" and meta["dtype"] == "float32"
+    assert (run_dir / f"spectral_density-step{trainer.global_step:07d}.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"measures": ["lambda_maximum"]}, r"unknown names \['lambda_maximum'\].*HINT"),
+        ({"every_n_steps": 0}, "`every_n_steps`"),
+        ({"tol": 0.0}, "`tol`"),
+        ({"trace_samples": 2}, "`trace_samples`"),
+        ({"probe_size": -1}, "`probe_size`"),
+        ({"bn_mode": "batch"}, "`bn_mode`"),
+    ],
+)
+def test_bad_settings_are_rejected_in_the_constructor(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FlatnessMonitor(**kwargs)
+
+
+def test_monitor_every_step_does_not_disturb_training(tmp_path):
+    plain = fit("lightning.pytorch", [], tmp_path / "plain")
+    monitor = FlatnessMonitor(measures=FLATNESS_MEASURES, every_n_steps=1, probe_size=32, density_steps=5)
+    observed = fit("lightning.pytorch", [monitor], tmp_path / "observed")
+    assert_identical_runs(plain, observed)
+    assert monitor.runs == 12 and monitor.failures == 0
