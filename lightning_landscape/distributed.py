@@ -105,6 +105,13 @@ class ShardedObjective:
     def theta0(self) -> Tensor:
         return self.local.theta0
 
+    def _local_hvp(self, theta: Tensor) -> Any:
+        """This rank's ``v -> H v`` at ``theta``, with the gradient graph cached while ``theta`` stays the same."""
+        cached = getattr(self, "_hvp_cache", None)
+        if cached is None or not torch.equal(cached[0], theta):
+            self._hvp_cache = (theta.clone(), self.local.hvp_at(theta))
+        return self._hvp_cache[1]
+
     # ------------------------------------------------------------------ served calls
     def _local(self, op: str, x: Tensor) -> Tensor:
         if op == "loss":
@@ -112,7 +119,7 @@ class ShardedObjective:
         elif op == "grad":
             out = self.local.grad(x)
         elif op == "hvp":
-            out = self.local.hvp(x[0], x[1])
+            out = self._local_hvp(x[0])(x[1])
         else:
             out = self.local.losses(x)
         return out * self.weight
@@ -157,7 +164,10 @@ class ShardedObjective:
     def run(self, estimator: Any) -> Any:
         """``estimator(self)`` on rank 0, served by every other rank; its result on every rank."""
         if self.world_size == 1:
-            return estimator(self)
+            try:
+                return estimator(self)
+            finally:
+                self._hvp_cache = None
         if self.rank != 0:
             self._serve()
             outcome = broadcast(self.strategy, None)
@@ -168,6 +178,7 @@ class ShardedObjective:
                 outcome = ("error", f"{type(err).__name__}: {err}")
             torch.distributed.broadcast(torch.tensor([-1, 0, 0, 0, 0], device=self.device), src=0)
             outcome = broadcast(self.strategy, outcome)
+        self._hvp_cache = None  # release the gradient graphs
         status, value = outcome
         if status == "error":
             raise RuntimeError(f"estimator failed on rank 0: {value}")

@@ -293,6 +293,30 @@ class Objective:
                 total += w * hv
         return total
 
+    def hvp_at(self, theta: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        """``v -> H(theta) v`` for many ``v`` at one point: the gradient graph of every probe batch is built once
+        (``create_graph=True``) and each product is a single backward pass through it, about half the cost of
+        :meth:`hvp`. Holds the graphs in memory until the returned function is released."""
+        with self._evaluation_mode(), torch.enable_grad():
+            point = self._point(theta).detach().clone().requires_grad_(True)
+            grads = [
+                torch.autograd.grad(self._batch_loss(point, i), point, create_graph=True)[0]
+                for i in range(len(self.batches))
+            ]
+
+        def product(v: Tensor) -> Tensor:
+            if v.shape != (self.numel,):
+                raise ValueError(f"`v` must have shape ({self.numel},), got {tuple(v.shape)}.")
+            with torch.inference_mode(False), torch.enable_grad():
+                v = v.to(device=point.device, dtype=point.dtype).clone()
+                total = torch.zeros_like(point)
+                for w, g in zip(self.weights, grads, strict=True):
+                    (hv,) = torch.autograd.grad(g, point, grad_outputs=v, retain_graph=True)
+                    total += w * hv
+            return total
+
+        return product
+
     def losses(self, thetas: Tensor) -> Tensor:
         """``L`` at each row of the ``(M, P)`` tensor ``thetas``: ``vmap`` in chunks, or a loop if the module
         cannot be vmapped (e.g. its loss calls ``.item()``)."""

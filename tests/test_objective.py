@@ -46,6 +46,16 @@ def test_loss_grad_hvp_match_dense_autograd():
     torch.testing.assert_close(obj.hvp(theta, v), hessian @ v)
 
 
+def test_cached_graph_products_equal_fresh_products():
+    net, batches = mlp_and_data()
+    obj = Objective(net, batches, ce, dtype=torch.float64)
+    theta = obj.theta0 + 0.1
+    product = obj.hvp_at(theta)
+    for _ in range(3):
+        v = torch.randn(obj.numel, dtype=torch.float64)
+        torch.testing.assert_close(product(v), obj.hvp(theta, v))
+
+
 def test_batched_losses_equal_one_by_one_and_use_vmap():
     net, batches = mlp_and_data()
     obj = Objective(net, batches, ce, chunk_size=3)

@@ -58,16 +58,19 @@ class HessianOperator:
         self.indices = None if params is None else parameter_indices(objective.layout, params).to(self.device)
         self.dim = objective.numel if self.indices is None else int(self.indices.numel())
         self.n_products = 0
+        # one cached gradient graph per point where the objective offers it (a single process)
+        hvp_at = getattr(objective, "hvp_at", None)
+        self._hvp = hvp_at(self.theta) if hvp_at is not None else lambda v: objective.hvp(self.theta, v)
 
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` (``H_SS v`` on a subset)."""
         self.n_products += 1
         v = v.to(device=self.device, dtype=self.dtype)
         if self.indices is None:
-            return self.objective.hvp(self.theta, v)
+            return self._hvp(v)
         full = torch.zeros_like(self.theta)
         full[self.indices] = v
-        return self.objective.hvp(self.theta, full)[self.indices]
+        return self._hvp(full)[self.indices]
 
     def matmat(self, vs: Tensor) -> Tensor:
         """``H V`` for the columns of ``V`` (one product each)."""
