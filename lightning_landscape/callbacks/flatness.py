@@ -32,7 +32,7 @@ Scalars go to every logger as ``landscape/flatness/<measure>``; ``lambda_max`` i
 Example::
 
     from lightning_landscape import FlatnessMonitor
-    monitor = FlatnessMonitor(every_n_epochs=1, measures=["lambda_max", "trace", "density"],
+    monitor = FlatnessMonitor(every_n_steps=500, measures=["lambda_max", "trace", "density"],
                               layers={"first": ["network.1.*"]})
     trainer = L.Trainer(callbacks=[monitor])
 """
@@ -76,11 +76,13 @@ class FlatnessMonitor(LandscapeCallback):
 
     Args:
         measures: names from :data:`MEASURES` (see the module docstring).
-        every_n_steps: run every ``n`` optimizer steps.
+        every_n_steps: run every ``n`` optimizer steps (default 1000: a trigger costs about 70 training steps
+            on the MNIST MLP, see ``scripts/bench_curvature.py``).
         every_n_epochs: run at the end of every ``n``-th epoch.
         at_fit_end: run when training ends.
         top_k: eigenvalues for ``top_eigenvalues``.
         tol: relative accuracy of the eigenvalues.
+        eigen_method: ``"lanczos"`` (torch-native, measured fastest here), ``"arpack"`` or ``"power"``.
         trace_samples: Hessian-vector products for the trace.
         density_vectors: SLQ start vectors; density_steps: Lanczos steps each.
         epsilon: box radius of epsilon-sharpness; rho: radius of SAM/adaptive sharpness.
@@ -100,11 +102,12 @@ class FlatnessMonitor(LandscapeCallback):
     def __init__(
         self,
         measures: Sequence[str] = ("lambda_max", "trace", "eos_ratio"),
-        every_n_steps: int | None = None,
-        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = 1000,
+        every_n_epochs: int | None = None,
         at_fit_end: bool = True,
         top_k: int = 5,
         tol: float = 1e-3,
+        eigen_method: str = "lanczos",
         trace_samples: int = 15,
         density_vectors: int = 3,
         density_steps: int = 40,
@@ -157,7 +160,10 @@ class FlatnessMonitor(LandscapeCallback):
         if trace_samples < 3 and "trace" in measures:
             raise ValueError(f"`trace_samples` must be at least 3 for Hutch++, got {trace_samples}.")
         self.measures = tuple(measures)
+        if eigen_method not in ("lanczos", "arpack", "power"):
+            raise ValueError(f"`eigen_method` must be 'lanczos', 'arpack' or 'power', got {eigen_method!r}.")
         self.top_k, self.tol, self.trace_samples = top_k, tol, trace_samples
+        self.eigen_method = eigen_method
         self.density_vectors, self.density_steps = density_vectors, density_steps
         self.epsilon, self.rho, self.pac_bayes_threshold = epsilon, rho, pac_bayes_threshold
         self.layers = dict(layers) if isinstance(layers, Mapping) else {p: [p] for p in (layers or [])}
@@ -186,7 +192,9 @@ class FlatnessMonitor(LandscapeCallback):
         s = out["scalars"]
         if want & {"lambda_max", "top_eigenvalues", "eos_ratio"}:
             k = self.top_k if "top_eigenvalues" in want else 1
-            res = curvature.hessian_eigenvalues(obj, k=min(k, obj.numel - 1), tol=self.tol, seed=self.seed)
+            res = curvature.hessian_eigenvalues(
+                obj, k=min(k, obj.numel - 1), tol=self.tol, method=self.eigen_method, seed=self.seed
+            )
             out["top_eigenvalues"] = res.eigenvalues.tolist()
             out["n_hvp"] += res.n_hvp
             s["lambda_max"] = out["top_eigenvalues"][0]
@@ -195,7 +203,9 @@ class FlatnessMonitor(LandscapeCallback):
             if "eos_ratio" in want and lr is not None:
                 s["eos_ratio"] = curvature.edge_of_stability_ratio(s["lambda_max"], lr, momentum)
         if "lambda_min" in want:
-            res = curvature.hessian_eigenvalues(obj, k=1, which="smallest", tol=self.tol, seed=self.seed)
+            res = curvature.hessian_eigenvalues(
+                obj, k=1, which="smallest", tol=self.tol, method=self.eigen_method, seed=self.seed
+            )
             s["lambda_min"] = float(res.eigenvalues[0])
             out["n_hvp"] += res.n_hvp
         if "trace" in want:
@@ -204,7 +214,9 @@ class FlatnessMonitor(LandscapeCallback):
             out["n_hvp"] += tr.n_hvp
         for label, patterns in self.layers.items():
             if want & {"lambda_max", "top_eigenvalues", "eos_ratio"}:
-                res = curvature.hessian_eigenvalues(obj, k=1, tol=self.tol, params=patterns, seed=self.seed)
+                res = curvature.hessian_eigenvalues(
+                    obj, k=1, tol=self.tol, method=self.eigen_method, params=patterns, seed=self.seed
+                )
                 s[f"lambda_max/{label}"] = float(res.eigenvalues[0])
                 out["n_hvp"] += res.n_hvp
             if "trace" in want:

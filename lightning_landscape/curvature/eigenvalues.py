@@ -85,7 +85,8 @@ def _lanczos(op: HessianOperator, k: int, which: str, tol: float, max_iter: int 
         return len(history) > 1 and bool(((ritz - history[-2]).abs() <= tol * ritz.abs().clamp_min(1e-12)).all())
 
     steps = min(op.dim, max_iter or 300)
-    alpha, beta, basis = lanczos_tridiagonal(op.matvec, _start_vector(op.dim, seed, op.theta), steps, stop=converged)
+    v0 = _start_vector(op.dim, seed, op.theta)
+    alpha, beta, basis = lanczos_tridiagonal(op.matvec, v0, steps, stop=converged, check_every=2)
     ritz, vecs = wanted(alpha, beta)
     ok = len(alpha) < steps or steps == op.dim
     return ritz.cpu().double(), (basis @ vecs).cpu().double(), ok

@@ -47,20 +47,22 @@ def lanczos_tridiagonal(
     """
     dim = v0.numel()
     steps = min(steps, dim)
-    basis = torch.zeros(dim, steps, dtype=v0.dtype, device=v0.device)
+    rows = torch.empty(min(steps, 32), dim, dtype=v0.dtype, device=v0.device)  # q_j as rows; grown by doubling
     alphas, betas = [], []
     q = v0 / v0.norm()
     beta = torch.zeros((), dtype=v0.dtype, device=v0.device)
     for j in range(steps):
-        basis[:, j] = q
+        if j == rows.shape[0]:
+            rows = torch.cat([rows, torch.empty_like(rows[: min(j, steps - j)])])
+        rows[j] = q
         w = matvec(q)
         if j > 0:
-            w = w - beta * basis[:, j - 1]
+            w = w - beta * rows[j - 1]
         alpha = torch.dot(q, w)
         w = w - alpha * q
         if reorthogonalize:
             for _ in range(2):
-                w = w - basis[:, : j + 1] @ (basis[:, : j + 1].T @ w)
+                w = w - (rows[: j + 1] @ w) @ rows[: j + 1]
         alphas.append(alpha)
         if j == steps - 1:
             break
@@ -72,7 +74,7 @@ def lanczos_tridiagonal(
         betas.append(beta)
         q = w / beta
     m = len(alphas)
-    return torch.stack(alphas), _stack(betas, v0), basis[:, :m]
+    return torch.stack(alphas), _stack(betas, v0), rows[:m].T
 
 
 def _stack(values: list[Tensor], like: Tensor) -> Tensor:
