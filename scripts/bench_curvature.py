@@ -6,9 +6,9 @@ PyHessian's power iteration (if installed: ``pip install pyhessian``). The refer
 tol=1e-10; every method's actual relative error is printed, since a power iteration that stops when two
 iterates agree to 1e-3 may be further than 1e-3 from the truth.
 
-Part 2: FlatnessMonitor at its default settings on the MNIST-MLP config (784-256-128-10, batch 128,
-SGD) against the same training without it, interleaved, best of ``--repeats``. The images are random bytes in MNIST's real IDX format and
-size (the cost does not depend on the pixel values); ``--epochs`` epochs each, best of ``--repeats``.
+Part 2: FlatnessMonitor at its default settings on the MNIST-MLP config (784-256-128-10, batch 128, SGD)
+against the same training without it, interleaved, best of ``--repeats``, ``--epochs`` epochs each. The
+images are random bytes in MNIST's real IDX format and size (the cost does not depend on pixel values).
 
 Usage: python scripts/bench_curvature.py [--epochs 10] [--repeats 3] [--skip-overhead]
 """
