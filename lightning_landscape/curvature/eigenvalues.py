@@ -86,7 +86,7 @@ def _lanczos(op: HessianOperator, k: int, which: str, tol: float, max_iter: int 
 
     steps = min(op.dim, max_iter or 300)
     v0 = _start_vector(op.dim, seed, op.theta)
-    alpha, beta, basis = lanczos_tridiagonal(op.matvec, v0, steps, stop=converged, check_every=2)
+    alpha, beta, basis = lanczos_tridiagonal(op.matvec, v0, steps, stop=converged, check_every=1)
     ritz, vecs = wanted(alpha, beta)
     ok = len(alpha) < steps or steps == op.dim
     return ritz.cpu().double(), (basis @ vecs).cpu().double(), ok
