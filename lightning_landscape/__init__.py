@@ -1,10 +1,19 @@
 """lightning-landscape: energy-landscape studies of neural networks as drop-in Lightning callbacks."""
 
 from lightning_landscape import _compat  # noqa: F401  (first: makes torchvision importable on CPU torch)
-from lightning_landscape.callbacks import FlatnessMonitor, LandscapeCallback
+from lightning_landscape.callbacks import FlatnessMonitor, LandscapeCallback, TrajectoryRecorder
+from lightning_landscape.dynamics import TrajectoryStore
 from lightning_landscape.guard import preserve_state
 from lightning_landscape.objective import Objective
 from lightning_landscape.params import ParameterLayout
 
-__all__ = ["FlatnessMonitor", "LandscapeCallback", "Objective", "ParameterLayout", "preserve_state"]
+__all__ = [
+    "FlatnessMonitor",
+    "LandscapeCallback",
+    "Objective",
+    "ParameterLayout",
+    "TrajectoryRecorder",
+    "TrajectoryStore",
+    "preserve_state",
+]
 __version__ = "0.1.0"

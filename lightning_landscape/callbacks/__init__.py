@@ -3,5 +3,6 @@
 from lightning_landscape.callbacks.base import LandscapeCallback
 from lightning_landscape.callbacks.flatness import MEASURES as FLATNESS_MEASURES
 from lightning_landscape.callbacks.flatness import FlatnessMonitor
+from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
-__all__ = ["FLATNESS_MEASURES", "FlatnessMonitor", "LandscapeCallback"]
+__all__ = ["FLATNESS_MEASURES", "FlatnessMonitor", "LandscapeCallback", "TrajectoryRecorder"]

@@ -49,6 +49,21 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
+def record_failure(reporter: Reporter, owner: object, err: Exception, step: int, count: int) -> None:
+    """Warn (rank 0), append to ``<run dir>/<name>/failures.jsonl`` and log ``landscape/<name>/failures``."""
+    if reporter.is_global_zero:
+        warnings.warn(
+            f"lightning-landscape: {type(owner).__name__} failed at step {step} and was skipped;"
+            f" training goes on. {type(err).__name__}: {err}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    reporter.event(
+        "failures", {"step": step, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+    )
+    reporter.scalars({"failures": count}, step)
+
+
 def _check_optional_positive(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}. HINT: e.g. `{name}=100`.")
@@ -246,15 +261,4 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def _record_failure(self, err: Exception, step: int) -> None:
         self.failures += 1
-        if self.reporter.is_global_zero:
-            warnings.warn(
-                f"lightning-landscape: {type(self).__name__} failed at step {step} and was skipped;"
-                f" training goes on. {type(err).__name__}: {err}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        self.reporter.event(
-            "failures",
-            {"step": step, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()},
-        )
-        self.reporter.scalars({"failures": self.failures}, step)
+        record_failure(self.reporter, self, err, step, self.failures)

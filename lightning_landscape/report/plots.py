@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -55,4 +56,39 @@ def eigenvalue_figure(
     ax.set_ylabel("Hessian eigenvalue")
     ax.set_title("Top Hessian eigenvalues")
     ax.legend(fontsize=8)
+    return fig
+
+
+def trajectory_figure(store: Any) -> Figure:
+    """Three panels of a trajectory store: the path in its PCA plane (sketch space) coloured by loss, with the
+    explained variance on the axes; distance from initialization; and step size, versus step."""
+    from lightning_landscape.dynamics.pca import common_projection
+
+    fig = Figure(figsize=(13, 3.8))
+    ax_plane, ax_dist, ax_step = fig.subplots(1, 3)
+    loss_by_step = dict(
+        zip(store.steps.tolist(), store.stats.get("loss", np.full(len(store.steps), np.nan)), strict=True)
+    )
+    if len(store.sketches) >= 3:
+        (coords,), _, _, ratio = common_projection([store.sketches], 2)
+        colours = np.asarray([loss_by_step.get(s, np.nan) for s in store.sketch_steps.tolist()])
+        ax_plane.plot(coords[:, 0], coords[:, 1], color="0.7", lw=0.6, zorder=1)
+        points = ax_plane.scatter(coords[:, 0], coords[:, 1], c=colours, s=6, cmap="viridis", zorder=2)
+        ax_plane.scatter(*coords[0], marker="o", s=50, facecolors="none", edgecolors="k", label="start")
+        ax_plane.scatter(*coords[-1], marker="*", s=90, color="crimson", label="end")
+        ax_plane.set_xlabel(f"PC1 ({100 * ratio[0]:.1f}% of variance)")
+        ax_plane.set_ylabel(f"PC2 ({100 * ratio[1]:.1f}% of variance)")
+        ax_plane.legend(fontsize=8)
+        fig.colorbar(points, ax=ax_plane, label="training loss")
+    ax_plane.set_title("SGD path in its PCA plane (sketch space)")
+    ax_dist.plot(store.steps, store.stats.get("distance", np.full(len(store.steps), np.nan)), lw=1.2)
+    ax_dist.set_xlabel("optimizer step")
+    ax_dist.set_ylabel("|theta_t - theta_0|")
+    ax_dist.set_title("distance from initialization")
+    ax_step.plot(store.steps, store.stats.get("update_norm", np.full(len(store.steps), np.nan)), lw=0.8)
+    ax_step.set_yscale("log")
+    ax_step.set_xlabel("optimizer step")
+    ax_step.set_ylabel("|theta_t - theta_{t-1}|")
+    ax_step.set_title("step size")
+    fig.tight_layout()
     return fig

@@ -1,0 +1,345 @@
+"""TrajectoryRecorder: the path of SGD through parameter space, step by step, into a trajectory store.
+
+At every optimizer step (not every batch: gradient accumulation is respected) it records
+
+================================ ==========================================================================
+``loss``                         training loss of the step (mean over accumulated batches and over ranks)
+``grad_norm``                    ``|g|`` before clipping, after AMP unscaling (``on_before_optimizer_step``)
+``update_norm``                  ``|theta_t - theta_{t-1}|``, the step actually taken
+``update_cosine``                cosine between consecutive updates (near -1: oscillation across a valley)
+``distance``, ``relative_distance`` ``|theta_t - theta_0|`` and ``/ |theta_0|``; per layer in the store
+``lr``, ``lr_over_batch``        learning rate of the first parameter group and ``lr / B`` (global batch)
+``b_simple``, ``grad_noise_trace`` DDP only: McCandlish et al.'s estimators from per-rank versus global
+                                 gradients (EMA-smoothed), and the SGD ``temperature = lr tr(Sigma)/(2Bd)``
+================================ ==========================================================================
+
+and a sketch ``R theta_t`` (:class:`~lightning_landscape.dynamics.SparseProjection`, ``sketch_dim``
+numbers, memory ``O(P + k)``) every ``sketch_every_n_steps`` steps, full parameter snapshots every
+``snapshot_every_n_steps`` steps while they fit in ``disk_budget_mb``, and a streaming PCA of the sketches.
+Everything goes into a :class:`~lightning_landscape.TrajectoryStore` (rank 0 writes; every rank joins the
+per-step collective under DDP), flushed every ``flush_every_n_steps`` steps, at checkpoints and at the end,
+so a killed process loses at most the steps since the last flush, and a resumed run continues the same
+store with no duplicated or missing steps. Scalars go to every logger every ``log_every_n_steps``; at the
+end of training a figure (PCA plane of the path coloured by loss, distance and step size versus step) and
+the store as a W&B artifact.
+
+Example::
+
+    from lightning_landscape import TrajectoryRecorder, TrajectoryStore
+    recorder = TrajectoryRecorder(sketch_dim=256, snapshot_every_n_steps=500)
+    trainer = L.Trainer(callbacks=[recorder]); trainer.fit(model, dm)
+    store = TrajectoryStore.open(recorder.store_dir)
+    store.steps, store.stats["loss"], store.sketches, store.snapshot(store.snapshot_steps[-1])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from typing_extensions import override
+
+from lightning_landscape import distributed
+from lightning_landscape._compat import CALLBACK_BASES
+from lightning_landscape.callbacks.base import _check_optional_positive, record_failure
+from lightning_landscape.dynamics import SparseProjection, StreamingPCA, TrajectoryStore
+from lightning_landscape.params import ParameterLayout
+from lightning_landscape.report import Reporter
+from lightning_landscape.report.plots import trajectory_figure
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+class _LocalGradNorm:
+    """State of the DDP communication hook: the squared norm of this rank's gradient before averaging."""
+
+    def __init__(self) -> None:
+        self.sq = 0.0
+        self.process_group = None
+
+
+def _local_norm_allreduce(state: _LocalGradNorm, bucket: Any) -> Any:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    state.sq += float(bucket.buffer().double().pow(2).sum())
+    return default_hooks.allreduce_hook(state.process_group, bucket)
+
+
+class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
+    """Record the SGD trajectory and its statistics into a trajectory store.
+
+    Args:
+        sketch_dim: k, the size of the random projection of the parameters.
+        sketch_every_n_steps: sketch every ``n`` optimizer steps.
+        projection_seed: seed of the projection (use the same one to compare runs).
+        sketch_nnz: non-zeros per column of the sparse projection.
+        snapshot_every_n_steps: full parameter snapshots every ``n`` steps (``None``: only the initial one).
+        disk_budget_mb: stop taking snapshots once they would exceed this size.
+        flush_every_n_steps: write buffered steps to disk every ``n`` steps.
+        store_dir: where the store goes (default ``<run dir>/trajectory/store``).
+        noise_ema: EMA factor of the DDP noise-scale estimators.
+        log_artifact: log the store to W&B as an artifact at the end of training.
+
+    Raises:
+        ValueError: for non-positive sizes or intervals (in the constructor).
+    """
+
+    name = "trajectory"
+
+    def __init__(
+        self,
+        sketch_dim: int = 256,
+        sketch_every_n_steps: int = 1,
+        projection_seed: int = 0,
+        sketch_nnz: int = 4,
+        snapshot_every_n_steps: int | None = 500,
+        disk_budget_mb: float = 512.0,
+        flush_every_n_steps: int = 100,
+        store_dir: str | None = None,
+        noise_ema: float = 0.95,
+        log_artifact: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("sketch_dim", sketch_dim),
+            ("sketch_every_n_steps", sketch_every_n_steps),
+            ("flush_every_n_steps", flush_every_n_steps),
+            ("snapshot_every_n_steps", snapshot_every_n_steps),
+        ):
+            _check_optional_positive(name, value)
+        if sketch_dim % sketch_nnz:
+            raise ValueError(f"`sketch_dim` ({sketch_dim}) must be a multiple of `sketch_nnz` ({sketch_nnz}).")
+        if disk_budget_mb < 0:
+            raise ValueError(f"`disk_budget_mb` must be >= 0, got {disk_budget_mb}.")
+        if not 0 <= noise_ema < 1:
+            raise ValueError(f"`noise_ema` must be in [0, 1), got {noise_ema}.")
+        self.sketch_dim, self.sketch_every_n_steps = sketch_dim, sketch_every_n_steps
+        self.projection_seed, self.sketch_nnz = projection_seed, sketch_nnz
+        self.snapshot_every_n_steps, self.disk_budget_mb = snapshot_every_n_steps, disk_budget_mb
+        self.flush_every_n_steps, self.store_dir = flush_every_n_steps, store_dir
+        self.noise_ema, self.log_artifact = noise_ema, log_artifact
+        self.failures = 0
+        self.reporter = Reporter(".", is_global_zero=False)
+        self.store: TrajectoryStore | None = None
+        self.pca = StreamingPCA(sketch_dim)
+        self._last_step: int | None = None
+        self._resume_step: int | None = None
+        self._prev_update: torch.Tensor | None = None
+        self._noise_state: dict[str, float] = {}
+        self._hook_state: _LocalGradNorm | None = None
+        self._active = False
+
+    # ------------------------------------------------------------------ state
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(projection_seed=self.projection_seed, sketch_dim=self.sketch_dim)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "store_dir": self.store_dir,
+            "last_step": self._last_step,
+            "prev_update": None if self._prev_update is None else self._prev_update.cpu(),
+            "pca": self.pca.state_dict(),
+            "noise": dict(self._noise_state),
+            "failures": self.failures,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.store_dir = state_dict.get("store_dir", self.store_dir)
+        self._resume_step = state_dict.get("last_step")
+        self._prev_update = state_dict.get("prev_update")
+        if state_dict.get("pca"):
+            self.pca = StreamingPCA.from_state_dict(state_dict["pca"])
+        self._noise_state = dict(state_dict.get("noise", {}))
+        self.failures = state_dict.get("failures", 0)
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            ParameterLayout.from_module(pl_module)  # raises early for a module without trainable parameters
+            self.reporter = Reporter.from_trainer(trainer, self.name)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._active = not trainer.fast_dev_run
+        if not self._active:
+            return
+        self.layout = ParameterLayout.from_module(pl_module)
+        self._params = [p for p in pl_module.parameters() if p.requires_grad]
+        flat = self._flat()
+        self.projection = SparseProjection(
+            self.layout.numel, self.sketch_dim, self.projection_seed, self.sketch_nnz, flat.device
+        )
+        self._prev = flat
+        self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64, device=flat.device), 0
+        self._grad_norm = float("nan")
+        if self._resume_step is not None:
+            self._last_step = self._resume_step
+        if trainer.is_global_zero:
+            self.store_dir = self.store_dir or str(self.reporter.run_dir / "store")
+            meta = {
+                "k": self.sketch_dim,
+                "projection_seed": self.projection_seed,
+                "nnz": self.sketch_nnz,
+                "names": list(self.layout.names),
+                "shapes": [list(s) for s in self.layout.shapes],
+                "n_params": self.layout.numel,
+                "world_size": trainer.world_size,
+            }
+            self.store = TrajectoryStore.create(self.store_dir, meta)
+            if self._resume_step is not None:
+                self.store.truncate_after(self._resume_step)
+            init_path = Path(self.store_dir) / "snapshots" / "init.npy"
+            if not init_path.exists():
+                self.store.save_snapshot("init", flat.cpu().numpy())
+            self._init = torch.from_numpy(np.array(self.store.snapshot("init"))).to(flat)
+            self._init_norm = float(self._init.norm())
+        self._register_ddp_hook(trainer)
+
+    def _register_ddp_hook(self, trainer: pl.Trainer) -> None:
+        if trainer.world_size < 2 or not hasattr(trainer.strategy.model, "register_comm_hook"):
+            return
+        state = _LocalGradNorm()
+        try:
+            trainer.strategy.model.register_comm_hook(state, _local_norm_allreduce)
+            self._hook_state = state
+        except RuntimeError as err:  # e.g. the user registered a hook of their own
+            record_failure(self.reporter, self, err, trainer.global_step, self.failures + 1)
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self._params]).float()
+
+    # ------------------------------------------------------------------ per step
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self._active:
+            return
+        grads = [p.grad for p in self._params if p.grad is not None]
+        self._grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._loss_sum += loss.detach().double()
+            self._loss_count += 1
+        step = trainer.global_step
+        if step == self._last_step or step == 0:
+            return  # accumulating gradients: no optimizer step yet
+        try:
+            self._record(trainer, step)
+        except Exception as err:  # never stop training
+            self.failures += 1
+            record_failure(self.reporter, self, err, step, self.failures)
+        self._last_step = step
+
+    def _global_batch(self, trainer: pl.Trainer) -> int | None:
+        size = getattr(trainer.train_dataloader, "batch_size", None)
+        return size * trainer.world_size * trainer.accumulate_grad_batches if size else None
+
+    def _record(self, trainer: pl.Trainer, step: int) -> None:
+        with torch.no_grad():
+            flat = self._flat()
+            update = flat - self._prev
+            stats: dict[str, float] = {"grad_norm": self._grad_norm, "update_norm": float(update.norm())}
+            prev = self._prev_update
+            if prev is not None and prev.shape == update.shape:
+                denom = float(update.norm() * prev.to(update).norm())
+                stats["update_cosine"] = float(update @ prev.to(update)) / denom if denom > 0 else float("nan")
+            self._prev, self._prev_update = flat, update
+            local_loss = self._loss_sum / max(self._loss_count, 1)
+            self._loss_sum.zero_()
+            self._loss_count = 0
+            collective = torch.tensor(
+                [float(local_loss), self._hook_state.sq if self._hook_state else 0.0],
+                dtype=torch.float64,
+                device=flat.device,
+            )
+            collective = distributed.reduce_sum(trainer.strategy, collective) / trainer.world_size
+            stats["loss"] = float(collective[0])
+            group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+            stats["lr"] = float(group.get("lr", float("nan")))
+            batch = self._global_batch(trainer)
+            if batch:
+                stats["lr_over_batch"] = stats["lr"] / batch
+            if self._hook_state is not None and batch:
+                stats.update(
+                    self._noise_scale(float(collective[1]), self._grad_norm**2, batch, trainer.world_size, stats["lr"])
+                )
+                self._hook_state.sq = 0.0
+            if not trainer.is_global_zero:
+                return
+            diff = flat - self._init
+            layer = torch.stack([d.norm() for d in diff.split(self.layout.sizes)])
+            stats["distance"] = float(diff.norm())
+            stats["relative_distance"] = stats["distance"] / self._init_norm if self._init_norm > 0 else float("nan")
+            sketch = None
+            if step % self.sketch_every_n_steps == 0:
+                sketch = self.projection(flat).cpu().numpy()
+                self.pca.update(sketch)
+        self.store.append(step, stats, sketch, layer.cpu().numpy())
+        if self.snapshot_every_n_steps and step % self.snapshot_every_n_steps == 0:
+            size_mb = (self.store.disk_bytes(("snapshots",)) + 4 * flat.numel()) / 2**20
+            if size_mb <= self.disk_budget_mb:
+                self.store.save_snapshot(step, flat.cpu().numpy())
+        if step % self.flush_every_n_steps == 0:
+            self.store.flush()
+        if step % max(trainer.log_every_n_steps, 1) == 0:
+            self.reporter.scalars({k: v for k, v in stats.items() if math.isfinite(v)}, step)
+
+    def _noise_scale(self, small_sq: float, big_sq: float, big: int, world: int, lr: float) -> dict[str, float]:
+        """McCandlish et al. (2018), appendix A: unbiased |G|^2 and tr(Sigma) from two batch sizes, EMA-smoothed."""
+        small = big // world
+        g2 = (big * big_sq - small * small_sq) / (big - small)
+        trace = (small_sq - big_sq) / (1 / small - 1 / big)
+        beta, st = self.noise_ema, self._noise_state
+        st["g2"] = beta * st.get("g2", g2) + (1 - beta) * g2
+        st["trace"] = beta * st.get("trace", trace) + (1 - beta) * trace
+        out = {"grad_noise_trace": st["trace"], "true_grad_sq": st["g2"]}
+        out["b_simple"] = st["trace"] / st["g2"] if st["g2"] > 0 else float("nan")
+        out["temperature"] = lr * st["trace"] / (2 * big * self.layout.numel)
+        return out
+
+    # ------------------------------------------------------------------ durability and the end
+    def flush(self) -> None:
+        """Write buffered steps to the store now (rank 0)."""
+        if self.store is not None:
+            self.store.flush()
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self.flush()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.flush()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active or not trainer.is_global_zero or self.store is None:
+            return
+        self.flush()
+        step = trainer.global_step
+        try:
+            store = TrajectoryStore.open(self.store_dir)
+            if len(store.steps):
+                self.reporter.figure("trajectory", trajectory_figure(store), step)
+            self.reporter.scalars({"disk_mb": store.disk_bytes() / 2**20}, step)
+            if self.log_artifact:
+                self.reporter.artifact("trajectory-store", self.store_dir, type="trajectory")
+        except Exception as err:
+            self.failures += 1
+            record_failure(self.reporter, self, err, step, self.failures)

@@ -1,0 +1,64 @@
+"""A seeded sparse Johnson-Lindenstrauss projection of parameter vectors.
+
+``R`` is a ``k x P`` matrix with ``s`` non-zeros per column, one in each of ``s`` blocks of ``k / s`` rows,
+each ``+-1 / sqrt(s)`` with a random row and sign (Kane & Nelson 2014, "Sparser Johnson-Lindenstrauss
+Transforms", the block construction; ``s = 1`` is the CountSketch). For every ``x``,
+
+    E |R x|^2 = |x|^2,
+
+and distances between ``m`` points are preserved to ``1 +- eps`` with high probability once
+``k = O(eps^-2 log m)``. ``R`` is never materialized: only the ``s P`` row indices and signs are kept
+(memory ``O(P + k)`` for fixed ``s``), and ``R x`` costs ``O(s P)`` with one ``index_add``. The same
+``(P, k, s, seed)`` always gives the same ``R``, so sketches of different runs are comparable.
+
+Example::
+
+    >>> import torch
+    >>> R = SparseProjection(dim=10_000, k=256, seed=0)
+    >>> x = torch.randn(10_000)
+    >>> ratio = float(R(x).norm() / x.norm())
+    >>> 0.8 < ratio < 1.2
+    True
+    >>> torch.equal(R(2 * x), 2 * R(x)), R(torch.stack([x, x])).shape
+    (True, torch.Size([2, 256]))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+class SparseProjection:
+    """``x -> R x`` for the seeded sparse JL matrix ``R`` (``k x dim``, ``nnz`` non-zeros per column).
+
+    Args:
+        dim: P, the dimension of the parameter space.
+        k: sketch dimension (a multiple of ``nnz``).
+        seed: seed of the matrix.
+        nnz: non-zeros per column (``s``).
+        device: where the indices live (the parameters' device).
+    """
+
+    def __init__(self, dim: int, k: int = 256, seed: int = 0, nnz: int = 4, device: torch.device | str = "cpu"):
+        if k < 1 or nnz < 1 or k % nnz:
+            raise ValueError(f"`k` ({k}) must be a positive multiple of `nnz` ({nnz}). HINT: e.g. k=256, nnz=4.")
+        self.dim, self.k, self.seed, self.nnz = dim, k, seed, nnz
+        g = torch.Generator().manual_seed(seed)
+        block = k // nnz
+        rows = torch.randint(0, block, (nnz, dim), generator=g) + (torch.arange(nnz) * block)[:, None]
+        signs = torch.randint(0, 2, (nnz, dim), generator=g).float().mul_(2).sub_(1).div_(math.sqrt(nnz))
+        self.rows = rows.reshape(-1).to(device)
+        self.signs = signs.reshape(-1).to(device)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``R x`` for ``x`` of shape ``(dim,)`` or ``(n, dim)``."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected vectors of length {self.dim}, got shape {tuple(x.shape)}")
+        batch = x.reshape(-1, self.dim)
+        values = batch.repeat(1, self.nnz) * self.signs.to(x.dtype)
+        out = torch.zeros(batch.shape[0], self.k, dtype=x.dtype, device=x.device)
+        out.index_add_(1, self.rows, values)
+        return out.reshape(*x.shape[:-1], self.k)

@@ -1,0 +1,230 @@
+"""The trajectory store: one append-only, chunked directory of numpy files per run.
+
+Layout::
+
+    <store>/meta.json                          written once: projection seed, k, nnz, parameter names/shapes
+    <store>/chunks/<seq>-<first>-<last>.npz    one file per flush: steps, statistics, sketches
+    <store>/snapshots/init.npy                 the parameters at initialization (float32)
+    <store>/snapshots/step-<step>.npy          full parameter snapshots, within a disk budget
+
+Why numpy shards and not HDF5 or zarr: every file is written to a temporary name and renamed into
+place (``os.replace`` is atomic), so a process killed with SIGKILL at any instant leaves a store that
+opens and holds every step of every completed flush; an HDF5 file being appended to can be left
+corrupt, and zarr would add a dependency for what ``np.savez`` and a rename already give. Chunks are
+read back in sequence order; :meth:`TrajectoryStore.truncate_after` drops steps beyond a checkpoint so
+that a resumed run continues the store with no duplicated or missing steps.
+
+Example::
+
+    >>> import tempfile, numpy as np
+    >>> store = TrajectoryStore.create(tempfile.mkdtemp(), {"k": 2, "projection_seed": 0})
+    >>> store.append(1, {"loss": 0.5}, sketch=np.array([1.0, 2.0]))
+    >>> store.append(2, {"loss": 0.4}, sketch=np.array([1.5, 2.5]))
+    >>> store.flush().name
+    '000000-000000001-000000002.npz'
+    >>> opened = TrajectoryStore.open(store.path)
+    >>> opened.steps.tolist(), opened.stats["loss"].tolist(), opened.sketches.shape
+    ([1, 2], [0.5, 0.4], (2, 2))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_CHUNK = re.compile(r"^(\d{6})-(\d{9})-(\d{9})\.npz$")
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _last_occurrences(values: np.ndarray) -> np.ndarray:
+    """Indices of the last occurrence of each distinct value, in order of position."""
+    _, first_from_end = np.unique(values[::-1], return_index=True)
+    return np.sort(len(values) - 1 - first_from_end)
+
+
+class TrajectoryStore:
+    """Writer and reader of a trajectory directory (see the module docstring).
+
+    After :meth:`open`, the data are numpy arrays: ``steps`` (n,), ``stats`` ({name: (n,)}),
+    ``sketch_steps`` (m,) and ``sketches`` (m, k), ``layer_distance`` ((n, L) or None),
+    ``snapshot_steps`` and :meth:`snapshot`, and ``meta``.
+    """
+
+    def __init__(self, path: str | Path, meta: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self._rows: list[tuple[int, dict[str, float], np.ndarray | None, np.ndarray | None]] = []
+        self._seq = self._next_seq()
+        self.steps = np.zeros(0, dtype=np.int64)
+        self.stats: dict[str, np.ndarray] = {}
+        self.sketch_steps = np.zeros(0, dtype=np.int64)
+        self.sketches = np.zeros((0, int(meta.get("k", 0))), dtype=np.float32)
+        self.layer_distance: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ creation and reading
+    @classmethod
+    def create(cls, path: str | Path, meta: Mapping[str, Any]) -> TrajectoryStore:
+        """A new store at ``path`` (or the existing one there, continued: its ``meta.json`` must match)."""
+        path = Path(path)
+        (path / "chunks").mkdir(parents=True, exist_ok=True)
+        (path / "snapshots").mkdir(exist_ok=True)
+        meta_file = path / "meta.json"
+        meta = {"format": "lightning-landscape-trajectory/1", **dict(meta)}
+        if meta_file.exists():
+            existing = json.loads(meta_file.read_text())
+            for key in ("k", "projection_seed", "nnz", "names", "shapes"):
+                if key in meta and existing.get(key) != meta[key]:
+                    raise ValueError(
+                        f"The trajectory store at {str(path)!r} was written with {key}={existing.get(key)!r},"
+                        f" not {meta[key]!r}. HINT: record into a new `store_dir`, or keep the same settings."
+                    )
+            return cls(path, existing)
+        _atomic_write(meta_file, lambda fh: fh.write(json.dumps(meta, indent=1, default=str).encode()))
+        return cls(path, meta)
+
+    @classmethod
+    def open(cls, path: str | Path) -> TrajectoryStore:
+        """Read a store written by :class:`~lightning_landscape.TrajectoryRecorder` (complete chunks only)."""
+        path = Path(path)
+        if not (path / "meta.json").exists():
+            raise FileNotFoundError(
+                f"No trajectory store at {str(path)!r} (no meta.json). HINT: pass the `store` folder that"
+                " TrajectoryRecorder reports (recorder.store_dir), e.g. <log_dir>/landscape/trajectory/store."
+            )
+        store = cls(path, json.loads((path / "meta.json").read_text()))
+        store._load()
+        return store
+
+    def _chunk_files(self) -> list[Path]:
+        folder = self.path / "chunks"
+        if not folder.exists():
+            return []
+        return sorted((p for p in folder.iterdir() if _CHUNK.match(p.name)), key=lambda p: p.name)
+
+    def _next_seq(self) -> int:
+        files = self._chunk_files()
+        return int(_CHUNK.match(files[-1].name).group(1)) + 1 if files else 0
+
+    def _load(self) -> None:
+        chunks = []
+        for file in self._chunk_files():
+            with np.load(file) as data:
+                chunks.append({key: data[key] for key in data.files})
+        if not chunks:
+            return
+        all_steps = np.concatenate([c["step"] for c in chunks])
+        keep = _last_occurrences(all_steps)  # a step written twice: the later write wins
+        self.steps = all_steps[keep]
+        names = sorted({key[5:] for c in chunks for key in c if key.startswith("stat/")})
+        self.stats = {
+            n: np.concatenate([c.get(f"stat/{n}", np.full(len(c["step"]), np.nan)) for c in chunks])[keep]
+            for n in names
+        }
+        if all("layer_distance" in c for c in chunks):
+            self.layer_distance = np.concatenate([c["layer_distance"] for c in chunks])[keep]
+        sketch_steps = np.concatenate([c["sketch_step"] for c in chunks])
+        keep_sketch = _last_occurrences(sketch_steps)
+        self.sketch_steps = sketch_steps[keep_sketch]
+        self.sketches = np.concatenate([c["sketch"] for c in chunks])[keep_sketch]
+
+    # ------------------------------------------------------------------ writing
+    def append(
+        self,
+        step: int,
+        stats: Mapping[str, float],
+        sketch: np.ndarray | None = None,
+        layer_distance: np.ndarray | None = None,
+    ) -> None:
+        """Buffer one optimizer step (written by the next :meth:`flush`)."""
+        self._rows.append((int(step), dict(stats), sketch, layer_distance))
+
+    @property
+    def pending(self) -> int:
+        return len(self._rows)
+
+    def flush(self) -> Path | None:
+        """Write the buffered steps as one new chunk (atomically). Returns its path."""
+        if not self._rows:
+            return None
+        rows, self._rows = self._rows, []
+        steps = np.asarray([r[0] for r in rows], dtype=np.int64)
+        names = sorted({k for r in rows for k in r[1]})
+        arrays: dict[str, np.ndarray] = {"step": steps}
+        for name in names:
+            arrays[f"stat/{name}"] = np.asarray([r[1].get(name, np.nan) for r in rows], dtype=np.float64)
+        sketched = [r for r in rows if r[2] is not None]
+        k = int(self.meta.get("k", 0))
+        arrays["sketch_step"] = np.asarray([r[0] for r in sketched], dtype=np.int64)
+        arrays["sketch"] = (
+            np.stack([np.asarray(r[2], dtype=np.float32) for r in sketched])
+            if sketched
+            else np.zeros((0, k), np.float32)
+        )
+        if all(r[3] is not None for r in rows):
+            arrays["layer_distance"] = np.stack([np.asarray(r[3], dtype=np.float32) for r in rows])
+        path = self.path / "chunks" / f"{self._seq:06d}-{steps[0]:09d}-{steps[-1]:09d}.npz"
+        self._seq += 1
+        _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        return path
+
+    def truncate_after(self, step: int) -> None:
+        """Drop every stored (and buffered) step after ``step``: the resume point of a checkpoint."""
+        self._rows = [r for r in self._rows if r[0] <= step]
+        for file in self._chunk_files():
+            m = _CHUNK.match(file.name)
+            first, last = int(m.group(2)), int(m.group(3))
+            if first > step:
+                file.unlink()
+            elif last > step:
+                with np.load(file) as data:
+                    arrays = {k: data[k] for k in data.files}
+                keep = arrays["step"] <= step
+                keep_sk = arrays["sketch_step"] <= step
+                for key in list(arrays):
+                    if key == "sketch_step" or key == "sketch":
+                        arrays[key] = arrays[key][keep_sk]
+                    else:
+                        arrays[key] = arrays[key][keep]
+                new = file.with_name(f"{m.group(1)}-{m.group(2)}-{step:09d}.npz")
+                _atomic_write(new, lambda fh, arrays=arrays: np.savez(fh, **arrays))
+                if new != file:
+                    file.unlink()
+        for snap in self.snapshot_steps:
+            if snap > step:
+                (self.path / "snapshots" / f"step-{snap:09d}.npy").unlink()
+
+    # ------------------------------------------------------------------ snapshots
+    def save_snapshot(self, name: str | int, theta: np.ndarray) -> Path:
+        """Store a full parameter vector (float32) as ``init`` or ``step-<n>``."""
+        label = name if isinstance(name, str) else f"step-{name:09d}"
+        path = self.path / "snapshots" / f"{label}.npy"
+        _atomic_write(path, lambda fh: np.save(fh, np.asarray(theta, dtype=np.float32)))
+        return path
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        folder = self.path / "snapshots"
+        found = (re.match(r"^step-(\d{9})\.npy$", p.name) for p in folder.iterdir()) if folder.exists() else ()
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def snapshot(self, step: int | str) -> np.ndarray:
+        """The stored parameter vector at ``step`` (or ``"init"``), memory-mapped."""
+        label = step if isinstance(step, str) else f"step-{step:09d}"
+        return np.load(self.path / "snapshots" / f"{label}.npy", mmap_mode="r")
+
+    def disk_bytes(self, parts: Iterable[str] = ("chunks", "snapshots")) -> int:
+        return sum(f.stat().st_size for part in parts for f in (self.path / part).glob("*") if f.is_file())
