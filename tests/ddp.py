@@ -1,8 +1,9 @@
-"""Harness for real multi-process DDP tests: run a script in a fresh Python, read the JSON it writes.
+"""Harness for tests that need a fresh process: real multi-process DDP, SIGKILL, resume.
 
 ``strategy="ddp"`` re-launches ``sys.argv`` for every extra rank; inside pytest that would re-run pytest,
-so each DDP test is a script under ``tests/ddp_scripts/`` run with :func:`run_ddp_script`. The script gets
-the output path and the number of processes as arguments and writes its result (on rank 0) as JSON.
+so each such test is a script under ``tests/scripts/`` run with :func:`run_script`. The script gets the
+output path and the number of processes as arguments (and any extra ones) and writes its result (on
+rank 0) as JSON.
 """
 
 from __future__ import annotations
@@ -15,12 +16,17 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).resolve().parent / "ddp_scripts"
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
 
-def run_ddp_script(name: str, tmp_path: Path, devices: int = 2, *extra: str, timeout: float = 300) -> dict[str, Any]:
-    """Run ``tests/ddp_scripts/<name>.py OUT DEVICES [extra...]`` and return the JSON it wrote to OUT."""
-    out = tmp_path / f"{name}-{devices}.json"
+def run_script(
+    name: str, tmp_path: Path, devices: int = 2, *extra: str, timeout: float = 300, expect_kill: bool = False
+) -> dict[str, Any]:
+    """Run ``tests/scripts/<name>.py OUT DEVICES [extra...]`` and return the JSON it wrote to OUT.
+
+    With ``expect_kill`` the script must die by SIGKILL, and nothing is read.
+    """
+    out = tmp_path / f"{name}-{devices}-{'-'.join(e for e in extra if '/' not in e)}.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.update(WANDB_MODE="offline", PL_DISABLE_FORK="1", OMP_NUM_THREADS="1")
@@ -34,6 +40,9 @@ def run_ddp_script(name: str, tmp_path: Path, devices: int = 2, *extra: str, tim
         text=True,
         timeout=timeout,
     )
+    if expect_kill:
+        assert proc.returncode == -9, f"expected SIGKILL, got {proc.returncode}:\n{proc.stderr[-3000:]}"
+        return {}
     if proc.returncode != 0 or not out.exists():
         output = f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         raise AssertionError(f"DDP script {name} failed ({proc.returncode}):\n{output}")

@@ -21,8 +21,8 @@ def blobs(n: int = 96, dim: int = 3, classes: int = 3, seed: int = 0) -> TensorD
     return TensorDataset(x, y)
 
 
-def loader(n: int = 96, batch_size: int = 16, seed: int = 0) -> DataLoader:
-    return DataLoader(blobs(n, seed=seed), batch_size=batch_size, shuffle=True)
+def loader(n: int = 96, batch_size: int = 16, seed: int = 0, shuffle: bool = True) -> DataLoader:
+    return DataLoader(blobs(n, seed=seed), batch_size=batch_size, shuffle=shuffle)
 
 
 def tiny_module_class(namespace: str = "lightning.pytorch") -> type:
@@ -30,10 +30,11 @@ def tiny_module_class(namespace: str = "lightning.pytorch") -> type:
     base = importlib.import_module(namespace).LightningModule
 
     class TinyNet(base):  # type: ignore[misc, valid-type]
-        def __init__(self, optimizer: str = "sgd") -> None:
+        def __init__(self, optimizer: str = "sgd", batch_norm: bool = True, dropout: float = 0.25) -> None:
             super().__init__()
             self.optimizer_name = optimizer
-            self.net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.25), nn.Linear(8, 3))
+            norm = nn.BatchNorm1d(8) if batch_norm else nn.Identity()
+            self.net = nn.Sequential(nn.Linear(3, 8), norm, nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)
@@ -90,3 +91,22 @@ class DisturbingAnalysis(LandscapeCallback):
         random.random(), np.random.rand(), torch.rand(3)
         if self.fail:
             raise RuntimeError("analysis exploded on purpose")
+
+
+def offline_wandb_records(save_dir, marker: bytes, attempts: int = 40) -> bytes:
+    """The record log of the (finished) offline W&B run under ``save_dir``, once it contains ``marker``.
+
+    The W&B service writes the log asynchronously; wait for it (up to ``attempts`` x 0.25 s) before reading.
+    """
+    import glob
+    import time
+    from pathlib import Path
+
+    records = b""
+    for _ in range(attempts):
+        files = glob.glob(str(Path(save_dir) / "wandb" / "offline-run-*" / "*.wandb"))
+        records = Path(files[0]).read_bytes() if files else b""
+        if marker in records:
+            break
+        time.sleep(0.25)
+    return records

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from tests.ddp import run_ddp_script
+from tests.ddp import run_script
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    return run_ddp_script("sharded_objective", tmp, 1), run_ddp_script("sharded_objective", tmp, 2)
+    return run_script("sharded_objective", tmp, 1), run_script("sharded_objective", tmp, 2)
 
 
 def test_sharded_probe_set_gives_the_single_process_objective(results):
@@ -30,8 +30,8 @@ def test_uneven_shards_are_gathered_in_rank_order(results):
 
 
 def test_flatness_monitor_on_two_ranks_equals_one_process(tmp_path):
-    single = run_ddp_script("flatness", tmp_path, 1)
-    ddp = run_ddp_script("flatness", tmp_path, 2)
+    single = run_script("flatness", tmp_path, 1)
+    ddp = run_script("flatness", tmp_path, 2)
     assert (single["world"], ddp["world"]) == (1, 2)
     a, b = single["history"][0], ddp["history"][0]
     for key in ("lambda_max", "lambda_2", "lambda_3", "lambda_min", "sam_sharpness", "grad_noise_trace", "b_simple"):

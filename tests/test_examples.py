@@ -17,6 +17,7 @@ from lightning_landscape.examples import (
     cifar_resnet,
 )
 from tests.fixtures import write_cifar10, write_mnist
+from tests.helpers import offline_wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -106,5 +107,5 @@ def test_quickstart_command_trains_and_logs_offline(tmp_path):
     assert "offline mode" in proc.stderr
     runs = list((tmp_path / "runs" / "quickstart" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    records = next(runs[0].glob("*.wandb")).read_bytes()  # the offline run's record log
+    records = offline_wandb_records(tmp_path / "runs" / "quickstart", b"val/acc")  # the offline run's record log
     assert b"val/acc" in records and b"train/loss_epoch" in records

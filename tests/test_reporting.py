@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from lightning_landscape.callbacks.base import LandscapeCallback
 from lightning_landscape.report import Reporter
-from tests.helpers import loader, tiny_module_class
+from tests.helpers import loader, offline_wandb_records, tiny_module_class
 
 
 class MediaAnalysis(LandscapeCallback):
@@ -62,8 +62,7 @@ def test_results_reach_wandb_every_logger_and_the_run_directory(tmp_path):
     assert glob.glob(f"{media}/plotly/landscape/media/surface_*.plotly.json")
     tables = glob.glob(f"{media}/table/landscape/media/grid_*.table.json")
     assert tables and json.loads(Path(tables[0]).read_text())["columns"] == ["alpha", "loss"]
-    wandb_log = Path(glob.glob(os.path.join(offline[0], "*.wandb"))[0])
-    assert b"grid-arrays" in wandb_log.read_bytes()  # the artifact was logged
+    assert b"grid-arrays" in offline_wandb_records(tmp_path, b"grid-arrays")  # the artifact was logged
 
     run_dir = tmp_path / "landscape" / run_id / "media"
     assert callback.reporter.run_dir == run_dir

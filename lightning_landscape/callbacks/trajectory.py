@@ -63,7 +63,8 @@ class _LocalGradNorm:
         self.process_group = None
 
 
-def _local_norm_allreduce(state: _LocalGradNorm, bucket: Any) -> Any:
+def _local_norm_allreduce(state: _LocalGradNorm, bucket):
+    """DDP's default all-reduce, after adding this rank's squared gradient norm to ``state.sq``."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     state.sq += float(bucket.buffer().double().pow(2).sum())
@@ -212,7 +213,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         try:
             trainer.strategy.model.register_comm_hook(state, _local_norm_allreduce)
             self._hook_state = state
-        except RuntimeError as err:  # e.g. the user registered a hook of their own
+        except (RuntimeError, ValueError) as err:  # e.g. the user registered a hook of their own
             record_failure(self.reporter, self, err, trainer.global_step, self.failures + 1)
 
     def _flat(self) -> torch.Tensor:
