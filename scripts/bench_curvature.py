@@ -26,14 +26,14 @@ import lightning_landscape  # noqa: F401  (first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_landscape import FlatnessMonitor, Objective
 from lightning_landscape.curvature import hessian_eigenvalues
-from lightning_landscape.examples import MLP, Classifier, MNISTDataModule, SmallCNN
+from lightning_landscape.examples import MLP, SmallCNN
+from scripts.common import mnist_mlp, side_by_side, write_synthetic_mnist
 
 
 def problems() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
@@ -124,37 +124,10 @@ def bench_lambda_max() -> list[dict]:
     return rows
 
 
-def fit_mnist(data_dir: str, callbacks: list, epochs: int) -> float:
-    pl.seed_everything(0)
-    model = Classifier(MLP(784, 10, hidden=[256, 128]), lr=0.05, momentum=0.9)
-    dm = MNISTDataModule(data_dir=data_dir, batch_size=128, val_size=5000)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        default_root_dir=data_dir,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
-    return time.perf_counter() - start
-
-
 def bench_overhead(epochs: int, repeats: int) -> tuple[float, float]:
-    from tests.fixtures import write_mnist
-
     with tempfile.TemporaryDirectory() as tmp:
-        write_mnist(Path(tmp), n_train=60000, n_test=10)
-        plain, observed = [], []
-        for _ in range(repeats):  # interleaved, so drift of the machine hits both alike
-            plain.append(fit_mnist(tmp, [], epochs))
-            observed.append(fit_mnist(tmp, [FlatnessMonitor(progress=False)], epochs))
-    return min(plain), min(observed)
+        write_synthetic_mnist(tmp)
+        return side_by_side(tmp, mnist_mlp, lambda: [FlatnessMonitor(progress=False)], epochs, repeats)
 
 
 def main() -> None:

@@ -53,7 +53,14 @@ def train(tmp_path, recorder, history=None, **trainer_kwargs):
 
 
 def test_statistics_equal_hand_computed_values(tmp_path):
-    recorder = TrajectoryRecorder(sketch_dim=32, flush_every_n_steps=4, snapshot_every_n_steps=5)
+    recorder = TrajectoryRecorder(
+        sketch_dim=32,
+        sketch_every_n_steps=1,
+        vector_stats_every_n_steps=1,
+        sketch_nnz=4,
+        flush_every_n_steps=4,
+        snapshot_every_n_steps=5,
+    )
     history = ParamHistory()
     _, store = train(tmp_path, recorder, history)
     theta = torch.stack(history.params).double()
@@ -110,15 +117,25 @@ def test_sketch_preserves_distances_johnson_lindenstrauss():
 
 
 def test_gradient_accumulation_and_bf16_autocast_count_optimizer_steps(tmp_path):
-    recorder = TrajectoryRecorder(sketch_dim=16)
+    recorder = TrajectoryRecorder(sketch_dim=16, vector_stats_every_n_steps=2)
     trainer, store = train(tmp_path, recorder, accumulate_grad_batches=2, precision="bf16-mixed")
     assert trainer.global_step == 6 and store.steps.tolist() == [1, 2, 3, 4, 5, 6]
     assert np.all(np.isfinite(store.stats["grad_norm"])) and np.allclose(store.stats["lr_over_batch"], 0.1 / 32)
+    # vector statistics at every 2nd step only, exact there (update = theta_t - theta_{t-1})
+    assert np.isnan(store.stats["update_norm"][0]) and np.all(np.isfinite(store.stats["update_norm"][1::2]))
+    assert np.all(np.isfinite(store.stats["update_cosine"][3::2]))
+    assert np.isnan(store.layer_distance[0]).all() and np.isfinite(store.layer_distance[1]).all()
 
 
 def test_recorder_does_not_disturb_training(tmp_path):
     plain = fit("lightning.pytorch", [], tmp_path / "plain")
-    recorder = TrajectoryRecorder(sketch_dim=16, snapshot_every_n_steps=3, flush_every_n_steps=2)
+    recorder = TrajectoryRecorder(
+        sketch_dim=16,
+        snapshot_every_n_steps=3,
+        flush_every_n_steps=2,
+        vector_stats_every_n_steps=1,
+        sketch_every_n_steps=1,
+    )
     observed = fit("lightning.pytorch", [recorder], tmp_path / "observed")
     assert_identical_runs(plain, observed)
     assert len(TrajectoryStore.open(recorder.store_dir).steps) == 12
@@ -149,7 +166,7 @@ def test_several_runs_project_onto_a_common_basis(tmp_path):
     stores = []
     for seed in (0, 1):
         pl.seed_everything(seed)
-        recorder = TrajectoryRecorder(sketch_dim=16, store_dir=str(tmp_path / f"run{seed}"))
+        recorder = TrajectoryRecorder(sketch_dim=16, sketch_every_n_steps=1, store_dir=str(tmp_path / f"run{seed}"))
         trainer = pl.Trainer(
             max_epochs=1,
             accelerator="cpu",

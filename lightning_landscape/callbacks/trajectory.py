@@ -77,6 +77,11 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
     Args:
         sketch_dim: k, the size of the random projection of the parameters.
         sketch_every_n_steps: sketch every ``n`` optimizer steps.
+        vector_stats_every_n_steps: compute the statistics that read the whole parameter vector
+            (``update_norm``, ``update_cosine``, ``distance`` and per-layer distances) every ``n`` steps;
+            ``loss``, ``grad_norm`` and ``lr`` are recorded at every step. Each costs a few passes over the
+            parameters, which on a CPU is comparable to a training step of a small model
+            (``scripts/bench_trajectory.py``); ``1`` records them at every step.
         projection_seed: seed of the projection (use the same one to compare runs).
         sketch_nnz: non-zeros per column of the sparse projection.
         snapshot_every_n_steps: full parameter snapshots every ``n`` steps (``None``: only the initial one).
@@ -95,9 +100,10 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
     def __init__(
         self,
         sketch_dim: int = 256,
-        sketch_every_n_steps: int = 1,
+        sketch_every_n_steps: int = 10,
+        vector_stats_every_n_steps: int = 10,
         projection_seed: int = 0,
-        sketch_nnz: int = 4,
+        sketch_nnz: int = 1,
         snapshot_every_n_steps: int | None = 500,
         disk_budget_mb: float = 512.0,
         flush_every_n_steps: int = 100,
@@ -109,6 +115,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         for name, value in (
             ("sketch_dim", sketch_dim),
             ("sketch_every_n_steps", sketch_every_n_steps),
+            ("vector_stats_every_n_steps", vector_stats_every_n_steps),
             ("flush_every_n_steps", flush_every_n_steps),
             ("snapshot_every_n_steps", snapshot_every_n_steps),
         ):
@@ -120,6 +127,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if not 0 <= noise_ema < 1:
             raise ValueError(f"`noise_ema` must be in [0, 1), got {noise_ema}.")
         self.sketch_dim, self.sketch_every_n_steps = sketch_dim, sketch_every_n_steps
+        self.vector_stats_every_n_steps = vector_stats_every_n_steps
         self.projection_seed, self.sketch_nnz = projection_seed, sketch_nnz
         self.snapshot_every_n_steps, self.disk_budget_mb = snapshot_every_n_steps, disk_budget_mb
         self.flush_every_n_steps, self.store_dir = flush_every_n_steps, store_dir
@@ -130,7 +138,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self.pca = StreamingPCA(sketch_dim)
         self._last_step: int | None = None
         self._resume_step: int | None = None
-        self._prev_update: torch.Tensor | None = None
+        self._copies: dict[int, torch.Tensor] = {}  # parameters at the steps before the next sampled step
         self._noise_state: dict[str, float] = {}
         self._hook_state: _LocalGradNorm | None = None
         self._active = False
@@ -146,7 +154,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         return {
             "store_dir": self.store_dir,
             "last_step": self._last_step,
-            "prev_update": None if self._prev_update is None else self._prev_update.cpu(),
+            "copies": {step: flat.cpu() for step, flat in self._copies.items()},
             "pca": self.pca.state_dict(),
             "noise": dict(self._noise_state),
             "failures": self.failures,
@@ -156,7 +164,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.store_dir = state_dict.get("store_dir", self.store_dir)
         self._resume_step = state_dict.get("last_step")
-        self._prev_update = state_dict.get("prev_update")
+        self._copies = dict(state_dict.get("copies", {}))
         if state_dict.get("pca"):
             self.pca = StreamingPCA.from_state_dict(state_dict["pca"])
         self._noise_state = dict(state_dict.get("noise", {}))
@@ -180,7 +188,9 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self.projection = SparseProjection(
             self.layout.numel, self.sketch_dim, self.projection_seed, self.sketch_nnz, flat.device
         )
-        self._prev = flat
+        self._copies = {step: c.to(flat) for step, c in self._copies.items()}
+        if self._resume_step is None:
+            self._copies = {0: flat}
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64, device=flat.device), 0
         self._grad_norm = float("nan")
         if self._resume_step is not None:
@@ -252,47 +262,44 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         return size * trainer.world_size * trainer.accumulate_grad_batches if size else None
 
     def _record(self, trainer: pl.Trainer, step: int) -> None:
+        n = self.vector_stats_every_n_steps
+        sampled = step % n == 0
+        sketched = step % self.sketch_every_n_steps == 0
         with torch.no_grad():
-            flat = self._flat()
-            update = flat - self._prev
-            stats: dict[str, float] = {"grad_norm": self._grad_norm, "update_norm": float(update.norm())}
-            prev = self._prev_update
-            if prev is not None and prev.shape == update.shape:
-                denom = float(update.norm() * prev.to(update).norm())
-                stats["update_cosine"] = float(update @ prev.to(update)) / denom if denom > 0 else float("nan")
-            self._prev, self._prev_update = flat, update
             local_loss = self._loss_sum / max(self._loss_count, 1)
             self._loss_sum.zero_()
             self._loss_count = 0
             collective = torch.tensor(
-                [float(local_loss), self._hook_state.sq if self._hook_state else 0.0],
-                dtype=torch.float64,
-                device=flat.device,
-            )
+                [float(local_loss), self._hook_state.sq if self._hook_state else 0.0], dtype=torch.float64
+            ).to(self._loss_sum.device)
             collective = distributed.reduce_sum(trainer.strategy, collective) / trainer.world_size
-            stats["loss"] = float(collective[0])
+            stats: dict[str, float] = {"loss": float(collective[0]), "grad_norm": self._grad_norm}
             group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
             stats["lr"] = float(group.get("lr", float("nan")))
             batch = self._global_batch(trainer)
             if batch:
                 stats["lr_over_batch"] = stats["lr"] / batch
             if self._hook_state is not None and batch:
-                stats.update(
-                    self._noise_scale(float(collective[1]), self._grad_norm**2, batch, trainer.world_size, stats["lr"])
-                )
+                local_sq = float(collective[1])
+                stats.update(self._noise_scale(local_sq, self._grad_norm**2, batch, trainer.world_size, stats["lr"]))
                 self._hook_state.sq = 0.0
             if not trainer.is_global_zero:
                 return
-            diff = flat - self._init
-            layer = torch.stack([d.norm() for d in diff.split(self.layout.sizes)])
-            stats["distance"] = float(diff.norm())
-            stats["relative_distance"] = stats["distance"] / self._init_norm if self._init_norm > 0 else float("nan")
+            keep = (step + 1) % n == 0 or (step + 2) % n == 0 or n == 1  # theta_{T-1}, theta_{T-2} of the next T
+            flat = self._flat() if (sampled or sketched or keep) else None
+            layer = None
+            if sampled:
+                layer = self._vector_stats(flat, step, stats)
+            self._copies = {s: c for s, c in self._copies.items() if s > step - 2}
+            if keep:
+                self._copies[step] = flat
             sketch = None
-            if step % self.sketch_every_n_steps == 0:
+            if sketched:
                 sketch = self.projection(flat).cpu().numpy()
                 self.pca.update(sketch)
-        self.store.append(step, stats, sketch, layer.cpu().numpy())
+        self.store.append(step, stats, sketch, layer)
         if self.snapshot_every_n_steps and step % self.snapshot_every_n_steps == 0:
+            flat = self._flat()
             size_mb = (self.store.disk_bytes(("snapshots",)) + 4 * flat.numel()) / 2**20
             if size_mb <= self.disk_budget_mb:
                 self.store.save_snapshot(step, flat.cpu().numpy())
@@ -300,6 +307,21 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             self.store.flush()
         if step % max(trainer.log_every_n_steps, 1) == 0:
             self.reporter.scalars({k: v for k, v in stats.items() if math.isfinite(v)}, step)
+
+    def _vector_stats(self, flat: torch.Tensor, step: int, stats: dict[str, float]) -> np.ndarray:
+        """Update norm, cosine of consecutive updates and distances from init at a sampled step (in place)."""
+        before, before2 = self._copies.get(step - 1), self._copies.get(step - 2)
+        if before is not None:
+            update = flat - before
+            stats["update_norm"] = float(update.norm())
+            if before2 is not None:
+                previous = before - before2
+                denom = float(update.norm() * previous.norm())
+                stats["update_cosine"] = float(update @ previous) / denom if denom > 0 else float("nan")
+        diff = flat - self._init
+        stats["distance"] = float(diff.norm())
+        stats["relative_distance"] = stats["distance"] / self._init_norm if self._init_norm > 0 else float("nan")
+        return torch.stack([d.norm() for d in diff.split(self.layout.sizes)]).cpu().numpy()
 
     def _noise_scale(self, small_sq: float, big_sq: float, big: int, world: int, lr: float) -> dict[str, float]:
         """McCandlish et al. (2018), appendix A: unbiased |G|^2 and tr(Sigma) from two batch sizes, EMA-smoothed."""

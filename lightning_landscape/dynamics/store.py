@@ -60,7 +60,8 @@ class TrajectoryStore:
     """Writer and reader of a trajectory directory (see the module docstring).
 
     After :meth:`open`, the data are numpy arrays: ``steps`` (n,), ``stats`` ({name: (n,)}),
-    ``sketch_steps`` (m,) and ``sketches`` (m, k), ``layer_distance`` ((n, L) or None),
+    ``sketch_steps`` (m,) and ``sketches`` (m, k), ``layer_distance`` ((n, L), NaN at steps without
+    vector statistics, or None),
     ``snapshot_steps`` and :meth:`snapshot`, and ``meta``.
     """
 
@@ -134,8 +135,12 @@ class TrajectoryStore:
             n: np.concatenate([c.get(f"stat/{n}", np.full(len(c["step"]), np.nan)) for c in chunks])[keep]
             for n in names
         }
-        if all("layer_distance" in c for c in chunks):
-            self.layer_distance = np.concatenate([c["layer_distance"] for c in chunks])[keep]
+        widths = {c["layer_distance"].shape[1] for c in chunks if "layer_distance" in c}
+        if widths:
+            width = widths.pop()
+            self.layer_distance = np.concatenate(
+                [c.get("layer_distance", np.full((len(c["step"]), width), np.nan, np.float32)) for c in chunks]
+            )[keep]
         sketch_steps = np.concatenate([c["sketch_step"] for c in chunks])
         keep_sketch = _last_occurrences(sketch_steps)
         self.sketch_steps = sketch_steps[keep_sketch]
@@ -174,8 +179,10 @@ class TrajectoryStore:
             if sketched
             else np.zeros((0, k), np.float32)
         )
-        if all(r[3] is not None for r in rows):
-            arrays["layer_distance"] = np.stack([np.asarray(r[3], dtype=np.float32) for r in rows])
+        with_layers = [np.asarray(r[3], dtype=np.float32) for r in rows if r[3] is not None]
+        if with_layers:
+            blank = np.full_like(with_layers[0], np.nan)
+            arrays["layer_distance"] = np.stack([blank if r[3] is None else np.asarray(r[3], np.float32) for r in rows])
         path = self.path / "chunks" / f"{self._seq:06d}-{steps[0]:09d}-{steps[-1]:09d}.npz"
         self._seq += 1
         _atomic_write(path, lambda fh: np.savez(fh, **arrays))
