@@ -4,7 +4,8 @@ Side by side in one run, interleaved, best of ``--repeats``: training without an
 ``TrajectoryRecorder()`` (sketch k=256 every step, snapshot every 500 steps, flush every 100) on
   * the MNIST-MLP config (784-256-128-10, 235k parameters, batch 128), and
   * a ~1M-parameter MLP (784-1024-256-10, 1.07M parameters) on the same data,
-with MNIST-format random images of the real size (the cost does not depend on pixel values).
+with MNIST-format random images of the real size (the cost does not depend on pixel values). The one-off
+work at the end of training (last flush, the trajectory figure) is timed and reported separately.
 
 Usage: python scripts/bench_trajectory.py [--epochs 3] [--repeats 3]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import lightning_landscape  # noqa: F401  (first)
@@ -24,6 +26,20 @@ import torch
 
 from lightning_landscape import TrajectoryRecorder, TrajectoryStore
 from scripts.common import mnist_mlp, side_by_side, write_synthetic_mnist
+
+
+class EndTimed(TrajectoryRecorder):
+    """The recorder, timing its one-off end-of-training work (flush, figure) separately."""
+
+    def __init__(self, seconds: list, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seconds = seconds
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        start = time.perf_counter()
+        super().on_train_end(trainer, pl_module)
+        self.seconds.append(time.perf_counter() - start)
+
 
 MODELS = {"MNIST-MLP (235k)": (256, 128), "MLP-1M (1.07M)": (1024, 256)}
 
@@ -37,11 +53,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_synthetic_mnist(tmp)
         for label, hidden in MODELS.items():
-            stores = []
+            stores, end_seconds = [], []
 
-            def callbacks(stores=stores, label=label):
+            def callbacks(stores=stores, end_seconds=end_seconds, label=label):
                 stores.append(str(Path(tmp) / f"store-{label[:4]}-{len(stores)}"))
-                return [TrajectoryRecorder(store_dir=stores[-1], log_artifact=False)]
+                return [EndTimed(store_dir=stores[-1], log_artifact=False, seconds=end_seconds)]
 
             plain, observed = side_by_side(
                 tmp, lambda hidden=hidden: mnist_mlp(hidden), callbacks, args.epochs, args.repeats
@@ -49,9 +65,12 @@ def main() -> None:
             store = TrajectoryStore.open(stores[-1])
             chunks = store.disk_bytes(("chunks",)) / len(store.steps)
             snaps = store.disk_bytes(("snapshots",))
+            end = min(end_seconds)
+            training = observed - end
             print(
-                f"{label:17}: {plain:6.2f} s without, {observed:6.2f} s with TrajectoryRecorder():"
-                f" overhead {100 * (observed / plain - 1):+5.1f}%; {len(store.steps)} steps,"
+                f"{label:17}: {plain:6.2f} s without, {observed:6.2f} s with TrajectoryRecorder();"
+                f" during training {training:6.2f} s: overhead {100 * (training / plain - 1):+5.1f}%,"
+                f" plus {end:.2f} s once at the end (figure); {len(store.steps)} steps,"
                 f" {chunks:,.0f} B/step (statistics + sketch), snapshots {snaps / 2**20:.1f} MB"
                 f" ({len(store.snapshot_steps) + 1} incl. init)"
             )

@@ -100,8 +100,8 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
     def __init__(
         self,
         sketch_dim: int = 256,
-        sketch_every_n_steps: int = 10,
-        vector_stats_every_n_steps: int = 10,
+        sketch_every_n_steps: int = 20,
+        vector_stats_every_n_steps: int = 20,
         projection_seed: int = 0,
         sketch_nnz: int = 1,
         snapshot_every_n_steps: int | None = 500,
@@ -193,6 +193,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             self._copies = {0: flat}
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64, device=flat.device), 0
         self._grad_norm = float("nan")
+        self._batch_size = self._global_batch(trainer)
         if self._resume_step is not None:
             self._last_step = self._resume_step
         if trainer.is_global_zero:
@@ -266,21 +267,20 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         sampled = step % n == 0
         sketched = step % self.sketch_every_n_steps == 0
         with torch.no_grad():
-            local_loss = self._loss_sum / max(self._loss_count, 1)
+            local_loss = float(self._loss_sum) / max(self._loss_count, 1)
             self._loss_sum.zero_()
             self._loss_count = 0
-            collective = torch.tensor(
-                [float(local_loss), self._hook_state.sq if self._hook_state else 0.0], dtype=torch.float64
-            ).to(self._loss_sum.device)
-            collective = distributed.reduce_sum(trainer.strategy, collective) / trainer.world_size
-            stats: dict[str, float] = {"loss": float(collective[0]), "grad_norm": self._grad_norm}
+            loss, local_sq = local_loss, self._hook_state.sq if self._hook_state else 0.0
+            if trainer.world_size > 1:  # every rank joins this one collective per step
+                both = torch.tensor([loss, local_sq], dtype=torch.float64, device=self._loss_sum.device)
+                loss, local_sq = (distributed.reduce_sum(trainer.strategy, both) / trainer.world_size).tolist()
+            stats: dict[str, float] = {"loss": loss, "grad_norm": self._grad_norm}
             group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
             stats["lr"] = float(group.get("lr", float("nan")))
-            batch = self._global_batch(trainer)
+            batch = self._batch_size
             if batch:
                 stats["lr_over_batch"] = stats["lr"] / batch
             if self._hook_state is not None and batch:
-                local_sq = float(collective[1])
                 stats.update(self._noise_scale(local_sq, self._grad_norm**2, batch, trainer.world_size, stats["lr"]))
                 self._hook_state.sq = 0.0
             if not trainer.is_global_zero:
