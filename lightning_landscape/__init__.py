@@ -1,7 +1,7 @@
 """lightning-landscape: energy-landscape studies of neural networks as drop-in Lightning callbacks."""
 
 from lightning_landscape import _compat  # noqa: F401  (first: makes torchvision importable on CPU torch)
-from lightning_landscape.callbacks import FlatnessMonitor, LandscapeCallback, TrajectoryRecorder
+from lightning_landscape.callbacks import FlatnessMonitor, LandscapeCallback, LandscapeSampler, TrajectoryRecorder
 from lightning_landscape.dynamics import TrajectoryStore
 from lightning_landscape.guard import preserve_state
 from lightning_landscape.objective import Objective
@@ -10,6 +10,7 @@ from lightning_landscape.params import ParameterLayout
 __all__ = [
     "FlatnessMonitor",
     "LandscapeCallback",
+    "LandscapeSampler",
     "Objective",
     "ParameterLayout",
     "TrajectoryRecorder",

@@ -240,14 +240,16 @@ class Objective:
                     if track is not None:
                         m.track_running_stats = track
 
-    def _tensors(self, theta: Tensor) -> dict[str, Tensor]:
-        out = {f"module.{n}": self._cast(b) for n, b in self.module.named_buffers()}
+    def _tensors(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        source = buffers if buffers is not None else dict(self.module.named_buffers())
+        out = {f"module.{n}": self._cast(b) for n, b in source.items()}
         out.update({f"module.{n}": self._cast(p) for n, p in self.module.named_parameters() if not p.requires_grad})
         out.update({f"module.{n}": t for n, t in self.layout.unflatten(theta).items()})
         return out
 
-    def _batch_loss(self, theta: Tensor, index: int) -> Tensor:
-        return functional_call(self._wrapper, self._tensors(theta), (self.batches[index], index), strict=False)
+    def _batch_loss(self, theta: Tensor, index: int, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
+        tensors = self._tensors(theta, buffers)
+        return functional_call(self._wrapper, tensors, (self.batches[index], index), strict=False)
 
     def _point(self, theta: Tensor | None) -> Tensor:
         if theta is None:
@@ -260,14 +262,43 @@ class Objective:
         return theta.to(device=self.device, dtype=self.dtype)
 
     # ----------------------------------------------------------------- evaluation
-    def _loss_at(self, theta: Tensor) -> Tensor:
-        return sum(w * self._batch_loss(theta, i) for i, w in enumerate(self.weights))  # type: ignore[return-value]
+    def _loss_at(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
+        losses = (w * self._batch_loss(theta, i, buffers) for i, w in enumerate(self.weights))
+        return sum(losses)  # type: ignore[return-value]
 
-    def loss(self, theta: Tensor | None = None) -> Tensor:
-        """``L(theta)`` (detached scalar). ``theta=None`` means the module's current parameters."""
+    def loss(self, theta: Tensor | None = None, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
+        """``L(theta)`` (detached scalar). ``theta=None`` means the module's current parameters; ``buffers``
+        replaces the module's buffers (e.g. BatchNorm statistics from :meth:`batchnorm_statistics`)."""
         theta = self._point(theta)
         with self._evaluation_mode(), torch.no_grad():
-            return self._loss_at(theta).detach()
+            return self._loss_at(theta, buffers).detach()
+
+    def batchnorm_statistics(self, theta: Tensor) -> dict[str, Tensor]:
+        """The module's buffers with BatchNorm running statistics recomputed at ``theta`` on the probe set.
+
+        Every BatchNorm layer is reset and run in training mode with ``momentum=None`` (a cumulative average
+        over the probe batches) on copies of the buffers; the module's own buffers are not touched. Use it to
+        evaluate points far from the trained weights (interpolation paths) with statistics that match them.
+        """
+        theta = self._point(theta)
+        buffers = {n: self._cast(b.detach().clone()) for n, b in self.module.named_buffers()}
+        norms = [(n, m) for n, m in self.module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for name, _ in norms:
+            prefix = f"{name}." if name else ""
+            buffers[prefix + "running_mean"].zero_()
+            buffers[prefix + "running_var"].fill_(1.0)
+            buffers[prefix + "num_batches_tracked"].zero_()
+        with self._evaluation_mode(), torch.no_grad():
+            saved = [(m, m.training, m.momentum, m.track_running_stats) for _, m in norms]
+            try:
+                for _, m in norms:
+                    m.training, m.momentum, m.track_running_stats = True, None, True
+                for i in range(len(self.batches)):
+                    self._batch_loss(theta, i, buffers)
+            finally:
+                for m, training, momentum, track in saved:
+                    m.training, m.momentum, m.track_running_stats = training, momentum, track
+        return buffers
 
     def grad(self, theta: Tensor | None = None) -> Tensor:
         """``grad L(theta)``, accumulated batch by batch."""

@@ -3,6 +3,7 @@
 from lightning_landscape.callbacks.base import LandscapeCallback
 from lightning_landscape.callbacks.flatness import MEASURES as FLATNESS_MEASURES
 from lightning_landscape.callbacks.flatness import FlatnessMonitor
+from lightning_landscape.callbacks.landscape import LandscapeSampler
 from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
-__all__ = ["FLATNESS_MEASURES", "FlatnessMonitor", "LandscapeCallback", "TrajectoryRecorder"]
+__all__ = ["FLATNESS_MEASURES", "FlatnessMonitor", "LandscapeCallback", "LandscapeSampler", "TrajectoryRecorder"]

@@ -90,6 +90,9 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """
 
     name = "analysis"
+    #: split the probe set over DDP ranks (True: curvature, products summed over ranks) or give every rank the
+    #: whole probe set (False: work items such as grid points are split instead)
+    shard_probe = True
 
     def __init__(
         self,
@@ -191,7 +194,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
         batch_size = self.probe_batch_size or loader.batch_size or size
         chunks = [indices[i : i + batch_size] for i in range(0, size, batch_size)]
-        rank, world_size = distributed.world(trainer.strategy)
+        rank, world_size = distributed.world(trainer.strategy) if self.shard_probe else (0, 1)
         mine = distributed.shard(len(chunks), rank, world_size)
         if len(chunks) < world_size:
             raise ValueError(

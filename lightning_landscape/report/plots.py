@@ -92,3 +92,70 @@ def trajectory_figure(store: Any) -> Figure:
     ax_step.set_title("step size")
     fig.tight_layout()
     return fig
+
+
+def profile_figure(xs: np.ndarray, losses: np.ndarray, xlabel: str, title: str, note: str = "") -> Figure:
+    """A 1-D loss profile (slice along a direction, or an interpolation)."""
+    fig = Figure(figsize=(5.6, 3.8))
+    ax = fig.add_subplot()
+    ax.plot(xs, losses, marker="o", ms=3, lw=1.4)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("loss (probe set)")
+    ax.set_title(title)
+    if note:
+        ax.text(0.02, 0.97, note, transform=ax.transAxes, va="top", fontsize=8)
+    return fig
+
+
+def contour_figure(
+    alphas: np.ndarray,
+    betas: np.ndarray,
+    losses: np.ndarray,
+    xlabel: str = "alpha (direction 1)",
+    ylabel: str = "beta (direction 2)",
+    title: str = "loss on a 2-D slice",
+    path: np.ndarray | None = None,
+    path_loss: np.ndarray | None = None,
+) -> Figure:
+    """Filled contours of a grid ``losses[len(betas), len(alphas)]`` (log-spaced levels), optionally with a
+    trajectory ``path`` (T, 2) on top, coloured by its true loss."""
+    from matplotlib.colors import LogNorm
+
+    fig = Figure(figsize=(6.0, 4.8))
+    ax = fig.add_subplot()
+    values = np.asarray(losses, dtype=float)
+    low, high = max(values.min(), 1e-8), max(values.max(), 1e-7)
+    levels = np.geomspace(low, high, 30) if high / low > 10 else np.linspace(values.min(), values.max(), 30)
+    norm = LogNorm(low, high) if high / low > 10 else None
+    filled = ax.contourf(alphas, betas, np.clip(values, low, None), levels=levels, norm=norm, cmap="viridis")
+    ax.contour(alphas, betas, np.clip(values, low, None), levels=levels[::3], colors="white", linewidths=0.4)
+    fig.colorbar(filled, ax=ax, label="loss")
+    ax.scatter([0], [0], marker="*", s=80, color="crimson", zorder=3, label="center")
+    if path is not None:
+        ax.plot(path[:, 0], path[:, 1], color="white", lw=1.0, zorder=3)
+        ax.scatter(
+            path[:, 0],
+            path[:, 1],
+            c=path_loss,
+            cmap="magma",
+            s=10,
+            zorder=4,
+            norm=norm,
+            edgecolors="white",
+            linewidths=0.3,
+            label="trajectory",
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def surface_figure(alphas: np.ndarray, betas: np.ndarray, losses: np.ndarray, title: str) -> Any:
+    """An interactive 3-D surface (plotly) of a 2-D slice."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Surface(x=alphas, y=betas, z=losses, colorscale="Viridis", colorbar={"title": "loss"}))
+    fig.update_layout(title=title, scene={"xaxis_title": "alpha", "yaxis_title": "beta", "zaxis_title": "loss"})
+    return fig

@@ -1,0 +1,334 @@
+"""LandscapeSampler: slices, the trajectory's PCA plane and interpolation, at chosen moments of training.
+
+Each trigger evaluates, on a fixed probe set (every rank holds all of it; the grid points are split over
+DDP ranks and gathered, so 2 ranks compute the 1-process grid):
+
+* a 1-D profile along a random filter-normalized direction ``d1`` (``line_points`` points in ``[-span, span]``);
+* a 2-D slice on ``d1``, ``d2`` (``resolution`` x ``resolution``): a contour PNG, an interactive plotly
+  surface and a W&B table of the grid;
+* the PCA plane of the trajectory (snapshots of :class:`TrajectoryRecorder` when it runs, the sampler's own
+  snapshots otherwise) around the current point, with the path drawn on it, the variance the plane explains,
+  each snapshot's distance off the plane, and each snapshot's true loss next to the loss at its projection;
+* the interpolation from the initial to the current parameters and its barrier.
+
+Scalars (``landscape/landscape/...``): ``center_loss``, ``barrier_init``, ``roughness`` (mean absolute
+second difference of the 1-D profile, relative to the loss), ``pca_explained``, ``pca_max_off_plane``.
+Every grid with its directions' seeds, ranges and BN mode goes to ``<run dir>/landscape/*.npz``.
+
+Example::
+
+    sampler = LandscapeSampler(every_n_epochs=5, resolution=25, span=1.0)
+    trainer = L.Trainer(callbacks=[TrajectoryRecorder(), sampler])
+    ...
+    sampler.run_now(trainer, model)   # on demand
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from typing_extensions import override
+
+from lightning_landscape import distributed
+from lightning_landscape.callbacks.base import LandscapeCallback
+from lightning_landscape.geometry import (
+    evaluate_slice,
+    interpolate,
+    pca_directions,
+    plane_coordinates,
+    random_direction,
+)
+from lightning_landscape.objective import BNMode, LossFn
+from lightning_landscape.report.plots import contour_figure, profile_figure, surface_figure
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+class LandscapeSampler(LandscapeCallback):
+    """2-D and 1-D slices, the trajectory's PCA plane and the init-to-current interpolation.
+
+    Args:
+        every_n_steps, every_n_epochs, at_fit_end: triggers (and :meth:`run_now` on demand).
+        resolution: points per axis of the 2-D slices.
+        span: the slices cover ``[-span, span]`` in units of the (filter-normalized) directions.
+        line_points: points of the 1-D profile.
+        normalization: ``"filter"``, ``"layer"``, ``"model"`` or ``None`` (see ``geometry.directions``).
+        direction_seed: seed of ``d1`` (``d2`` uses ``direction_seed + 1``).
+        interpolation_steps: points on the init-to-current line.
+        recompute_bn: recompute BatchNorm statistics along the interpolation.
+        snapshot_every_n_steps: own snapshots for the PCA plane when no TrajectoryRecorder is present.
+        max_snapshots: keep at most this many own snapshots (thinned by 2 when full).
+        memory_mb: memory for one chunk of parameter vectors.
+        probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, progress, dtype: as for every callback.
+    """
+
+    name = "landscape"
+    shard_probe = False  # the grid is split over ranks instead
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        at_fit_end: bool = True,
+        resolution: int = 25,
+        span: float = 1.0,
+        line_points: int = 51,
+        normalization: str | None = "filter",
+        direction_seed: int = 0,
+        interpolation_steps: int = 25,
+        recompute_bn: bool = False,
+        snapshot_every_n_steps: int = 10,
+        max_snapshots: int = 200,
+        memory_mb: float = 256.0,
+        probe_size: int = 256,
+        probe_batch_size: int | None = None,
+        probe_seed: int = 0,
+        bn_mode: BNMode = "eval",
+        loss_fn: LossFn | None = None,
+        progress: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(
+            every_n_steps,
+            every_n_epochs,
+            at_fit_end,
+            probe_size,
+            probe_batch_size,
+            probe_seed,
+            bn_mode,
+            loss_fn,
+            progress,
+            dtype,
+        )
+        for name, value in (
+            ("resolution", resolution),
+            ("line_points", line_points),
+            ("interpolation_steps", interpolation_steps),
+        ):
+            if value < 2:
+                raise ValueError(f"`{name}` must be at least 2, got {value}.")
+        if not span > 0:
+            raise ValueError(f"`span` must be positive, got {span}.")
+        if normalization not in ("filter", "layer", "model", None):
+            raise ValueError(f"`normalization` must be 'filter', 'layer', 'model' or None, got {normalization!r}.")
+        if snapshot_every_n_steps < 1 or max_snapshots < 3:
+            raise ValueError("`snapshot_every_n_steps` must be >= 1 and `max_snapshots` >= 3.")
+        self.resolution, self.span, self.line_points = resolution, span, line_points
+        self.normalization, self.direction_seed = normalization, direction_seed
+        self.interpolation_steps, self.recompute_bn = interpolation_steps, recompute_bn
+        self.snapshot_every_n_steps, self.max_snapshots, self.memory_mb = (
+            snapshot_every_n_steps,
+            max_snapshots,
+            memory_mb,
+        )
+        self.snapshots: list[tuple[int, torch.Tensor]] = []
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ own snapshots
+    def _flat(self, pl_module: pl.LightningModule) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in pl_module.parameters() if p.requires_grad]).float().cpu()
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.snapshots:
+            self.snapshots.append((trainer.global_step, self._flat(pl_module)))
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.snapshot_every_n_steps == 0 and (not self.snapshots or self.snapshots[-1][0] != step):
+            self.snapshots.append((step, self._flat(pl_module)))
+            if len(self.snapshots) > self.max_snapshots:
+                self.snapshots = self.snapshots[:1] + self.snapshots[2::2]  # keep the initial point
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def _trajectory(self, trainer: pl.Trainer) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """Snapshot steps, parameter vectors (T, P) and the initial vector: the recorder's, or our own."""
+        from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
+        from lightning_landscape.dynamics import TrajectoryStore
+
+        recorder = next((c for c in trainer.callbacks if isinstance(c, TrajectoryRecorder)), None)
+        if recorder is not None and recorder.store_dir and trainer.is_global_zero:
+            recorder.flush()
+            store = TrajectoryStore.open(recorder.store_dir)
+            steps = store.snapshot_steps
+            if len(steps) >= 3:
+                init = torch.from_numpy(np.array(store.snapshot("init")))
+                return steps, torch.stack([torch.from_numpy(np.array(store.snapshot(s))) for s in steps]), init
+        if len(self.snapshots) < 3:
+            return [], None, self.snapshots[0][1] if self.snapshots else None
+        return [s for s, _ in self.snapshots], torch.stack([t for _, t in self.snapshots]), self.snapshots[0][1]
+
+    # ------------------------------------------------------------------ the analysis
+    def _grid(self, trainer: pl.Trainer, obj: Any, center: torch.Tensor, dirs: torch.Tensor, coords: torch.Tensor):
+        rank, world = distributed.world(trainer.strategy)
+        mine = distributed.shard(len(coords), rank, world)
+        local = evaluate_slice(obj, center, dirs, coords, points=mine, memory_mb=self.memory_mb)
+        return distributed.gather_rows(trainer.strategy, local).double().cpu().numpy()
+
+    @override
+    def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        obj = self.objective(trainer, pl_module)
+        center = obj.theta0
+        d1 = random_direction(obj.layout, center, self.direction_seed, self.normalization)
+        d2 = random_direction(obj.layout, center, self.direction_seed + 1, self.normalization)
+        line = torch.linspace(-self.span, self.span, self.line_points, dtype=torch.float64)
+        axis = torch.linspace(-self.span, self.span, self.resolution, dtype=torch.float64)
+        profile = self._grid(trainer, obj, center, d1[None], line[:, None])
+        plane = self._grid(trainer, obj, center, torch.stack([d1, d2]), plane_coordinates(axis, axis))
+        plane = plane.reshape(self.resolution, self.resolution)
+        center_loss = float(obj.loss())
+        second = np.abs(np.diff(profile, 2)).mean() if len(profile) > 2 else np.nan
+        scalars = {"center_loss": center_loss, "roughness": float(second / max(abs(center_loss), 1e-12))}
+        arrays: dict[str, Any] = {
+            "profile_alphas": line.numpy(),
+            "profile": profile,
+            "alphas": axis.numpy(),
+            "betas": axis.numpy(),
+            "plane": plane,
+            "d1": d1.cpu().numpy(),
+            "d2": d2.cpu().numpy(),
+        }
+
+        steps, trajectory, init = self._trajectory(trainer)
+        has_path = distributed.broadcast(trainer.strategy, trajectory is not None)
+        pca: dict[str, Any] = {}
+        if has_path:
+            pca = self._pca_plane(trainer, obj, center, trajectory, steps)
+            scalars.update(pca_explained=pca["explained"], pca_max_off_plane=float(pca["off_plane"].max()))
+        has_init = distributed.broadcast(trainer.strategy, init is not None)
+        interp = None
+        if has_init:
+            init = distributed.broadcast(trainer.strategy, init)
+            interp = interpolate(
+                obj,
+                init.to(center),
+                center,
+                self.interpolation_steps,
+                recompute_bn=self.recompute_bn,
+                memory_mb=self.memory_mb,
+            )
+            scalars["barrier_init"] = interp.barrier
+        self.history.append({"step": step, **scalars})
+        if not trainer.is_global_zero:
+            return
+        self._report(step, scalars, arrays, pca, interp, obj.metadata)
+
+    def _pca_plane(self, trainer: pl.Trainer, obj: Any, center: torch.Tensor, trajectory: Any, steps: list[int]):
+        """The PCA plane of the snapshots and the current point, with the path; computed on rank 0's
+        snapshots, broadcast, and its grid shared by all ranks."""
+        if trajectory is not None:
+            points = torch.cat([trajectory.to(center), center[None]])
+            dirs, ratio, coords = pca_directions(points, 2)
+            payload = (dirs.float(), ratio, coords.float(), points.float(), steps)
+        else:
+            payload = None
+        dirs, ratio, coords, points, steps = distributed.broadcast(trainer.strategy, payload)
+        dirs, coords, points = dirs.to(center), coords.to(center), points.to(center)
+        reach = float(coords.abs().max()) * 1.2 + 1e-8
+        axis = torch.linspace(-reach, reach, self.resolution, dtype=torch.float64)
+        grid = self._grid(trainer, obj, center, dirs, plane_coordinates(axis, axis)).reshape(self.resolution, -1)
+        projected = center + coords @ dirs
+        off_plane = (points - projected).norm(dim=1).cpu().numpy()
+        true_loss = obj.losses(points).double().cpu().numpy()
+        plane_loss = obj.losses(projected).double().cpu().numpy()
+        return {
+            "axis": axis.numpy(),
+            "grid": grid,
+            "coords": coords.double().cpu().numpy(),
+            "explained": float(ratio.sum()),
+            "ratio": ratio.numpy(),
+            "off_plane": off_plane,
+            "true_loss": true_loss,
+            "plane_loss": plane_loss,
+            "steps": np.asarray([*steps, -1]),
+        }
+
+    def _report(self, step: int, scalars: dict, arrays: dict, pca: dict, interp: Any, meta: dict) -> None:
+        rep = self.reporter
+        rep.scalars(scalars, step)
+        axis, plane = arrays["alphas"], arrays["plane"]
+        rep.figure(
+            "profile",
+            profile_figure(
+                arrays["profile_alphas"],
+                arrays["profile"],
+                "alpha (d1, filter-normalized)",
+                f"1-D slice at step {step}",
+            ),
+            step,
+        )
+        rep.figure(
+            "slice", contour_figure(axis, axis, plane, title=f"2-D slice at step {step} ({self.normalization})"), step
+        )
+        rep.plotly("surface", surface_figure(axis, axis, plane, f"loss surface at step {step}"), step)
+        aa, bb = np.meshgrid(axis, axis)
+        rows = np.stack([aa.ravel(), bb.ravel(), plane.ravel()], 1).tolist()
+        rep.table("grid", ["alpha", "beta", "loss"], rows, step)
+        if pca:
+            note = f"plane explains {100 * pca['explained']:.1f}% of the variance"
+            fig = contour_figure(
+                pca["axis"],
+                pca["axis"],
+                pca["grid"],
+                f"PC1 ({100 * pca['ratio'][0]:.1f}%)",
+                f"PC2 ({100 * pca['ratio'][1]:.1f}%)",
+                f"trajectory PCA plane at step {step}",
+                path=pca["coords"],
+                path_loss=pca["true_loss"],
+            )
+            fig.axes[0].text(0.02, 0.02, note, transform=fig.axes[0].transAxes, color="white", fontsize=8)
+            rep.figure("pca_plane", fig, step)
+            rep.table(
+                "pca_trajectory",
+                ["step", "pc1", "pc2", "true_loss", "loss_at_projection", "off_plane"],
+                [
+                    [int(s), *c, t, p, o]
+                    for s, c, t, p, o in zip(
+                        pca["steps"],
+                        pca["coords"].tolist(),
+                        pca["true_loss"],
+                        pca["plane_loss"],
+                        pca["off_plane"],
+                        strict=True,
+                    )
+                ],
+                step,
+            )
+            arrays.update({f"pca_{k}": v for k, v in pca.items()})
+        if interp is not None:
+            rep.figure(
+                "interpolation",
+                profile_figure(
+                    interp.ts,
+                    interp.losses,
+                    "t (0 = init, 1 = current)",
+                    f"init-to-current interpolation at step {step}",
+                    f"barrier {interp.barrier:.4g}",
+                ),
+                step,
+            )
+            arrays.update(interp_ts=interp.ts, interp_losses=interp.losses)
+        metadata = {
+            **meta,
+            **self.probe_metadata,
+            "step": step,
+            "direction_seeds": [self.direction_seed, self.direction_seed + 1],
+            "normalization": self.normalization,
+            "span": self.span,
+            "resolution": self.resolution,
+            "recompute_bn": self.recompute_bn,
+        }
+        rep.arrays("landscape", step, metadata=metadata, **arrays)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": self.history}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = list(state_dict.get("history", []))

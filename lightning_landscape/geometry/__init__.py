@@ -1,0 +1,23 @@
+"""Parameter-space geometry: directions, slices, interpolation, non-convexity."""
+
+from lightning_landscape.geometry.directions import direction_between, pca_directions, random_direction
+from lightning_landscape.geometry.slices import (
+    Interpolation,
+    barrier,
+    evaluate_slice,
+    interpolate,
+    nonconvexity_map,
+    plane_coordinates,
+)
+
+__all__ = [
+    "Interpolation",
+    "barrier",
+    "direction_between",
+    "evaluate_slice",
+    "interpolate",
+    "nonconvexity_map",
+    "pca_directions",
+    "plane_coordinates",
+    "random_direction",
+]
