@@ -69,7 +69,8 @@ def random_direction(
             dt.zero_()
         elif normalization == "filter" and dt.ndim >= 2:
             dims = tuple(range(1, dt.ndim))
-            dt = dt / dt.norm(dim=dims, keepdim=True).clamp_min(1e-12) * tt.norm(dim=dims, keepdim=True)
+            norm = torch.linalg.vector_norm
+            dt = dt / norm(dt, dim=dims, keepdim=True).clamp_min(1e-12) * norm(tt, dim=dims, keepdim=True)
         elif normalization == "filter" or normalization == "layer":
             dt = dt / dt.norm().clamp_min(1e-12) * tt.norm()
         out.append(dt.reshape(-1))
