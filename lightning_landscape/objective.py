@@ -125,6 +125,7 @@ class Objective:
         dropout: keep dropout layers active (off by default, so the objective is deterministic).
         dtype: float32 or float64; parameters, floating buffers and inputs are cast to it.
         chunk_size: how many parameter vectors :meth:`losses` evaluates at once under ``vmap``.
+        batching: ``"auto"``, ``"vmap"`` or ``"loop"``: how :meth:`losses` batches parameter vectors.
 
     Raises:
         ValueError: empty ``batches``, a module without trainable parameters, an unknown ``bn_mode``,
@@ -142,11 +143,14 @@ class Objective:
         dropout: bool = False,
         dtype: torch.dtype = torch.float32,
         chunk_size: int = 32,
+        batching: Literal["auto", "vmap", "loop"] = "auto",
     ) -> None:
         if bn_mode not in ("eval", "train"):
             raise ValueError(f"`bn_mode` must be 'eval' or 'train', got {bn_mode!r}.")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}.")
+        if batching not in ("auto", "vmap", "loop"):
+            raise ValueError(f"`batching` must be 'auto', 'vmap' or 'loop', got {batching!r}.")
         if chunk_size < 1:
             raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size}.")
         if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Sequence) or len(batches) == 0:
@@ -165,6 +169,7 @@ class Objective:
         self.dropout = dropout
         self.dtype = dtype
         self.chunk_size = chunk_size
+        self.batching = batching
         self.layout = ParameterLayout.from_module(module)
         self._wrapper = _Evaluated(module, loss_fn)
         device = self.device
@@ -172,7 +177,7 @@ class Objective:
             self.batches = [_map_tensors(b, lambda t: self._cast(t.to(device)).clone()) for b in batches]
         self.batch_sizes = [_batch_size(b) for b in self.batches]
         self.weights = [n / sum(self.batch_sizes) for n in self.batch_sizes]
-        self._vmap_ok: bool | None = None
+        self._method: str | None = None  # how `losses` batches parameter vectors, once decided
         rng = _RNGState()  # the check below must not consume the caller's random numbers
         try:
             with torch.no_grad():
@@ -206,6 +211,7 @@ class Objective:
             "n_batches": len(self.batches),
             "n_samples": sum(self.batch_sizes),
             "n_params": self.numel,
+            "batching": self._method or self.batching,
         }
 
     def _cast(self, t: Tensor) -> Tensor:
@@ -349,8 +355,15 @@ class Objective:
         return product
 
     def losses(self, thetas: Tensor) -> Tensor:
-        """``L`` at each row of the ``(M, P)`` tensor ``thetas``: ``vmap`` in chunks, or a loop if the module
-        cannot be vmapped (e.g. its loss calls ``.item()``)."""
+        """``L`` at each row of the ``(M, P)`` tensor ``thetas``.
+
+        How the rows are batched follows ``batching``: ``"vmap"`` evaluates ``chunk_size`` parameter vectors
+        at once with ``torch.func.vmap`` (falling back to a loop, with a warning, if the loss cannot be
+        vmapped, e.g. it calls ``.item()``); ``"loop"`` evaluates them one by one; ``"auto"`` (default) times
+        both on the first chunk and keeps the faster: vmap wins for small networks, where per-call overhead
+        dominates, a loop of full-size matrix products for compute-bound ones (``scripts/bench_slices.py``).
+        The choice is in :attr:`metadata` (``"batching"``).
+        """
         if thetas.ndim != 2 or thetas.shape[1] != self.numel:
             raise ValueError(
                 f"`thetas` must have shape (M, {self.numel}), got {tuple(thetas.shape)}."
@@ -358,18 +371,40 @@ class Objective:
             )
         thetas = thetas.to(device=self.device, dtype=self.dtype)
         with self._evaluation_mode(), torch.no_grad():
-            if self._vmap_ok is not False:
+            if self._method is None and self.batching == "auto" and len(thetas) >= 2:
+                self._method = self._fastest(thetas[: self.chunk_size])
+            method = self._method or ("loop" if self.batching == "loop" else "vmap")
+            if method == "vmap":
                 try:
                     out = vmap(self._loss_at, chunk_size=self.chunk_size)(thetas)
-                    self._vmap_ok = True
+                    self._method = "vmap"
                     return out
                 except Exception as err:  # vmap is an optimization: fall back to the exact loop
-                    if self._vmap_ok:  # it worked before, so this is a real error
+                    if self._method == "vmap":  # it worked before, so this is a real error
                         raise
-                    self._vmap_ok = False
+                    self._method = "loop"
                     warnings.warn(
                         f"Objective.losses: cannot vmap over {type(self.module).__name__} ({err!s:.200});"
                         " evaluating parameter vectors one by one.",
                         stacklevel=2,
                     )
             return torch.stack([self._loss_at(t) for t in thetas])
+
+    def _fastest(self, chunk: Tensor) -> str:
+        """Time vmap and a loop on one chunk (best of two, after a warm-up); the faster one (loop if vmap fails)."""
+        import time
+
+        timings = {}
+        for method in ("vmap", "loop"):
+            run = vmap(self._loss_at) if method == "vmap" else lambda c: torch.stack([self._loss_at(t) for t in c])
+            try:
+                run(chunk[:1])
+                best = float("inf")
+                for _ in range(2):
+                    start = time.perf_counter()
+                    run(chunk)
+                    best = min(best, time.perf_counter() - start)
+                timings[method] = best
+            except Exception:
+                timings[method] = float("inf")
+        return min(timings, key=timings.get)

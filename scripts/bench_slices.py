@@ -3,7 +3,8 @@
 For each model (the quickstart MLP 2-32-32-4, the MNIST MLP 784-256-128-10, a small CNN with BatchNorm in
 eval mode) on the same probe batch and the same two filter-normalized directions:
 
-* ours: ``geometry.evaluate_slice`` (``torch.func.vmap`` over chunks of parameter vectors);
+* ours: ``geometry.evaluate_slice`` (``Objective.losses``: ``torch.func.vmap`` over chunks of parameter vectors
+  or a loop, whichever it measured faster on the first chunk, shown in brackets);
 * a plain Python loop: copy each point into the model (``vector_to_parameters``) and run it;
 * the ``loss-landscapes`` library's ``planar_interpolation`` over the same plane (``pip install loss-landscapes``;
   its ``random_plane`` draws its own directions, so the plane is given to it by three models). Its values are
@@ -118,7 +119,7 @@ def bench_model(name: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, ste
     ours, t_ours = best_time(lambda: evaluate_slice(obj, center, torch.stack([d1, d2]), coords))
     loop, t_loop = best_time(lambda: plain_loop(net, x, y, points))
     torch.testing.assert_close(ours, loop, rtol=1e-4, atol=1e-5)  # the same numbers
-    results = [("ours (vmap)", t_ours), ("plain loop", t_loop)]
+    results = [(f"ours ({obj.metadata['batching']})", t_ours), ("plain loop", t_loop)]
     try:
         other, t_ll = best_time(lambda: loss_landscapes_plane(net, x, y, center, d1, d2, steps), repeats=1)
         assert other.numel() == len(points)  # the same number of evaluations (see the module docstring)

@@ -58,11 +58,12 @@ def test_cached_graph_products_equal_fresh_products():
 
 def test_batched_losses_equal_one_by_one_and_use_vmap():
     net, batches = mlp_and_data()
-    obj = Objective(net, batches, ce, chunk_size=3)
-    thetas = obj.theta0 + 0.3 * torch.randn(7, obj.numel)
-    batched = obj.losses(thetas)
-    assert obj._vmap_ok is True
-    torch.testing.assert_close(batched, torch.stack([obj.loss(t) for t in thetas]))
+    thetas = 0.3 * torch.randn(7, sum(p.numel() for p in net.parameters()))
+    for batching in ("vmap", "loop", "auto"):
+        obj = Objective(net, batches, ce, chunk_size=3, batching=batching)
+        batched = obj.losses(obj.theta0 + thetas)
+        assert obj.metadata["batching"] in (("vmap", "loop") if batching == "auto" else (batching,))
+        torch.testing.assert_close(batched, torch.stack([obj.loss(t) for t in obj.theta0 + thetas]))
 
 
 def test_losses_fall_back_to_a_loop_when_the_loss_cannot_be_vmapped():
@@ -73,12 +74,15 @@ def test_losses_fall_back_to_a_loop_when_the_loss_cannot_be_vmapped():
         _ = loss.item()  # not allowed under vmap
         return loss
 
-    obj = Objective(net, batches, loss_with_item)
+    obj = Objective(net, batches, loss_with_item, batching="vmap")
     thetas = obj.theta0 + 0.3 * torch.randn(4, obj.numel)
     with pytest.warns(UserWarning, match="cannot vmap"):
         out = obj.losses(thetas)
-    assert obj._vmap_ok is False
+    assert obj.metadata["batching"] == "loop"
     torch.testing.assert_close(out, torch.stack([obj.loss(t) for t in thetas]))
+    auto = Objective(net, batches, loss_with_item)  # "auto" picks the loop without complaint
+    torch.testing.assert_close(auto.losses(thetas), out)
+    assert auto.metadata["batching"] == "loop"
 
 
 def test_objective_never_mutates_the_module():
