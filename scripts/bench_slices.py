@@ -66,12 +66,13 @@ def best_time(fn, repeats: int = 2):
     return out, best
 
 
-def plain_loop(net: nn.Module, x, y, points: torch.Tensor) -> torch.Tensor:
+def plain_loop(net: nn.Module, x, y, center: torch.Tensor, dirs: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Each grid point built and copied into a model, then evaluated: what one writes without a library."""
     model = copy.deepcopy(net)
     out = []
     with torch.no_grad():
-        for p in points:
-            nn.utils.vector_to_parameters(p, model.parameters())
+        for c in coords:
+            nn.utils.vector_to_parameters(center + c @ dirs, model.parameters())
             out.append(F.cross_entropy(model(x), y))
     return torch.stack(out)
 
@@ -117,7 +118,7 @@ def bench_model(name: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, ste
         F.cross_entropy(net(x), y)
     flops = counter.get_total_flops() * len(points)
     ours, t_ours = best_time(lambda: evaluate_slice(obj, center, torch.stack([d1, d2]), coords))
-    loop, t_loop = best_time(lambda: plain_loop(net, x, y, points))
+    loop, t_loop = best_time(lambda: plain_loop(net, x, y, center, torch.stack([d1, d2]), coords))
     torch.testing.assert_close(ours, loop, rtol=1e-4, atol=1e-5)  # the same numbers
     results = [(f"ours ({obj.metadata['batching']})", t_ours), ("plain loop", t_loop)]
     try:

@@ -110,3 +110,43 @@ def offline_wandb_records(save_dir, marker: bytes, attempts: int = 40) -> bytes:
             break
         time.sleep(0.25)
     return records
+
+
+class RunAtTrainStart:
+    """Mixin for a LandscapeCallback: also run at step 0, where every number of ranks has the same parameters."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.run_now(trainer, pl_module)
+
+
+def fit_one_step(devices: int, callbacks: list, **trainer_kwargs):
+    """One optimizer step of TinyNet on ``devices`` CPU processes (DDP when > 1), seeded: the DDP scripts' setup."""
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **trainer_kwargs,
+    )
+    trainer.fit(tiny_module_class()(), train_dataloaders=loader(96, 16))
+    return trainer
+
+
+def finish_script(trainer, out: str, result: dict) -> None:
+    """Write the result (rank 0) and close the process group (gloo aborts at exit if it is left open)."""
+    import json
+    from pathlib import Path
+
+    if trainer.is_global_zero:
+        Path(out).write_text(json.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -82,7 +82,7 @@ class LandscapeSampler(LandscapeCallback):
         recompute_bn: bool = False,
         snapshot_every_n_steps: int = 10,
         max_snapshots: int = 200,
-        memory_mb: float = 256.0,
+        memory_mb: float = 64.0,
         probe_size: int = 256,
         probe_batch_size: int | None = None,
         probe_seed: int = 0,

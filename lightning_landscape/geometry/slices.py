@@ -41,7 +41,7 @@ def evaluate_slice(
     coords: Tensor,
     *,
     points: range | None = None,
-    memory_mb: float = 256.0,
+    memory_mb: float = 64.0,
 ) -> Tensor:
     """``L(center + coords[i] @ directions)`` for each row ``i`` (of ``points``, default all).
 
@@ -95,7 +95,7 @@ def interpolate(
     steps: int = 25,
     *,
     recompute_bn: bool = False,
-    memory_mb: float = 256.0,
+    memory_mb: float = 64.0,
 ) -> Interpolation:
     """The loss profile and barrier of the straight line from ``theta_a`` to ``theta_b``.
 

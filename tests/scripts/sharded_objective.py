@@ -3,7 +3,6 @@
 Usage: python sharded_objective.py OUT.json DEVICES
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -11,19 +10,15 @@ import lightning_landscape  # noqa: F401  (first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lightning.pytorch as pl
 import torch
 
 from lightning_landscape import distributed
 from lightning_landscape.callbacks.base import LandscapeCallback
-from tests.helpers import loader, tiny_module_class
+from tests.helpers import RunAtTrainStart, finish_script, fit_one_step
 
 
-class ShardedAnalysis(LandscapeCallback):
+class ShardedAnalysis(RunAtTrainStart, LandscapeCallback):
     name = "sharded"
-
-    def on_train_start(self, trainer, pl_module):
-        self.run_now(trainer, pl_module)  # step 0: the same parameters for any number of ranks
 
     def analyze(self, trainer, pl_module, step):
         s = trainer.strategy
@@ -48,21 +43,6 @@ class ShardedAnalysis(LandscapeCallback):
 
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])
-    pl.seed_everything(0)
     callback = ShardedAnalysis(probe_size=64, probe_batch_size=16, at_fit_end=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback],
-    )
-    trainer.fit(tiny_module_class()(), train_dataloaders=loader(96, 16))
-    if trainer.is_global_zero:
-        Path(out).write_text(json.dumps(callback.result))
-    if torch.distributed.is_initialized():  # gloo aborts at interpreter exit if the group is left open
-        torch.distributed.destroy_process_group()
+    trainer = fit_one_step(devices, [callback])
+    finish_script(trainer, out, callback.result)
