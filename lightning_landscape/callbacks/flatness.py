@@ -125,16 +125,16 @@ class FlatnessMonitor(LandscapeCallback):
         progress: bool = True,
     ) -> None:
         super().__init__(
-            every_n_steps,
-            every_n_epochs,
-            at_fit_end,
-            probe_size,
-            probe_batch_size,
-            probe_seed,
-            bn_mode,
-            loss_fn,
-            progress,
-            dtype,
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            at_fit_end=at_fit_end,
+            probe_size=probe_size,
+            probe_batch_size=probe_batch_size,
+            probe_seed=probe_seed,
+            bn_mode=bn_mode,
+            loss_fn=loss_fn,
+            progress=progress,
+            dtype=dtype,
         )
         unknown = [m for m in measures if m not in MEASURES]
         if unknown or not measures:

@@ -92,16 +92,16 @@ class LandscapeSampler(LandscapeCallback):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(
-            every_n_steps,
-            every_n_epochs,
-            at_fit_end,
-            probe_size,
-            probe_batch_size,
-            probe_seed,
-            bn_mode,
-            loss_fn,
-            progress,
-            dtype,
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            at_fit_end=at_fit_end,
+            probe_size=probe_size,
+            probe_batch_size=probe_batch_size,
+            probe_seed=probe_seed,
+            bn_mode=bn_mode,
+            loss_fn=loss_fn,
+            progress=progress,
+            dtype=dtype,
         )
         for name, value in (
             ("resolution", resolution),
