@@ -17,6 +17,7 @@ from lightning_landscape.geometry import (
     plane_coordinates,
     random_direction,
 )
+from lightning_landscape.geometry.slices import AffineInputLayers
 from tests.ddp import run_script
 from tests.helpers import blobs, loader, tiny_module_class
 from tests.test_observer import assert_identical_runs, fit
@@ -54,6 +55,43 @@ def test_grid_values_equal_one_by_one_evaluation_on_a_network():
     grid = evaluate_slice(obj, center, dirs, coords)
     one_by_one = torch.stack([obj.loss(center + c @ dirs) for c in coords])
     torch.testing.assert_close(grid, one_by_one, rtol=1e-5, atol=1e-6)
+
+
+def test_affine_input_layers_give_the_same_grid_with_the_first_layer_run_once_per_direction():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 3))
+    x, y = torch.randn(40, 3, 4), torch.randint(0, 3, (40,))
+    obj = Objective(
+        net,
+        [(x[:24], y[:24]), (x[24:], y[24:])],
+        lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+        dtype=torch.float64,
+    )
+    center = obj.theta0
+    dirs = torch.stack([random_direction(obj.layout, center, s) for s in (0, 1)])
+    coords = plane_coordinates(
+        torch.linspace(-1, 1, 6, dtype=torch.float64), torch.linspace(-1, 1, 6, dtype=torch.float64)
+    )
+    affine = AffineInputLayers(obj, center, dirs)
+    assert list(affine.layers) == ["1"]  # the first Linear reads the (flattened) batch; the second does not
+    calls = []
+    original = nn.Linear.forward
+
+    def counting(self, x):
+        calls.append(self)
+        return original(self, x)
+
+    nn.Linear.forward = counting
+    try:
+        fast = evaluate_slice(obj, center, dirs, coords, method="affine")
+    finally:
+        nn.Linear.forward = original
+    # the first layer runs only for detection (2 points x 2 batches), never per grid point
+    assert calls.count(net[1]) == 4 and calls.count(net[3]) == 4 + 2 * len(coords)
+    torch.testing.assert_close(
+        fast, evaluate_slice(obj, center, dirs, coords, method="batched"), rtol=1e-12, atol=1e-12
+    )
+    assert "forward" not in vars(net[1])  # restored
 
 
 def test_filter_normalization_gives_every_filter_the_weights_norm():

@@ -42,6 +42,7 @@ def evaluate_slice(
     *,
     points: range | None = None,
     memory_mb: float = 64.0,
+    method: str = "auto",
 ) -> Tensor:
     """``L(center + coords[i] @ directions)`` for each row ``i`` (of ``points``, default all).
 
@@ -52,18 +53,149 @@ def evaluate_slice(
         coords: (N, m) the coordinates of the grid points.
         points: the grid indices to evaluate (a shard); default all.
         memory_mb: memory for the parameter vectors of one chunk.
+        method: ``"batched"`` (``Objective.losses``), ``"affine"`` (see :class:`AffineInputLayers`: layers that
+            read the probe batch directly are evaluated once per direction), or ``"auto"``: whichever is
+            faster on the first chunk.
     """
+    if method not in ("auto", "batched", "affine"):
+        raise ValueError(f"`method` must be 'auto', 'batched' or 'affine', got {method!r}.")
     dtype, device = objective.dtype, objective.device
     center = center.to(device=device, dtype=dtype)
     directions = directions.to(device=device, dtype=dtype).reshape(-1, center.numel())
     coords = coords.to(device=device, dtype=dtype).reshape(len(coords), directions.shape[0])
     index = torch.arange(len(coords)) if points is None else torch.arange(points.start, points.stop)
     per_chunk = max(1, int(memory_mb * 2**20 // (center.numel() * center.element_size())))
+    affine = AffineInputLayers(objective, center, directions) if method != "batched" else None
+    if affine is not None and not affine.layers:
+        affine = None
     out = []
     for start in range(0, len(index), per_chunk):
         chunk = coords[index[start : start + per_chunk]]
-        out.append(objective.losses(center + chunk @ directions))
+        if affine is not None and method == "auto" and start == 0 and len(chunk) > 1:
+            affine = affine if _affine_is_faster(objective, affine, center, directions, chunk) else None
+        if affine is not None:
+            out.append(affine.losses(chunk))
+        else:
+            out.append(objective.losses(center + chunk @ directions))
     return torch.cat(out) if out else torch.zeros(0, dtype=dtype, device=device)
+
+
+def _affine_is_faster(objective: Any, affine: AffineInputLayers, center: Tensor, dirs: Tensor, chunk: Tensor) -> bool:
+    import time
+
+    sample = chunk[: min(len(chunk), max(objective.chunk_size, 8))]
+    timings = []
+    for run in (lambda: affine.losses(sample), lambda: objective.losses(center + sample @ dirs)):
+        run()  # warm-up (and the batched method's own vmap-or-loop choice)
+        start = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - start)
+    return timings[0] < timings[1]
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """The same memory seen the same way (a view such as ``flatten`` is a new object over the same storage;
+    the cached tensor keeps its storage alive, so no other tensor can reuse that address)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+class AffineInputLayers:
+    """Exact shortcut for layers whose input does not depend on the parameters (they read the probe batch).
+
+    On a slice ``theta(s) = c + sum_k s_k d_k`` such a linear or convolutional layer with weight ``W(s)`` and
+    bias ``b(s)`` (both affine in ``s``) outputs
+
+        f(x; W(s), b(s)) = f(x; W_c, b_c) + sum_k s_k f(x; W_dk, b_dk),
+
+    so its ``1 + m`` outputs are computed once per probe batch and every grid point combines them instead of
+    running the layer. For an MLP whose first layer holds most of the weights (MNIST: 784 x 256 of 235k) this
+    removes most of the work per point. A layer qualifies if its input is identical at two different points;
+    at evaluation the shortcut is taken only for that very input tensor, so anything else is computed as usual.
+    """
+
+    _KINDS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+    def __init__(self, objective: Any, center: Tensor, directions: Tensor) -> None:
+        self.objective, self.center, self.directions = objective, center, directions
+        candidates = {
+            name: m
+            for name, m in objective.module.named_modules()
+            if isinstance(m, self._KINDS) and m.weight.requires_grad and f"{name}.weight" in objective.layout.names
+        }
+        first = self._inputs(candidates, center)
+        second = self._inputs(candidates, center + directions[0])
+        self.layers: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        for name, module in candidates.items():
+            a, b = first.get(name, []), second.get(name, [])
+            if (
+                a
+                and len(a) == len(b)
+                and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b, strict=True))
+            ):
+                self.layers[name] = [self._outputs(name, module, x) for x in a]
+        self._modules = {name: candidates[name] for name in self.layers}
+
+    def _inputs(self, candidates: dict[str, torch.nn.Module], theta: Tensor) -> dict[str, list[Tensor]]:
+        seen: dict[str, list[Tensor]] = {}
+        hooks = [
+            m.register_forward_pre_hook(lambda mod, args, name=name: seen.setdefault(name, []).append(args[0]))
+            for name, m in candidates.items()
+        ]
+        try:
+            self.objective.loss(theta)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
+    def _apply(self, module: torch.nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if isinstance(module, torch.nn.Linear):
+            return torch.nn.functional.linear(x, weight, bias)
+        return module._conv_forward(x, weight, bias)
+
+    def _outputs(self, name: str, module: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(input, output at the center, outputs along each direction stacked) for one call of the layer."""
+        names = self.objective.layout.names
+        at = [self.objective.layout.unflatten(v) for v in (self.center, *self.directions)]
+        bias_name = f"{name}.bias" if f"{name}.bias" in names else None
+        with torch.no_grad():
+            outs = [
+                self._apply(module, x, p[f"{name}.weight"], p[bias_name] if bias_name else module.bias) for p in at[:1]
+            ]
+            outs += [self._apply(module, x, p[f"{name}.weight"], p[bias_name] if bias_name else None) for p in at[1:]]
+        return x, outs[0], torch.stack(outs[1:])
+
+    def losses(self, coords: Tensor) -> Tensor:
+        """Losses at ``center + coords @ directions``, one point at a time, with the shortcut layers."""
+        originals = {name: m.forward for name, m in self._modules.items()}
+        state = {"s": None, "calls": dict.fromkeys(self._modules, 0)}
+
+        def shortcut(name: str):
+            def forward(x: Tensor) -> Tensor:
+                i = state["calls"][name]
+                state["calls"][name] += 1
+                cached = self.layers[name][i] if i < len(self.layers[name]) else None
+                if cached is None or not _same_tensor(x, cached[0]):
+                    return originals[name](x)
+                _, base, along = cached
+                return base + torch.tensordot(state["s"].to(along), along, dims=1)
+
+            return forward
+
+        out = []
+        obj = self.objective
+        try:
+            for name, m in self._modules.items():
+                object.__setattr__(m, "forward", shortcut(name))
+
+            with obj._evaluation_mode(), torch.no_grad():
+                for s in coords.to(self.center):
+                    state["s"], state["calls"] = s, dict.fromkeys(self._modules, 0)
+                    out.append(obj._loss_at(torch.addmv(self.center, self.directions.T, s)))
+        finally:
+            for m in self._modules.values():
+                object.__delattr__(m, "forward")
+        return torch.stack(out)
 
 
 def plane_coordinates(alphas: Tensor, betas: Tensor) -> Tensor:
