@@ -11,8 +11,10 @@ eval mode) on the same probe batch and the same two filter-normalized directions
   not compared point by point: version 3.0.6 walks alternate columns of the grid with an offset of one step
   (it adds ``dir_two`` before evaluating on even columns and after on odd ones), so its grid is not regular.
 
-Achieved GFLOP/s use the forward FLOPs of one evaluation (``torch.utils.flop_counter``) and are set against
-a matmul measured in the same run: the first layer's matmul with all points of a chunk stacked in the batch.
+Achieved GFLOP/s use the forward FLOPs of one evaluation (``torch.utils.flop_counter``) times the points and
+are set against a matmul measured in the same run (the first layer's matmul with all points of a chunk
+stacked in the batch). For ``ours (affine)`` they are *effective* GFLOP/s: that path skips the first layer's
+work per point (``geometry.slices.AffineInputLayers``), so it can exceed the matmul.
 
 Usage: python scripts/bench_slices.py [--steps 51]
 """
@@ -117,10 +119,12 @@ def bench_model(name: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, ste
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         F.cross_entropy(net(x), y)
     flops = counter.get_total_flops() * len(points)
-    ours, t_ours = best_time(lambda: evaluate_slice(obj, center, torch.stack([d1, d2]), coords))
+    info: dict = {}
+    ours, t_ours = best_time(lambda: evaluate_slice(obj, center, torch.stack([d1, d2]), coords, info=info))
     loop, t_loop = best_time(lambda: plain_loop(net, x, y, center, torch.stack([d1, d2]), coords))
     torch.testing.assert_close(ours, loop, rtol=1e-4, atol=1e-5)  # the same numbers
-    results = [(f"ours ({obj.metadata['batching']})", t_ours), ("plain loop", t_loop)]
+    method = "affine" if info["method"] == "affine" else obj.metadata["batching"]
+    results = [(f"ours ({method})", t_ours), ("plain loop", t_loop)]
     try:
         other, t_ll = best_time(lambda: loss_landscapes_plane(net, x, y, center, d1, d2, steps), repeats=1)
         assert other.numel() == len(points)  # the same number of evaluations (see the module docstring)

@@ -43,6 +43,7 @@ def evaluate_slice(
     points: range | None = None,
     memory_mb: float = 64.0,
     method: str = "auto",
+    info: dict[str, Any] | None = None,
 ) -> Tensor:
     """``L(center + coords[i] @ directions)`` for each row ``i`` (of ``points``, default all).
 
@@ -56,6 +57,7 @@ def evaluate_slice(
         method: ``"batched"`` (``Objective.losses``), ``"affine"`` (see :class:`AffineInputLayers`: layers that
             read the probe batch directly are evaluated once per direction), or ``"auto"``: whichever is
             faster on the first chunk.
+        info: if given, receives ``{"method": ...}``, the method used (``"affine"`` or ``"batched"``).
     """
     if method not in ("auto", "batched", "affine"):
         raise ValueError(f"`method` must be 'auto', 'batched' or 'affine', got {method!r}.")
@@ -77,6 +79,8 @@ def evaluate_slice(
             out.append(affine.losses(chunk))
         else:
             out.append(objective.losses(center + chunk @ directions))
+    if info is not None:
+        info["method"] = "affine" if affine is not None else "batched"
     return torch.cat(out) if out else torch.zeros(0, dtype=dtype, device=device)
 
 
