@@ -105,3 +105,15 @@ def test_only_global_rank_zero_writes_and_logs(tmp_path):
         "fig-step0000000.png",
         "t-step0000000.csv",
     ]
+
+
+def test_progress_bar_only_on_rank_zero_and_when_asked(tmp_path):
+    shown = Reporter(tmp_path, [], is_global_zero=True).progress(3, "landscape")
+    hidden = [
+        Reporter(tmp_path, [], is_global_zero=False).progress(3, "x"),
+        Reporter(tmp_path, [], is_global_zero=True, progress=False).progress(3, "x"),
+    ]
+    assert not shown.disable and all(bar.disable for bar in hidden)
+    assert shown.pos in (2, -2) and shown.leave is False  # below Lightning's bars, removed when done
+    for bar in [shown, *hidden]:
+        bar.close()

@@ -142,6 +142,17 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         """The analysis. Runs on every rank with grad enabled, inside the state guard."""
         raise NotImplementedError
 
+    def stages(self) -> int | None:
+        """How many times :meth:`advance` is called per analysis (the progress bar's total)."""
+        return None
+
+    def advance(self, stage: str) -> None:
+        """Mark a stage of the analysis as done on the rank-0 progress bar."""
+        bar = getattr(self, "_bar", None)
+        if bar is not None:
+            bar.set_postfix_str(stage, refresh=False)
+            bar.update()
+
     # ----------------------------------------------------------------- identity and state
     @property
     @override
@@ -253,7 +264,9 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 preserve_state(pl_module, trainer.optimizers),
                 torch.inference_mode(False),
                 torch.enable_grad(),
+                self.reporter.progress(self.stages(), f"lightning-landscape {self.name} @ step {step}") as bar,
             ):
+                self._bar = bar
                 self.analyze(trainer, pl_module, step)
         except Exception as err:
             self._record_failure(err, step)

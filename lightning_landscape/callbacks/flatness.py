@@ -173,6 +173,12 @@ class FlatnessMonitor(LandscapeCallback):
         self._densities: list[tuple[int, np.ndarray, np.ndarray]] = []
 
     # ------------------------------------------------------------------ the measurements
+    @override
+    def stages(self) -> int:
+        want = set(self.measures)
+        eigen = bool(want & {"lambda_max", "top_eigenvalues", "eos_ratio"})
+        return int(eigen) + sum(m in want for m in ("lambda_min", "trace", "density"))
+
     def _optimizer_settings(self, trainer: pl.Trainer) -> tuple[float | None, float, int | None]:
         if not trainer.optimizers:
             return None, 0.0, None
@@ -202,16 +208,19 @@ class FlatnessMonitor(LandscapeCallback):
                 s.update({f"lambda_{i + 1}": v for i, v in enumerate(out["top_eigenvalues"])})
             if "eos_ratio" in want and lr is not None:
                 s["eos_ratio"] = curvature.edge_of_stability_ratio(s["lambda_max"], lr, momentum)
+            self.advance("eigenvalues")
         if "lambda_min" in want:
             res = curvature.hessian_eigenvalues(
                 obj, k=1, which="smallest", tol=self.tol, method=self.eigen_method, seed=self.seed
             )
             s["lambda_min"] = float(res.eigenvalues[0])
             out["n_hvp"] += res.n_hvp
+            self.advance("lambda_min")
         if "trace" in want:
             tr = curvature.hessian_trace(obj, self.trace_samples, seed=self.seed)
             s["trace"], s["trace_std_error"] = tr.estimate, tr.std_error
             out["n_hvp"] += tr.n_hvp
+            self.advance("trace")
         for label, patterns in self.layers.items():
             if want & {"lambda_max", "top_eigenvalues", "eos_ratio"}:
                 res = curvature.hessian_eigenvalues(
@@ -227,6 +236,7 @@ class FlatnessMonitor(LandscapeCallback):
             d = curvature.spectral_density(obj, self.density_vectors, self.density_steps, seed=self.seed)
             out["density"] = {"nodes": d.nodes, "weights": d.weights, "grid": d.grid, "density": d.density}
             out["n_hvp"] += d.n_hvp
+            self.advance("density")
         if "epsilon_sharpness" in want:
             s["epsilon_sharpness"] = curvature.epsilon_sharpness(obj, self.epsilon, seed=self.seed).value
         if "adaptive_sharpness" in want:

@@ -163,6 +163,10 @@ class LandscapeSampler(LandscapeCallback):
         return [s for s, _ in self.snapshots], torch.stack([t for _, t in self.snapshots]), self.snapshots[0][1]
 
     # ------------------------------------------------------------------ the analysis
+    @override
+    def stages(self) -> int:
+        return 4
+
     def _grid(self, trainer: pl.Trainer, obj: Any, center: torch.Tensor, dirs: torch.Tensor, coords: torch.Tensor):
         rank, world = distributed.world(trainer.strategy)
         mine = distributed.shard(len(coords), rank, world)
@@ -178,7 +182,9 @@ class LandscapeSampler(LandscapeCallback):
         line = torch.linspace(-self.span, self.span, self.line_points, dtype=torch.float64)
         axis = torch.linspace(-self.span, self.span, self.resolution, dtype=torch.float64)
         profile = self._grid(trainer, obj, center, d1[None], line[:, None])
+        self.advance("1-D profile")
         plane = self._grid(trainer, obj, center, torch.stack([d1, d2]), plane_coordinates(axis, axis))
+        self.advance("2-D slice")
         plane = plane.reshape(self.resolution, self.resolution)
         center_loss = float(obj.loss())
         second = np.abs(np.diff(profile, 2)).mean() if len(profile) > 2 else np.nan
@@ -199,6 +205,7 @@ class LandscapeSampler(LandscapeCallback):
         if has_path:
             pca = self._pca_plane(trainer, obj, center, trajectory, steps)
             scalars.update(pca_explained=pca["explained"], pca_max_off_plane=float(pca["off_plane"].max()))
+        self.advance("PCA plane")
         has_init = distributed.broadcast(trainer.strategy, init is not None)
         interp = None
         if has_init:
@@ -212,6 +219,7 @@ class LandscapeSampler(LandscapeCallback):
                 memory_mb=self.memory_mb,
             )
             scalars["barrier_init"] = interp.barrier
+        self.advance("interpolation")
         self.history.append({"step": step, **scalars})
         if not trainer.is_global_zero:
             return

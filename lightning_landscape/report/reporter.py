@@ -193,7 +193,7 @@ class Reporter:
         with path.open("a") as fh:
             fh.write(json.dumps(dict(record), default=str) + "\n")
 
-    def progress(self, total: int, desc: str) -> tqdm:
+    def progress(self, total: int | None, desc: str) -> tqdm:
         """A progress bar on rank 0 below Lightning's own bars, removed when done."""
         return tqdm(
             total=total,
