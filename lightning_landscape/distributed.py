@@ -135,16 +135,24 @@ class ShardedObjective:
         torch.distributed.all_reduce(out)
         return out
 
-    def _serve(self) -> None:
+    def _serve(self) -> Exception | None:
+        """Answer rank 0's calls until it says stop. A local failure still joins every collective (with NaNs,
+        so rank 0's estimator sees it) and is returned, so that no rank is left waiting."""
+        failure: Exception | None = None
         while True:
             header = torch.zeros(5, dtype=torch.long, device=self.device)
             torch.distributed.broadcast(header, src=0)
             op, ndim = int(header[0]), int(header[1])
             if op < 0:
-                return
+                return failure
             x = torch.empty(tuple(header[2 : 2 + ndim].tolist()), dtype=self.dtype, device=self.device)
             torch.distributed.broadcast(x, src=0)
-            out = self._local(self._OPS[op], x)
+            try:
+                out = self._local(self._OPS[op], x)
+            except Exception as err:
+                failure = failure or err
+                shape = () if op == 0 else (len(x),) if op == 3 else (self.numel,)
+                out = torch.full(shape, float("nan"), dtype=self.dtype, device=self.device)
             torch.distributed.all_reduce(out)
 
     def loss(self, theta: Tensor | None = None) -> Tensor:
@@ -169,8 +177,11 @@ class ShardedObjective:
             finally:
                 self._hvp_cache = None
         if self.rank != 0:
-            self._serve()
+            failure = self._serve()
             outcome = broadcast(self.strategy, None)
+            if failure is not None:
+                self._hvp_cache = None
+                raise RuntimeError(f"serving rank {self.rank} failed: {type(failure).__name__}: {failure}")
         else:
             try:
                 outcome = ("ok", estimator(self))

@@ -38,3 +38,9 @@ def test_flatness_monitor_on_two_ranks_equals_one_process(tmp_path):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
     np.testing.assert_allclose(b["trace"], a["trace"], rtol=1e-4)  # same random vectors, drawn on rank 0
     assert ddp["published"] == pytest.approx(b["lambda_max"], rel=1e-6)
+
+
+def test_a_failure_on_a_serving_rank_neither_hangs_nor_stops_training(tmp_path):
+    result = run_script("flatness", tmp_path, 2, "fail", timeout=180)
+    assert result["steps"] == 1  # training went on, and the processes finished (no hang)
+    assert result["failures"] == 1 and result["history"] == []  # rank 0 recorded the failed analysis

@@ -19,9 +19,24 @@ class AtStart(RunAtTrainStart, FlatnessMonitor):
     pass
 
 
+class FailsOnRankOne(AtStart):
+    """Rank 1's Hessian-vector products raise: a failure while serving rank 0 must not hang either rank."""
+
+    def objective(self, trainer, pl_module):
+        obj = super().objective(trainer, pl_module)
+        if trainer.global_rank == 1:
+
+            def broken(theta=None):
+                raise RuntimeError("rank 1 exploded")
+
+            obj.hvp_at = broken
+        return obj
+
+
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])
-    monitor = AtStart(
+    fail = len(sys.argv) > 3 and sys.argv[3] == "fail"
+    monitor = (FailsOnRankOne if fail else AtStart)(
         measures=["lambda_max", "top_eigenvalues", "lambda_min", "trace", "sam_sharpness", "gradient_noise"],
         every_n_epochs=None,
         at_fit_end=False,
@@ -31,5 +46,6 @@ if __name__ == "__main__":
         top_k=3,
     )
     trainer = fit_one_step(devices, [monitor])
-    published = float(trainer.callback_metrics["landscape/flatness/lambda_max"])
-    finish_script(trainer, out, {"history": monitor.history, "published": published, "world": trainer.world_size})
+    published = float(trainer.callback_metrics.get("landscape/flatness/lambda_max", float("nan")))
+    result = {"history": monitor.history, "published": published, "world": trainer.world_size}
+    finish_script(trainer, out, {**result, "failures": monitor.failures, "steps": trainer.global_step})
