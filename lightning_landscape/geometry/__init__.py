@@ -1,6 +1,7 @@
-"""Parameter-space geometry: directions, slices, interpolation, non-convexity."""
+"""Parameter-space geometry: directions, slices, interpolation, non-convexity, minimum-energy paths."""
 
 from lightning_landscape.geometry.directions import direction_between, pca_directions, random_direction
+from lightning_landscape.geometry.paths import PathResult, minimum_energy_path
 from lightning_landscape.geometry.slices import (
     Interpolation,
     barrier,
@@ -12,10 +13,12 @@ from lightning_landscape.geometry.slices import (
 
 __all__ = [
     "Interpolation",
+    "PathResult",
     "barrier",
     "direction_between",
     "evaluate_slice",
     "interpolate",
+    "minimum_energy_path",
     "nonconvexity_map",
     "pca_directions",
     "plane_coordinates",

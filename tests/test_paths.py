@@ -1,0 +1,70 @@
+"""Minimum-energy paths on the Mueller-Brown potential, whose minima and saddles are known."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_landscape import Objective
+from lightning_landscape.geometry import interpolate
+from lightning_landscape.geometry.paths import minimum_energy_path
+
+# Mueller & Brown (1979): sum_k A_k exp(a_k (x - x_k)^2 + b_k (x - x_k)(y - y_k) + c_k (y - y_k)^2)
+A = [-200.0, -100.0, -170.0, 15.0]
+a_ = [-1.0, -1.0, -6.5, 0.7]
+b_ = [0.0, 0.0, 11.0, 0.6]
+c_ = [-10.0, -10.0, -6.5, 0.7]
+x0 = [1.0, 0.0, -0.5, -1.0]
+y0 = [0.0, 0.5, 1.5, 1.0]
+# the two deep minima, the intermediate one, and the two saddles between them (Mueller & Brown 1979)
+MIN_A, MIN_B, MIN_C = (-0.558, 1.442, -146.70), (0.623, 0.028, -108.17), (-0.050, 0.467, -80.77)
+SADDLE_1, SADDLE_2 = (-0.822, 0.624, -40.66), (0.212, 0.293, -72.25)
+
+
+def mueller_brown(module, _batch):
+    x, y = module.weight[0, 0], module.weight[0, 1]
+    return sum(
+        A[k] * torch.exp(a_[k] * (x - x0[k]) ** 2 + b_[k] * (x - x0[k]) * (y - y0[k]) + c_[k] * (y - y0[k]) ** 2)
+        for k in range(4)
+    )
+
+
+@pytest.fixture(scope="module")
+def potential():
+    return Objective(nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)], mueller_brown, dtype=torch.float64)
+
+
+def point(xy):
+    return torch.tensor(xy[:2], dtype=torch.float64)
+
+
+def quench(obj, theta, steps=3000, lr=1e-4):
+    for _ in range(steps):
+        theta = theta - lr * obj.grad(theta)
+    return theta
+
+
+@pytest.mark.parametrize("method", ["string", "neb"])
+def test_path_finds_the_known_saddle_barriers_and_intermediate_minimum(potential, method):
+    a, b = quench(potential, point(MIN_A)), quench(potential, point(MIN_B))  # exact minima
+    assert float(potential.loss(a)) == pytest.approx(MIN_A[2], abs=0.01)
+    path = minimum_energy_path(potential, a, b, n_images=21, method=method, step_size=3e-4, n_steps=1500, spring=50.0)
+    # the highest point is the first saddle, refined by the climbing image
+    assert path.saddle_loss == pytest.approx(SADDLE_1[2], rel=0.01)
+    torch.testing.assert_close(path.saddle, point(SADDLE_1), atol=0.01, rtol=0)
+    assert path.barrier_forward == pytest.approx(SADDLE_1[2] - MIN_A[2], rel=0.01)
+    assert path.barrier_backward == pytest.approx(SADDLE_1[2] - MIN_B[2], rel=0.01)
+    # the intermediate minimum on the way
+    assert len(path.intermediate_minima) == 1
+    theta_c, loss_c = path.intermediate_minima[0]
+    assert loss_c == pytest.approx(MIN_C[2], rel=0.01)
+    torch.testing.assert_close(theta_c, point(MIN_C), atol=0.01, rtol=0)
+    assert path.arc[0] == 0 and path.arc[-1] == pytest.approx(1.0) and path.length > float((b - a).norm())
+    # linear interpolation overstates the barrier
+    assert interpolate(potential, a, b, steps=101).barrier > 1.5 * path.barrier_backward  # 120.8 vs 67.5
+
+
+def test_bad_settings_are_rejected(potential):
+    with pytest.raises(ValueError, match="`n_images`"):
+        minimum_energy_path(potential, point(MIN_A), point(MIN_B), n_images=2)
+    with pytest.raises(ValueError, match="`method`"):
+        minimum_energy_path(potential, point(MIN_A), point(MIN_B), method="nudged")
