@@ -1,0 +1,133 @@
+"""Markov state models of discretized trajectories (the clustering, counting and estimation are deeptime's).
+
+Given discrete trajectories ``s_0, s_1, ...`` (cluster indices of, e.g., sketch coordinates or outputs on
+the probe set along many SGD/SGLD runs), an MSM at lag ``tau`` is the transition matrix ``T(tau)`` with
+``T_ij = P(s_{t+tau} = j | s_t = i)``, estimated by reversible maximum likelihood on the largest connected
+set of the sliding-window counts (deeptime's ``TransitionCountEstimator`` and ``MaximumLikelihoodMSM``;
+Prinz et al. 2011). From it:
+
+* stationary distribution ``pi`` (``pi T = pi``) and free energy ``F_i = -log pi_i`` (in units of the
+  noise temperature);
+* implied timescales ``t_k(tau) = -tau / ln |lambda_k(tau)|``: constant in ``tau`` when the model is
+  Markovian; their plateau tells the slowest processes (basin hops);
+* Chapman-Kolmogorov test: ``T(tau)^k`` against ``T(k tau)`` estimated directly; small differences mean
+  the model predicts long times from short ones;
+* PCCA+ metastable sets (Roeblitz & Weber 2013) and their populations.
+
+Example::
+
+    >>> import numpy as np
+    >>> P = np.array([[0.9, 0.1], [0.2, 0.8]])
+    >>> rng = np.random.default_rng(0)
+    >>> s = [0]
+    >>> for _ in range(20000):
+    ...     s.append(rng.choice(2, p=P[s[-1]]))
+    >>> msm = markov_state_model([np.array(s)], lag=1)
+    >>> np.round(msm.transition_matrix, 1).tolist(), np.round(msm.stationary_distribution, 1).tolist()
+    ([[0.9, 0.1], [0.2, 0.8]], [0.7, 0.3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class MarkovStateModel:
+    """An MSM at one lag time with its diagnostics (states are indices into ``active_set``)."""
+
+    lag: int
+    transition_matrix: np.ndarray
+    stationary_distribution: np.ndarray
+    free_energy: np.ndarray
+    active_set: np.ndarray
+    timescales: np.ndarray
+    its_lags: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    implied_timescales: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    ck_steps: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    ck_error: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    metastable_assignment: np.ndarray | None = None
+    metastable_populations: np.ndarray | None = None
+
+
+def _fit(dtrajs: Sequence[np.ndarray], lag: int):
+    from deeptime.markov import TransitionCountEstimator
+    from deeptime.markov.msm import MaximumLikelihoodMSM
+
+    counts = TransitionCountEstimator(lagtime=lag, count_mode="sliding").fit(list(dtrajs)).fetch_model()
+    counts = counts.submodel_largest()
+    return MaximumLikelihoodMSM(reversible=True).fit(counts).fetch_model()
+
+
+def markov_state_model(
+    dtrajs: Sequence[np.ndarray],
+    lag: int,
+    *,
+    n_timescales: int = 3,
+    its_lags: Sequence[int] | None = None,
+    ck_steps: int = 4,
+    n_metastable: int | None = None,
+) -> MarkovStateModel:
+    """Estimate a reversible MSM at ``lag`` from discrete trajectories, with implied timescales over
+    ``its_lags`` (default: a few multiples of ``lag``), a Chapman-Kolmogorov test over ``ck_steps`` multiples,
+    and PCCA+ into ``n_metastable`` sets.
+
+    Raises:
+        ValueError: for a non-positive ``lag`` or trajectories shorter than it.
+    """
+    dtrajs = [np.asarray(d, dtype=np.int64) for d in dtrajs]
+    if lag < 1:
+        raise ValueError(f"`lag` must be a positive integer, got {lag}.")
+    if not dtrajs or max(len(d) for d in dtrajs) <= lag:
+        raise ValueError(f"the trajectories must be longer than `lag` ({lag}). HINT: record longer runs or lower lag.")
+    msm = _fit(dtrajs, lag)
+    pi = np.asarray(msm.stationary_distribution)
+    k = min(n_timescales, msm.n_states - 1)
+    lags = np.asarray(its_lags if its_lags is not None else [lag * m for m in (1, 2, 3, 5)], dtype=int)
+    lags = lags[lags < max(len(d) for d in dtrajs)]
+    its = np.full((len(lags), k), np.nan)
+    for row, tau in enumerate(lags):
+        model = _fit(dtrajs, int(tau))
+        values = np.asarray(model.timescales(k))
+        its[row, : len(values)] = values
+    steps, errors = [], []
+    T = np.asarray(msm.transition_matrix)
+    for m in range(2, ck_steps + 1):
+        if lag * m >= max(len(d) for d in dtrajs):
+            break
+        direct = _fit(dtrajs, lag * m)
+        if not np.array_equal(direct.count_model.state_symbols, msm.count_model.state_symbols):
+            continue  # a different connected set: not comparable
+        steps.append(m)
+        errors.append(float(np.abs(np.linalg.matrix_power(T, m) - np.asarray(direct.transition_matrix)).max()))
+    assignment = populations = None
+    if n_metastable is not None and 1 < n_metastable <= msm.n_states:
+        pcca = msm.pcca(n_metastable)
+        assignment = np.asarray(pcca.assignments)
+        populations = np.asarray(pcca.coarse_grained_stationary_probability)
+    return MarkovStateModel(
+        lag=lag,
+        transition_matrix=T,
+        stationary_distribution=pi,
+        free_energy=-np.log(pi),
+        active_set=np.asarray(msm.count_model.state_symbols),
+        timescales=np.asarray(msm.timescales(k)),
+        its_lags=lags,
+        implied_timescales=its,
+        ck_steps=np.asarray(steps, dtype=int),
+        ck_error=np.asarray(errors),
+        metastable_assignment=assignment,
+        metastable_populations=populations,
+    )
+
+
+def discretize(features: Sequence[np.ndarray], n_clusters: int, seed: int = 0) -> tuple[list[np.ndarray], np.ndarray]:
+    """k-means (deeptime) on the rows of all trajectories together: (discrete trajectories, cluster centers)."""
+    from deeptime.clustering import KMeans
+
+    rows = np.concatenate([np.asarray(f, dtype=np.float64) for f in features])
+    model = KMeans(n_clusters=n_clusters, fixed_seed=seed, max_iter=200).fit(rows).fetch_model()
+    return [model.transform(np.asarray(f, dtype=np.float64)) for f in features], np.asarray(model.cluster_centers)
