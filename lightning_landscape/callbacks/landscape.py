@@ -59,8 +59,10 @@ class LandscapeSampler(LandscapeCallback):
         direction_seed: seed of ``d1`` (``d2`` uses ``direction_seed + 1``).
         interpolation_steps: points on the init-to-current line.
         recompute_bn: recompute BatchNorm statistics along the interpolation.
-        snapshot_every_n_steps: own snapshots for the PCA plane when no TrajectoryRecorder is present.
-        max_snapshots: keep at most this many own snapshots (thinned by 2 when full).
+        snapshot_every_n_steps: own snapshots for the PCA plane when no TrajectoryRecorder is present (with
+            one, its snapshots are used and the sampler keeps none).
+        max_snapshots: keep at most this many own snapshots (thinned by 2 when full; each is ``4 P`` bytes
+            of CPU memory).
         memory_mb: memory for one chunk of parameter vectors.
         probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, progress, dtype: as for every callback.
     """
@@ -81,7 +83,7 @@ class LandscapeSampler(LandscapeCallback):
         interpolation_steps: int = 25,
         recompute_bn: bool = False,
         snapshot_every_n_steps: int = 10,
-        max_snapshots: int = 200,
+        max_snapshots: int = 50,
         memory_mb: float = 64.0,
         probe_size: int = 256,
         probe_batch_size: int | None = None,
@@ -133,13 +135,17 @@ class LandscapeSampler(LandscapeCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
+
+        self._own_snapshots = not any(isinstance(c, TrajectoryRecorder) for c in trainer.callbacks)
         if not self.snapshots:
             self.snapshots.append((trainer.global_step, self._flat(pl_module)))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step % self.snapshot_every_n_steps == 0 and (not self.snapshots or self.snapshots[-1][0] != step):
+        own = getattr(self, "_own_snapshots", True)
+        if own and step % self.snapshot_every_n_steps == 0 and (not self.snapshots or self.snapshots[-1][0] != step):
             self.snapshots.append((step, self._flat(pl_module)))
             if len(self.snapshots) > self.max_snapshots:
                 self.snapshots = self.snapshots[:1] + self.snapshots[2::2]  # keep the initial point
