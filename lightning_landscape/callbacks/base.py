@@ -64,6 +64,12 @@ def record_failure(reporter: Reporter, owner: object, err: Exception, step: int,
     reporter.scalars({"failures": count}, step)
 
 
+def global_batch_size(trainer: pl.Trainer) -> int | None:
+    """Samples per optimizer step over all ranks: loader batch size x world size x accumulated batches."""
+    size = getattr(trainer.train_dataloader, "batch_size", None)
+    return size * trainer.world_size * trainer.accumulate_grad_batches if size else None
+
+
 def _check_optional_positive(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}. HINT: e.g. `{name}=100`.")

@@ -48,7 +48,7 @@ import torch
 from typing_extensions import override
 
 from lightning_landscape import curvature, distributed
-from lightning_landscape.callbacks.base import LandscapeCallback
+from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
 from lightning_landscape.objective import BNMode, LossFn
 from lightning_landscape.report.plots import eigenvalue_figure, spectral_density_figure
 
@@ -185,11 +185,7 @@ class FlatnessMonitor(LandscapeCallback):
         group = trainer.optimizers[0].param_groups[0]
         lr = float(group["lr"])
         momentum = float(group.get("momentum", 0.0) or 0.0)
-        loader = trainer.train_dataloader
-        batch = getattr(loader, "batch_size", None)
-        if batch:
-            batch *= trainer.world_size * trainer.accumulate_grad_batches
-        return lr, momentum, batch
+        return lr, momentum, global_batch_size(trainer)
 
     def _estimate(self, obj: Any, lr: float | None, momentum: float) -> dict[str, Any]:
         """All Hessian-based measures; runs on rank 0 with a sharded objective."""

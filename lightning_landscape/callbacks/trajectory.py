@@ -45,7 +45,7 @@ from typing_extensions import override
 
 from lightning_landscape import distributed
 from lightning_landscape._compat import CALLBACK_BASES
-from lightning_landscape.callbacks.base import _check_optional_positive, record_failure
+from lightning_landscape.callbacks.base import _check_optional_positive, global_batch_size, record_failure
 from lightning_landscape.dynamics import SparseProjection, StreamingPCA, TrajectoryStore
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report import Reporter
@@ -193,7 +193,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             self._copies = {0: flat}
         self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64, device=flat.device), 0
         self._grad_norm = float("nan")
-        self._batch_size = self._global_batch(trainer)
+        self._batch_size = global_batch_size(trainer)
         if self._resume_step is not None:
             self._last_step = self._resume_step
         if trainer.is_global_zero:
@@ -258,10 +258,6 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             record_failure(self.reporter, self, err, step, self.failures)
         self._last_step = step
 
-    def _global_batch(self, trainer: pl.Trainer) -> int | None:
-        size = getattr(trainer.train_dataloader, "batch_size", None)
-        return size * trainer.world_size * trainer.accumulate_grad_batches if size else None
-
     def _record(self, trainer: pl.Trainer, step: int) -> None:
         n = self.vector_stats_every_n_steps
         sampled = step % n == 0
@@ -299,7 +295,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
                 self.pca.update(sketch)
         self.store.append(step, stats, sketch, layer)
         if self.snapshot_every_n_steps and step % self.snapshot_every_n_steps == 0:
-            flat = self._flat()
+            flat = self._flat() if flat is None else flat
             size_mb = (self.store.disk_bytes(("snapshots",)) + 4 * flat.numel()) / 2**20
             if size_mb <= self.disk_budget_mb:
                 self.store.save_snapshot(step, flat.cpu().numpy())

@@ -92,10 +92,14 @@ class Reporter:
     def key(self, name: str) -> str:
         return f"{self.namespace}/{name}" if self.namespace else name
 
-    def path(self, name: str, step: int | None, suffix: str) -> Path:
-        """``<run_dir>/<name>-step<step><suffix>``, with parent directories created."""
+    def file(self, name: str, step: int | None, suffix: str) -> Path:
+        """``<run_dir>/<name>-step<step><suffix>`` (nothing is created)."""
         stem = _safe(name) + ("" if step is None else f"-step{step:07d}")
-        path = self.run_dir / f"{stem}{suffix}"
+        return self.run_dir / f"{stem}{suffix}"
+
+    def path(self, name: str, step: int | None, suffix: str) -> Path:
+        """:meth:`file`, with its parent directories created."""
+        path = self.file(name, step, suffix)
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -162,12 +166,12 @@ class Reporter:
 
     def arrays(self, name: str, step: int | None, metadata: Mapping[str, Any] | None = None, **arrays: Any) -> Path:
         """Save arrays (and a JSON ``metadata`` entry) to ``.npz``. Returns the path (also on other ranks)."""
-        path = self.run_dir / f"{_safe(name)}{'' if step is None else f'-step{step:07d}'}.npz"
-        if self.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            payload = {k: np.asarray(v) for k, v in arrays.items()}
-            payload["metadata"] = np.asarray(json.dumps(dict(metadata or {}), default=str))
-            np.savez(path, **payload)
+        if not self.is_global_zero:
+            return self.file(name, step, ".npz")
+        path = self.path(name, step, ".npz")
+        payload = {k: np.asarray(v) for k, v in arrays.items()}
+        payload["metadata"] = np.asarray(json.dumps(dict(metadata or {}), default=str))
+        np.savez(path, **payload)
         return path
 
     def artifact(self, name: str, path: str | Path, type: str = "landscape") -> None:
