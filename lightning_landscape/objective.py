@@ -105,7 +105,9 @@ class _Evaluated(nn.Module):
         self.module = module
         self.loss_fn = loss_fn
 
-    def forward(self, batch: Any, batch_idx: int) -> Tensor:
+    def forward(self, batch: Any, batch_idx: int, outputs: bool = False) -> Tensor:
+        if outputs:
+            return self.module(_first_tensor(batch))
         if self.loss_fn is not None:
             return _as_scalar_loss(self.loss_fn(self.module, batch), "`loss_fn`")
         out = self.module.training_step(batch, batch_idx)
@@ -178,12 +180,19 @@ class Objective:
         self.batch_sizes = [_batch_size(b) for b in self.batches]
         self.weights = [n / sum(self.batch_sizes) for n in self.batch_sizes]
         self._method: str | None = None  # how `losses` batches parameter vectors, once decided
+        #: batch passes spent so far (one batch through the network forward, or backward): the unit of budgets
+        self.passes = {"forward": 0, "backward": 0}
         rng = _RNGState()  # the check below must not consume the caller's random numbers
         try:
             with torch.no_grad():
                 self.loss()
         finally:
             rng.restore()
+        self.passes = {"forward": 0, "backward": 0}
+
+    def _spend(self, forward: int, backward: int = 0) -> None:
+        self.passes["forward"] += forward
+        self.passes["backward"] += backward
 
     # ----------------------------------------------------------------- state
     @property
@@ -272,12 +281,30 @@ class Objective:
         losses = (w * self._batch_loss(theta, i, buffers) for i, w in enumerate(self.weights))
         return sum(losses)  # type: ignore[return-value]
 
-    def loss(self, theta: Tensor | None = None, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
+    def loss(
+        self, theta: Tensor | None = None, buffers: Mapping[str, Tensor] | None = None, *, batch: int | None = None
+    ) -> Tensor:
         """``L(theta)`` (detached scalar). ``theta=None`` means the module's current parameters; ``buffers``
-        replaces the module's buffers (e.g. BatchNorm statistics from :meth:`batchnorm_statistics`)."""
+        replaces the module's buffers (e.g. BatchNorm statistics from :meth:`batchnorm_statistics`); ``batch``
+        evaluates the loss of that one probe batch only (a minibatch loss)."""
         theta = self._point(theta)
+        self._spend(1 if batch is not None else len(self.batches))
         with self._evaluation_mode(), torch.no_grad():
+            if batch is not None:
+                return self._batch_loss(theta, batch, buffers).detach()
             return self._loss_at(theta, buffers).detach()
+
+    def outputs(self, theta: Tensor | None = None) -> Tensor:
+        """The module's outputs ``f_theta(x)`` on the probe inputs (the first tensor of every batch), concatenated
+        over batches: ``(N, ...)``. Two parameter vectors with the same outputs are the same function, whatever
+        the permutation of their hidden units, so distances between outputs compare minima in function space."""
+        theta = self._point(theta)
+        self._spend(len(self.batches))
+        with self._evaluation_mode(), torch.no_grad():
+            tensors = self._tensors(theta)
+            return torch.cat(
+                [functional_call(self._wrapper, tensors, (b, i), {"outputs": True}) for i, b in enumerate(self.batches)]
+            )
 
     def batchnorm_statistics(self, theta: Tensor) -> dict[str, Tensor]:
         """The module's buffers with BatchNorm running statistics recomputed at ``theta`` on the probe set.
@@ -294,6 +321,7 @@ class Objective:
             buffers[prefix + "running_mean"].zero_()
             buffers[prefix + "running_var"].fill_(1.0)
             buffers[prefix + "num_batches_tracked"].zero_()
+        self._spend(len(self.batches))
         with self._evaluation_mode(), torch.no_grad():
             saved = [(m, m.training, m.momentum, m.track_running_stats) for _, m in norms]
             try:
@@ -306,15 +334,37 @@ class Objective:
                     m.training, m.momentum, m.track_running_stats = training, momentum, track
         return buffers
 
-    def grad(self, theta: Tensor | None = None) -> Tensor:
-        """``grad L(theta)``, accumulated batch by batch."""
+    def loss_and_grad(self, theta: Tensor | None = None, *, batch: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(L(theta), grad L(theta))`` from one forward and backward pass per batch; with ``batch``, those of
+        that one probe batch only (the minibatch loss and gradient that an SGD step sees)."""
+        indices, weights = (range(len(self.batches)), self.weights) if batch is None else ([batch], [1.0])
+        self._spend(len(indices), len(indices))
         with self._evaluation_mode(), torch.enable_grad():
             theta = self._point(theta).detach().clone().requires_grad_(True)
             total = torch.zeros_like(theta)
-            for i, w in enumerate(self.weights):
-                (g,) = torch.autograd.grad(self._batch_loss(theta, i), theta)
+            value = torch.zeros((), dtype=theta.dtype, device=theta.device)
+            for i, w in zip(indices, weights, strict=True):
+                loss = self._batch_loss(theta, i)
+                (g,) = torch.autograd.grad(loss, theta)
                 total += w * g
-        return total
+                value += w * loss.detach()
+        return value, total
+
+    def grad(self, theta: Tensor | None = None) -> Tensor:
+        """``grad L(theta)``, accumulated batch by batch."""
+        return self.loss_and_grad(theta)[1]
+
+    def grads(self, thetas: Tensor) -> Tensor:
+        """``grad L`` at each row of ``thetas`` (``(M, P)``), e.g. the images of a path: ``chunk_size`` rows at once
+        with ``vmap(grad(L))`` when :meth:`losses` found vmap usable and faster, else one by one."""
+        if self._method is None and self.batching != "loop" and len(thetas) >= 2:
+            self.losses(thetas[:2])  # decides how to batch (and checks that vmap works)
+        if self._method != "vmap":
+            return torch.stack([self.grad(t) for t in thetas])
+        thetas = thetas.to(device=self.device, dtype=self.dtype)
+        self._spend(len(thetas) * len(self.batches), len(thetas) * len(self.batches))
+        with self._evaluation_mode():
+            return vmap(torch.func.grad(self._loss_at), chunk_size=self.chunk_size)(thetas)
 
     def hvp(self, theta: Tensor | None, v: Tensor) -> Tensor:
         """The Hessian-vector product ``H(theta) v`` by double backward, accumulated batch by batch."""
@@ -324,6 +374,7 @@ class Objective:
             theta = self._point(theta).detach().clone().requires_grad_(True)
             v = v.to(device=theta.device, dtype=theta.dtype).clone()
             total = torch.zeros_like(theta)
+            self._spend(len(self.batches), 2 * len(self.batches))
             for i, w in enumerate(self.weights):
                 (g,) = torch.autograd.grad(self._batch_loss(theta, i), theta, create_graph=True)
                 (hv,) = torch.autograd.grad(g, theta, grad_outputs=v)
@@ -334,6 +385,7 @@ class Objective:
         """``v -> H(theta) v`` for many ``v`` at one point: the gradient graph of every probe batch is built once
         (``create_graph=True``) and each product is a single backward pass through it, about half the cost of
         :meth:`hvp`. Holds the graphs in memory until the returned function is released."""
+        self._spend(len(self.batches), len(self.batches))
         with self._evaluation_mode(), torch.enable_grad():
             point = self._point(theta).detach().clone().requires_grad_(True)
             grads = [
@@ -344,6 +396,7 @@ class Objective:
         def product(v: Tensor) -> Tensor:
             if v.shape != (self.numel,):
                 raise ValueError(f"`v` must have shape ({self.numel},), got {tuple(v.shape)}.")
+            self._spend(0, len(self.batches))
             with torch.inference_mode(False), torch.enable_grad():
                 v = v.to(device=point.device, dtype=point.dtype).clone()
                 total = torch.zeros_like(point)
@@ -370,6 +423,7 @@ class Objective:
                 " HINT: stack parameter vectors with `torch.stack([...])`."
             )
         thetas = thetas.to(device=self.device, dtype=self.dtype)
+        self._spend(len(thetas) * len(self.batches))
         with self._evaluation_mode(), torch.no_grad():
             if self._method is None and self.batching == "auto" and len(thetas) >= 2:
                 self._method = self._fastest(thetas[: self.chunk_size])

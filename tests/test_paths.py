@@ -47,7 +47,10 @@ def quench(obj, theta, steps=3000, lr=1e-4):
 def test_path_finds_the_known_saddle_barriers_and_intermediate_minimum(potential, method):
     a, b = quench(potential, point(MIN_A)), quench(potential, point(MIN_B))  # exact minima
     assert float(potential.loss(a)) == pytest.approx(MIN_A[2], abs=0.01)
-    path = minimum_energy_path(potential, a, b, n_images=21, method=method, step_size=3e-4, n_steps=1500, spring=50.0)
+    path = minimum_energy_path(
+        potential, a, b, n_images=21, method=method, step_size=3e-4, n_steps=4000, spring=50.0, tol=0.1
+    )
+    assert path.converged
     # the highest point is the first saddle, refined by the climbing image
     assert path.saddle_loss == pytest.approx(SADDLE_1[2], rel=0.01)
     torch.testing.assert_close(path.saddle, point(SADDLE_1), atol=0.01, rtol=0)

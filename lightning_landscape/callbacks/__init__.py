@@ -1,9 +1,17 @@
 """The Lightning callbacks. Each one decides when to run the functional core, on which data and ranks."""
 
 from lightning_landscape.callbacks.base import LandscapeCallback
+from lightning_landscape.callbacks.energy import EnergyLandscape
 from lightning_landscape.callbacks.flatness import MEASURES as FLATNESS_MEASURES
 from lightning_landscape.callbacks.flatness import FlatnessMonitor
 from lightning_landscape.callbacks.landscape import LandscapeSampler
 from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
-__all__ = ["FLATNESS_MEASURES", "FlatnessMonitor", "LandscapeCallback", "LandscapeSampler", "TrajectoryRecorder"]
+__all__ = [
+    "FLATNESS_MEASURES",
+    "EnergyLandscape",
+    "FlatnessMonitor",
+    "LandscapeCallback",
+    "LandscapeSampler",
+    "TrajectoryRecorder",
+]

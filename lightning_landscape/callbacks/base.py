@@ -189,8 +189,18 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         ``probe_seed``, cut into batches; under DDP each rank holds a contiguous block of those batches,
         so the union over ranks is the same set for any number of ranks.
         """
-        if self._probe is not None:
-            return self._probe
+        if self._probe is None:
+            self._probe = self.draw_batches(
+                trainer, self.probe_size, self.probe_batch_size, self.probe_seed, sharded=self.shard_probe
+            )
+        return self._probe
+
+    def draw_batches(
+        self, trainer: pl.Trainer, size: int, batch_size: int | None, seed: int, sharded: bool
+    ) -> list[Any]:
+        """``size`` training samples (a permutation drawn with ``seed``) in batches of ``batch_size`` (default: the
+        train loader's), collated by the train loader and moved to the module's device; with ``sharded``, only
+        this rank's contiguous block of the batches."""
         loader = trainer.train_dataloader
         if isinstance(loader, dict):
             loader = next(iter(loader.values()))
@@ -206,22 +216,19 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f"{type(self).__name__} draws its probe set by index and needs a map-style training dataset,"
                 f" got {type(dataset).__name__}. HINT: use a map-style Dataset, or pass the probe batches explicitly."
             )
-        size = min(self.probe_size, len(dataset))
-        generator = torch.Generator().manual_seed(self.probe_seed)
+        size = min(size, len(dataset))
+        generator = torch.Generator().manual_seed(seed)
         indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
-        batch_size = self.probe_batch_size or loader.batch_size or size
+        batch_size = batch_size or loader.batch_size or size
         chunks = [indices[i : i + batch_size] for i in range(0, size, batch_size)]
-        rank, world_size = distributed.world(trainer.strategy) if self.shard_probe else (0, 1)
+        rank, world_size = distributed.world(trainer.strategy) if sharded else (0, 1)
         mine = distributed.shard(len(chunks), rank, world_size)
         if len(chunks) < world_size:
             raise ValueError(
                 f"The probe set has {len(chunks)} batches but there are {world_size} ranks."
                 f" HINT: raise `probe_size` ({self.probe_size}) or lower `probe_batch_size` ({batch_size})."
             )
-        self._probe = [
-            trainer.strategy.batch_to_device(loader.collate_fn([dataset[i] for i in chunks[j]])) for j in mine
-        ]
-        return self._probe
+        return [trainer.strategy.batch_to_device(loader.collate_fn([dataset[i] for i in chunks[j]])) for j in mine]
 
     def objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Objective:
         """The :class:`Objective` of ``pl_module`` on this rank's probe batches (built once)."""

@@ -1,19 +1,24 @@
-"""SGD as a dynamical system: sketches, the trajectory store, trajectory PCA, Markov state models,
-disconnectivity graphs."""
+"""SGD as a dynamical system: sketches, the trajectory store, trajectory PCA, basin sampling, minima,
+Markov state models, disconnectivity graphs."""
 
 from lightning_landscape.dynamics.disconnectivity import (
     DisconnectivityTree,
     disconnectivity_figure,
     disconnectivity_tree,
 )
-from lightning_landscape.dynamics.msm import MarkovStateModel, discretize, markov_state_model
+from lightning_landscape.dynamics.excursions import Excursions, sample_basin
+from lightning_landscape.dynamics.minima import MinimaDatabase, Quench, function_distance, quench
+from lightning_landscape.dynamics.msm import MarkovStateModel, discretize, markov_state_model, metastable_count
 from lightning_landscape.dynamics.pca import StreamingPCA, common_projection
 from lightning_landscape.dynamics.sketch import SparseProjection
 from lightning_landscape.dynamics.store import TrajectoryStore
 
 __all__ = [
     "DisconnectivityTree",
+    "Excursions",
     "MarkovStateModel",
+    "MinimaDatabase",
+    "Quench",
     "SparseProjection",
     "StreamingPCA",
     "TrajectoryStore",
@@ -21,5 +26,9 @@ __all__ = [
     "disconnectivity_figure",
     "disconnectivity_tree",
     "discretize",
+    "function_distance",
     "markov_state_model",
+    "metastable_count",
+    "quench",
+    "sample_basin",
 ]

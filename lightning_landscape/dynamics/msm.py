@@ -131,3 +131,21 @@ def discretize(features: Sequence[np.ndarray], n_clusters: int, seed: int = 0) -
     rows = np.concatenate([np.asarray(f, dtype=np.float64) for f in features])
     model = KMeans(n_clusters=n_clusters, fixed_seed=seed, max_iter=200).fit(rows).fetch_model()
     return [model.transform(np.asarray(f, dtype=np.float64)) for f in features], np.asarray(model.cluster_centers)
+
+
+def metastable_count(eigenvalues: np.ndarray, max_sets: int = 5) -> int:
+    """The number of metastable sets suggested by the largest gap among the leading eigenvalues of ``T``:
+    ``m = argmax_{2 <= m <= max_sets} (lambda_m - lambda_{m+1})`` (eigenvalues sorted by decreasing modulus,
+    ``lambda_1 = 1``); a clear gap after ``m`` eigenvalues means ``m`` slow sets and fast mixing inside them.
+
+    Example::
+
+        >>> metastable_count(np.array([1.0, 0.98, 0.97, 0.2, 0.1]))
+        3
+    """
+    values = np.sort(np.abs(np.asarray(eigenvalues, dtype=float)))[::-1]
+    if len(values) < 3:
+        return len(values)
+    top = min(max_sets, len(values) - 1)
+    gaps = values[1:top] - values[2 : top + 1]  # gap after m = 2 .. top eigenvalues
+    return int(np.argmax(gaps)) + 2

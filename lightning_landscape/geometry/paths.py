@@ -57,10 +57,14 @@ class PathResult:
 
 
 def _losses(objective: Any, images: Tensor) -> Tensor:
+    if hasattr(objective, "losses"):
+        return objective.losses(images).to(images)
     return torch.stack([objective.loss(x) for x in images])
 
 
 def _grads(objective: Any, images: Tensor) -> Tensor:
+    if hasattr(objective, "grads"):  # e.g. the images split over DDP ranks (distributed.SplitRows)
+        return objective.grads(images).to(images)
     return torch.stack([objective.grad(x) for x in images])
 
 
@@ -124,7 +128,8 @@ def minimum_energy_path(
         theta_a, theta_b: the two ends (kept fixed).
         n_images: images on the path, ends included.
         method: ``"string"`` or ``"neb"``.
-        climbing: refine the highest image to the saddle.
+        climbing: refine the highest image to the saddle, once the path has converged (``tol``); the
+            highest image of an unconverged path is an upper bound of the barrier along it.
         step_size: gradient step of the images (a learning rate: scale it to the curvature).
         n_steps: iterations for the path, and again for the climbing image.
         tol: stop when the largest image displacement per step, divided by ``step_size``, is below it.
@@ -162,7 +167,7 @@ def minimum_energy_path(
             break
     losses = _losses(objective, images)
     top = int(torch.argmax(losses[1:-1])) + 1
-    if climbing:
+    if climbing and converged:  # on an unrelaxed path the climb can leave the path and overshoot
         saddle = images[top].clone()
         for _ in range(n_steps):
             energies = torch.stack([losses[top - 1], objective.loss(saddle), losses[top + 1]])

@@ -159,3 +159,57 @@ def surface_figure(alphas: np.ndarray, betas: np.ndarray, losses: np.ndarray, ti
     fig = go.Figure(go.Surface(x=alphas, y=betas, z=losses, colorscale="Viridis", colorbar={"title": "loss"}))
     fig.update_layout(title=title, scene={"xaxis_title": "alpha", "yaxis_title": "beta", "zaxis_title": "loss"})
     return fig
+
+
+def timescales_figure(lags: np.ndarray, timescales: np.ndarray, unit: str = "recorded steps") -> Figure:
+    """Implied timescales ``t_k(tau)`` against the lag ``tau`` (log scale); flat lines mean a Markovian model.
+    The grey region ``t < tau`` holds processes faster than the lag, which the model cannot resolve."""
+    fig = Figure(figsize=(5.6, 3.8))
+    ax = fig.add_subplot()
+    lags = np.asarray(lags, dtype=float)
+    for k in range(timescales.shape[1]):
+        ax.plot(lags, timescales[:, k], marker="o", ms=4, label=f"t{k + 2}")
+    ax.fill_between(lags, np.full_like(lags, 1e-3), lags, color="0.85", label="t < lag")
+    ax.set_yscale("log")
+    finite = timescales[np.isfinite(timescales) & (timescales > 0)]
+    ax.set_ylim(0.5 * min(lags.min(), finite.min() if finite.size else 1), None)
+    ax.set_xlabel(f"lag ({unit})")
+    ax.set_ylabel(f"implied timescale ({unit})")
+    ax.set_title("MSM implied timescales")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def paths_figure(paths: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> Figure:
+    """Loss profiles ``(label, normalized arc length, losses)`` of minimum-energy paths, saddles marked."""
+    fig = Figure(figsize=(5.8, 3.9))
+    ax = fig.add_subplot()
+    for label, arc, losses in paths:
+        (line,) = ax.plot(arc, losses, marker="o", ms=3, lw=1.3, label=label)
+        top = int(np.argmax(losses))
+        ax.plot([arc[top]], [losses[top]], "^", color=line.get_color(), ms=8)
+    ax.set_xlabel("normalized arc length along the path")
+    ax.set_ylabel("loss (probe set)")
+    ax.set_title("minimum-energy paths (triangles: saddles)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def free_energy_figure(
+    coords: np.ndarray, free_energy: np.ndarray, points: np.ndarray | None = None, explained: float | None = None
+) -> Figure:
+    """MSM states at ``coords`` (their 2-D PCA coordinates) coloured by free energy ``-log pi`` (lowest = 0),
+    over the sampled ``points`` in grey."""
+    fig = Figure(figsize=(6.0, 4.6))
+    ax = fig.add_subplot()
+    if points is not None:
+        ax.scatter(points[:, 0], points[:, 1], s=3, color="0.75", label="sampled points")
+    f = np.asarray(free_energy) - np.min(free_energy)
+    scatter = ax.scatter(coords[:, 0], coords[:, 1], c=f, cmap="viridis_r", s=60, edgecolors="k", label="MSM states")
+    fig.colorbar(scatter, ax=ax, label="free energy -log pi (relative)")
+    note = f" ({100 * explained:.0f}% of variance)" if explained is not None else ""
+    ax.set_xlabel("PC1 of the sketched points" + note)
+    ax.set_ylabel("PC2")
+    ax.set_title("free energy of the MSM states")
+    ax.legend(fontsize=8, loc="upper right")
+    return fig

@@ -1,0 +1,608 @@
+"""EnergyLandscape: the global energy landscape around the training trajectory, built trigger by trigger.
+
+Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`):
+
+1. **basin sampling**: ``replicas`` runs of ``replica_steps`` SGD (or SGLD at ``temperature``) steps from the
+   current point, at the training learning rate and batch size (constant ``lr/B``), on a fixed pool of
+   training batches; never touching the module or the optimizer
+   (:func:`~lightning_landscape.dynamics.sample_basin`). Replicas are split over DDP ranks.
+2. **minima**: the current point and every replica's end point are quenched (L-BFGS on the probe set) and
+   added to a persistent :class:`~lightning_landscape.dynamics.MinimaDatabase` (deduplicated in function
+   space: outputs on the probe set).
+3. **paths**: minimum-energy paths (string method or NEB, climbing image) from the current minimum to the
+   previous trigger's, and along the minimum spanning tree of the database's minima where no barrier is known
+   yet; the path images are split over DDP ranks.
+4. **Markov state model** of every replica recorded so far: features (the sketches, or the outputs on the probe
+   set), k-means, a reversible MSM at ``lag``, implied timescales, Chapman-Kolmogorov test, PCCA+ sets.
+5. **disconnectivity graph** of the database.
+
+The work is done in that order, item by item, while the ``budget_passes`` / ``budget_seconds`` last (every rank
+follows rank 0's decision); what was spent is logged. Outputs, in ``<run dir>/landscape/energy/`` and W&B:
+figures ``disconnectivity``, ``timescales``, ``paths``, ``free_energy``; tables ``minima``, ``barriers``,
+``metastable``; scalars ``barrier_previous`` (saddle loss minus the current minimum's loss), ``slowest_timescale``
+(in optimizer steps), ``metastable_states``, ``n_minima``, ``new_minima``, ``spent_passes``, ``spent_seconds``;
+the minima database in ``minima/`` and every replica as a trajectory store in ``excursions/step-<n>/``.
+
+Example::
+
+    energy = EnergyLandscape(every_n_epochs=5, replicas=8, replica_steps=100, budget_seconds=60)
+    trainer = L.Trainer(callbacks=[TrajectoryRecorder(), energy], logger=WandbLogger())
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from typing_extensions import override
+
+from lightning_landscape import distributed
+from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
+from lightning_landscape.dynamics import (
+    Excursions,
+    MinimaDatabase,
+    SparseProjection,
+    TrajectoryStore,
+    disconnectivity_figure,
+    disconnectivity_tree,
+    discretize,
+    markov_state_model,
+    metastable_count,
+    quench,
+    sample_basin,
+)
+from lightning_landscape.geometry.paths import minimum_energy_path
+from lightning_landscape.objective import BNMode, LossFn, Objective
+from lightning_landscape.report.plots import free_energy_figure, paths_figure, timescales_figure
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+
+def probe_accuracy(outputs: np.ndarray, batches: list[Any]) -> np.ndarray:
+    """Accuracy of flattened probe outputs ``(..., N * C)`` against the probe batches' integer targets (their
+    second tensor), or NaN when the batches carry no class labels."""
+    targets = [b[1] for b in batches if isinstance(b, (list, tuple)) and len(b) > 1 and torch.is_tensor(b[1])]
+    if len(targets) != len(batches) or targets[0].is_floating_point() or targets[0].ndim != 1:
+        return np.full(outputs.shape[:-1], np.nan)
+    labels = torch.cat(targets).cpu().numpy()
+    n_classes = outputs.shape[-1] // len(labels)
+    if n_classes < 2 or n_classes * len(labels) != outputs.shape[-1]:
+        return np.full(outputs.shape[:-1], np.nan)
+    predicted = outputs.reshape(*outputs.shape[:-1], len(labels), n_classes).argmax(-1)
+    return (predicted == labels).mean(-1)
+
+
+def load_excursions(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]:
+    """Every replica under ``folder/step-*/replica-*`` (in order): sketches, losses, and outputs (or None)."""
+    sketches, losses, outputs = [], [], []
+    for run in sorted(folder.glob("step-*")):
+        stored = np.load(run / "outputs.npy") if (run / "outputs.npy").exists() else None
+        for row, replica in enumerate(sorted(run.glob("replica-*"))):
+            store = TrajectoryStore.open(replica)
+            sketches.append(store.sketches.astype(np.float64))
+            losses.append(store.stats["loss"])
+            outputs.append(None if stored is None else stored[row])
+    return sketches, losses, outputs
+
+
+class EnergyLandscape(LandscapeCallback):
+    """Basin sampling, minima, minimum-energy paths, a Markov state model and the disconnectivity graph.
+
+    Args:
+        every_n_steps, every_n_epochs, at_fit_end: triggers (and :meth:`run_now` on demand).
+        replicas: SGD/SGLD replicas per trigger.
+        replica_steps: steps per replica.
+        lr: their learning rate (default: the first optimizer's current learning rate).
+        temperature: SGLD temperature (0: plain SGD, whose noise is the minibatch noise at the training ``lr/B``).
+        record_every: record a replica's point every this many steps.
+        pool_batches: training batches in the minibatch pool (of the global training batch size).
+        quench_iter: L-BFGS iterations per quench.
+        dedup_tol: relative output distance under which two minima are one.
+        path_images: images per minimum-energy path (ends included).
+        path_steps: iterations per path (and for the climbing image).
+        path_method: ``"string"`` or ``"neb"``.
+        path_lr: the images' gradient step (default: ``lr``).
+        max_paths: paths per trigger at most.
+        lag: MSM lag time in recorded points (``lag * record_every`` optimizer steps of the replicas).
+        n_clusters: MSM states (default: about one per 20 recorded points, 2 to 50).
+        features: ``"sketch"`` (sketch coordinates) or ``"outputs"`` (outputs on the probe set, invariant to
+            permutations of hidden units) for the MSM.
+        max_metastable: PCCA+ sets at most (the number is chosen at the largest eigenvalue gap).
+        sketch_dim: dimension of the replicas' sketches.
+        budget_passes: batch passes (forward plus backward, summed over ranks) per trigger, or None.
+        budget_seconds: wall-clock seconds per trigger, or None.
+        seed: seed of the replicas and of the pool of batches.
+        probe_size, probe_seed, bn_mode, loss_fn, progress, dtype: as for every callback.
+        probe_batch_size: as for every callback, but the default is the whole probe set in one batch.
+
+    Raises:
+        ValueError: for non-positive counts, a negative temperature or budget, or an unknown method or feature.
+    """
+
+    name = "energy"
+    shard_probe = False  # every rank holds the whole probe set; replicas and path images are split instead
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        at_fit_end: bool = True,
+        replicas: int = 8,
+        replica_steps: int = 100,
+        lr: float | None = None,
+        temperature: float = 0.0,
+        record_every: int = 10,
+        pool_batches: int = 16,
+        quench_iter: int = 100,
+        dedup_tol: float = 0.05,
+        path_images: int = 9,
+        path_steps: int = 100,
+        path_method: Literal["string", "neb"] = "string",
+        path_lr: float | None = None,
+        max_paths: int = 4,
+        lag: int = 1,
+        n_clusters: int | None = None,
+        features: Literal["sketch", "outputs"] = "sketch",
+        max_metastable: int = 4,
+        sketch_dim: int = 64,
+        budget_passes: int | None = None,
+        budget_seconds: float | None = None,
+        seed: int = 0,
+        probe_size: int = 256,
+        probe_batch_size: int | None = None,
+        probe_seed: int = 0,
+        bn_mode: BNMode = "eval",
+        loss_fn: LossFn | None = None,
+        progress: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            at_fit_end=at_fit_end,
+            probe_size=probe_size,
+            probe_batch_size=probe_batch_size or probe_size,  # one batch: fewer, larger passes
+            probe_seed=probe_seed,
+            bn_mode=bn_mode,
+            loss_fn=loss_fn,
+            progress=progress,
+            dtype=dtype,
+        )
+        counts = {
+            "replicas": replicas,
+            "replica_steps": replica_steps,
+            "record_every": record_every,
+            "pool_batches": pool_batches,
+            "quench_iter": quench_iter,
+            "path_steps": path_steps,
+            "lag": lag,
+            "sketch_dim": sketch_dim,
+        }
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{key}` must be a positive integer, got {value!r}.")
+        if path_images < 3:
+            raise ValueError(f"`path_images` must be at least 3 (two ends and one image), got {path_images}.")
+        if max_paths < 0 or max_metastable < 2:
+            raise ValueError(f"`max_paths` must be >= 0 and `max_metastable` >= 2, got {max_paths}, {max_metastable}.")
+        for key, value in (("lr", lr), ("path_lr", path_lr)):
+            if value is not None and not value > 0:
+                raise ValueError(f"`{key}` must be positive or None (the optimizer's learning rate), got {value}.")
+        if temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0 (0 = plain SGD), got {temperature}.")
+        if path_method not in ("string", "neb"):
+            raise ValueError(f"`path_method` must be 'string' or 'neb', got {path_method!r}.")
+        if features not in ("sketch", "outputs"):
+            raise ValueError(f"`features` must be 'sketch' or 'outputs', got {features!r}.")
+        if n_clusters is not None and n_clusters < 2:
+            raise ValueError(f"`n_clusters` must be at least 2 or None, got {n_clusters}.")
+        for key, value in (("budget_passes", budget_passes), ("budget_seconds", budget_seconds)):
+            if value is not None and not value > 0:
+                raise ValueError(f"`{key}` must be positive or None (no limit), got {value}.")
+        self.replicas, self.replica_steps, self.lr, self.temperature = replicas, replica_steps, lr, temperature
+        self.record_every, self.pool_batches, self.quench_iter, self.dedup_tol = (
+            record_every,
+            pool_batches,
+            quench_iter,
+            dedup_tol,
+        )
+        self.path_images, self.path_steps, self.path_method, self.max_paths = (
+            path_images,
+            path_steps,
+            path_method,
+            max_paths,
+        )
+        self.path_lr = path_lr
+        self.lag, self.n_clusters, self.features, self.max_metastable = lag, n_clusters, features, max_metastable
+        self.sketch_dim, self.seed = sketch_dim, seed
+        self.budget_passes, self.budget_seconds = budget_passes, budget_seconds
+        self.previous_minimum: int | None = None
+        self.history: list[dict[str, Any]] = []
+        self._pool: list[Any] | None = None
+
+    # ------------------------------------------------------------------ budget
+    def _passes(self, trainer: pl.Trainer, objectives: list[Objective]) -> int:
+        """Batch passes spent this trigger, summed over ranks (a collective)."""
+        local = sum(o.passes["forward"] + o.passes["backward"] - o._start for o in objectives)
+        return int(distributed.reduce_sum(trainer.strategy, torch.tensor(float(local))).item())
+
+    def _may_continue(self, trainer: pl.Trainer, objectives: list[Objective], start: float) -> bool:
+        """Rank 0's decision, on every rank: is any budget left?"""
+        passes = self._passes(trainer, objectives)
+        left = (self.budget_passes is None or passes < self.budget_passes) and (
+            self.budget_seconds is None or time.perf_counter() - start < self.budget_seconds
+        )
+        return bool(distributed.broadcast(trainer.strategy, left))
+
+    # ------------------------------------------------------------------ the analysis
+    @override
+    def stages(self) -> int:
+        return 5
+
+    @override
+    def advance(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._timings[f"seconds_{stage.replace(' ', '_').lower()}"] = now - self._mark
+        self._mark = now
+        super().advance(stage)
+
+    def _pool_objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Objective:
+        batch_size = global_batch_size(trainer) or 32
+        if self._pool is None:
+            self._pool = self.draw_batches(
+                trainer, batch_size * self.pool_batches, batch_size, self.seed + 1, sharded=False
+            )
+        return Objective(pl_module, self._pool, self.loss_fn, bn_mode=self.bn_mode, dtype=self.dtype)
+
+    @override
+    def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        start = self._mark = time.perf_counter()
+        self._timings: dict[str, float] = {}
+        strategy = trainer.strategy
+        rank, world_size = distributed.world(strategy)
+        probe = self.objective(trainer, pl_module)
+        pool = self._pool_objective(trainer, pl_module)
+        for o in (probe, pool):
+            o._start = o.passes["forward"] + o.passes["backward"]
+        spend = [probe, pool]
+        lr = self.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
+        x0 = probe.theta0
+        sketch = SparseProjection(x0.numel(), self.sketch_dim, seed=self.seed, nnz=1, device=x0.device)
+
+        # 1. basin sampling, replicas in rounds of one per rank
+        def replicas(ids: list[int]) -> Excursions:
+            return sample_basin(
+                pool,
+                x0,
+                ids,
+                self.replica_steps,
+                lr,
+                self.temperature,
+                seed=self.seed + step,
+                sketch=sketch,
+                record_every=self.record_every,
+                probe=probe,
+            )
+
+        runs = []
+        for first in range(0, self.replicas, world_size):
+            if not self._may_continue(trainer, spend, start):
+                break
+            if first + rank < self.replicas:
+                runs.append(replicas([first + rank]))
+        excursions = self._gather(strategy, runs, replicas([]))
+        if trainer.is_global_zero and len(excursions.replica_ids):
+            layout = {"names": list(probe.layout.names), "shapes": [list(s) for s in probe.layout.shapes]}
+            store_meta = {"k": sketch.k, "projection_seed": sketch.seed, "nnz": sketch.nnz, "step": step, **layout}
+            excursions.save(self.reporter.run_dir / "excursions" / f"step-{step:09d}", store_meta)
+        self.advance("basin sampling")
+
+        # 2. quench the current point and the replicas' ends
+        candidates = torch.cat([x0[None], excursions.finals.to(x0)])
+        quenched = self._quench_all(trainer, probe, candidates, spend, start)
+        self.advance("minima")
+
+        # 3. the database (rank 0), then paths
+        plan, new_minima, current = None, 0, None
+        if trainer.is_global_zero:
+            db = MinimaDatabase(self.reporter.run_dir / "minima", tol=self.dedup_tol)
+            for index, (theta, loss, grad_norm, outputs) in enumerate(quenched):
+                source = "training" if index == 0 else f"replica {index - 1}"
+                acc = float(probe_accuracy(outputs[None], probe.batches)[0])
+                found, new = db.add(theta, loss, outputs, grad_norm=grad_norm, accuracy=acc, step=step, source=source)
+                new_minima += new
+                current = found if index == 0 else current
+            plan = self._plan(db, current)
+            plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in plan]
+        plan = distributed.broadcast(strategy, plan)
+        paths = []
+        for i, j, a, b in plan:
+            if not self._may_continue(trainer, spend, start):
+                break
+            path = minimum_energy_path(
+                distributed.SplitRows(strategy, probe),
+                a.to(x0),
+                b.to(x0),
+                self.path_images,
+                self.path_method,
+                step_size=self.path_lr or lr,
+                n_steps=self.path_steps,
+                quench_steps=0,
+            )
+            paths.append((i, j, path))
+        self.advance("paths")
+        passes = self._passes(trainer, spend)
+        if not trainer.is_global_zero:
+            return
+
+        local_mark = probe.passes["forward"] + probe.passes["backward"]
+        scalars: dict[str, float] = {"new_minima": new_minima}
+        for i, j, path in paths:
+            # the highest point of the path, ends included (an end that is not quite a minimum can be highest)
+            saddle = max(float(path.losses.max()), db.records[i]["loss"], db.records[j]["loss"])
+            info = {"step": step, "method": path.method, "length": path.length, "converged": path.converged}
+            db.set_saddle(
+                i,
+                j,
+                saddle,
+                barrier_ij=saddle - db.records[i]["loss"],
+                barrier_ji=saddle - db.records[j]["loss"],
+                **info,
+            )
+            for theta, _ in path.intermediate_minima[:2]:  # a dip along the path: quench it, it may be a new minimum
+                q = quench(probe, theta, max_iter=self.quench_iter)
+                outputs = probe.outputs(q.theta).reshape(-1).cpu().numpy()
+                acc = float(probe_accuracy(outputs[None], probe.batches)[0])
+                found, new = db.add(
+                    q.theta.cpu().numpy(),
+                    q.loss,
+                    outputs,
+                    grad_norm=q.grad_norm,
+                    accuracy=acc,
+                    step=step,
+                    source=f"path {i}-{j}",
+                )
+                scalars["new_minima"] += new
+        passes += probe.passes["forward"] + probe.passes["backward"] - local_mark
+        if self.previous_minimum is not None and current != self.previous_minimum:
+            saddle = db.saddles.get((min(current, self.previous_minimum), max(current, self.previous_minimum)))
+            if saddle is not None:
+                scalars["barrier_previous"] = saddle["saddle"] - db.records[current]["loss"]
+        self.previous_minimum = current
+        msm = self._markov_state_model(scalars, step)
+        self.advance("Markov state model")
+        tree = disconnectivity_tree(db.losses, db.saddle_matrix()) if len(db) >= 2 else None
+        self.advance("disconnectivity graph")
+        scalars.update(self._timings)
+        scalars.update(
+            n_minima=len(db),
+            spent_passes=passes,
+            spent_seconds=time.perf_counter() - start,
+            replicas_run=len(excursions.replica_ids),
+            paths_run=len(paths),
+        )
+        self.history.append({"step": step, **scalars})
+        self._report(step, db, paths, msm, tree, scalars, probe.metadata)
+
+    def _gather(self, strategy: Any, runs: list[Excursions], template: Excursions) -> Excursions:
+        """Every rank's replicas on every rank, sorted by replica id (the 1-process result)."""
+        local = Excursions.concatenate(runs) if runs else template
+        fields = {
+            "replica_ids": torch.from_numpy(local.replica_ids).double(),
+            "sketches": torch.from_numpy(local.sketches).double(),
+            "losses": torch.from_numpy(local.losses).double(),
+            "outputs": torch.from_numpy(local.outputs).double(),
+            "finals": local.finals.double().cpu(),
+        }
+        out = {k: distributed.gather_rows(strategy, v) for k, v in fields.items()}
+        gathered = Excursions(
+            replica_ids=out["replica_ids"].long().numpy(),
+            steps=template.steps,
+            sketches=out["sketches"].numpy(),
+            losses=out["losses"].numpy(),
+            finals=out["finals"],
+            outputs=out["outputs"].numpy(),
+            meta=template.meta,
+        )
+        return Excursions.concatenate([gathered])
+
+    def _quench_all(self, trainer: pl.Trainer, probe: Objective, candidates: torch.Tensor, spend: list, start: float):
+        """Quench the candidates, one per rank per round, while the budget lasts (the current point always)."""
+        rank, world_size = distributed.world(trainer.strategy)
+        results = []
+        for first in range(0, len(candidates), world_size):
+            if first > 0 and not self._may_continue(trainer, spend, start):
+                break
+            index = first + rank
+            if index < len(candidates):
+                q = quench(probe, candidates[index], max_iter=self.quench_iter)
+                row = torch.cat(
+                    [
+                        q.theta.double(),
+                        torch.tensor([q.loss, q.grad_norm]).to(q.theta).double(),
+                        probe.outputs(q.theta).reshape(-1).double(),
+                    ]
+                )
+                local = row[None]
+            else:
+                width = candidates.shape[1] + 2 + probe.outputs(candidates[0]).numel()
+                local = candidates.new_zeros((0, width), dtype=torch.float64)
+            for row in distributed.gather_rows(trainer.strategy, local.cpu()):
+                p = candidates.shape[1]
+                results.append((row[:p].numpy(), float(row[p]), float(row[p + 1]), row[p + 2 :].numpy()))
+        return results
+
+    def _plan(self, db: MinimaDatabase, current: int) -> list[tuple[int, int]]:
+        """Pairs to join by paths: the current minimum to the previous one, then the spanning tree's gaps."""
+        plan = []
+        previous = self.previous_minimum
+        if (
+            previous is not None
+            and previous != current
+            and (min(previous, current), max(previous, current)) not in db.saddles
+        ):
+            plan.append((min(previous, current), max(previous, current)))
+        plan += [e for e in db.missing_tree_edges() if e not in plan]
+        return plan[: self.max_paths]
+
+    def _markov_state_model(self, scalars: dict[str, float], step: int) -> Any:
+        """The MSM of every replica recorded so far (rank 0), or None while there are too few points."""
+        sketches, losses, outputs = load_excursions(self.reporter.run_dir / "excursions")
+        features = sketches if self.features == "sketch" or any(o is None for o in outputs) else outputs
+        n_points = sum(len(f) for f in features)
+        n_clusters = self.n_clusters or int(np.clip(n_points // 20, 2, 50))
+        if not features or n_points < 2 * n_clusters or max(len(f) for f in features) <= 2 * self.lag:
+            return None
+        dtrajs, centers = discretize(features, n_clusters, seed=self.seed)
+        msm = markov_state_model(dtrajs, self.lag, n_metastable=None)
+        eigenvalues = np.sort(np.abs(np.linalg.eigvals(msm.transition_matrix)))[::-1]
+        n_sets = metastable_count(eigenvalues, self.max_metastable) if len(eigenvalues) > 2 else len(eigenvalues)
+        if 1 < n_sets <= len(msm.active_set):
+            msm = markov_state_model(dtrajs, self.lag, n_metastable=n_sets)
+        to_steps = self.record_every
+        if len(msm.timescales):
+            scalars["slowest_timescale"] = float(msm.timescales[0]) * to_steps
+        scalars["metastable_states"] = n_sets if msm.metastable_assignment is not None else 1
+        points = np.concatenate(sketches)
+        mean = points.mean(0)
+        _, sv, vt = np.linalg.svd(points - mean, full_matrices=False)
+        explained = float((sv[:2] ** 2).sum() / max((sv**2).sum(), 1e-30))
+        sketch_centers = np.stack(
+            [points[np.concatenate(dtrajs) == c].mean(0) for c in msm.active_set]
+        )  # states in sketch space, whatever the features
+        return {
+            "msm": msm,
+            "dtrajs": dtrajs,
+            "losses": losses,
+            "outputs": outputs,
+            "centers": centers,
+            "plane": ((sketch_centers - mean) @ vt[:2].T, (points - mean) @ vt[:2].T, explained),
+        }
+
+    def _report(self, step: int, db: MinimaDatabase, paths: list, msm: Any, tree: Any, scalars: dict, meta: dict):
+        rep = self.reporter
+        rep.scalars(scalars, step)
+        rep.table(
+            "minima",
+            ["id", "loss", "grad_norm", "accuracy", "visits", "step", "source"],
+            [
+                [
+                    r["id"],
+                    r["loss"],
+                    r.get("grad_norm", np.nan),
+                    r.get("accuracy", np.nan),
+                    r.get("visits", 1),
+                    r.get("step", -1),
+                    r.get("source", ""),
+                ]
+                for r in db.records
+            ],
+            step,
+        )
+        rep.table(
+            "barriers",
+            ["i", "j", "saddle", "barrier_ij", "barrier_ji", "length", "converged", "step"],
+            [
+                [
+                    s["i"],
+                    s["j"],
+                    s["saddle"],
+                    s.get("barrier_ij", np.nan),
+                    s.get("barrier_ji", np.nan),
+                    s.get("length", np.nan),
+                    bool(s.get("converged", False)),
+                    s.get("step", -1),
+                ]
+                for s in db.saddles.values()
+            ],
+            step,
+        )
+        if paths:
+            rep.figure("paths", paths_figure([(f"{i} - {j}", p.arc, p.losses) for i, j, p in paths]), step)
+        if tree is not None:
+            rep.figure("disconnectivity", disconnectivity_figure(tree, f"disconnectivity graph at step {step}"), step)
+        arrays: dict[str, Any] = {"minima_losses": db.losses, "saddles": db.saddle_matrix()}
+        if msm is not None:
+            model = msm["msm"]
+            rep.figure(
+                "timescales",
+                timescales_figure(
+                    model.its_lags * self.record_every, model.implied_timescales * self.record_every, "replica steps"
+                ),
+                step,
+            )
+            centers, points, explained = msm["plane"]
+            rep.figure("free_energy", free_energy_figure(centers, model.free_energy, points, explained), step)
+            if model.metastable_assignment is not None:
+                rep.table(
+                    "metastable",
+                    ["set", "population", "mean_loss", "mean_accuracy", "points"],
+                    self._metastable_rows(msm),
+                    step,
+                )
+            arrays.update(
+                transition_matrix=model.transition_matrix,
+                stationary=model.stationary_distribution,
+                free_energy=model.free_energy,
+                its_lags=model.its_lags,
+                implied_timescales=model.implied_timescales,
+                ck_steps=model.ck_steps,
+                ck_error=model.ck_error,
+                active_set=model.active_set,
+            )
+        metadata = {
+            **meta,
+            **self.probe_metadata,
+            "step": step,
+            "lag_steps": self.lag * self.record_every,
+            "temperature": self.temperature,
+            "seed": self.seed,
+            "features": self.features,
+        }
+        rep.arrays("energy", step, metadata=metadata, **arrays)
+
+    def _metastable_rows(self, msm: dict) -> list[list[Any]]:
+        """Each PCCA+ set: population, mean minibatch loss, mean probe accuracy and number of sampled points."""
+        model = msm["msm"]
+        state_of = {int(s): k for k, s in enumerate(model.active_set)}
+        labels = np.concatenate(
+            [
+                [model.metastable_assignment[state_of[int(s)]] if int(s) in state_of else -1 for s in d]
+                for d in msm["dtrajs"]
+            ]
+        )
+        losses = np.concatenate(msm["losses"])
+        outputs = msm["outputs"]
+        acc = (
+            np.concatenate([probe_accuracy(o, self._probe) for o in outputs])
+            if all(o is not None for o in outputs)
+            else np.full(len(losses), np.nan)
+        )
+        rows = []
+        for k, population in enumerate(model.metastable_populations):
+            members = labels == k
+            rows.append(
+                [
+                    k,
+                    float(population),
+                    float(losses[members].mean()) if members.any() else math.nan,
+                    float(np.nanmean(acc[members])) if members.any() else math.nan,
+                    int(members.sum()),
+                ]
+            )
+        return rows
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": self.history, "previous_minimum": self.previous_minimum}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.history = list(state_dict.get("history", []))
+        self.previous_minimum = state_dict.get("previous_minimum")

@@ -1,0 +1,180 @@
+"""Basin sampling: many short SGD or SGLD runs (replicas) from one point, recorded as sketched point clouds.
+
+Replica ``r`` starts at ``theta_0`` and takes ``S`` steps at a constant learning rate ``eta`` on minibatches
+``B_t`` drawn at random from a pool of training batches (all of one size ``B``):
+
+    SGD   (``temperature = 0``):  theta <- theta - eta grad L_B(theta)
+    SGLD  (``temperature = T``):  theta <- theta - eta grad L_B(theta) + sqrt(2 eta T) xi,   xi ~ N(0, I)
+
+(Welling & Teh 2011). SGD is a weak first-order approximation of the SDE
+``d theta = -grad L dt + sqrt(eta Sigma / B) dW`` (Li, Tai & E 2017), so at constant ``eta / B`` the replicas
+explore the basin the way training does near ``theta_0``, and SGLD's ``T`` adds isotropic noise to hop
+barriers. Every ``record_every`` steps a replica records its sketch ``R theta`` (the trajectory store's
+:class:`~lightning_landscape.dynamics.SparseProjection`, so replicas and training trajectories share one basis),
+its minibatch loss, and optionally the outputs on a probe set (permutation-invariant features).
+
+Why by hand: the replicas must not touch the user's module or optimizer, so they run on flat vectors through
+:class:`~lightning_landscape.Objective`; each replica has its own seeded generator (batch order and noise), so
+replica ``r`` is the same whichever process runs it (DDP ranks split the replicas).
+
+Example (a 1-D double well: SGLD started in the well at ``x = -1`` also visits the one at ``x = 1``)::
+
+    >>> import torch
+    >>> from lightning_landscape import Objective
+    >>> well = Objective(torch.nn.Linear(1, 1, bias=False).double(), [torch.zeros(1)],
+    ...     loss_fn=lambda m, _: (m.weight[0, 0] ** 2 - 1) ** 2, dtype=torch.float64)
+    >>> runs = sample_basin(well, torch.tensor([-1.0], dtype=torch.float64), replicas=4, steps=2000, lr=0.01,
+    ...     temperature=0.3, seed=0)
+    >>> runs.sketches.shape, bool((runs.sketches > 0.8).any())
+    ((4, 2001, 1), True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_landscape.dynamics.sketch import SparseProjection
+from lightning_landscape.dynamics.store import TrajectoryStore
+
+
+def replica_seed(seed: int, replica: int) -> int:
+    """The seed of replica ``replica`` of a run seeded ``seed`` (independent streams, stable across processes)."""
+    return int(np.random.SeedSequence([seed, replica]).generate_state(1)[0])
+
+
+@dataclass
+class Excursions:
+    """Replicas of a basin-sampling run. Rows follow ``replica_ids``; ``steps`` are the recorded step indices."""
+
+    replica_ids: np.ndarray  # (R,)
+    steps: np.ndarray  # (n,)
+    sketches: np.ndarray  # (R, n, k)
+    losses: np.ndarray  # (R, n) minibatch loss at each recorded point
+    finals: Tensor  # (R, P) the last point of every replica
+    outputs: np.ndarray | None = None  # (R, n, D) probe-set outputs, when recorded
+    n_grad: int = 0  # minibatch gradient evaluations
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def concatenate(cls, runs: Sequence[Excursions]) -> Excursions:
+        """One set of replicas from several runs with the same recorded steps, sorted by replica id."""
+        ids = np.concatenate([r.replica_ids for r in runs])
+        order = np.argsort(ids, kind="stable")
+        outputs = None if any(r.outputs is None for r in runs) else np.concatenate([r.outputs for r in runs])[order]
+        return cls(
+            replica_ids=ids[order],
+            steps=runs[0].steps,
+            sketches=np.concatenate([r.sketches for r in runs])[order],
+            losses=np.concatenate([r.losses for r in runs])[order],
+            finals=torch.cat([r.finals for r in runs])[torch.from_numpy(order)],
+            outputs=outputs,
+            n_grad=sum(r.n_grad for r in runs),
+            meta=runs[0].meta,
+        )
+
+    def save(self, folder: str | Path, store_meta: dict[str, Any]) -> list[Path]:
+        """Write each replica as a trajectory store ``<folder>/replica-<r>/`` (stats ``loss``, the sketches) and
+        the outputs, if any, as ``<folder>/outputs.npy``. ``store_meta`` names the projection (k, seed, nnz)."""
+        folder = Path(folder)
+        paths = []
+        for row, r in enumerate(self.replica_ids):
+            store = TrajectoryStore.create(folder / f"replica-{int(r):03d}", {**store_meta, **self.meta})
+            for j, step in enumerate(self.steps):
+                store.append(int(step), {"loss": float(self.losses[row, j])}, sketch=self.sketches[row, j])
+            store.flush()
+            paths.append(store.path)
+        if self.outputs is not None:
+            np.save(folder / "outputs.npy", self.outputs)
+        return paths
+
+
+def sample_basin(
+    objective: Any,
+    theta: Tensor,
+    replicas: int | Sequence[int] = 8,
+    steps: int = 100,
+    lr: float = 0.01,
+    temperature: float = 0.0,
+    *,
+    seed: int = 0,
+    sketch: SparseProjection | None = None,
+    record_every: int = 1,
+    probe: Any = None,
+) -> Excursions:
+    """Run replicas of SGD (``temperature=0``) or SGLD from ``theta`` on random batches of ``objective``.
+
+    Args:
+        objective: an :class:`~lightning_landscape.Objective` whose batches are the minibatch pool.
+        theta: the starting point ``(P,)``.
+        replicas: how many (ids ``0..R-1``), or the ids to run (a DDP rank's share).
+        steps: steps per replica.
+        lr: the constant learning rate ``eta``.
+        temperature: SGLD temperature ``T`` (0: plain SGD).
+        seed: seed of the run; replica ``r`` uses :func:`replica_seed` ``(seed, r)``.
+        sketch: the projection of recorded points (default: the identity for ``P <= 256``, else a
+            ``SparseProjection(P, 256, seed)``).
+        record_every: record every this many steps (and the last one).
+        probe: an objective whose :meth:`~lightning_landscape.Objective.outputs` are recorded at each
+            recorded point (None: no outputs).
+
+    Raises:
+        ValueError: for non-positive ``steps``/``record_every``/``lr`` or a negative ``temperature``.
+    """
+    if steps < 1 or record_every < 1:
+        raise ValueError(f"`steps` ({steps}) and `record_every` ({record_every}) must be positive integers.")
+    if not lr > 0:
+        raise ValueError(f"`lr` must be positive, got {lr}.")
+    if temperature < 0:
+        raise ValueError(f"`temperature` must be >= 0 (0 = plain SGD), got {temperature}.")
+    ids = list(range(replicas)) if isinstance(replicas, int) else [int(r) for r in replicas]
+    theta = theta.detach().to(device=objective.device, dtype=objective.dtype)
+    if sketch is None and theta.numel() > 256:
+        sketch = SparseProjection(theta.numel(), 256, seed=seed, device=theta.device)
+    recorded = [s for s in range(steps + 1) if s % record_every == 0 or s == steps]
+    n_batches = len(objective.batches)
+    noise = (2.0 * lr * temperature) ** 0.5
+    sketches, losses, finals, outputs = [], [], [], []
+    for r in ids:
+        generator = torch.Generator().manual_seed(replica_seed(seed, r))
+        x = theta.clone()
+        rows, values, outs = [], [], []
+        for s in range(steps + 1):
+            batch = int(torch.randint(n_batches, (1,), generator=generator))
+            record = s in recorded
+            if s < steps:
+                loss, g = objective.loss_and_grad(x, batch=batch)
+            elif record:
+                loss = objective.loss(x, batch=batch)
+            if record:
+                rows.append((sketch(x) if sketch is not None else x).double().cpu().numpy())
+                values.append(float(loss))
+                if probe is not None:
+                    outs.append(probe.outputs(x).reshape(-1).double().cpu().numpy())
+            if s < steps:
+                x = x - lr * g
+                if noise:
+                    xi = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                    x = x + noise * xi
+        sketches.append(np.stack(rows))
+        losses.append(values)
+        finals.append(x)
+        if probe is not None:
+            outputs.append(np.stack(outs))
+    k = sketch.k if sketch is not None else theta.numel()
+    return Excursions(
+        replica_ids=np.asarray(ids, dtype=np.int64),
+        steps=np.asarray(recorded, dtype=np.int64),
+        sketches=np.stack(sketches) if ids else np.zeros((0, len(recorded), k)),
+        losses=np.asarray(losses, dtype=np.float64).reshape(len(ids), len(recorded)),
+        finals=torch.stack(finals) if ids else theta.new_zeros((0, theta.numel())),
+        outputs=np.stack(outputs) if probe is not None and ids else None,
+        n_grad=len(ids) * steps,
+        meta={"lr": lr, "temperature": temperature, "seed": seed, "record_every": record_every, "steps": steps},
+    )

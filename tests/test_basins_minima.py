@@ -1,0 +1,146 @@
+"""Basin sampling, quenches and the minima database against exact answers."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_landscape import Objective
+from lightning_landscape.distributed import SplitRows
+from lightning_landscape.dynamics import MinimaDatabase, SparseProjection, quench, sample_basin
+from lightning_landscape.geometry.paths import minimum_energy_path
+from tests.test_paths import MIN_A, MIN_C, mueller_brown, point
+
+
+def quadratic(A, targets):
+    """L_b(x) = 0.5 x^T A x - t_b^T x for batches b = targets (rows)."""
+    module = nn.Linear(A.shape[0], 1, bias=False).double()
+    return Objective(
+        module,
+        [t for t in targets],
+        lambda m, t: 0.5 * (m.weight[0] @ A @ m.weight[0]) - t @ m.weight[0],
+        dtype=torch.float64,
+    )
+
+
+def test_sgd_replicas_follow_the_hand_computed_minibatch_steps():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    A = M @ M.T / 4 + torch.eye(4, dtype=torch.float64)
+    targets = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    obj = quadratic(A, targets)
+    x0 = torch.randn(4, generator=g, dtype=torch.float64)
+    runs = sample_basin(obj, x0, replicas=3, steps=7, lr=0.1, seed=5, record_every=3)
+    assert runs.steps.tolist() == [0, 3, 6, 7] and runs.n_grad == 21
+    for row, r in enumerate(runs.replica_ids):
+        # replay: the replica's generator picks the batch of every step, then x <- x - lr (A x - t_b)
+        from lightning_landscape.dynamics.excursions import replica_seed
+
+        gen = torch.Generator().manual_seed(replica_seed(5, int(r)))
+        x, path, losses = x0.clone(), [], []
+        for s in range(8):
+            b = int(torch.randint(3, (1,), generator=gen))
+            if s in (0, 3, 6, 7):
+                path.append(x.clone())
+                losses.append(float(0.5 * x @ A @ x - targets[b] @ x))
+            x = x - 0.1 * (A @ x - targets[b]) if s < 7 else x
+        np.testing.assert_allclose(runs.sketches[row], torch.stack(path).numpy(), rtol=1e-12)  # identity sketch
+        np.testing.assert_allclose(runs.losses[row], losses, rtol=1e-12)
+        torch.testing.assert_close(runs.finals[row], x, rtol=1e-12, atol=1e-12)
+    # a replica is the same whichever subset of replicas a process runs (DDP ranks split them)
+    alone = sample_basin(obj, x0, replicas=[2], steps=7, lr=0.1, seed=5, record_every=3)
+    np.testing.assert_array_equal(alone.sketches[0], runs.sketches[2])
+
+
+def test_sgld_samples_the_boltzmann_distribution_of_a_harmonic_well():
+    """L = 0.5 k x^2 with SGLD at temperature T: stationary density exp(-L/T), variance T/k (to O(lr k))."""
+    k, T, lr = 2.0, 0.05, 0.01
+    obj = Objective(
+        nn.Linear(1, 1, bias=False).double(), [torch.zeros(1)], lambda m, _: 0.5 * k * m.weight[0, 0] ** 2,
+        dtype=torch.float64,
+    )  # fmt: skip
+    runs = sample_basin(obj, torch.zeros(1, dtype=torch.float64), 8, 4000, lr, T, seed=1, record_every=5)
+    samples = runs.sketches[:, 100:, 0].ravel()  # after 500 steps (5 relaxation times 1/(lr k))
+    exact = T / k / (1 - lr * k / 2)  # the discretized Ornstein-Uhlenbeck process's variance
+    n_eff = samples.size / (2 / (lr * k * 5))  # samples per integrated autocorrelation time
+    assert samples.var() == pytest.approx(exact, rel=4 * np.sqrt(2 / n_eff))
+    assert abs(samples.mean()) < 4 * np.sqrt(exact / n_eff)
+
+
+def test_sketched_replicas_preserve_distances():
+    obj = Objective(nn.Linear(300, 1), [(torch.randn(8, 300), torch.zeros(8, 1))], lambda m, b: (m(b[0]) ** 2).mean())
+    sketch = SparseProjection(301, 256, seed=0, nnz=4)
+    runs = sample_basin(obj, obj.theta0, 2, 5, lr=0.5, temperature=0.01, sketch=sketch, seed=0)
+    assert runs.sketches.shape == (2, 6, 256)
+    true = float((runs.finals[0] - runs.finals[1]).norm())
+    sketched = float(np.linalg.norm(runs.sketches[0, -1] - runs.sketches[1, -1]))
+    assert sketched == pytest.approx(true, rel=0.35)
+
+
+def test_bad_basin_settings_are_rejected():
+    obj = quadratic(torch.eye(2, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`temperature`"):
+        sample_basin(obj, torch.zeros(2), temperature=-1.0)
+    with pytest.raises(ValueError, match="`lr`"):
+        sample_basin(obj, torch.zeros(2), lr=0.0)
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "gd"])
+def test_quench_reaches_the_exact_minimum(method):
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    A = M @ M.T / 5 + torch.eye(5, dtype=torch.float64)
+    t = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    obj = quadratic(A, t)
+    q = quench(obj, torch.zeros(5, dtype=torch.float64), method=method, max_iter=2000, gtol=1e-9, lr=0.2)
+    torch.testing.assert_close(q.theta, torch.linalg.solve(A, t[0]), rtol=1e-6, atol=1e-7)
+    assert q.converged and q.grad_norm < 1e-7
+
+
+def test_quench_maps_a_mueller_brown_basin_to_its_minimum():
+    potential = Objective(nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)], mueller_brown, dtype=torch.float64)
+    q = quench(potential, point(MIN_C) + torch.tensor([0.05, -0.03], dtype=torch.float64), gtol=1e-8)
+    assert q.loss == pytest.approx(MIN_C[2], abs=0.01)
+    torch.testing.assert_close(q.theta, point(MIN_C), atol=2e-3, rtol=0)
+    q = quench(potential, point(MIN_A) + torch.tensor([0.1, 0.1], dtype=torch.float64), gtol=1e-8)
+    assert q.loss == pytest.approx(MIN_A[2], abs=0.01)
+
+
+def test_minima_database_dedups_in_function_space_persists_and_plans_the_spanning_tree(tmp_path):
+    db = MinimaDatabase(tmp_path / "db", tol=0.05)
+    assert db.add(np.zeros(2), 1.0, np.array([10.0, 0.0]), step=1) == (0, True)
+    assert db.add(np.zeros(2), 2.0, np.array([0.0, 10.0]), step=1) == (1, True)
+    assert db.add(np.zeros(2), 3.0, np.array([10.0, 10.0]), step=1) == (2, True)
+    assert db.add(np.ones(2), 0.5, np.array([10.1, 0.0]), step=2) == (0, False)  # same function, lower loss
+    assert db.records[0]["loss"] == 0.5 and db.records[0]["visits"] == 2 and db.theta(0).tolist() == [1.0, 1.0]
+    assert db.add(np.ones(2), 9.0, np.array([0.0, 10.1]), step=2) == (1, False)  # same function, higher loss
+    assert db.records[1]["loss"] == 2.0
+    # spanning tree on function distances: 0-2 and 1-2 (distance ~0.83) beat 0-1 (distance 1.41)
+    assert sorted(db.missing_tree_edges()) == [(0, 2), (1, 2)]
+    db.set_saddle(2, 0, 4.0)
+    db.set_saddle(0, 2, 5.0)  # a higher path does not replace a lower one
+    assert db.missing_tree_edges() == [(1, 2)]
+    reopened = MinimaDatabase(tmp_path / "db")
+    assert reopened.losses.tolist() == [0.5, 2.0, 3.0]
+    assert reopened.saddle_matrix()[0, 2] == 4.0 and np.isinf(reopened.saddle_matrix()[0, 1])
+    assert reopened.nearest(np.array([0.0, 9.9]))[0] == 1
+
+
+def test_split_rows_in_one_process_is_the_objective_itself():
+    class One:
+        global_rank, world_size = 0, 1
+
+    obj = Objective(nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)], mueller_brown, dtype=torch.float64)
+    points = torch.randn(5, 2, dtype=torch.float64) * 0.3
+    split = SplitRows(One(), obj)
+    torch.testing.assert_close(split.grads(points), torch.stack([obj.grad(p) for p in points]))
+    torch.testing.assert_close(split.losses(points), obj.losses(points))
+    assert split.numel == 2
+
+
+def test_an_unconverged_path_does_not_climb():
+    potential = Objective(nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)], mueller_brown, dtype=torch.float64)
+    path = minimum_energy_path(potential, point(MIN_A), point(MIN_C), n_images=9, step_size=1e-4, n_steps=5)
+    assert not path.converged
+    assert path.saddle_loss == pytest.approx(float(path.losses[1:-1].max()))
+    torch.testing.assert_close(path.saddle, path.images[path.saddle_index])
