@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -374,7 +375,18 @@ class EnergyLandscape(LandscapeCallback):
             if saddle is not None:
                 scalars["barrier_previous"] = saddle["saddle"] - db.records[current]["loss"]
         self.previous_minimum = current
-        msm = self._markov_state_model(scalars, step)
+        try:
+            msm = self._markov_state_model(scalars, step)
+        except Exception as err:  # too little or disconnected data: the rest of the trigger still stands
+            message = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"lightning-landscape: EnergyLandscape could not fit the Markov state model at step {step} ({message});"
+                " minima, paths and graph are still reported. HINT: raise `replicas` or `replica_steps`.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.reporter.event("failures", {"step": step, "stage": "markov state model", "error": message})
+            msm = None
         self.advance("Markov state model")
         tree = disconnectivity_tree(db.losses, db.saddle_matrix()) if len(db) >= 2 else None
         self.advance("disconnectivity graph")
@@ -591,7 +603,7 @@ class EnergyLandscape(LandscapeCallback):
                     k,
                     float(population),
                     float(losses[members].mean()) if members.any() else math.nan,
-                    float(np.nanmean(acc[members])) if members.any() else math.nan,
+                    float(np.nanmean(acc[members])) if members.any() and np.isfinite(acc[members]).any() else math.nan,
                     int(members.sum()),
                 ]
             )

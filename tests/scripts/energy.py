@@ -1,0 +1,57 @@
+"""EnergyLandscape under DDP: replicas and path images split over ranks give the 1-process result.
+
+Both runs have the same global batch size (32 = 1 x 32 = 2 x 16), so the replicas' minibatches are the same.
+Usage: python energy.py OUT.json DEVICES
+"""
+
+import sys
+from pathlib import Path
+
+import lightning_landscape  # noqa: F401  (first)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning.pytorch as pl
+import numpy as np
+
+from lightning_landscape import EnergyLandscape, TrajectoryStore
+from lightning_landscape.dynamics import MinimaDatabase
+from tests.helpers import RunAtTrainStart, finish_script, loader, tiny_module_class
+
+
+class AtStart(RunAtTrainStart, EnergyLandscape):
+    pass
+
+
+if __name__ == "__main__":
+    out, devices = sys.argv[1], int(sys.argv[2])
+    energy = AtStart(
+        replicas=3, replica_steps=10, record_every=2, path_steps=10, max_paths=2, at_fit_end=False, probe_size=48
+    )
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[energy],
+        default_root_dir=str(Path(out).parent / f"root-{devices}"),
+    )
+    trainer.fit(tiny_module_class()(), train_dataloaders=loader(96, 32 // devices))
+    result = {}
+    if trainer.is_global_zero:
+        run_dir = energy.reporter.run_dir
+        stores = sorted((run_dir / "excursions" / "step-000000000").glob("replica-*"))
+        db = MinimaDatabase(run_dir / "minima")
+        saddles = db.saddle_matrix()
+        result = {
+            "sketches": [TrajectoryStore.open(s).sketches.tolist() for s in stores],
+            "minima": db.losses.tolist(),
+            "saddles": np.where(np.isfinite(saddles), saddles, -1.0).tolist(),
+            "history": energy.history[0],
+        }
+    finish_script(trainer, out, result)

@@ -1,0 +1,176 @@
+"""The EnergyLandscape callback end to end: on a double well whose landscape is known exactly, on a real
+network with W&B, under a budget, unchanged training, and 2 DDP ranks against 1 process."""
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import wandb
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_landscape import EnergyLandscape
+from lightning_landscape.dynamics import MinimaDatabase
+from tests.ddp import run_script
+from tests.helpers import loader, tiny_module_class
+from tests.test_observer import assert_identical_runs, fit
+
+
+class DoubleWell(pl.LightningModule):
+    """L(x, y) = (x^2 - 1)^2 / 2 + 2 y^2: minima (+-1, 0) at loss 0, the saddle (0, 0) at loss 1/2. The outputs are
+    the parameters themselves, so the two minima are two different functions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([-1.0, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.expand(len(x), 2)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return 0.5 * (self.w[0] ** 2 - 1) ** 2 + 2 * self.w[1] ** 2 + 0 * x.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def train(callbacks, root, model=None, max_steps=2, logger=None):
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=logger if logger is not None else CSVLogger(root),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    data = DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=16)
+    trainer.fit(model or DoubleWell(), train_dataloaders=data)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def double_well(tmp_path_factory):
+    energy = EnergyLandscape(
+        replicas=8,
+        replica_steps=1500,
+        lr=0.01,
+        temperature=0.5,
+        record_every=5,
+        path_images=9,
+        path_steps=400,
+        path_lr=0.02,
+        probe_size=16,
+        dtype=torch.float64,
+    )
+    train([energy], tmp_path_factory.mktemp("well"))
+    return energy
+
+
+def test_double_well_minima_saddle_and_disconnectivity_are_exact(double_well):
+    assert double_well.runs == 1 and double_well.failures == 0
+    run = double_well.history[0]
+    assert run["replicas_run"] == 8 and run["paths_run"] >= 1
+    db = MinimaDatabase(double_well.reporter.run_dir / "minima")
+    assert len(db) == 2  # every quench lands in one of the two wells, duplicates merged in function space
+    thetas = sorted(db.theta(i).tolist() for i in range(2))
+    np.testing.assert_allclose(thetas, [[-1.0, 0.0], [1.0, 0.0]], atol=1e-4)
+    np.testing.assert_allclose(db.losses, 0.0, atol=1e-8)
+    assert db.saddles[(0, 1)]["saddle"] == pytest.approx(0.5, rel=1e-3)  # the saddle at (0, 0)
+    saved = np.load(double_well.reporter.run_dir / "energy-step0000002.npz")
+    assert saved["saddles"][0, 1] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_double_well_markov_state_model_finds_two_equally_populated_wells(double_well):
+    run = double_well.history[0]
+    assert run["metastable_states"] == 2
+    rows = (double_well.reporter.run_dir / "metastable-step0000002.csv").read_text().splitlines()[1:]
+    populations = sorted(float(r.split(",")[1]) for r in rows)
+    # symmetric wells: Boltzmann gives 1/2 each; all replicas start in one well and hop ~10 times in all, so the
+    # reversible estimate is good to about 0.1 (the exact statistics of an MSM are tested on a known chain)
+    assert populations == pytest.approx([0.5, 0.5], abs=0.2)
+    saved = np.load(double_well.reporter.run_dir / "energy-step0000002.npz")
+    T = saved["transition_matrix"]
+    np.testing.assert_allclose(T.sum(1), 1.0, atol=1e-10)
+    pi = saved["stationary"]
+    np.testing.assert_allclose(pi @ T, pi, atol=1e-10)
+    # hopping the barrier is the slowest process, far slower than relaxing inside a well (1 / L'' = 1/8 time unit)
+    assert run["slowest_timescale"] * 0.01 > 1.0
+    for name in ("disconnectivity", "timescales", "paths", "free_energy"):
+        assert (double_well.reporter.run_dir / f"{name}-step0000002.png").exists(), name
+    replicas = sorted((double_well.reporter.run_dir / "excursions" / "step-000000002").glob("replica-*"))
+    assert len(replicas) == 8
+
+
+def test_energy_landscape_on_a_network_logs_to_wandb_within_budget(tmp_path):
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ll-test")
+    energy = EnergyLandscape(
+        every_n_epochs=1, replicas=4, replica_steps=20, record_every=2, path_steps=20, max_paths=2, probe_size=32
+    )
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[energy],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(tiny_module_class()(), train_dataloaders=loader())
+    assert energy.runs == 2 and energy.failures == 0  # epoch 1 and epoch 2 (= fit end, deduplicated)
+    keys = set(logger.experiment.summary.keys())
+    for key in ("minima", "barriers", "disconnectivity", "paths", "n_minima", "spent_passes", "barrier_previous"):
+        assert f"landscape/energy/{key}" in keys, key
+    wandb.finish()
+    first, second = energy.history
+    assert second["n_minima"] >= first["n_minima"] >= 2 and second["paths_run"] >= 1
+    assert first["spent_passes"] > 4 * 20  # at least the replicas' steps
+    # a budget stops the work between items, and the spend is reported
+    budgeted = EnergyLandscape(replicas=6, replica_steps=20, budget_passes=60, probe_size=32)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        callbacks=[budgeted],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(tiny_module_class()(), train_dataloaders=loader())
+    run = budgeted.history[0]
+    # a replica: 20 steps (40 passes), the last loss (1) and the probe outputs at 11 points (11): 52 passes
+    assert run["replicas_run"] == 2 and run["paths_run"] == 0
+    assert run["spent_passes"] >= 104
+
+
+def test_energy_landscape_leaves_training_unchanged(tmp_path):
+    plain = fit("lightning.pytorch", [], tmp_path / "plain")
+    energy = EnergyLandscape(every_n_steps=3, replicas=2, replica_steps=5, path_steps=5, probe_size=32)
+    observed = fit("lightning.pytorch", [energy], tmp_path / "observed")
+    assert_identical_runs(plain, observed)
+    assert energy.runs == 4 and energy.failures == 0  # steps 3, 6, 9, 12 (fit end = step 12)
+
+
+def test_two_ranks_sample_the_single_process_replicas_minima_and_paths(tmp_path):
+    single = run_script("energy", tmp_path, 1)
+    ddp = run_script("energy", tmp_path, 2)
+    np.testing.assert_allclose(ddp["sketches"], single["sketches"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ddp["minima"], single["minima"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ddp["saddles"], single["saddles"], rtol=1e-4)
+    assert ddp["history"]["replicas_run"] == single["history"]["replicas_run"] == 3
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="`replicas`"):
+        EnergyLandscape(replicas=0)
+    with pytest.raises(ValueError, match="`temperature`"):
+        EnergyLandscape(temperature=-0.1)
+    with pytest.raises(ValueError, match="`features`"):
+        EnergyLandscape(features="weights")
+    with pytest.raises(ValueError, match="`budget_seconds`"):
+        EnergyLandscape(budget_seconds=0)
+    with pytest.raises(ValueError, match="`path_images`"):
+        EnergyLandscape(path_images=2)
