@@ -5,9 +5,12 @@ Usage::
     lightning-landscape fit --config configs/quickstart.yaml
     lightning-landscape fit --config configs/mnist.yaml --trainer.max_epochs 3 --data.data_dir /data
     lightning-landscape fit --print_config --config configs/quickstart.yaml   # the full resolved config
+    lightning-landscape analyze runs/energy/seed-0 runs/energy/seed-1 --config configs/energy.yaml   # offline
 
 Models and data modules are chosen by ``class_path`` in the config (the reference examples live in
 ``lightning_landscape.examples``), callbacks by ``trainer.callbacks``. Unknown keys are errors.
+``analyze`` rebuilds Markov state models, paths and disconnectivity graphs from recorded runs
+(:mod:`lightning_landscape.analysis`).
 
 W&B: when no W&B login is configured (no ``WANDB_API_KEY``, no entry in ``~/.netrc``) and
 ``WANDB_MODE`` is not set, the command sets ``WANDB_MODE=offline``, so runs are written to
@@ -44,7 +47,13 @@ def use_wandb_offline_without_login() -> str | None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-landscape`` console script."""
+    """Entry point of the ``lightning-landscape`` console script (``analyze`` or a LightningCLI subcommand)."""
+    args = sys.argv[1:] if args is None else args
+    if args[:1] == ["analyze"]:
+        from lightning_landscape.analysis import main as analyze
+
+        analyze(args[1:])
+        return
     use_wandb_offline_without_login()
     from lightning.pytorch.cli import LightningCLI
 

@@ -70,6 +70,14 @@ def global_batch_size(trainer: pl.Trainer) -> int | None:
     return size * trainer.world_size * trainer.accumulate_grad_batches if size else None
 
 
+def probe_chunks(n_samples: int, size: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Indices of the probe set: the first ``size`` of a permutation of ``range(n_samples)`` drawn with ``seed``,
+    in batches of ``batch_size``. The same arguments give the same set in any process (offline analysis too)."""
+    size = min(size, n_samples)
+    indices = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))[:size].tolist()
+    return [indices[i : i + batch_size] for i in range(0, size, batch_size)]
+
+
 def _check_optional_positive(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}. HINT: e.g. `{name}=100`.")
@@ -216,11 +224,8 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f"{type(self).__name__} draws its probe set by index and needs a map-style training dataset,"
                 f" got {type(dataset).__name__}. HINT: use a map-style Dataset, or pass the probe batches explicitly."
             )
-        size = min(size, len(dataset))
-        generator = torch.Generator().manual_seed(seed)
-        indices = torch.randperm(len(dataset), generator=generator)[:size].tolist()
         batch_size = batch_size or loader.batch_size or size
-        chunks = [indices[i : i + batch_size] for i in range(0, size, batch_size)]
+        chunks = probe_chunks(len(dataset), size, batch_size, seed)
         rank, world_size = distributed.world(trainer.strategy) if sharded else (0, 1)
         mine = distributed.shard(len(chunks), rank, world_size)
         if len(chunks) < world_size:

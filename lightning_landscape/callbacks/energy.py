@@ -31,10 +31,8 @@ Example::
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -47,14 +45,13 @@ from lightning_landscape.dynamics import (
     Excursions,
     MinimaDatabase,
     SparseProjection,
-    TrajectoryStore,
+    clustered_msm,
     disconnectivity_figure,
     disconnectivity_tree,
-    discretize,
-    markov_state_model,
-    metastable_count,
+    metastable_summary,
     quench,
     sample_basin,
+    states_on_plane,
 )
 from lightning_landscape.geometry.paths import minimum_energy_path
 from lightning_landscape.objective import BNMode, LossFn, Objective
@@ -76,19 +73,6 @@ def probe_accuracy(outputs: np.ndarray, batches: list[Any]) -> np.ndarray:
         return np.full(outputs.shape[:-1], np.nan)
     predicted = outputs.reshape(*outputs.shape[:-1], len(labels), n_classes).argmax(-1)
     return (predicted == labels).mean(-1)
-
-
-def load_excursions(folder: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]:
-    """Every replica under ``folder/step-*/replica-*`` (in order): sketches, losses, and outputs (or None)."""
-    sketches, losses, outputs = [], [], []
-    for run in sorted(folder.glob("step-*")):
-        stored = np.load(run / "outputs.npy") if (run / "outputs.npy").exists() else None
-        for row, replica in enumerate(sorted(run.glob("replica-*"))):
-            store = TrajectoryStore.open(replica)
-            sketches.append(store.sketches.astype(np.float64))
-            losses.append(store.stats["loss"])
-            outputs.append(None if stored is None else stored[row])
-    return sketches, losses, outputs
 
 
 class EnergyLandscape(LandscapeCallback):
@@ -114,7 +98,8 @@ class EnergyLandscape(LandscapeCallback):
         features: ``"sketch"`` (sketch coordinates) or ``"outputs"`` (outputs on the probe set, invariant to
             permutations of hidden units) for the MSM.
         max_metastable: PCCA+ sets at most (the number is chosen at the largest eigenvalue gap).
-        sketch_dim: dimension of the replicas' sketches.
+        sketch_dim, projection_seed: the replicas' sketch (a CountSketch); with a :class:`TrajectoryRecorder` in the
+            trainer, its projection is used instead, so training trajectories and replicas share one basis.
         budget_passes: batch passes (forward plus backward, summed over ranks) per trigger, or None.
         budget_seconds: wall-clock seconds per trigger, or None.
         seed: seed of the replicas and of the pool of batches.
@@ -150,7 +135,8 @@ class EnergyLandscape(LandscapeCallback):
         n_clusters: int | None = None,
         features: Literal["sketch", "outputs"] = "sketch",
         max_metastable: int = 4,
-        sketch_dim: int = 64,
+        sketch_dim: int = 256,
+        projection_seed: int = 0,
         budget_passes: int | None = None,
         budget_seconds: float | None = None,
         seed: int = 0,
@@ -220,7 +206,7 @@ class EnergyLandscape(LandscapeCallback):
         )
         self.path_lr = path_lr
         self.lag, self.n_clusters, self.features, self.max_metastable = lag, n_clusters, features, max_metastable
-        self.sketch_dim, self.seed = sketch_dim, seed
+        self.sketch_dim, self.projection_seed, self.seed = sketch_dim, projection_seed, seed
         self.budget_passes, self.budget_seconds = budget_passes, budget_seconds
         self.previous_minimum: int | None = None
         self.history: list[dict[str, Any]] = []
@@ -244,6 +230,17 @@ class EnergyLandscape(LandscapeCallback):
     @override
     def stages(self) -> int:
         return 5
+
+    def _projection(self, trainer: pl.Trainer, x0: torch.Tensor) -> SparseProjection:
+        """The recorder's projection when a TrajectoryRecorder runs (one basis for trajectories and replicas)."""
+        from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
+
+        recorder = next((c for c in trainer.callbacks if isinstance(c, TrajectoryRecorder)), None)
+        if recorder is not None:
+            return SparseProjection(
+                x0.numel(), recorder.sketch_dim, recorder.projection_seed, recorder.sketch_nnz, x0.device
+            )
+        return SparseProjection(x0.numel(), self.sketch_dim, self.projection_seed, 1, x0.device)
 
     @override
     def advance(self, stage: str) -> None:
@@ -273,7 +270,7 @@ class EnergyLandscape(LandscapeCallback):
         spend = [probe, pool]
         lr = self.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
         x0 = probe.theta0
-        sketch = SparseProjection(x0.numel(), self.sketch_dim, seed=self.seed, nnz=1, device=x0.device)
+        sketch = self._projection(trainer, x0)
 
         # 1. basin sampling, replicas in rounds of one per rank
         def replicas(ids: list[int]) -> Excursions:
@@ -311,7 +308,8 @@ class EnergyLandscape(LandscapeCallback):
         # 3. the database (rank 0), then paths
         plan, new_minima, current = None, 0, None
         if trainer.is_global_zero:
-            db = MinimaDatabase(self.reporter.run_dir / "minima", tol=self.dedup_tol)
+            meta = {**probe.metadata, **self.probe_metadata, "probe_batch_size": self.probe_batch_size}
+            db = MinimaDatabase(self.reporter.run_dir / "minima", tol=self.dedup_tol, meta=meta)
             for index, (theta, loss, grad_norm, outputs) in enumerate(quenched):
                 source = "training" if index == 0 else f"replica {index - 1}"
                 acc = float(probe_accuracy(outputs[None], probe.batches)[0])
@@ -376,7 +374,7 @@ class EnergyLandscape(LandscapeCallback):
                 scalars["barrier_previous"] = saddle["saddle"] - db.records[current]["loss"]
         self.previous_minimum = current
         try:
-            msm = self._markov_state_model(scalars, step)
+            msm = self._markov_state_model(excursions, scalars)
         except Exception as err:  # too little or disconnected data: the rest of the trigger still stands
             message = f"{type(err).__name__}: {err}"
             warnings.warn(
@@ -388,7 +386,9 @@ class EnergyLandscape(LandscapeCallback):
             self.reporter.event("failures", {"step": step, "stage": "markov state model", "error": message})
             msm = None
         self.advance("Markov state model")
-        tree = disconnectivity_tree(db.losses, db.saddle_matrix()) if len(db) >= 2 else None
+        saddles = db.saddle_matrix()
+        joined = np.flatnonzero(np.isfinite(saddles).sum(1) > 1)  # minima with at least one known path
+        tree = disconnectivity_tree(db.losses[joined], saddles[np.ix_(joined, joined)], joined) if len(joined) else None
         self.advance("disconnectivity graph")
         scalars.update(self._timings)
         scalars.update(
@@ -462,38 +462,27 @@ class EnergyLandscape(LandscapeCallback):
         plan += [e for e in db.missing_tree_edges() if e not in plan]
         return plan[: self.max_paths]
 
-    def _markov_state_model(self, scalars: dict[str, float], step: int) -> Any:
-        """The MSM of every replica recorded so far (rank 0), or None while there are too few points."""
-        sketches, losses, outputs = load_excursions(self.reporter.run_dir / "excursions")
-        features = sketches if self.features == "sketch" or any(o is None for o in outputs) else outputs
-        n_points = sum(len(f) for f in features)
-        n_clusters = self.n_clusters or int(np.clip(n_points // 20, 2, 50))
-        if not features or n_points < 2 * n_clusters or max(len(f) for f in features) <= 2 * self.lag:
+    def _markov_state_model(self, excursions: Excursions, scalars: dict[str, float]) -> Any:
+        """The MSM of this trigger's replicas: the metastable sets of the basin that training is in now, at the
+        training noise (rank 0). None while there are too few points."""
+        sketches, losses = list(excursions.sketches), list(excursions.losses)
+        outputs = list(excursions.outputs) if excursions.outputs is not None else [None] * len(sketches)
+        features = sketches if self.features == "sketch" or excursions.outputs is None else outputs
+        fitted = clustered_msm(features, self.lag, self.n_clusters, self.max_metastable, self.seed)
+        if fitted is None:
             return None
-        dtrajs, centers = discretize(features, n_clusters, seed=self.seed)
-        msm = markov_state_model(dtrajs, self.lag, n_metastable=None)
-        eigenvalues = np.sort(np.abs(np.linalg.eigvals(msm.transition_matrix)))[::-1]
-        n_sets = metastable_count(eigenvalues, self.max_metastable) if len(eigenvalues) > 2 else len(eigenvalues)
-        if 1 < n_sets <= len(msm.active_set):
-            msm = markov_state_model(dtrajs, self.lag, n_metastable=n_sets)
-        to_steps = self.record_every
+        msm, dtrajs = fitted
         if len(msm.timescales):
-            scalars["slowest_timescale"] = float(msm.timescales[0]) * to_steps
-        scalars["metastable_states"] = n_sets if msm.metastable_assignment is not None else 1
-        points = np.concatenate(sketches)
-        mean = points.mean(0)
-        _, sv, vt = np.linalg.svd(points - mean, full_matrices=False)
-        explained = float((sv[:2] ** 2).sum() / max((sv**2).sum(), 1e-30))
-        sketch_centers = np.stack(
-            [points[np.concatenate(dtrajs) == c].mean(0) for c in msm.active_set]
-        )  # states in sketch space, whatever the features
+            scalars["slowest_timescale"] = float(msm.timescales[0]) * self.record_every
+        scalars["metastable_states"] = len(msm.metastable_populations) if msm.metastable_assignment is not None else 1
+        accuracy = [
+            probe_accuracy(o, self._probe) if o is not None else np.full(len(values), np.nan)
+            for o, values in zip(outputs, losses, strict=True)
+        ]
         return {
             "msm": msm,
-            "dtrajs": dtrajs,
-            "losses": losses,
-            "outputs": outputs,
-            "centers": centers,
-            "plane": ((sketch_centers - mean) @ vt[:2].T, (points - mean) @ vt[:2].T, explained),
+            "sets": metastable_summary(msm, dtrajs, {"loss": losses, "accuracy": accuracy}),
+            "plane": states_on_plane(sketches, dtrajs, msm.active_set),
         }
 
     def _report(self, step: int, db: MinimaDatabase, paths: list, msm: Any, tree: Any, scalars: dict, meta: dict):
@@ -551,12 +540,8 @@ class EnergyLandscape(LandscapeCallback):
             centers, points, explained = msm["plane"]
             rep.figure("free_energy", free_energy_figure(centers, model.free_energy, points, explained), step)
             if model.metastable_assignment is not None:
-                rep.table(
-                    "metastable",
-                    ["set", "population", "mean_loss", "mean_accuracy", "points"],
-                    self._metastable_rows(msm),
-                    step,
-                )
+                columns = ["set", "population", "mean_loss", "mean_accuracy", "points"]
+                rep.table("metastable", columns, [[row[c] for c in columns] for row in msm["sets"]], step)
             arrays.update(
                 transition_matrix=model.transition_matrix,
                 stationary=model.stationary_distribution,
@@ -577,37 +562,6 @@ class EnergyLandscape(LandscapeCallback):
             "features": self.features,
         }
         rep.arrays("energy", step, metadata=metadata, **arrays)
-
-    def _metastable_rows(self, msm: dict) -> list[list[Any]]:
-        """Each PCCA+ set: population, mean minibatch loss, mean probe accuracy and number of sampled points."""
-        model = msm["msm"]
-        state_of = {int(s): k for k, s in enumerate(model.active_set)}
-        labels = np.concatenate(
-            [
-                [model.metastable_assignment[state_of[int(s)]] if int(s) in state_of else -1 for s in d]
-                for d in msm["dtrajs"]
-            ]
-        )
-        losses = np.concatenate(msm["losses"])
-        outputs = msm["outputs"]
-        acc = (
-            np.concatenate([probe_accuracy(o, self._probe) for o in outputs])
-            if all(o is not None for o in outputs)
-            else np.full(len(losses), np.nan)
-        )
-        rows = []
-        for k, population in enumerate(model.metastable_populations):
-            members = labels == k
-            rows.append(
-                [
-                    k,
-                    float(population),
-                    float(losses[members].mean()) if members.any() else math.nan,
-                    float(np.nanmean(acc[members])) if members.any() and np.isfinite(acc[members]).any() else math.nan,
-                    int(members.sum()),
-                ]
-            )
-        return rows
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,15 @@ from lightning_landscape.dynamics.disconnectivity import (
 )
 from lightning_landscape.dynamics.excursions import Excursions, sample_basin
 from lightning_landscape.dynamics.minima import MinimaDatabase, Quench, function_distance, quench
-from lightning_landscape.dynamics.msm import MarkovStateModel, discretize, markov_state_model, metastable_count
+from lightning_landscape.dynamics.msm import (
+    MarkovStateModel,
+    clustered_msm,
+    discretize,
+    markov_state_model,
+    metastable_count,
+    metastable_summary,
+    states_on_plane,
+)
 from lightning_landscape.dynamics.pca import StreamingPCA, common_projection
 from lightning_landscape.dynamics.sketch import SparseProjection
 from lightning_landscape.dynamics.store import TrajectoryStore
@@ -22,6 +30,7 @@ __all__ = [
     "SparseProjection",
     "StreamingPCA",
     "TrajectoryStore",
+    "clustered_msm",
     "common_projection",
     "disconnectivity_figure",
     "disconnectivity_tree",
@@ -29,6 +38,8 @@ __all__ = [
     "function_distance",
     "markov_state_model",
     "metastable_count",
+    "metastable_summary",
     "quench",
     "sample_basin",
+    "states_on_plane",
 ]

@@ -34,11 +34,14 @@ class DisconnectivityTree:
     minima: np.ndarray
     linkage: np.ndarray
     merge_levels: np.ndarray
+    labels: np.ndarray  # the name of each minimum in the figure (default 0 .. n-1)
 
 
-def disconnectivity_tree(minima: np.ndarray, saddles: np.ndarray) -> DisconnectivityTree:
+def disconnectivity_tree(
+    minima: np.ndarray, saddles: np.ndarray, labels: np.ndarray | None = None
+) -> DisconnectivityTree:
     """Merge minima (losses, ``(n,)``) at increasing levels given saddle losses (``(n, n)``, symmetric, ``inf``
-    where no path is known).
+    where no path is known); ``labels`` name the minima in the figure (e.g. their database ids).
 
     Raises:
         ValueError: for mismatched shapes, an asymmetric matrix, or a saddle below one of its minima.
@@ -57,7 +60,8 @@ def disconnectivity_tree(minima: np.ndarray, saddles: np.ndarray) -> Disconnecti
     unreachable = (saddles[off][finite].max() if finite.any() else minima.max()) + 1.0
     saddles[off & ~np.isfinite(saddles)] = unreachable  # disconnected parts join above everything known
     Z = linkage(squareform(saddles, checks=False), method="single")
-    return DisconnectivityTree(minima, Z, Z[:, 2].copy())
+    labels = np.arange(n) if labels is None else np.asarray(labels)
+    return DisconnectivityTree(minima, Z, Z[:, 2].copy(), labels)
 
 
 def disconnectivity_figure(tree: DisconnectivityTree, title: str = "disconnectivity graph") -> Figure:
@@ -74,7 +78,13 @@ def disconnectivity_figure(tree: DisconnectivityTree, title: str = "disconnectiv
         ax.plot(xs, ys, color="k", lw=1.0)
     for x, leaf in leaf_x.items():
         ax.plot([x], [tree.minima[leaf]], "o", color="crimson", ms=4)
-    ax.set_xticks(list(leaf_x), [str(leaf) for leaf in leaf_x.values()])
+    small = len(leaf_x) > 15
+    ax.set_xticks(
+        list(leaf_x),
+        [str(tree.labels[leaf]) for leaf in leaf_x.values()],
+        fontsize=6 if small else None,
+        rotation=90 if small else 0,
+    )
     ax.set_xlabel("minimum")
     ax.set_ylabel("loss")
     ax.set_title(title)

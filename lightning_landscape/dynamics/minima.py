@@ -128,16 +128,17 @@ class MinimaDatabase:
     Args:
         path: the folder (created; an existing database there is loaded).
         tol: relative output distance below which two minima are one (see the module docstring).
+        meta: how the minima were evaluated (probe set, BN mode, ...), kept with them (the stored one wins).
 
     Attributes:
         records: one dict per minimum: ``id``, ``loss``, ``step`` and anything passed to :meth:`add`.
         saddles: ``{(i, j): {"saddle": loss, ...}}`` for ``i < j``.
     """
 
-    def __init__(self, path: str | Path, tol: float = 0.05) -> None:
+    def __init__(self, path: str | Path, tol: float = 0.05, meta: dict[str, Any] | None = None) -> None:
         if not tol > 0:
             raise ValueError(f"`tol` must be positive, got {tol}. HINT: e.g. 0.05 (5% relative output distance).")
-        self.path, self.tol = Path(path), tol
+        self.path, self.tol, self.meta = Path(path), tol, dict(meta or {})
         self.records: list[dict[str, Any]] = []
         self.saddles: dict[tuple[int, int], dict[str, Any]] = {}
         self._outputs: list[np.ndarray] = []
@@ -145,6 +146,7 @@ class MinimaDatabase:
         if index.exists():
             data = json.loads(index.read_text())
             self.records = data["minima"]
+            self.meta = data.get("meta", self.meta)
             self.saddles = {(int(s["i"]), int(s["j"])): s for s in data["saddles"]}
             self._outputs = [np.load(self.path / "outputs" / f"{r['id']:05d}.npy") for r in self.records]
 
@@ -231,7 +233,26 @@ class MinimaDatabase:
         edges = sorted(zip(rows.tolist(), cols.tolist(), tree.data.tolist(), strict=True), key=lambda e: e[2])
         return [(min(i, j), max(i, j)) for i, j, _ in edges if (min(i, j), max(i, j)) not in self.saddles]
 
+    def absorb(self, other: MinimaDatabase, **info: Any) -> dict[int, int]:
+        """Add every minimum and saddle of ``other`` (e.g. another run's database), deduplicated; ``info`` is stored
+        with each added minimum (e.g. ``run="seed-1"``). Returns the map from ``other``'s ids to this one's."""
+        ids = {}
+        for record in other.records:
+            extra = {k: v for k, v in record.items() if k not in ("id", "loss")}
+            ids[record["id"]], _ = self.add(
+                other.theta(record["id"]), record["loss"], other.outputs(record["id"]), **{**extra, **info}
+            )
+        for (i, j), saddle in other.saddles.items():
+            if ids[i] != ids[j]:
+                self.set_saddle(
+                    ids[i],
+                    ids[j],
+                    saddle["saddle"],
+                    **{k: v for k, v in saddle.items() if k not in ("i", "j", "saddle")},
+                )
+        return ids
+
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        data = {"tol": self.tol, "minima": self.records, "saddles": list(self.saddles.values())}
+        data = {"tol": self.tol, "meta": self.meta, "minima": self.records, "saddles": list(self.saddles.values())}
         _atomic_write(self.path / "minima.json", lambda fh: fh.write(json.dumps(data, indent=1).encode()))

@@ -149,3 +149,65 @@ def metastable_count(eigenvalues: np.ndarray, max_sets: int = 5) -> int:
     top = min(max_sets, len(values) - 1)
     gaps = values[1:top] - values[2 : top + 1]  # gap after m = 2 .. top eigenvalues
     return int(np.argmax(gaps)) + 2
+
+
+def clustered_msm(
+    features: Sequence[np.ndarray],
+    lag: int,
+    n_clusters: int | None = None,
+    max_metastable: int = 4,
+    seed: int = 0,
+) -> tuple[MarkovStateModel, list[np.ndarray]] | None:
+    """The whole pipeline on point clouds (one ``(n_t, d)`` array per trajectory): k-means into ``n_clusters``
+    states (default: one per 20 points, 2 to 50), a reversible MSM at ``lag``, and PCCA+ into the number of sets
+    at the largest eigenvalue gap (:func:`metastable_count`). Returns ``(msm, discrete trajectories)``, or None
+    while there are too few points (fewer than two per state, or trajectories not longer than ``2 lag``)."""
+    features = [np.asarray(f, dtype=np.float64) for f in features if len(f)]
+    n_points = sum(len(f) for f in features)
+    n_clusters = n_clusters or int(np.clip(n_points // 20, 2, 50))
+    if not features or n_points < 2 * n_clusters or max(len(f) for f in features) <= 2 * lag:
+        return None
+    dtrajs, _ = discretize(features, n_clusters, seed=seed)
+    msm = markov_state_model(dtrajs, lag)
+    eigenvalues = np.linalg.eigvals(msm.transition_matrix)
+    n_sets = metastable_count(eigenvalues, max_metastable)
+    if 1 < n_sets <= len(msm.active_set):
+        msm = markov_state_model(dtrajs, lag, n_metastable=n_sets)
+    return msm, dtrajs
+
+
+def metastable_summary(
+    msm: MarkovStateModel, dtrajs: Sequence[np.ndarray], values: dict[str, Sequence[np.ndarray]]
+) -> list[dict[str, float]]:
+    """Per PCCA+ set: its population, the number of sampled points in it, and the mean of each per-point value
+    (e.g. ``{"loss": [...], "accuracy": [...]}``, one array per trajectory; NaNs ignored)."""
+    if msm.metastable_assignment is None:
+        return []
+    state_of = {int(s): k for k, s in enumerate(msm.active_set)}
+    labels = np.asarray(
+        [msm.metastable_assignment[state_of[int(s)]] if int(s) in state_of else -1 for d in dtrajs for s in d]
+    )
+    flat = {name: np.concatenate([np.asarray(v, dtype=float) for v in arrays]) for name, arrays in values.items()}
+    rows = []
+    for k, population in enumerate(msm.metastable_populations):
+        members = labels == k
+        row = {"set": k, "population": float(population), "points": int(members.sum())}
+        for name, v in flat.items():
+            chosen = v[members]
+            row[f"mean_{name}"] = float(np.nanmean(chosen)) if np.isfinite(chosen).any() else float("nan")
+        rows.append(row)
+    return rows
+
+
+def states_on_plane(
+    points: Sequence[np.ndarray], dtrajs: Sequence[np.ndarray], active_set: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The 2-D PCA plane of all points: (each active state's mean point, every point, explained variance ratio)."""
+    stacked = np.concatenate([np.asarray(p, dtype=np.float64) for p in points])
+    labels = np.concatenate(dtrajs)
+    mean = stacked.mean(0)
+    _, sv, vt = np.linalg.svd(stacked - mean, full_matrices=False)
+    explained = float((sv[:2] ** 2).sum() / max((sv**2).sum(), 1e-30))
+    basis = vt[:2].T
+    centers = np.stack([stacked[labels == s].mean(0) for s in active_set])
+    return (centers - mean) @ basis, (stacked - mean) @ basis, explained

@@ -1,0 +1,240 @@
+"""Offline analysis of recorded runs: ``lightning-landscape analyze RUN_DIR [RUN_DIR ...]``.
+
+Reads what the callbacks stored under each run directory (searched recursively): trajectory stores of
+:class:`~lightning_landscape.TrajectoryRecorder`, the replicas and minima databases of
+:class:`~lightning_landscape.EnergyLandscape`. Then, for all runs together (e.g. several seeds):
+
+* a Markov state model of every trajectory that shares one sketch basis (same ``k``, projection seed and
+  parameter count): implied timescales, Chapman-Kolmogorov errors, PCCA+ sets, free energy of the states;
+* one minima database merging every run's minima (deduplicated in function space, when the runs used the
+  same probe set) and their known saddles;
+* with ``--config`` (the LightningCLI config of the runs), minimum-energy paths along the missing edges of the
+  merged database's spanning tree, between minima of *different* runs too (mode connectivity);
+* the disconnectivity graph of the merged database.
+
+Everything goes to ``--out`` (default ``<first RUN_DIR>/landscape-analysis``): figures, ``analysis.npz``,
+``metastable.csv``, ``minima.csv``, ``barriers.csv``, ``summary.json`` and the merged ``minima/`` folder.
+
+Example::
+
+    lightning-landscape analyze runs/seed-0 runs/seed-1 --config configs/energy.yaml --max-paths 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_landscape.dynamics import (
+    MinimaDatabase,
+    TrajectoryStore,
+    clustered_msm,
+    disconnectivity_figure,
+    disconnectivity_tree,
+    metastable_summary,
+    states_on_plane,
+)
+from lightning_landscape.report.plots import free_energy_figure, paths_figure, timescales_figure
+
+
+def find_records(run_dirs: list[Path]) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """``(trajectory stores, minima databases)`` under the run directories, each labelled by its run."""
+    stores, databases = [], []
+    for run in run_dirs:
+        if not run.is_dir():
+            raise FileNotFoundError(f"RUN_DIR {str(run)!r} is not a directory. HINT: pass a run's log directory.")
+        stores += [(run.name, meta.parent) for meta in sorted(run.rglob("meta.json"))]
+        databases += [(run.name, index.parent) for index in sorted(run.rglob("minima.json"))]
+    return stores, databases
+
+
+def _basis(meta: dict[str, Any]) -> tuple[Any, ...]:
+    return meta.get("k"), meta.get("projection_seed"), meta.get("nnz"), sum(int(np.prod(s)) for s in meta["shapes"])
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        writer.writerows(rows)
+
+
+def _probe_objective(config: Path, probe_size: int, probe_seed: int, bn_mode: str) -> Any:
+    """The runs' model and probe set, rebuilt from their LightningCLI config (no trainer, no logger)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_landscape.callbacks.base import probe_chunks
+    from lightning_landscape.objective import Objective
+
+    cli = LightningCLI(
+        args=["--config", str(config), "--trainer.logger", "false", "--trainer.callbacks", "[]"],
+        run=False,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+    )
+    datamodule = cli.datamodule
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    chunks = probe_chunks(len(loader.dataset), probe_size, probe_size, probe_seed)
+    batches = [loader.collate_fn([loader.dataset[i] for i in chunk]) for chunk in chunks]
+    return Objective(cli.model, batches, bn_mode=bn_mode)
+
+
+def analyze(
+    run_dirs: list[str | Path],
+    out: str | Path | None = None,
+    *,
+    lag: int = 1,
+    n_clusters: int | None = None,
+    max_metastable: int = 4,
+    config: str | Path | None = None,
+    max_paths: int = 10,
+    path_images: int = 9,
+    path_steps: int = 200,
+    path_lr: float = 0.01,
+    dedup_tol: float = 0.05,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Rebuild the MSM, paths and disconnectivity graph of one or several runs (see the module docstring).
+    Returns the summary that is also written to ``summary.json``.
+
+    Raises:
+        FileNotFoundError: a run directory that does not exist, or holds no trajectory and no minima.
+    """
+    runs = [Path(r) for r in run_dirs]
+    out = Path(out) if out is not None else runs[0] / "landscape-analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    stores, databases = find_records(runs)
+    stores = [(run, path) for run, path in stores if not path.is_relative_to(out)]
+    databases = [(run, path) for run, path in databases if not path.is_relative_to(out)]
+    if not stores and not databases:
+        raise FileNotFoundError(
+            f"No trajectory store and no minima database under {[str(r) for r in runs]}."
+            " HINT: pass the log directories of runs recorded with TrajectoryRecorder or EnergyLandscape."
+        )
+    summary: dict[str, Any] = {"runs": [str(r) for r in runs], "out": str(out)}
+
+    # the MSM of the largest group of trajectories that share a sketch basis
+    groups: dict[tuple[Any, ...], list[tuple[str, TrajectoryStore]]] = defaultdict(list)
+    for run, path in stores:
+        store = TrajectoryStore.open(path)
+        if len(store.sketches) > 2 * lag:
+            groups[_basis(store.meta)].append((run, store))
+    arrays: dict[str, Any] = {}
+    if groups:
+        group = max(groups.values(), key=lambda g: sum(len(s.sketches) for _, s in g))
+        sketches = [s.sketches.astype(np.float64) for _, s in group]
+        fitted = clustered_msm(sketches, lag, n_clusters, max_metastable, seed)
+        summary["trajectories"] = len(group)
+        summary["points"] = int(sum(len(s) for s in sketches))
+        summary["skipped_trajectories"] = sum(len(g) for g in groups.values()) - len(group)
+        if fitted is not None:
+            msm, dtrajs = fitted
+            losses = [
+                s.stats.get("loss", np.full(len(s.steps), np.nan))[np.isin(s.steps, s.sketch_steps)] for _, s in group
+            ]
+            sets = metastable_summary(msm, dtrajs, {"loss": losses})
+            summary.update(
+                slowest_timescale=float(msm.timescales[0]) if len(msm.timescales) else None,
+                metastable_states=len(sets) or 1,
+                active_states=len(msm.active_set),
+            )
+            columns = ["set", "population", "mean_loss", "points"]
+            _write_csv(out / "metastable.csv", columns, [[row[c] for c in columns] for row in sets])
+            timescales_figure(msm.its_lags, msm.implied_timescales, "recorded points").savefig(out / "timescales.png")
+            centers, points, explained = states_on_plane(sketches, dtrajs, msm.active_set)
+            free_energy_figure(centers, msm.free_energy, points, explained).savefig(out / "free_energy.png")
+            arrays.update(
+                transition_matrix=msm.transition_matrix,
+                stationary=msm.stationary_distribution,
+                free_energy=msm.free_energy,
+                its_lags=msm.its_lags,
+                implied_timescales=msm.implied_timescales,
+                ck_steps=msm.ck_steps,
+                ck_error=msm.ck_error,
+            )
+
+    # the merged minima database, paths between its minima, and the graph
+    if databases:
+        opened = [(run, MinimaDatabase(path)) for run, path in databases]
+        probe = {k: opened[0][1].meta.get(k) for k in ("probe_size", "probe_seed", "n_params", "bn_mode")}
+        comparable = [(run, db) for run, db in opened if all(db.meta.get(k) == v for k, v in probe.items())]
+        summary["skipped_databases"] = len(opened) - len(comparable)  # another model or probe set
+        merged = MinimaDatabase(out / "minima", tol=dedup_tol, meta=opened[0][1].meta)
+        for run, db in comparable:
+            merged.absorb(db, run=run)
+        profiles = []
+        if config is not None and len(merged) > 1:
+            from lightning_landscape.geometry.paths import minimum_energy_path
+
+            objective = _probe_objective(Path(config), probe["probe_size"], probe["probe_seed"], probe["bn_mode"])
+            for i, j in merged.missing_tree_edges()[:max_paths]:
+                a, b = (objective.theta0.new_tensor(merged.theta(k)) for k in (i, j))
+                path = minimum_energy_path(objective, a, b, path_images, step_size=path_lr, n_steps=path_steps)
+                saddle = max(float(path.losses.max()), merged.records[i]["loss"], merged.records[j]["loss"])
+                merged.set_saddle(
+                    i, j, saddle, method=path.method, length=path.length, converged=path.converged, source="analyze"
+                )
+                profiles.append((f"{i} - {j}", path.arc, path.losses))
+            if profiles:
+                paths_figure(profiles).savefig(out / "paths.png")
+        summary.update(minima=len(merged), known_saddles=len(merged.saddles), paths_computed=len(profiles))
+        _write_csv(
+            out / "minima.csv",
+            ["id", "loss", "run", "source", "step"],
+            [[r["id"], r["loss"], r.get("run"), r.get("source"), r.get("step")] for r in merged.records],
+        )
+        _write_csv(
+            out / "barriers.csv",
+            ["i", "j", "saddle", "converged"],
+            [[s["i"], s["j"], s["saddle"], s.get("converged")] for s in merged.saddles.values()],
+        )
+        if len(merged) > 1:
+            tree = disconnectivity_tree(merged.losses, merged.saddle_matrix())
+            disconnectivity_figure(tree, f"disconnectivity graph of {len(runs)} run(s)").savefig(
+                out / "disconnectivity.png"
+            )
+            arrays.update(minima_losses=merged.losses, saddles=merged.saddle_matrix(), merge_levels=tree.merge_levels)
+    np.savez(out / "analysis.npz", **arrays)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """``lightning-landscape analyze``: parse the command line, run :func:`analyze`, print the summary."""
+    parser = argparse.ArgumentParser(prog="lightning-landscape analyze", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", help="log directories of recorded runs (searched recursively)")
+    parser.add_argument("--out", default=None, help="output folder (default: <first RUN_DIR>/landscape-analysis)")
+    parser.add_argument("--lag", type=int, default=1, help="MSM lag in recorded points")
+    parser.add_argument("--clusters", type=int, default=None, help="MSM states (default: one per 20 points)")
+    parser.add_argument("--max-metastable", type=int, default=4)
+    parser.add_argument("--config", default=None, help="the runs' LightningCLI config: enables path computation")
+    parser.add_argument("--max-paths", type=int, default=10)
+    parser.add_argument("--path-images", type=int, default=9)
+    parser.add_argument("--path-steps", type=int, default=200)
+    parser.add_argument("--path-lr", type=float, default=0.01)
+    parser.add_argument("--dedup-tol", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    ns = parser.parse_args(args)
+    summary = analyze(
+        ns.run_dirs,
+        ns.out,
+        lag=ns.lag,
+        n_clusters=ns.clusters,
+        max_metastable=ns.max_metastable,
+        config=ns.config,
+        max_paths=ns.max_paths,
+        path_images=ns.path_images,
+        path_steps=ns.path_steps,
+        path_lr=ns.path_lr,
+        dedup_tol=ns.dedup_tol,
+        seed=ns.seed,
+    )
+    print(json.dumps(summary, indent=1))
+    return summary
