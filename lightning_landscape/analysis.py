@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -72,15 +73,20 @@ def _probe_objective(config: Path, probe_size: int, probe_seed: int, bn_mode: st
     from lightning_landscape.callbacks.base import probe_chunks
     from lightning_landscape.objective import Objective
 
-    cli = LightningCLI(
-        args=["--config", str(config), "--trainer.logger", "false", "--trainer.callbacks", "[]"],
-        run=False,
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-    )
-    datamodule = cli.datamodule
-    datamodule.setup("fit")
-    loader = datamodule.train_dataloader()
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both `args` and a command line
+    try:
+        cli = LightningCLI(
+            args=["--config", str(config), "--trainer.logger", "false", "--trainer.callbacks", "[]"],
+            run=False,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+        )
+    finally:
+        sys.argv = argv
+    source = cli.datamodule if cli.datamodule is not None else cli.model
+    if hasattr(source, "setup"):
+        source.setup("fit")
+    loader = source.train_dataloader()
     chunks = probe_chunks(len(loader.dataset), probe_size, probe_size, probe_seed)
     batches = [loader.collate_fn([loader.dataset[i] for i in chunk]) for chunk in chunks]
     return Objective(cli.model, batches, bn_mode=bn_mode)
@@ -144,6 +150,8 @@ def analyze(
                 slowest_timescale=float(msm.timescales[0]) if len(msm.timescales) else None,
                 metastable_states=len(sets) or 1,
                 active_states=len(msm.active_set),
+                # points in the largest connected set: runs or triggers that never meet in sketch space are apart
+                active_points=int(sum(np.isin(d, msm.active_set).sum() for d in dtrajs)),
             )
             columns = ["set", "population", "mean_loss", "points"]
             _write_csv(out / "metastable.csv", columns, [[row[c] for c in columns] for row in sets])

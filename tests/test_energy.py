@@ -35,6 +35,9 @@ class DoubleWell(pl.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=16)
+
 
 def train(callbacks, root, model=None, max_steps=2, logger=None):
     pl.seed_everything(0)
@@ -47,8 +50,7 @@ def train(callbacks, root, model=None, max_steps=2, logger=None):
         enable_checkpointing=False,
         enable_model_summary=False,
     )
-    data = DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=16)
-    trainer.fit(model or DoubleWell(), train_dataloaders=data)
+    trainer.fit(model or DoubleWell())
     return trainer
 
 

@@ -35,6 +35,7 @@ class DisconnectivityTree:
     linkage: np.ndarray
     merge_levels: np.ndarray
     labels: np.ndarray  # the name of each minimum in the figure (default 0 .. n-1)
+    unreachable: float = np.inf  # the level at which groups with no known path between them are joined
 
 
 def disconnectivity_tree(
@@ -61,7 +62,7 @@ def disconnectivity_tree(
     saddles[off & ~np.isfinite(saddles)] = unreachable  # disconnected parts join above everything known
     Z = linkage(squareform(saddles, checks=False), method="single")
     labels = np.arange(n) if labels is None else np.asarray(labels)
-    return DisconnectivityTree(minima, Z, Z[:, 2].copy(), labels)
+    return DisconnectivityTree(minima, Z, Z[:, 2].copy(), labels, float(unreachable))
 
 
 def disconnectivity_figure(tree: DisconnectivityTree, title: str = "disconnectivity graph") -> Figure:
@@ -78,6 +79,18 @@ def disconnectivity_figure(tree: DisconnectivityTree, title: str = "disconnectiv
         ax.plot(xs, ys, color="k", lw=1.0)
     for x, leaf in leaf_x.items():
         ax.plot([x], [tree.minima[leaf]], "o", color="crimson", ms=4)
+    if np.any(tree.merge_levels >= tree.unreachable):
+        ax.axhline(tree.unreachable, color="0.5", ls="--", lw=0.8)
+        ax.text(
+            0.99,
+            tree.unreachable,
+            "no path known",
+            transform=ax.get_yaxis_transform(),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="0.4",
+        )
     small = len(leaf_x) > 15
     ax.set_xticks(
         list(leaf_x),
