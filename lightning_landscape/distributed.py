@@ -60,6 +60,15 @@ def broadcast(strategy: Any, obj: Any, src: int = 0) -> Any:
     return strategy.broadcast(obj, src=src)
 
 
+def gather_objects(strategy: Any, obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order, on every rank (e.g. one work item's result per rank)."""
+    if strategy.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * strategy.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def weighted_mean(strategy: Any, value: Tensor, n_local: int) -> Tensor:
     """``sum_r n_r value_r / sum_r n_r``: a per-rank mean over ``n_local`` samples turned into the global mean.
 
@@ -70,37 +79,6 @@ def weighted_mean(strategy: Any, value: Tensor, n_local: int) -> Tensor:
         return value
     total = reduce_sum(strategy, torch.tensor(float(n_local), dtype=value.dtype, device=value.device))
     return reduce_sum(strategy, value * n_local) / total
-
-
-class SplitRows:
-    """An objective whose batched calls (``losses`` and ``grads`` of many parameter vectors) are split over ranks.
-
-    Every rank holds the whole probe set. The rows of ``thetas`` (the images of a minimum-energy path, say)
-    are sharded, each rank evaluates its block, and :func:`gather_rows` returns the full result on every
-    rank, so an algorithm that only calls these in lockstep on all ranks computes exactly the 1-process
-    result. Single-point calls (``loss``, ``grad``, ...) are the local objective's.
-    """
-
-    def __init__(self, strategy: Any, local: Any) -> None:
-        self.strategy, self.local = strategy, local
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.local, name)
-
-    def _split(self, method: str, thetas: Tensor) -> Tensor:
-        rank, world_size = world(self.strategy)
-        mine = shard(len(thetas), rank, world_size)
-        if len(mine):
-            out = getattr(self.local, method)(thetas[mine.start : mine.stop]).to(thetas.dtype)
-        else:  # more ranks than rows
-            out = thetas.new_zeros((0,) if method == "losses" else (0, thetas.shape[1]))
-        return gather_rows(self.strategy, out)
-
-    def losses(self, thetas: Tensor) -> Tensor:
-        return self._split("losses", thetas)
-
-    def grads(self, thetas: Tensor) -> Tensor:
-        return self._split("grads", thetas)
 
 
 class ShardedObjective:

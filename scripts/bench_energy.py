@@ -5,7 +5,7 @@ epoch), in one run:
   * the epoch time without any callback (median over epochs);
   * one trigger at the default settings, and how it scales with the number of replicas (4, 8, 16): seconds per
     stage, batch passes spent, and the ratio trigger / epoch (the trigger after the first, warm);
-  * 1 against 2 processes (DDP, gloo, one thread each) for the same trigger: replicas, quenches and path images
+  * 1 against 2 processes (DDP, gloo, one thread each) for the same trigger: replicas, quenches and paths
     are split over the ranks.
 
 Usage: python scripts/bench_energy.py [--epochs 3]

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from lightning_landscape import Objective
-from lightning_landscape.distributed import SplitRows
 from lightning_landscape.dynamics import MinimaDatabase, SparseProjection, quench, sample_basin
 from lightning_landscape.geometry.paths import minimum_energy_path
 from tests.test_paths import MIN_A, MIN_C, mueller_brown, point
@@ -124,18 +123,6 @@ def test_minima_database_dedups_in_function_space_persists_and_plans_the_spannin
     assert reopened.losses.tolist() == [0.5, 2.0, 3.0]
     assert reopened.saddle_matrix()[0, 2] == 4.0 and np.isinf(reopened.saddle_matrix()[0, 1])
     assert reopened.nearest(np.array([0.0, 9.9]))[0] == 1
-
-
-def test_split_rows_in_one_process_is_the_objective_itself():
-    class One:
-        global_rank, world_size = 0, 1
-
-    obj = Objective(nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)], mueller_brown, dtype=torch.float64)
-    points = torch.randn(5, 2, dtype=torch.float64) * 0.3
-    split = SplitRows(One(), obj)
-    torch.testing.assert_close(split.grads(points), torch.stack([obj.grad(p) for p in points]))
-    torch.testing.assert_close(split.losses(points), obj.losses(points))
-    assert split.numel == 2
 
 
 def test_an_unconverged_path_does_not_climb():

@@ -11,8 +11,8 @@ Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`):
    space: outputs on the probe set).
 3. **paths**: minimum-energy paths (string method or NEB, climbing image) from the current minimum to the
    previous trigger's, and along the minimum spanning tree of the database's minima where no barrier is known
-   yet; the path images are split over DDP ranks.
-4. **Markov state model** of every replica recorded so far: features (the sketches, or the outputs on the probe
+   yet; whole paths are split over DDP ranks.
+4. **Markov state model** of this trigger's replicas: features (the sketches, or the outputs on the probe
    set), k-means, a reversible MSM at ``lag``, implied timescales, Chapman-Kolmogorov test, PCCA+ sets.
 5. **disconnectivity graph** of the database.
 
@@ -111,7 +111,7 @@ class EnergyLandscape(LandscapeCallback):
     """
 
     name = "energy"
-    shard_probe = False  # every rank holds the whole probe set; replicas and path images are split instead
+    shard_probe = False  # every rank holds the whole probe set; replicas, quenches and paths are split instead
 
     def __init__(
         self,
@@ -319,21 +319,25 @@ class EnergyLandscape(LandscapeCallback):
             plan = self._plan(db, current)
             plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in plan]
         plan = distributed.broadcast(strategy, plan)
-        paths = []
-        for i, j, a, b in plan:
+        paths = []  # whole paths split over ranks, one per rank per round
+        for first in range(0, len(plan), world_size):
             if not self._may_continue(trainer, spend, start):
                 break
-            path = minimum_energy_path(
-                distributed.SplitRows(strategy, probe),
-                a.to(x0),
-                b.to(x0),
-                self.path_images,
-                self.path_method,
-                step_size=self.path_lr or lr,
-                n_steps=self.path_steps,
-                quench_steps=0,
-            )
-            paths.append((i, j, path))
+            mine = None
+            if first + rank < len(plan):
+                i, j, a, b = plan[first + rank]
+                path = minimum_energy_path(
+                    probe,
+                    a.to(x0),
+                    b.to(x0),
+                    self.path_images,
+                    self.path_method,
+                    step_size=self.path_lr or lr,
+                    n_steps=self.path_steps,
+                    quench_steps=0,
+                )
+                mine = (i, j, path)
+            paths += [found for found in distributed.gather_objects(strategy, mine) if found is not None]
         self.advance("paths")
         passes = self._passes(trainer, spend)
         if not trainer.is_global_zero:
@@ -424,29 +428,19 @@ class EnergyLandscape(LandscapeCallback):
         return Excursions.concatenate([gathered])
 
     def _quench_all(self, trainer: pl.Trainer, probe: Objective, candidates: torch.Tensor, spend: list, start: float):
-        """Quench the candidates, one per rank per round, while the budget lasts (the current point always)."""
+        """Quench the candidates, one per rank per round, while the budget lasts (the current point always):
+        ``(theta, loss, gradient norm, probe outputs)`` of each, on every rank."""
         rank, world_size = distributed.world(trainer.strategy)
         results = []
         for first in range(0, len(candidates), world_size):
             if first > 0 and not self._may_continue(trainer, spend, start):
                 break
-            index = first + rank
-            if index < len(candidates):
-                q = quench(probe, candidates[index], max_iter=self.quench_iter)
-                row = torch.cat(
-                    [
-                        q.theta.double(),
-                        torch.tensor([q.loss, q.grad_norm]).to(q.theta).double(),
-                        probe.outputs(q.theta).reshape(-1).double(),
-                    ]
-                )
-                local = row[None]
-            else:
-                width = candidates.shape[1] + 2 + probe.outputs(candidates[0]).numel()
-                local = candidates.new_zeros((0, width), dtype=torch.float64)
-            for row in distributed.gather_rows(trainer.strategy, local.cpu()):
-                p = candidates.shape[1]
-                results.append((row[:p].numpy(), float(row[p]), float(row[p + 1]), row[p + 2 :].numpy()))
+            mine = None
+            if first + rank < len(candidates):
+                q = quench(probe, candidates[first + rank], max_iter=self.quench_iter)
+                outputs = probe.outputs(q.theta).reshape(-1).double().cpu().numpy()
+                mine = (q.theta.double().cpu().numpy(), q.loss, q.grad_norm, outputs)
+            results += [r for r in distributed.gather_objects(trainer.strategy, mine) if r is not None]
         return results
 
     def _plan(self, db: MinimaDatabase, current: int) -> list[tuple[int, int]]:
