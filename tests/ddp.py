@@ -30,7 +30,7 @@ def run_script(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.update(WANDB_MODE="offline", PL_DISABLE_FORK="1", OMP_NUM_THREADS="1")
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_SERVICE"):
         env.pop(var, None)
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / f"{name}.py"), str(out), str(devices), *extra],

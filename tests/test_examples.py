@@ -97,7 +97,8 @@ def test_unknown_config_keys_are_rejected(capsys):
 
 def test_quickstart_command_trains_and_logs_offline(tmp_path):
     """The README's main job, as a user runs it (a short version: 2 epochs)."""
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    # a fresh user shell: no W&B mode, and not the W&B service that an earlier test in this process started
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_SERVICE")}
     env["HOME"] = str(tmp_path)  # no netrc: no W&B login
     env.pop("WANDB_API_KEY", None)
     cmd = [sys.executable, "-m", "lightning_landscape.cli", "fit", "--config", str(ROOT / "configs/quickstart.yaml")]

@@ -171,9 +171,12 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            name=self.name, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs
-        )
+        # Lightning reads it at every hook call of every step (profiler labels): build the string once
+        if getattr(self, "_state_key", None) is None:
+            self._state_key = self._generate_state_key(
+                name=self.name, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs
+            )
+        return self._state_key
 
     @override
     def state_dict(self) -> dict[str, Any]:

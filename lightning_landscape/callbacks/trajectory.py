@@ -100,8 +100,8 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
     def __init__(
         self,
         sketch_dim: int = 256,
-        sketch_every_n_steps: int = 20,
-        vector_stats_every_n_steps: int = 20,
+        sketch_every_n_steps: int = 50,
+        vector_stats_every_n_steps: int = 100,
         projection_seed: int = 0,
         sketch_nnz: int = 1,
         snapshot_every_n_steps: int | None = 500,
@@ -147,7 +147,10 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(projection_seed=self.projection_seed, sketch_dim=self.sketch_dim)
+        # Lightning reads it at every hook call of every step (profiler labels): build the string once
+        if getattr(self, "_state_key", None) is None:
+            self._state_key = self._generate_state_key(projection_seed=self.projection_seed, sketch_dim=self.sketch_dim)
+        return self._state_key
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -191,8 +194,9 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self._copies = {step: c.to(flat) for step, c in self._copies.items()}
         if self._resume_step is None:
             self._copies = {0: flat}
-        self._loss_sum, self._loss_count = torch.zeros((), dtype=torch.float64, device=flat.device), 0
-        self._grad_norm = float("nan")
+        self._losses: list[torch.Tensor] = []  # this step's (accumulated) batch losses, kept as tensors
+        self._device = flat.device
+        self._grad_norm: torch.Tensor | float = float("nan")
         self._batch_size = global_batch_size(trainer)
         if self._resume_step is not None:
             self._last_step = self._resume_step
@@ -236,7 +240,8 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if not self._active:
             return
         grads = [p.grad for p in self._params if p.grad is not None]
-        self._grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
+        # a tensor: turned into a number only when written or logged, so the step pays one fused kernel, no sync
+        self._grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0.0
 
     @override
     def on_train_batch_end(
@@ -246,8 +251,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
-            self._loss_sum += loss.detach().double()
-            self._loss_count += 1
+            self._losses.append(loss.detach())
         step = trainer.global_step
         if step == self._last_step or step == 0:
             return  # accumulating gradients: no optimizer step yet
@@ -262,37 +266,38 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         n = self.vector_stats_every_n_steps
         sampled = step % n == 0
         sketched = step % self.sketch_every_n_steps == 0
-        with torch.no_grad():
-            local_loss = float(self._loss_sum) / max(self._loss_count, 1)
-            self._loss_sum.zero_()
-            self._loss_count = 0
-            loss, local_sq = local_loss, self._hook_state.sq if self._hook_state else 0.0
-            if trainer.world_size > 1:  # every rank joins this one collective per step
-                both = torch.tensor([loss, local_sq], dtype=torch.float64, device=self._loss_sum.device)
-                loss, local_sq = (distributed.reduce_sum(trainer.strategy, both) / trainer.world_size).tolist()
-            stats: dict[str, float] = {"loss": loss, "grad_norm": self._grad_norm}
-            group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
-            stats["lr"] = float(group.get("lr", float("nan")))
-            batch = self._batch_size
-            if batch:
-                stats["lr_over_batch"] = stats["lr"] / batch
-            if self._hook_state is not None and batch:
-                stats.update(self._noise_scale(local_sq, self._grad_norm**2, batch, trainer.world_size, stats["lr"]))
-                self._hook_state.sq = 0.0
-            if not trainer.is_global_zero:
-                return
-            keep = (step + 1) % n == 0 or (step + 2) % n == 0 or n == 1  # theta_{T-1}, theta_{T-2} of the next T
-            flat = self._flat() if (sampled or sketched or keep) else None
-            layer = None
-            if sampled:
-                layer = self._vector_stats(flat, step, stats)
-            self._copies = {s: c for s, c in self._copies.items() if s > step - 2}
-            if keep:
-                self._copies[step] = flat
-            sketch = None
-            if sketched:
-                sketch = self.projection(flat).cpu().numpy()
-                self.pca.update(sketch)
+        losses, self._losses = self._losses, []
+        loss: Any = losses[0] if len(losses) == 1 else torch.stack(losses).double().mean() if losses else math.nan
+        local_sq = self._hook_state.sq if self._hook_state else 0.0
+        if trainer.world_size > 1:  # every rank joins this one collective per step
+            both = torch.tensor([float(loss), local_sq], dtype=torch.float64, device=self._device)
+            loss, local_sq = (distributed.reduce_sum(trainer.strategy, both) / trainer.world_size).tolist()
+        stats: dict[str, Any] = {"loss": loss, "grad_norm": self._grad_norm}  # numbers or 0-d tensors
+        group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+        stats["lr"] = float(group.get("lr", float("nan")))
+        batch = self._batch_size
+        if batch:
+            stats["lr_over_batch"] = stats["lr"] / batch
+        if self._hook_state is not None and batch:
+            big_sq = float(self._grad_norm) ** 2
+            stats.update(self._noise_scale(local_sq, big_sq, batch, trainer.world_size, stats["lr"]))
+            self._hook_state.sq = 0.0
+        if not trainer.is_global_zero:
+            return
+        keep = (step + 1) % n == 0 or (step + 2) % n == 0 or n == 1  # theta_{T-1}, theta_{T-2} of the next T
+        flat = layer = sketch = None
+        if sampled or sketched or keep:  # the whole-vector work, on a few steps only
+            with torch.no_grad():
+                flat = self._flat()
+                if sampled:
+                    layer = self._vector_stats(flat, step, stats)
+                if keep or sampled:
+                    self._copies = {s: c for s, c in self._copies.items() if s > step - 2}
+                if keep:
+                    self._copies[step] = flat
+                if sketched:
+                    sketch = self.projection(flat).cpu().numpy()
+                    self.pca.update(sketch)
         self.store.append(step, stats, sketch, layer)
         if self.snapshot_every_n_steps and step % self.snapshot_every_n_steps == 0:
             flat = self._flat() if flat is None else flat
@@ -302,7 +307,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if step % self.flush_every_n_steps == 0:
             self.store.flush()
         if step % max(trainer.log_every_n_steps, 1) == 0:
-            self.reporter.scalars({k: v for k, v in stats.items() if math.isfinite(v)}, step)
+            self.reporter.scalars({k: float(v) for k, v in stats.items() if math.isfinite(float(v))}, step)
 
     def _vector_stats(self, flat: torch.Tensor, step: int, stats: dict[str, float]) -> np.ndarray:
         """Update norm, cosine of consecutive updates and distances from init at a sampled step (in place)."""

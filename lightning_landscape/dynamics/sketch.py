@@ -58,7 +58,8 @@ class SparseProjection:
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected vectors of length {self.dim}, got shape {tuple(x.shape)}")
         batch = x.reshape(-1, self.dim)
-        values = batch.repeat(1, self.nnz) * self.signs.to(x.dtype)
+        signs = self.signs if self.signs.dtype == x.dtype else self.signs.to(x.dtype)
+        values = (batch if self.nnz == 1 else batch.repeat(1, self.nnz)) * signs
         out = torch.zeros(batch.shape[0], self.k, dtype=x.dtype, device=x.device)
         out.index_add_(1, self.rows, values)
         return out.reshape(*x.shape[:-1], self.k)

@@ -45,8 +45,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("wb") as fh:
         write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+        fh.flush()  # no fsync: the rename is atomic and the page cache outlives a killed process (power loss aside)
     os.replace(tmp, path)
 
 
@@ -150,11 +149,12 @@ class TrajectoryStore:
     def append(
         self,
         step: int,
-        stats: Mapping[str, float],
+        stats: Mapping[str, Any],
         sketch: np.ndarray | None = None,
         layer_distance: np.ndarray | None = None,
     ) -> None:
-        """Buffer one optimizer step (written by the next :meth:`flush`)."""
+        """Buffer one optimizer step (written by the next :meth:`flush`). Statistics are numbers, or anything
+        ``float()`` accepts (0-d tensors are converted at the flush, not at every step)."""
         self._rows.append((int(step), dict(stats), sketch, layer_distance))
 
     @property
@@ -170,7 +170,7 @@ class TrajectoryStore:
         names = sorted({k for r in rows for k in r[1]})
         arrays: dict[str, np.ndarray] = {"step": steps}
         for name in names:
-            arrays[f"stat/{name}"] = np.asarray([r[1].get(name, np.nan) for r in rows], dtype=np.float64)
+            arrays[f"stat/{name}"] = np.asarray([float(r[1].get(name, np.nan)) for r in rows], dtype=np.float64)
         sketched = [r for r in rows if r[2] is not None]
         k = int(self.meta.get("k", 0))
         arrays["sketch_step"] = np.asarray([r[0] for r in sketched], dtype=np.int64)

@@ -46,7 +46,12 @@ if __name__ == "__main__":
     group = root / ("crash" if mode in ("kill", "resume") else f"{mode}-{devices}")
     pl.seed_everything(0)
     recorder = TrajectoryRecorder(
-        sketch_dim=64, flush_every_n_steps=5, snapshot_every_n_steps=12, store_dir=str(group / "store")
+        sketch_dim=64,
+        sketch_every_n_steps=4,
+        vector_stats_every_n_steps=4,
+        flush_every_n_steps=5,
+        snapshot_every_n_steps=12,
+        store_dir=str(group / "store"),
     )
     callbacks = [recorder, ModelCheckpoint(dirpath=group / "ckpt", save_last=True, save_top_k=-1)]
     if mode == "kill":
