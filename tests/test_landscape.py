@@ -86,11 +86,14 @@ def test_affine_input_layers_give_the_same_grid_with_the_first_layer_run_once_pe
         fast = evaluate_slice(obj, center, dirs, coords, method="affine")
     finally:
         nn.Linear.forward = original
-    # the first layer runs only for detection (2 points x 2 batches), never per grid point
-    assert calls.count(net[1]) == 4 and calls.count(net[3]) == 4 + 2 * len(coords)
-    torch.testing.assert_close(
-        fast, evaluate_slice(obj, center, dirs, coords, method="batched"), rtol=1e-12, atol=1e-12
-    )
+    # the first layer runs only for detection (2 points x 2 batches), never per grid point; the second once per
+    # batch and chunk of points (vmapped over the chunk)
+    chunks = -(-len(coords) // obj.chunk_size)
+    assert calls.count(net[1]) == 4 and calls.count(net[3]) == 4 + 2 * chunks
+    exact = evaluate_slice(obj, center, dirs, coords, method="batched")
+    torch.testing.assert_close(fast, exact, rtol=1e-12, atol=1e-12)
+    affine._vmap_ok = False  # the one-point-at-a-time fallback gives the same numbers
+    torch.testing.assert_close(affine.losses(coords), exact, rtol=1e-12, atol=1e-12)
     assert "forward" not in vars(net[1])  # restored
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.func import functional_call, vmap
 
 
 def evaluate_slice(
@@ -138,6 +139,17 @@ class AffineInputLayers:
             ):
                 self.layers[name] = [self._outputs(name, module, x) for x in a]
         self._modules = {name: candidates[name] for name in self.layers}
+        self._vmap_ok: bool | None = None
+        # for the batched path: every tensor at the center, and the parameters that move with the coordinates
+        # (all but the shortcut layers' own weights and biases)
+        self._base = objective._tensors(center)
+        skipped = {f"{name}.{kind}" for name in self.layers for kind in ("weight", "bias")}
+        slices = objective.layout.slices()
+        self._free = [
+            (f"module.{n}", slices[n], shape)
+            for n, shape in zip(objective.layout.names, objective.layout.shapes, strict=True)
+            if n not in skipped
+        ]
 
     def _inputs(self, candidates: dict[str, torch.nn.Module], theta: Tensor) -> dict[str, list[Tensor]]:
         seen: dict[str, list[Tensor]] = {}
@@ -169,10 +181,28 @@ class AffineInputLayers:
             outs += [self._apply(module, x, p[f"{name}.weight"], p[bias_name] if bias_name else None) for p in at[1:]]
         return x, outs[0], torch.stack(outs[1:])
 
-    def losses(self, coords: Tensor) -> Tensor:
-        """Losses at ``center + coords @ directions``, one point at a time, with the shortcut layers."""
+    def losses(self, coords: Tensor, chunk_size: int | None = None) -> Tensor:
+        """Losses at ``center + coords @ directions``, with the shortcut layers: ``chunk_size`` points at once
+        under ``torch.func.vmap`` (the other layers then run as batched matrix products), one at a time if the
+        loss cannot be vmapped or a shortcut layer is called with an input it has not cached."""
+        chunk_size = chunk_size or self.objective.chunk_size
+        if self._vmap_ok is not False:
+            try:
+                out = torch.cat([self._chunk(coords[i : i + chunk_size]) for i in range(0, len(coords), chunk_size)])
+                self._vmap_ok = True
+                return out
+            except _CacheMiss:
+                self._vmap_ok = False
+            except Exception:
+                if self._vmap_ok:  # it worked before: a real error
+                    raise
+                self._vmap_ok = False
+        return torch.stack([self._chunk(s[None], batched=False)[0] for s in coords])
+
+    def _chunk(self, coords: Tensor, batched: bool = True) -> Tensor:
+        obj = self.objective
         originals = {name: m.forward for name, m in self._modules.items()}
-        state = {"s": None, "calls": dict.fromkeys(self._modules, 0)}
+        state: dict[str, Any] = {"s": None, "calls": {}}
 
         def shortcut(name: str):
             def forward(x: Tensor) -> Tensor:
@@ -180,26 +210,40 @@ class AffineInputLayers:
                 state["calls"][name] += 1
                 cached = self.layers[name][i] if i < len(self.layers[name]) else None
                 if cached is None or not _same_tensor(x, cached[0]):
+                    if batched:
+                        raise _CacheMiss(name)  # its weights are not in the reduced parameter set below
                     return originals[name](x)
                 _, base, along = cached
                 return base + torch.tensordot(state["s"].to(along), along, dims=1)
 
             return forward
 
-        out = []
-        obj = self.objective
+        def loss(s: Tensor) -> Tensor:
+            state["s"], state["calls"] = s, dict.fromkeys(self._modules, 0)
+            if batched:  # only the parameters the shortcut does not replace move with s
+                tensors = dict(self._base)
+                for key, part, shape in self._free:
+                    tensors[key] = (self.center[part] + s @ self.directions[:, part]).reshape(shape)
+            else:
+                tensors = obj._tensors(torch.addmv(self.center, self.directions.T, s))
+            total = 0.0
+            for i, w in enumerate(obj.weights):
+                total = total + w * functional_call(obj._wrapper, tensors, (obj.batches[i], i), strict=False)
+            return total
+
         try:
             for name, m in self._modules.items():
                 object.__setattr__(m, "forward", shortcut(name))
-
             with obj._evaluation_mode(), torch.no_grad():
-                for s in coords.to(self.center):
-                    state["s"], state["calls"] = s, dict.fromkeys(self._modules, 0)
-                    out.append(obj._loss_at(torch.addmv(self.center, self.directions.T, s)))
+                points = coords.to(self.center)
+                return vmap(loss)(points) if batched else torch.stack([loss(s) for s in points])
         finally:
             for m in self._modules.values():
                 object.__delattr__(m, "forward")
-        return torch.stack(out)
+
+
+class _CacheMiss(Exception):
+    """A shortcut layer met an input it has no cached outputs for (evaluate that chunk the exact slow way)."""
 
 
 def plane_coordinates(alphas: Tensor, betas: Tensor) -> Tensor:
