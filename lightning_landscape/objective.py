@@ -426,7 +426,7 @@ class Objective:
         self._spend(len(thetas) * len(self.batches))
         with self._evaluation_mode(), torch.no_grad():
             if self._method is None and self.batching == "auto" and len(thetas) >= 2:
-                self._method = self._fastest(thetas[: self.chunk_size])
+                self._method = self._fastest(thetas[: min(self.chunk_size, 8)])  # 8 points tell; more cost
             method = self._method or ("loop" if self.batching == "loop" else "vmap")
             if method == "vmap":
                 try:
