@@ -10,3 +10,10 @@ os.environ["WANDB_MODE"] = "offline"  # read once per process
 os.environ.setdefault("WANDB_SILENT", "true")
 for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
     os.environ[var] = _WANDB_HOME
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove this session's W&B folder (the offline runs that tests check live under their own tmp_path)."""
+    import shutil
+
+    shutil.rmtree(_WANDB_HOME, ignore_errors=True)

@@ -107,6 +107,32 @@ def test_double_well_markov_state_model_finds_two_equally_populated_wells(double
     assert len(replicas) == 8
 
 
+def test_msm_on_probe_outputs_finds_the_two_wells_too(tmp_path):
+    energy = EnergyLandscape(
+        replicas=8,
+        replica_steps=1500,
+        lr=0.01,
+        temperature=0.5,
+        record_every=5,
+        max_paths=0,
+        probe_size=16,
+        dtype=torch.float64,
+        features="outputs",
+    )
+    train([energy], tmp_path)
+    assert energy.history[0]["metastable_states"] == 2
+    rows = (energy.reporter.run_dir / "metastable-step0000002.csv").read_text().splitlines()[1:]
+    assert sorted(float(r.split(",")[1]) for r in rows) == pytest.approx([0.5, 0.5], abs=0.2)
+
+
+def test_a_spent_time_budget_leaves_only_the_current_minimum(tmp_path):
+    energy = EnergyLandscape(replicas=4, replica_steps=50, budget_seconds=1e-9, probe_size=16)
+    train([energy], tmp_path)
+    run = energy.history[0]
+    assert run["replicas_run"] == 0 and run["paths_run"] == 0 and run["n_minima"] == 1  # the quench of now, always
+    assert run["spent_seconds"] > 0
+
+
 def test_energy_landscape_on_a_network_logs_to_wandb_within_budget(tmp_path):
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ll-test")
     energy = EnergyLandscape(

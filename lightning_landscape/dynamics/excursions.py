@@ -95,6 +95,14 @@ class Excursions:
         return paths
 
 
+def _stack_outputs(outputs: list[np.ndarray], probe: Any, theta: Tensor, n: int) -> np.ndarray | None:
+    if probe is None:
+        return None
+    if outputs:
+        return np.stack(outputs)
+    return np.zeros((0, n, probe.outputs(theta).numel()))  # no replicas here, but the shape other ranks have
+
+
 def sample_basin(
     objective: Any,
     theta: Tensor,
@@ -174,7 +182,7 @@ def sample_basin(
         sketches=np.stack(sketches) if ids else np.zeros((0, len(recorded), k)),
         losses=np.asarray(losses, dtype=np.float64).reshape(len(ids), len(recorded)),
         finals=torch.stack(finals) if ids else theta.new_zeros((0, theta.numel())),
-        outputs=np.stack(outputs) if probe is not None and ids else None,
+        outputs=_stack_outputs(outputs, probe, theta, len(recorded)),
         n_grad=len(ids) * steps,
         meta={"lr": lr, "temperature": temperature, "seed": seed, "record_every": record_every, "steps": steps},
     )
