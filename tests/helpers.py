@@ -120,8 +120,9 @@ class RunAtTrainStart:
         self.run_now(trainer, pl_module)
 
 
-def fit_one_step(devices: int, callbacks: list, **trainer_kwargs):
-    """One optimizer step of TinyNet on ``devices`` CPU processes (DDP when > 1), seeded: the DDP scripts' setup."""
+def fit_one_step(devices: int, callbacks: list, batch_size: int = 16, **trainer_kwargs):
+    """One optimizer step of TinyNet on ``devices`` CPU processes (DDP when > 1), seeded: the DDP scripts' setup.
+    ``batch_size`` is per process."""
     import lightning.pytorch as pl
 
     pl.seed_everything(0)
@@ -137,7 +138,7 @@ def fit_one_step(devices: int, callbacks: list, **trainer_kwargs):
         callbacks=callbacks,
         **trainer_kwargs,
     )
-    trainer.fit(tiny_module_class()(), train_dataloaders=loader(96, 16))
+    trainer.fit(tiny_module_class()(), train_dataloaders=loader(96, batch_size))
     return trainer
 
 

@@ -4,28 +4,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from lightning_landscape import EnergyLandscape, TrajectoryRecorder
+from lightning_landscape import TrajectoryRecorder
 from lightning_landscape.cli import main
-from tests.test_energy import train
+from tests.test_energy import train, well_energy
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze")
     for seed in (0, 1):
-        energy = EnergyLandscape(
-            replicas=4,
-            replica_steps=300,
-            lr=0.01,
-            temperature=0.5,
-            record_every=5,
-            max_paths=0,
-            probe_size=16,
-            dtype=torch.float64,
-            seed=seed,
-        )
+        energy = well_energy(replicas=4, replica_steps=300, max_paths=0, seed=seed)
         train([TrajectoryRecorder(sketch_dim=16, sketch_every_n_steps=1), energy], root / f"run-{seed}", max_steps=8)
     config = root / "double_well.yaml"
     config.write_text("model:\n  class_path: tests.test_energy.DoubleWell\ntrainer:\n  accelerator: cpu\n")

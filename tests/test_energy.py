@@ -54,9 +54,9 @@ def train(callbacks, root, model=None, max_steps=2, logger=None):
     return trainer
 
 
-@pytest.fixture(scope="module")
-def double_well(tmp_path_factory):
-    energy = EnergyLandscape(
+def well_energy(**overrides) -> EnergyLandscape:
+    """SGLD replicas that hop the double well's barrier about ten times in all, and exact paths."""
+    settings = dict(
         replicas=8,
         replica_steps=1500,
         lr=0.01,
@@ -68,6 +68,12 @@ def double_well(tmp_path_factory):
         probe_size=16,
         dtype=torch.float64,
     )
+    return EnergyLandscape(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def double_well(tmp_path_factory):
+    energy = well_energy()
     train([energy], tmp_path_factory.mktemp("well"))
     return energy
 
@@ -108,17 +114,7 @@ def test_double_well_markov_state_model_finds_two_equally_populated_wells(double
 
 
 def test_msm_on_probe_outputs_finds_the_two_wells_too(tmp_path):
-    energy = EnergyLandscape(
-        replicas=8,
-        replica_steps=1500,
-        lr=0.01,
-        temperature=0.5,
-        record_every=5,
-        max_paths=0,
-        probe_size=16,
-        dtype=torch.float64,
-        features="outputs",
-    )
+    energy = well_energy(max_paths=0, features="outputs")
     train([energy], tmp_path)
     assert energy.history[0]["metastable_states"] == 2
     rows = (energy.reporter.run_dir / "metastable-step0000002.csv").read_text().splitlines()[1:]

@@ -11,12 +11,11 @@ import lightning_landscape  # noqa: F401  (first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lightning.pytorch as pl
 import numpy as np
 
 from lightning_landscape import EnergyLandscape, TrajectoryStore
 from lightning_landscape.dynamics import MinimaDatabase
-from tests.helpers import RunAtTrainStart, finish_script, loader, tiny_module_class
+from tests.helpers import RunAtTrainStart, finish_script, fit_one_step
 
 
 class AtStart(RunAtTrainStart, EnergyLandscape):
@@ -28,20 +27,8 @@ if __name__ == "__main__":
     energy = AtStart(
         replicas=3, replica_steps=10, record_every=2, path_steps=10, max_paths=2, at_fit_end=False, probe_size=48
     )
-    pl.seed_everything(0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[energy],
-        default_root_dir=str(Path(out).parent / f"root-{devices}"),
-    )
-    trainer.fit(tiny_module_class()(), train_dataloaders=loader(96, 32 // devices))
+    root = str(Path(out).parent / f"root-{devices}")
+    trainer = fit_one_step(devices, [energy], batch_size=32 // devices, default_root_dir=root)
     result = {}
     if trainer.is_global_zero:
         run_dir = energy.reporter.run_dir
