@@ -61,6 +61,10 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
+def _passes(objective: Objective) -> int:
+    return objective.passes["forward"] + objective.passes["backward"]
+
+
 def probe_accuracy(outputs: np.ndarray, batches: list[Any]) -> np.ndarray:
     """Accuracy of flattened probe outputs ``(..., N * C)`` against the probe batches' integer targets (their
     second tensor), or NaN when the batches carry no class labels."""
@@ -213,14 +217,14 @@ class EnergyLandscape(LandscapeCallback):
         self._pool: list[Any] | None = None
 
     # ------------------------------------------------------------------ budget
-    def _passes(self, trainer: pl.Trainer, objectives: list[Objective]) -> int:
-        """Batch passes spent this trigger, summed over ranks (a collective)."""
-        local = sum(o.passes["forward"] + o.passes["backward"] - o._start for o in objectives)
+    def _passes(self, trainer: pl.Trainer, spend: list[tuple[Objective, int]]) -> int:
+        """Batch passes spent this trigger by each objective since its mark, summed over ranks (a collective)."""
+        local = sum(_passes(o) - mark for o, mark in spend)
         return int(distributed.reduce_sum(trainer.strategy, torch.tensor(float(local))).item())
 
-    def _may_continue(self, trainer: pl.Trainer, objectives: list[Objective], start: float) -> bool:
+    def _may_continue(self, trainer: pl.Trainer, spend: list[tuple[Objective, int]], start: float) -> bool:
         """Rank 0's decision, on every rank: is any budget left?"""
-        passes = self._passes(trainer, objectives)
+        passes = self._passes(trainer, spend)
         left = (self.budget_passes is None or passes < self.budget_passes) and (
             self.budget_seconds is None or time.perf_counter() - start < self.budget_seconds
         )
@@ -265,9 +269,7 @@ class EnergyLandscape(LandscapeCallback):
         rank, world_size = distributed.world(strategy)
         probe = self.objective(trainer, pl_module)
         pool = self._pool_objective(trainer, pl_module)
-        for o in (probe, pool):
-            o._start = o.passes["forward"] + o.passes["backward"]
-        spend = [probe, pool]
+        spend = [(probe, _passes(probe)), (pool, _passes(pool))]
         lr = self.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
         x0 = probe.theta0
         sketch = self._projection(trainer, x0)
@@ -311,7 +313,7 @@ class EnergyLandscape(LandscapeCallback):
             meta = {**probe.metadata, **self.probe_metadata, "probe_batch_size": self.probe_batch_size}
             db = MinimaDatabase(self.reporter.run_dir / "minima", tol=self.dedup_tol, meta=meta)
             for index, (theta, loss, grad_norm, outputs) in enumerate(quenched):
-                source = "training" if index == 0 else f"replica {index - 1}"
+                source = "training" if index == 0 else f"replica {excursions.replica_ids[index - 1]}"
                 acc = float(probe_accuracy(outputs[None], probe.batches)[0])
                 found, new = db.add(theta, loss, outputs, grad_norm=grad_norm, accuracy=acc, step=step, source=source)
                 new_minima += new
@@ -343,7 +345,7 @@ class EnergyLandscape(LandscapeCallback):
         if not trainer.is_global_zero:
             return
 
-        local_mark = probe.passes["forward"] + probe.passes["backward"]
+        local_mark = _passes(probe)
         scalars: dict[str, float] = {"new_minima": new_minima}
         for i, j, path in paths:
             # the highest point of the path, ends included (an end that is not quite a minimum can be highest)
@@ -371,7 +373,7 @@ class EnergyLandscape(LandscapeCallback):
                     source=f"path {i}-{j}",
                 )
                 scalars["new_minima"] += new
-        passes += probe.passes["forward"] + probe.passes["backward"] - local_mark
+        passes += _passes(probe) - local_mark
         if self.previous_minimum is not None and current != self.previous_minimum:
             saddle = db.saddles.get((min(current, self.previous_minimum), max(current, self.previous_minimum)))
             if saddle is not None:
