@@ -314,8 +314,7 @@ class EnergyLandscape(LandscapeCallback):
             db = MinimaDatabase(self.reporter.run_dir / "minima", tol=self.dedup_tol, meta=meta)
             for index, (theta, loss, grad_norm, outputs) in enumerate(quenched):
                 source = "training" if index == 0 else f"replica {excursions.replica_ids[index - 1]}"
-                acc = float(probe_accuracy(outputs[None], probe.batches)[0])
-                found, new = db.add(theta, loss, outputs, grad_norm=grad_norm, accuracy=acc, step=step, source=source)
+                found, new = self._add_minimum(db, probe, theta, loss, grad_norm, outputs, step=step, source=source)
                 new_minima += new
                 current = found if index == 0 else current
             plan = self._plan(db, current)
@@ -362,15 +361,8 @@ class EnergyLandscape(LandscapeCallback):
             for theta, _ in path.intermediate_minima[:2]:  # a dip along the path: quench it, it may be a new minimum
                 q = quench(probe, theta, max_iter=self.quench_iter)
                 outputs = probe.outputs(q.theta).reshape(-1).cpu().numpy()
-                acc = float(probe_accuracy(outputs[None], probe.batches)[0])
-                found, new = db.add(
-                    q.theta.cpu().numpy(),
-                    q.loss,
-                    outputs,
-                    grad_norm=q.grad_norm,
-                    accuracy=acc,
-                    step=step,
-                    source=f"path {i}-{j}",
+                _, new = self._add_minimum(
+                    db, probe, q.theta.cpu().numpy(), q.loss, q.grad_norm, outputs, step=step, source=f"path {i}-{j}"
                 )
                 scalars["new_minima"] += new
         passes += _passes(probe) - local_mark
@@ -410,24 +402,14 @@ class EnergyLandscape(LandscapeCallback):
     def _gather(self, strategy: Any, runs: list[Excursions], template: Excursions) -> Excursions:
         """Every rank's replicas on every rank, sorted by replica id (the 1-process result)."""
         local = Excursions.concatenate(runs) if runs else template
-        fields = {
-            "replica_ids": torch.from_numpy(local.replica_ids).double(),
-            "sketches": torch.from_numpy(local.sketches).double(),
-            "losses": torch.from_numpy(local.losses).double(),
-            "outputs": torch.from_numpy(local.outputs).double(),
-            "finals": local.finals.double().cpu(),
-        }
-        out = {k: distributed.gather_rows(strategy, v) for k, v in fields.items()}
-        gathered = Excursions(
-            replica_ids=out["replica_ids"].long().numpy(),
-            steps=template.steps,
-            sketches=out["sketches"].numpy(),
-            losses=out["losses"].numpy(),
-            finals=out["finals"],
-            outputs=out["outputs"].numpy(),
-            meta=template.meta,
-        )
-        return Excursions.concatenate([gathered])
+        local.finals = local.finals.cpu()  # pickled between ranks: no device indices
+        return Excursions.concatenate(distributed.gather_objects(strategy, local))
+
+    @staticmethod
+    def _add_minimum(db: MinimaDatabase, probe: Objective, theta, loss, grad_norm, outputs, **info) -> tuple[int, bool]:
+        """A quenched point into the database, with its probe accuracy."""
+        accuracy = float(probe_accuracy(np.asarray(outputs)[None], probe.batches)[0])
+        return db.add(theta, loss, outputs, grad_norm=grad_norm, accuracy=accuracy, **info)
 
     def _quench_all(self, trainer: pl.Trainer, probe: Objective, candidates: torch.Tensor, spend: list, start: float):
         """Quench the candidates, one per rank per round, while the budget lasts (the current point always):
