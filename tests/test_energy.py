@@ -170,6 +170,34 @@ def test_energy_landscape_on_a_network_logs_to_wandb_within_budget(tmp_path):
     assert run["spent_passes"] >= 104
 
 
+def test_a_resumed_run_continues_the_minima_database(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit_epochs(epochs, energy, ckpt_path=None):
+        pl.seed_everything(0)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=CSVLogger(tmp_path),
+            enable_progress_bar=False,
+            callbacks=[energy, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        )
+        trainer.fit(tiny_module_class()(), train_dataloaders=loader(), ckpt_path=ckpt_path)
+
+    settings = dict(every_n_epochs=1, at_fit_end=False, replicas=2, replica_steps=5, path_steps=5, probe_size=32)
+    first = EnergyLandscape(**settings)
+    fit_epochs(2, first)
+    resumed = EnergyLandscape(**settings)
+    fit_epochs(3, resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.reporter.run_dir != first.reporter.run_dir  # the logger starts a new version ...
+    assert resumed.minima_dir == first.minima_dir  # ... but the database is the one the checkpoint names
+    assert [h["step"] for h in resumed.history] == [6, 12, 18]
+    db = MinimaDatabase(resumed.minima_dir)
+    assert {r["step"] for r in db.records} >= {6, 12, 18}
+    assert resumed.history[-1]["n_minima"] == len(db) > first.history[-1]["n_minima"]
+    assert "barrier_previous" in resumed.history[-1]  # to the minimum of step 12, from before the resume
+
+
 def test_energy_landscape_leaves_training_unchanged(tmp_path):
     plain = fit("lightning.pytorch", [], tmp_path / "plain")
     energy = EnergyLandscape(every_n_steps=3, replicas=2, replica_steps=5, path_steps=5, probe_size=32)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -213,6 +214,7 @@ class EnergyLandscape(LandscapeCallback):
         self.sketch_dim, self.projection_seed, self.seed = sketch_dim, projection_seed, seed
         self.budget_passes, self.budget_seconds = budget_passes, budget_seconds
         self.previous_minimum: int | None = None
+        self.minima_dir: str | None = None  # kept in checkpoints: a resumed run continues the same database
         self.history: list[dict[str, Any]] = []
         self._pool: list[Any] | None = None
 
@@ -311,7 +313,9 @@ class EnergyLandscape(LandscapeCallback):
         plan, new_minima, current = None, 0, None
         if trainer.is_global_zero:
             meta = {**probe.metadata, **self.probe_metadata, "probe_batch_size": self.probe_batch_size}
-            db = MinimaDatabase(self.reporter.run_dir / "minima", tol=self.dedup_tol, meta=meta)
+            if self.minima_dir is None or not Path(self.minima_dir).exists():
+                self.minima_dir, self.previous_minimum = str(self.reporter.run_dir / "minima"), None
+            db = MinimaDatabase(self.minima_dir, tol=self.dedup_tol, meta=meta)
             for index, (theta, loss, grad_norm, outputs) in enumerate(quenched):
                 source = "training" if index == 0 else f"replica {excursions.replica_ids[index - 1]}"
                 found, new = self._add_minimum(db, probe, theta, loss, grad_norm, outputs, step=step, source=source)
@@ -543,10 +547,16 @@ class EnergyLandscape(LandscapeCallback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": self.history, "previous_minimum": self.previous_minimum}
+        return {
+            **super().state_dict(),
+            "history": self.history,
+            "previous_minimum": self.previous_minimum,
+            "minima_dir": self.minima_dir,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.history = list(state_dict.get("history", []))
         self.previous_minimum = state_dict.get("previous_minimum")
+        self.minima_dir = state_dict.get("minima_dir", self.minima_dir)
