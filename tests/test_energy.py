@@ -226,3 +226,5 @@ def test_bad_settings_are_rejected():
         EnergyLandscape(budget_seconds=0)
     with pytest.raises(ValueError, match="`path_images`"):
         EnergyLandscape(path_images=2)
+    with pytest.raises(ValueError, match="`dedup_tol`.*HINT"):
+        EnergyLandscape(dedup_tol=0.0)

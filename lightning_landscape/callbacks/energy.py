@@ -177,25 +177,31 @@ class EnergyLandscape(LandscapeCallback):
         }
         for key, value in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{key}` must be a positive integer, got {value!r}.")
+                raise ValueError(f"`{key}` must be a positive integer, got {value!r}. HINT: e.g. `{key}=8`.")
         if path_images < 3:
-            raise ValueError(f"`path_images` must be at least 3 (two ends and one image), got {path_images}.")
-        if max_paths < 0 or max_metastable < 2:
-            raise ValueError(f"`max_paths` must be >= 0 and `max_metastable` >= 2, got {max_paths}, {max_metastable}.")
+            raise ValueError(
+                f"`path_images` must be at least 3 (two ends and one image), got {path_images}. HINT: e.g. 9."
+            )
+        if max_paths < 0:
+            raise ValueError(f"`max_paths` must be >= 0, got {max_paths}. HINT: 0 computes no paths.")
+        if max_metastable < 2:
+            raise ValueError(f"`max_metastable` must be at least 2, got {max_metastable}. HINT: e.g. 4.")
+        if not dedup_tol > 0:
+            raise ValueError(f"`dedup_tol` must be positive, got {dedup_tol}. HINT: e.g. 0.05 (5% output distance).")
         for key, value in (("lr", lr), ("path_lr", path_lr)):
             if value is not None and not value > 0:
-                raise ValueError(f"`{key}` must be positive or None (the optimizer's learning rate), got {value}.")
+                raise ValueError(f"`{key}` must be positive, got {value}. HINT: None uses the optimizer's lr.")
         if temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0 (0 = plain SGD), got {temperature}.")
+            raise ValueError(f"`temperature` must be >= 0, got {temperature}. HINT: 0 is plain SGD, > 0 SGLD.")
         if path_method not in ("string", "neb"):
             raise ValueError(f"`path_method` must be 'string' or 'neb', got {path_method!r}.")
         if features not in ("sketch", "outputs"):
             raise ValueError(f"`features` must be 'sketch' or 'outputs', got {features!r}.")
         if n_clusters is not None and n_clusters < 2:
-            raise ValueError(f"`n_clusters` must be at least 2 or None, got {n_clusters}.")
+            raise ValueError(f"`n_clusters` must be at least 2, got {n_clusters}. HINT: None picks 1 per 20 points.")
         for key, value in (("budget_passes", budget_passes), ("budget_seconds", budget_seconds)):
             if value is not None and not value > 0:
-                raise ValueError(f"`{key}` must be positive or None (no limit), got {value}.")
+                raise ValueError(f"`{key}` must be positive, got {value}. HINT: None means no limit.")
         self.replicas, self.replica_steps, self.lr, self.temperature = replicas, replica_steps, lr, temperature
         self.record_every, self.pool_batches, self.quench_iter, self.dedup_tol = (
             record_every,

@@ -136,11 +136,13 @@ def sample_basin(
         ValueError: for non-positive ``steps``/``record_every``/``lr`` or a negative ``temperature``.
     """
     if steps < 1 or record_every < 1:
-        raise ValueError(f"`steps` ({steps}) and `record_every` ({record_every}) must be positive integers.")
+        raise ValueError(
+            f"`steps` ({steps}) and `record_every` ({record_every}) must be positive integers. HINT: e.g. 100 and 5."
+        )
     if not lr > 0:
-        raise ValueError(f"`lr` must be positive, got {lr}.")
+        raise ValueError(f"`lr` must be positive, got {lr}. HINT: the training learning rate, e.g. 0.01.")
     if temperature < 0:
-        raise ValueError(f"`temperature` must be >= 0 (0 = plain SGD), got {temperature}.")
+        raise ValueError(f"`temperature` must be >= 0, got {temperature}. HINT: 0 is plain SGD, > 0 SGLD.")
     ids = list(range(replicas)) if isinstance(replicas, int) else [int(r) for r in replicas]
     theta = theta.detach().to(device=objective.device, dtype=objective.dtype)
     if sketch is None and theta.numel() > 256:

@@ -77,7 +77,7 @@ def quench(
         lr: the step of ``"gd"``.
     """
     if method not in ("lbfgs", "gd"):
-        raise ValueError(f"`method` must be 'lbfgs' or 'gd', got {method!r}.")
+        raise ValueError(f"`method` must be 'lbfgs' or 'gd', got {method!r}. HINT: 'lbfgs' converges faster.")
     x0 = theta.detach().to(device=objective.device, dtype=objective.dtype)
     calls = 0
 
