@@ -100,14 +100,15 @@ def _as_scalar_loss(out: Any, source: str) -> Tensor:
 class _Evaluated(nn.Module):
     """Calls the loss of ``module`` on a batch as ``forward``, so that ``functional_call`` can swap its tensors."""
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn | None) -> None:
+    def __init__(self, module: nn.Module, loss_fn: LossFn | None, outputs_fn: LossFn | None = None) -> None:
         super().__init__()
         self.module = module
         self.loss_fn = loss_fn
+        self.outputs_fn = outputs_fn
 
     def forward(self, batch: Any, batch_idx: int, outputs: bool = False) -> Tensor:
         if outputs:
-            return self.module(_first_tensor(batch))
+            return self.module(_first_tensor(batch)) if self.outputs_fn is None else self.outputs_fn(self.module, batch)
         if self.loss_fn is not None:
             return _as_scalar_loss(self.loss_fn(self.module, batch), "`loss_fn`")
         out = self.module.training_step(batch, batch_idx)
@@ -128,6 +129,8 @@ class Objective:
         dtype: float32 or float64; parameters, floating buffers and inputs are cast to it.
         chunk_size: how many parameter vectors :meth:`losses` evaluates at once under ``vmap``.
         batching: ``"auto"``, ``"vmap"`` or ``"loop"``: how :meth:`losses` batches parameter vectors.
+        outputs_fn: ``outputs_fn(module, batch) -> tensor``, what :meth:`outputs` returns for a batch. Default:
+            ``module(first tensor of the batch)``.
 
     Raises:
         ValueError: empty ``batches``, a module without trainable parameters, an unknown ``bn_mode``,
@@ -146,6 +149,7 @@ class Objective:
         dtype: torch.dtype = torch.float32,
         chunk_size: int = 32,
         batching: Literal["auto", "vmap", "loop"] = "auto",
+        outputs_fn: LossFn | None = None,
     ) -> None:
         if bn_mode not in ("eval", "train"):
             raise ValueError(f"`bn_mode` must be 'eval' or 'train', got {bn_mode!r}.")
@@ -173,7 +177,7 @@ class Objective:
         self.chunk_size = chunk_size
         self.batching = batching
         self.layout = ParameterLayout.from_module(module)
-        self._wrapper = _Evaluated(module, loss_fn)
+        self._wrapper = _Evaluated(module, loss_fn, outputs_fn)
         device = self.device
         with torch.inference_mode(False):
             self.batches = [_map_tensors(b, lambda t: self._cast(t.to(device)).clone()) for b in batches]

@@ -198,6 +198,29 @@ def test_a_resumed_run_continues_the_minima_database(tmp_path):
     assert "barrier_previous" in resumed.history[-1]  # to the minimum of step 12, from before the resume
 
 
+def test_minima_are_fingerprinted_with_outputs_fn(tmp_path):
+    energy = EnergyLandscape(
+        replicas=2,
+        replica_steps=5,
+        path_steps=5,
+        probe_size=32,
+        outputs_fn=lambda module, batch: module(batch[0]).softmax(-1),
+    )
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    trainer.callbacks.append(energy)
+    trainer.fit(tiny_module_class()(), train_dataloaders=loader())
+    db = MinimaDatabase(energy.minima_dir)
+    assert energy.failures == 0 and len(db) >= 1
+    np.testing.assert_allclose(db.outputs(0).reshape(32, 3).sum(1), 1.0, rtol=1e-5)  # probabilities, not logits
+
+
 def test_energy_landscape_leaves_training_unchanged(tmp_path):
     plain = fit("lightning.pytorch", [], tmp_path / "plain")
     energy = EnergyLandscape(every_n_steps=3, replicas=2, replica_steps=5, path_steps=5, probe_size=32)
@@ -226,5 +249,5 @@ def test_bad_settings_are_rejected():
         EnergyLandscape(budget_seconds=0)
     with pytest.raises(ValueError, match="`path_images`"):
         EnergyLandscape(path_images=2)
-    with pytest.raises(ValueError, match="`dedup_tol`.*HINT"):
+    with pytest.raises(ValueError, match=r"`dedup_tol`.*HINT"):
         EnergyLandscape(dedup_tol=0.0)

@@ -242,7 +242,12 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         """The :class:`Objective` of ``pl_module`` on this rank's probe batches (built once)."""
         if self._objective is None or self._objective.module is not pl_module:
             self._objective = Objective(
-                pl_module, self.probe_batches(trainer), self.loss_fn, bn_mode=self.bn_mode, dtype=self.dtype
+                pl_module,
+                self.probe_batches(trainer),
+                self.loss_fn,
+                bn_mode=self.bn_mode,
+                dtype=self.dtype,
+                outputs_fn=getattr(self, "outputs_fn", None),
             )
         return self._objective
 

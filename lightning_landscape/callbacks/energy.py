@@ -110,6 +110,8 @@ class EnergyLandscape(LandscapeCallback):
         seed: seed of the replicas and of the pool of batches.
         probe_size, probe_seed, bn_mode, loss_fn, progress, dtype: as for every callback.
         probe_batch_size: as for every callback, but the default is the whole probe set in one batch.
+        outputs_fn: ``outputs_fn(module, batch) -> tensor``, the network's outputs on a probe batch (the function-space
+            fingerprint of minima and the ``"outputs"`` features). Default: ``module(first tensor of the batch)``.
 
     Raises:
         ValueError: for non-positive counts, a negative temperature or budget, or an unknown method or feature.
@@ -150,6 +152,7 @@ class EnergyLandscape(LandscapeCallback):
         probe_seed: int = 0,
         bn_mode: BNMode = "eval",
         loss_fn: LossFn | None = None,
+        outputs_fn: LossFn | None = None,
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -219,6 +222,7 @@ class EnergyLandscape(LandscapeCallback):
         self.lag, self.n_clusters, self.features, self.max_metastable = lag, n_clusters, features, max_metastable
         self.sketch_dim, self.projection_seed, self.seed = sketch_dim, projection_seed, seed
         self.budget_passes, self.budget_seconds = budget_passes, budget_seconds
+        self.outputs_fn = outputs_fn
         self.previous_minimum: int | None = None
         self.minima_dir: str | None = None  # kept in checkpoints: a resumed run continues the same database
         self.history: list[dict[str, Any]] = []
