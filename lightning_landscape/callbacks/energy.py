@@ -251,7 +251,7 @@ class EnergyLandscape(LandscapeCallback):
         """The recorder's projection when a TrajectoryRecorder runs (one basis for trajectories and replicas)."""
         from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
-        recorder = next((c for c in trainer.callbacks if isinstance(c, TrajectoryRecorder)), None)
+        recorder = TrajectoryRecorder.find(trainer)
         if recorder is not None:
             return SparseProjection(
                 x0.numel(), recorder.sketch_dim, recorder.projection_seed, recorder.sketch_nnz, x0.device
@@ -373,11 +373,7 @@ class EnergyLandscape(LandscapeCallback):
                 **info,
             )
             for theta, _ in path.intermediate_minima[:2]:  # a dip along the path: quench it, it may be a new minimum
-                q = quench(probe, theta, max_iter=self.quench_iter)
-                outputs = probe.outputs(q.theta).reshape(-1).cpu().numpy()
-                _, new = self._add_minimum(
-                    db, probe, q.theta.cpu().numpy(), q.loss, q.grad_norm, outputs, step=step, source=f"path {i}-{j}"
-                )
+                _, new = self._add_minimum(db, probe, *self._quench(probe, theta), step=step, source=f"path {i}-{j}")
                 scalars["new_minima"] += new
         passes += _passes(probe) - local_mark
         if self.previous_minimum is not None and current != self.previous_minimum:
@@ -425,6 +421,12 @@ class EnergyLandscape(LandscapeCallback):
         accuracy = float(probe_accuracy(np.asarray(outputs)[None], probe.batches)[0])
         return db.add(theta, loss, outputs, grad_norm=grad_norm, accuracy=accuracy, **info)
 
+    def _quench(self, probe: Objective, theta: torch.Tensor) -> tuple[np.ndarray, float, float, np.ndarray]:
+        """``(minimum, loss, gradient norm, probe outputs)`` reached from ``theta``."""
+        q = quench(probe, theta, max_iter=self.quench_iter)
+        outputs = probe.outputs(q.theta).reshape(-1).double().cpu().numpy()
+        return q.theta.double().cpu().numpy(), q.loss, q.grad_norm, outputs
+
     def _quench_all(self, trainer: pl.Trainer, probe: Objective, candidates: torch.Tensor, spend: list, start: float):
         """Quench the candidates, one per rank per round, while the budget lasts (the current point always):
         ``(theta, loss, gradient norm, probe outputs)`` of each, on every rank."""
@@ -435,9 +437,7 @@ class EnergyLandscape(LandscapeCallback):
                 break
             mine = None
             if first + rank < len(candidates):
-                q = quench(probe, candidates[first + rank], max_iter=self.quench_iter)
-                outputs = probe.outputs(q.theta).reshape(-1).double().cpu().numpy()
-                mine = (q.theta.double().cpu().numpy(), q.loss, q.grad_norm, outputs)
+                mine = self._quench(probe, candidates[first + rank])
             results += [r for r in distributed.gather_objects(trainer.strategy, mine) if r is not None]
         return results
 

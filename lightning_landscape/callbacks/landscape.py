@@ -137,7 +137,7 @@ class LandscapeSampler(LandscapeCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
-        self._own_snapshots = not any(isinstance(c, TrajectoryRecorder) for c in trainer.callbacks)
+        self._own_snapshots = TrajectoryRecorder.find(trainer) is None
         if not self.snapshots:
             self.snapshots.append((trainer.global_step, self._flat(pl_module)))
 
@@ -156,7 +156,7 @@ class LandscapeSampler(LandscapeCallback):
         from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
         from lightning_landscape.dynamics import TrajectoryStore
 
-        recorder = next((c for c in trainer.callbacks if isinstance(c, TrajectoryRecorder)), None)
+        recorder = TrajectoryRecorder.find(trainer)
         if recorder is not None and recorder.store_dir and trainer.is_global_zero:
             recorder.flush()
             store = TrajectoryStore.open(recorder.store_dir)

@@ -143,6 +143,11 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self._hook_state: _LocalGradNorm | None = None
         self._active = False
 
+    @classmethod
+    def find(cls, trainer: pl.Trainer) -> TrajectoryRecorder | None:
+        """The trainer's TrajectoryRecorder, if it has one (other callbacks reuse its snapshots and projection)."""
+        return next((c for c in trainer.callbacks if isinstance(c, cls)), None)
+
     # ------------------------------------------------------------------ state
     @property
     @override
