@@ -3,9 +3,12 @@
 Every callback in this package runs its analyses inside :func:`preserve_state`. On exit (also when the
 analysis raised) these are bit-identical to what they were on entry:
 
-* parameter values, buffer values (BatchNorm running statistics, ``num_batches_tracked``) and
-  ``.grad`` of every parameter (``None`` stays ``None``);
+* parameter values, buffer values (BatchNorm running statistics, ``num_batches_tracked``),
+  ``.grad`` of every parameter (``None`` stays ``None``) and its ``requires_grad`` flag;
 * the ``training`` flag of every submodule (train/eval mode is per submodule, not per model);
+* the state of every torchmetrics ``Metric`` in the module (accumulated values, update counts, caches):
+  metric states are neither parameters nor buffers, and a user's ``training_step`` updates them;
+* torch's intra-op thread count (libraries such as deeptime set the OpenMP count and leave it);
 * the state of every optimizer (momentum buffers, Adam moments, step counters) and its
   ``param_groups`` hyper-parameters (learning rate, ...);
 * the RNG streams of Python's ``random``, NumPy's global generator, torch's CPU generator and every
@@ -56,18 +59,52 @@ class _RNGState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
+def is_metric(module: nn.Module) -> bool:
+    """Whether ``module`` is a torchmetrics ``Metric`` (or ``MetricCollection`` member), without importing it."""
+    return any(c.__module__.startswith("torchmetrics") and c.__name__ == "Metric" for c in type(module).__mro__)
+
+
+#: a Metric's bookkeeping besides the states declared with ``add_state``
+_METRIC_FIELDS = ("_update_count", "_computed", "_forward_cache", "_is_synced", "_should_unsync", "_cache")
+
+
+def _deep_clone(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_deep_clone(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _deep_clone(v) for k, v in value.items()}
+    return _clone(value)
+
+
+class _MetricState:
+    """The accumulated state of one torchmetrics ``Metric``: its ``add_state`` values and its bookkeeping."""
+
+    def __init__(self, metric: nn.Module) -> None:
+        self.metric = metric
+        names = [*getattr(metric, "_defaults", {}), *_METRIC_FIELDS]
+        self.values = {n: _deep_clone(vars(metric)[n]) for n in names if n in vars(metric)}
+
+    def restore(self) -> None:
+        for name, value in self.values.items():
+            object.__setattr__(self.metric, name, _deep_clone(value))
+
+
 class _ModuleState:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.modes = [(m, m.training) for m in module.modules()]
-        self.params = [(p, p.detach().clone(), _clone(p.grad)) for p in module.parameters()]
+        self.params = [(p, p.detach().clone(), _clone(p.grad), p.requires_grad) for p in module.parameters()]
         self.buffers = [(name, b, _clone(b)) for name, b in module.named_buffers()]
+        self.metrics = [_MetricState(m) for m in module.modules() if is_metric(m)]
 
     @torch.no_grad()
     def restore(self) -> None:
         for m, training in self.modes:
             m.training = training
-        for p, value, grad in self.params:
+        for metric in self.metrics:
+            metric.restore()
+        for p, value, grad, requires_grad in self.params:
+            p.requires_grad_(requires_grad)
             p.copy_(value)
             if grad is None:
                 p.grad = None
@@ -120,13 +157,15 @@ def preserve_state(
     """Run the body, then restore ``module``, ``optimizers`` and the RNG streams exactly.
 
     Args:
-        module: the model; all its parameters, buffers, gradients and train/eval flags are restored.
+        module: the model; all its parameters (values, gradients, ``requires_grad``), buffers, metric states and
+            train/eval flags are restored.
         optimizers: optimizers whose state and hyper-parameters are restored.
         rng: also save and restore the global RNG streams (Python, NumPy, torch CPU and CUDA).
     """
     saved_rng = _RNGState() if rng else None
     saved_module = _ModuleState(module)
     saved_optimizers = [_OptimizerState(o) for o in optimizers]
+    threads = torch.get_num_threads()
     try:
         yield
     finally:
@@ -135,3 +174,5 @@ def preserve_state(
             saved.restore()
         if saved_rng is not None:
             saved_rng.restore()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)

@@ -6,7 +6,9 @@ For a module with trainable parameters ``theta`` in ``R^P`` and probe batches ``
     L(theta) = sum_b (n_b / N) * loss(f_theta, B_b),        N = sum_b n_b,
 
 with ``loss`` either the user's ``loss_fn(module, batch)`` or, for a LightningModule, the loss that its
-``training_step`` returns (called with ``self.log``/``self.log_dict`` muted). :class:`Objective` gives
+``training_step`` returns (called with ``self.log``/``self.log_dict`` muted and every torchmetrics ``Metric``
+of the module neutralized: its ``update`` does nothing and calling it returns NaN, so the user's metric states
+never see the analysis, and no batched tensor can escape into them under ``vmap``). :class:`Objective` gives
 ``L``, its gradient, Hessian-vector products and batched values at many parameter vectors, always by
 ``torch.func.functional_call``: the module itself is never mutated.
 
@@ -16,7 +18,9 @@ Evaluation mode is explicit and recorded in :attr:`Objective.metadata`:
 * ``bn_mode="train"``: BatchNorm normalizes with batch statistics, as SGD sees it, but running statistics
   are *not* updated (``track_running_stats`` is switched off for the call);
 * dropout is off unless ``dropout=True``; autocast is off; parameters, floating buffers and floating
-  batch tensors are evaluated in ``dtype`` (float32 unless asked for float64).
+  batch tensors are evaluated in ``dtype`` (float32 unless asked for float64);
+* scaled dot-product attention runs on its math kernel (the fused CPU/flash kernels have no double backward,
+  which Hessian-vector products need).
 
 Example::
 
@@ -35,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -43,8 +48,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_landscape.guard import _RNGState
+from lightning_landscape.guard import _RNGState, is_metric
 from lightning_landscape.params import ParameterLayout
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -97,6 +103,58 @@ def _as_scalar_loss(out: Any, source: str) -> Tensor:
     return out.reshape(())
 
 
+def _second_derivative(g: Tensor, theta: Tensor, v: Tensor, retain_graph: bool = False) -> Tensor:
+    """``d(g . v)/d theta`` for a gradient ``g`` built with ``create_graph=True``: the Hessian-vector product. A loss
+    that is linear (or constant) in ``theta`` has a gradient with no graph back to ``theta``: its Hessian is 0."""
+    if not g.requires_grad:
+        return torch.zeros_like(theta)
+    (hv,) = torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=retain_graph, allow_unused=True)
+    return torch.zeros_like(theta) if hv is None else hv
+
+
+def _takes_batch_idx(step: Callable[..., Any]) -> bool:
+    """Whether ``training_step`` takes ``batch_idx`` (Lightning's own rule: a parameter of that name, ``*args``,
+    or at least two parameters)."""
+    try:
+        params = list(inspect.signature(inspect.unwrap(step)).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return (
+        any(p.name == "batch_idx" for p in params)
+        or any(p.kind == p.VAR_POSITIONAL for p in params)
+        or (len(positional) >= 2)
+    )
+
+
+def _nan_like_call(*args: Any, **kwargs: Any) -> Tensor:
+    return torch.tensor(float("nan"))
+
+
+@contextmanager
+def neutralized_metrics(module: nn.Module) -> Iterator[None]:
+    """Within the block, every torchmetrics ``Metric`` in ``module`` ignores ``update`` and returns NaN when called.
+
+    A user's ``training_step`` typically updates metrics (``self.train_acc(preds, y)``) and logs them; an analysis
+    that evaluates the loss must not add its forward passes to those running values, and under ``vmap`` a metric
+    would store batched tensors that escape the transform.
+    """
+    metrics = [m for m in module.modules() if is_metric(m)]
+    saved = [(m, {n: vars(m)[n] for n in ("update", "forward") if n in vars(m)}) for m in metrics]
+    try:
+        for m in metrics:
+            object.__setattr__(m, "update", lambda *a, **k: None)
+            object.__setattr__(m, "forward", _nan_like_call)
+        yield
+    finally:
+        for m, own in saved:
+            for name in ("update", "forward"):
+                if name in own:
+                    object.__setattr__(m, name, own[name])
+                elif name in vars(m):
+                    object.__delattr__(m, name)
+
+
 class _Evaluated(nn.Module):
     """Calls the loss of ``module`` on a batch as ``forward``, so that ``functional_call`` can swap its tensors."""
 
@@ -105,13 +163,15 @@ class _Evaluated(nn.Module):
         self.module = module
         self.loss_fn = loss_fn
         self.outputs_fn = outputs_fn
+        step = getattr(module, "training_step", None)
+        self.pass_batch_idx = loss_fn is None and step is not None and _takes_batch_idx(step)
 
     def forward(self, batch: Any, batch_idx: int, outputs: bool = False) -> Tensor:
         if outputs:
             return self.module(_first_tensor(batch)) if self.outputs_fn is None else self.outputs_fn(self.module, batch)
         if self.loss_fn is not None:
             return _as_scalar_loss(self.loss_fn(self.module, batch), "`loss_fn`")
-        out = self.module.training_step(batch, batch_idx)
+        out = self.module.training_step(batch, batch_idx) if self.pass_batch_idx else self.module.training_step(batch)
         return _as_scalar_loss(out, f"`{type(self.module).__name__}.training_step`")
 
 
@@ -249,6 +309,8 @@ class Objective:
                     muted.append(name)
             stack.enter_context(torch.autocast(self.device.type, enabled=False))
             stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            stack.enter_context(neutralized_metrics(self.module))
             try:
                 yield
             finally:
@@ -381,8 +443,7 @@ class Objective:
             self._spend(len(self.batches), 2 * len(self.batches))
             for i, w in enumerate(self.weights):
                 (g,) = torch.autograd.grad(self._batch_loss(theta, i), theta, create_graph=True)
-                (hv,) = torch.autograd.grad(g, theta, grad_outputs=v)
-                total += w * hv
+                total += w * _second_derivative(g, theta, v)
         return total
 
     def hvp_at(self, theta: Tensor | None = None) -> Callable[[Tensor], Tensor]:
@@ -405,8 +466,7 @@ class Objective:
                 v = v.to(device=point.device, dtype=point.dtype).clone()
                 total = torch.zeros_like(point)
                 for w, g in zip(self.weights, grads, strict=True):
-                    (hv,) = torch.autograd.grad(g, point, grad_outputs=v, retain_graph=True)
-                    total += w * hv
+                    total += w * _second_derivative(g, point, v, retain_graph=True)
             return total
 
         return product

@@ -32,13 +32,17 @@ class ParameterLayout:
     shapes: tuple[torch.Size, ...]
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> ParameterLayout:
-        """The layout of ``module``'s parameters with ``requires_grad=True``.
+    def from_module(cls, module: nn.Module, trainable_only: bool = True) -> ParameterLayout:
+        """The layout of ``module``'s parameters with ``requires_grad=True`` (all of them with
+        ``trainable_only=False``).
 
         Raises:
             ValueError: if the module has no trainable parameters.
         """
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not any(p.requires_grad for p in module.parameters()):
+            named = []
+        else:
+            named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
         if not named:
             raise ValueError(
                 f"`module` ({type(module).__name__}) has no trainable parameters, so it has no loss landscape."
@@ -67,6 +71,23 @@ class ParameterLayout:
     def flatten(self, tensors: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> Tensor:
         """Concatenate ``tensors[name]`` in layout order into one flat (detached) vector."""
         return torch.cat([tensors[n].detach().reshape(-1).to(dtype or tensors[n].dtype) for n in self.names])
+
+    def select(self, theta: Tensor, part: ParameterLayout) -> Tensor:
+        """The entries of the parameters of ``part`` (a sub-layout, e.g. the trainable ones) from ``theta`` laid out
+        by this layout; ``theta`` may carry leading batch dimensions.
+
+        Raises:
+            ValueError: if ``part`` names a parameter this layout does not hold.
+        """
+        if part.names == self.names:
+            return theta
+        slices = self.slices()
+        missing = [n for n in part.names if n not in slices]
+        if missing:
+            raise ValueError(
+                f"The stored parameter vectors do not hold {missing[:3]}: they were recorded for another module."
+            )
+        return torch.cat([theta[..., slices[n]] for n in part.names], dim=-1)
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Views of ``theta`` shaped like each parameter (differentiable; works under ``vmap``)."""

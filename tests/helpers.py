@@ -77,7 +77,7 @@ class DisturbingAnalysis(LandscapeCallback):
         self.probe_losses.append(float(objective.loss()))
         self.reporter.scalars({"probe_loss": self.probe_losses[-1]}, step)
         # now disturb everything
-        x, _ = self.probe_batches(trainer)[0]
+        x, _ = self.probe_set(trainer)[0]
         pl_module.train()(x)  # BatchNorm statistics move, dropout draws random numbers
         pl_module.eval()
         optimizer = trainer.optimizers[0]

@@ -60,7 +60,7 @@ def test_monitor_logs_all_measures_and_matches_the_functional_core(tmp_path):
         assert key in last and np.isfinite(last[key]), key
     # the published metric, and the same numbers from the functional core on the same probe set
     assert trainer.callback_metrics["landscape/flatness/lambda_max"] == pytest.approx(last["lambda_max"])
-    objective = Objective(model, monitor.probe_batches(trainer))
+    objective = Objective(model, monitor.probe_set(trainer))
     exact = hessian_eigenvalues(objective, k=5, tol=1e-6).eigenvalues
     assert last["lambda_max"] == pytest.approx(float(exact[0]), rel=1e-4)
     assert last["eos_ratio"] == pytest.approx(0.1 * last["lambda_max"] / (2 + 2 * 0.9), rel=1e-9)

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import plotly.graph_objects as go
 import wandb
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
 from lightning_landscape.callbacks.base import LandscapeCallback
@@ -74,8 +74,31 @@ def test_results_reach_wandb_every_logger_and_the_run_directory(tmp_path):
     assert json.loads(str(saved["metadata"]))["probe_seed"] == 0 and saved["losses"].shape == (2, 2)
 
     with open(f"{csv_logger.log_dir}/metrics.csv") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("landscape/media/probe_loss")]
-    assert [int(r["step"]) for r in rows] == [3, 6]
+        rows = list(csv.DictReader(fh))
+    ours = [int(r["step"]) for r in rows if r.get("landscape/media/probe_loss")]
+    user = {int(r["step"]) for r in rows if r.get("train_loss_step")}
+    # the triggers after optimizer steps 3 and 6 sit where the user's values of those batches sit: steps 2 and 5
+    assert ours == [2, 5] and set(ours) <= user
+
+
+def test_figures_reach_tensorboard(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    callback = MediaAnalysis(every_n_steps=3, at_fit_end=False, probe_size=32)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(tiny_module_class()(), train_dataloaders=loader())
+    logger.experiment.flush()
+    events = b"".join(p.read_bytes() for p in Path(logger.log_dir).glob("events.out.tfevents.*"))
+    assert events.count(b"landscape/media/profile") == 2  # one image per trigger
+    assert b"\x89PNG" in events
+    assert callback.reporter.run_dir == Path(logger.log_dir) / "landscape" / "media"
 
 
 class _RecordingLogger:

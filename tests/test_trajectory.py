@@ -171,6 +171,7 @@ def test_several_runs_project_onto_a_common_basis(tmp_path):
             max_epochs=1,
             accelerator="cpu",
             logger=False,
+            default_root_dir=tmp_path,
             callbacks=[recorder],
             enable_progress_bar=False,
             enable_checkpointing=False,

@@ -40,6 +40,7 @@ from typing_extensions import override
 
 from lightning_landscape import distributed
 from lightning_landscape._compat import CALLBACK_BASES
+from lightning_landscape.checks import check_int
 from lightning_landscape.guard import preserve_state
 from lightning_landscape.objective import BNMode, LossFn, Objective
 from lightning_landscape.params import ParameterLayout
@@ -78,11 +79,6 @@ def probe_chunks(n_samples: int, size: int, batch_size: int, seed: int) -> list[
     return [indices[i : i + batch_size] for i in range(0, size, batch_size)]
 
 
-def _check_optional_positive(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}. HINT: e.g. `{name}=100`.")
-
-
 class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Base class: triggers, probe set, state guard, failure handling and reporting.
 
@@ -94,13 +90,18 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         probe_batch_size: batch size of the probe set (default: the train dataloader's).
         probe_seed: seed of the probe set draw (recorded with every result).
         bn_mode: ``"eval"`` or ``"train"``, see :class:`~lightning_landscape.Objective`.
-        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step`` loss.
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step`` loss. Required for
+            modules with manual optimization (GANs, RL), whose ``training_step`` steps optimizers itself.
+        probe_batches: the probe set as a list of batches, as the train loader yields them (each rank uses its
+            block of them under DDP). Default: drawn from the training set. Required for iterable datasets.
         progress: show a progress bar for long analyses (rank 0).
         dtype: ``torch.float32`` or ``torch.float64`` for the analyses (autocast is always off).
 
     Raises:
         ValueError: for an invalid trigger, probe size or ``bn_mode`` (in the constructor), and for a
-            model without trainable parameters (in ``setup``).
+            model without trainable parameters, or with manual optimization and no ``loss_fn`` (in ``setup``).
+        RuntimeError: at the start of training, when the loss cannot be evaluated on the probe set (with a
+            hint naming the argument that fixes it), before any training step is taken.
     """
 
     name = "analysis"
@@ -120,13 +121,20 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         loss_fn: LossFn | None = None,
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
+        probe_batches: list[Any] | None = None,
     ) -> None:
         super().__init__()
-        _check_optional_positive("every_n_steps", every_n_steps)
-        _check_optional_positive("every_n_epochs", every_n_epochs)
-        _check_optional_positive("probe_batch_size", probe_batch_size)
-        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
-            raise ValueError(f"`probe_size` must be a positive integer, got {probe_size!r}. HINT: e.g. 256.")
+        check_int("every_n_steps", every_n_steps, optional=True, example=100)
+        check_int("every_n_epochs", every_n_epochs, optional=True, example=1)
+        check_int("probe_batch_size", probe_batch_size, optional=True, example=64)
+        check_int("probe_size", probe_size, example=256)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"`loss_fn` must be callable as `loss_fn(module, batch)`, got {loss_fn!r}.")
+        if probe_batches is not None and (not isinstance(probe_batches, (list, tuple)) or not probe_batches):
+            raise ValueError(
+                f"`probe_batches` must be a non-empty list of batches, got {type(probe_batches).__name__}."
+                " HINT: e.g. `probe_batches=[next(iter(loader))]`."
+            )
         if bn_mode not in ("eval", "train"):
             raise ValueError(
                 f"`bn_mode` must be 'eval' or 'train', got {bn_mode!r}."
@@ -142,6 +150,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}.")
         self.loss_fn = loss_fn
+        self.given_probe_batches = list(probe_batches) if probe_batches is not None else None
         self.progress = progress
         self.dtype = dtype
         self.failures = 0
@@ -193,13 +202,22 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def probe_metadata(self) -> dict[str, Any]:
         return {"probe_size": self.probe_size, "probe_seed": self.probe_seed, "bn_mode": self.bn_mode}
 
-    def probe_batches(self, trainer: pl.Trainer) -> list[Any]:
+    def probe_set(self, trainer: pl.Trainer) -> list[Any]:
         """This rank's share of the fixed probe set, on the module's device (drawn once, then cached).
 
         The probe set is the first ``probe_size`` samples of a permutation of the training set drawn with
-        ``probe_seed``, cut into batches; under DDP each rank holds a contiguous block of those batches,
-        so the union over ranks is the same set for any number of ranks.
+        ``probe_seed``, cut into batches (or the ``probe_batches`` given to the constructor); under DDP each rank
+        holds a contiguous block of those batches, so the union over ranks is the same set for any number of ranks.
         """
+        if self._probe is None and self.given_probe_batches is not None:
+            rank, world_size = distributed.world(trainer.strategy) if self.shard_probe else (0, 1)
+            if len(self.given_probe_batches) < world_size:
+                raise ValueError(
+                    f"`probe_batches` holds {len(self.given_probe_batches)} batches but there are {world_size} ranks."
+                    " HINT: give at least one batch per rank."
+                )
+            mine = distributed.shard(len(self.given_probe_batches), rank, world_size)
+            self._probe = [trainer.strategy.batch_to_device(self.given_probe_batches[j]) for j in mine]
         if self._probe is None:
             self._probe = self.draw_batches(
                 trainer, self.probe_size, self.probe_batch_size, self.probe_seed, sharded=self.shard_probe
@@ -225,7 +243,8 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(
                 f"{type(self).__name__} draws its probe set by index and needs a map-style training dataset,"
-                f" got {type(dataset).__name__}. HINT: use a map-style Dataset, or pass the probe batches explicitly."
+                f" got {type(dataset).__name__}. HINT: pass the probe set explicitly,"
+                f" e.g. `{type(self).__name__}(probe_batches=[batch_1, batch_2, ...])`."
             )
         batch_size = batch_size or loader.batch_size or size
         chunks = probe_chunks(len(dataset), size, batch_size, seed)
@@ -239,11 +258,15 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         return [trainer.strategy.batch_to_device(loader.collate_fn([dataset[i] for i in chunks[j]])) for j in mine]
 
     def objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Objective:
-        """The :class:`Objective` of ``pl_module`` on this rank's probe batches (built once)."""
-        if self._objective is None or self._objective.module is not pl_module:
+        """The :class:`Objective` of ``pl_module`` on this rank's probe batches (built once, and again when the set of
+        trainable parameters changes, e.g. layers unfrozen by ``BaseFinetuning``)."""
+        stale = self._objective is None or self._objective.module is not pl_module
+        if not stale and self._objective.layout != ParameterLayout.from_module(pl_module):
+            stale = True
+        if stale:
             self._objective = Objective(
                 pl_module,
-                self.probe_batches(trainer),
+                self.probe_set(trainer),
                 self.loss_fn,
                 bn_mode=self.bn_mode,
                 dtype=self.dtype,
@@ -257,7 +280,44 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if stage != "fit":
             return
         ParameterLayout.from_module(pl_module)  # raises early for a module with nothing to analyze
+        if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
+            raise ValueError(
+                f"{type(pl_module).__name__} uses manual optimization: its `training_step` steps the optimizers"
+                f" itself, so {type(self).__name__} cannot use it as the loss. HINT: pass the loss to analyze,"
+                f" e.g. `{type(self).__name__}(loss_fn=lambda module, batch: module.generator_loss(batch))`."
+            )
         self.reporter = Reporter.from_trainer(trainer, self.name, progress=self.progress)
+        self.reset()  # a checkpoint's state, loaded after setup, turns this into a resume
+
+    def reset(self) -> None:
+        """Forget the previous fit (another model, other data): a reused callback starts anew. Subclasses extend it."""
+        self._objective, self._probe = None, None
+        self.failures, self.runs, self._last_step = 0, 0, None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.fast_dev_run:
+            with preserve_state(pl_module, trainer.optimizers), torch.inference_mode(False), torch.enable_grad():
+                self.check(trainer, pl_module)
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before the first training step: the probe set can be drawn and the loss evaluated on it, so that a
+        configuration that cannot work fails now, not at the first trigger hours later. Subclasses add their own."""
+        source = "`loss_fn`" if self.loss_fn is not None else f"`{type(pl_module).__name__}.training_step`"
+        hint = (
+            "HINT: check `loss_fn`, which is called as `loss_fn(module, batch)` on batches of the train loader."
+            if self.loss_fn is not None
+            else f"HINT: pass `{type(self).__name__}(loss_fn=lambda module, batch: ...)` returning the scalar loss."
+        )
+        try:
+            self.objective(trainer, pl_module)
+        except Exception as err:
+            if "probe" in str(err) and "HINT" in str(err):  # the probe set itself: the message names the fix
+                raise
+            raise RuntimeError(
+                f"{type(self).__name__} cannot evaluate the loss ({source}) on its probe set:"
+                f" {type(err).__name__}: {err} {hint}"
+            ) from err
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

@@ -38,10 +38,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from lightning_landscape import distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
+from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.dynamics import (
     Excursions,
     MinimaDatabase,
@@ -56,6 +58,7 @@ from lightning_landscape.dynamics import (
 )
 from lightning_landscape.geometry.paths import minimum_energy_path
 from lightning_landscape.objective import BNMode, LossFn, Objective
+from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report.plots import free_energy_figure, paths_figure, timescales_figure
 
 if TYPE_CHECKING:
@@ -78,6 +81,12 @@ def probe_accuracy(outputs: np.ndarray, batches: list[Any]) -> np.ndarray:
         return np.full(outputs.shape[:-1], np.nan)
     predicted = outputs.reshape(*outputs.shape[:-1], len(labels), n_classes).argmax(-1)
     return (predicted == labels).mean(-1)
+
+
+def _map_style(trainer: pl.Trainer) -> bool:
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
 class EnergyLandscape(LandscapeCallback):
@@ -108,7 +117,11 @@ class EnergyLandscape(LandscapeCallback):
         budget_passes: batch passes (forward plus backward, summed over ranks) per trigger, or None.
         budget_seconds: wall-clock seconds per trigger, or None.
         seed: seed of the replicas and of the pool of batches.
-        probe_size, probe_seed, bn_mode, loss_fn, progress, dtype: as for every callback.
+        probe_size, probe_seed, loss_fn, probe_batches, progress, dtype: as for every callback. With an iterable
+            training dataset, the given ``probe_batches`` are also the replicas' minibatch pool.
+        bn_mode: ``"train"`` (default): BatchNorm normalizes with the statistics of the probe batch, so the energy is a
+            function of the weights alone and a minimum has the same loss at every trigger. ``"eval"`` (running
+            statistics) is refused for modules with BatchNorm, whose running statistics move between triggers.
         probe_batch_size: as for every callback, but the default is the whole probe set in one batch.
         outputs_fn: ``outputs_fn(module, batch) -> tensor``, the network's outputs on a probe batch (the function-space
             fingerprint of minima and the ``"outputs"`` features). Default: ``module(first tensor of the batch)``.
@@ -150,11 +163,12 @@ class EnergyLandscape(LandscapeCallback):
         probe_size: int = 256,
         probe_batch_size: int | None = None,
         probe_seed: int = 0,
-        bn_mode: BNMode = "eval",
+        bn_mode: BNMode = "train",
         loss_fn: LossFn | None = None,
         outputs_fn: LossFn | None = None,
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
+        probe_batches: list[Any] | None = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -167,44 +181,37 @@ class EnergyLandscape(LandscapeCallback):
             loss_fn=loss_fn,
             progress=progress,
             dtype=dtype,
+            probe_batches=probe_batches,
         )
-        counts = {
-            "replicas": replicas,
-            "replica_steps": replica_steps,
-            "record_every": record_every,
-            "pool_batches": pool_batches,
-            "quench_iter": quench_iter,
-            "path_steps": path_steps,
-            "lag": lag,
-            "sketch_dim": sketch_dim,
-        }
-        for key, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{key}` must be a positive integer, got {value!r}. HINT: e.g. `{key}=8`.")
-        if path_images < 3:
-            raise ValueError(
-                f"`path_images` must be at least 3 (two ends and one image), got {path_images}. HINT: e.g. 9."
-            )
-        if max_paths < 0:
-            raise ValueError(f"`max_paths` must be >= 0, got {max_paths}. HINT: 0 computes no paths.")
-        if max_metastable < 2:
-            raise ValueError(f"`max_metastable` must be at least 2, got {max_metastable}. HINT: e.g. 4.")
-        if not dedup_tol > 0:
-            raise ValueError(f"`dedup_tol` must be positive, got {dedup_tol}. HINT: e.g. 0.05 (5% output distance).")
-        for key, value in (("lr", lr), ("path_lr", path_lr)):
-            if value is not None and not value > 0:
-                raise ValueError(f"`{key}` must be positive, got {value}. HINT: None uses the optimizer's lr.")
-        if temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0, got {temperature}. HINT: 0 is plain SGD, > 0 SGLD.")
+        for key, value, example in (
+            ("replicas", replicas, 8),
+            ("replica_steps", replica_steps, 200),
+            ("record_every", record_every, 5),
+            ("pool_batches", pool_batches, 16),
+            ("quench_iter", quench_iter, 100),
+            ("path_steps", path_steps, 100),
+            ("lag", lag, 1),
+            ("sketch_dim", sketch_dim, 256),
+        ):
+            check_int(key, value, example=example)
+        check_int("path_images", path_images, minimum=3, example=9)
+        check_int("max_paths", max_paths, minimum=0, example=4)
+        check_int("max_metastable", max_metastable, minimum=2, example=4)
+        check_int("n_clusters", n_clusters, minimum=2, optional=True, example=20)
+        check_int("budget_passes", budget_passes, optional=True, example=20000)
+        check_int("seed", seed, minimum=0, example=0)
+        check_int("projection_seed", projection_seed, minimum=0, example=0)
+        check_float("dedup_tol", dedup_tol, hint="e.g. 0.05 (5% output distance).")
+        check_float("lr", lr, optional=True, hint="None uses the optimizer's lr.")
+        check_float("path_lr", path_lr, optional=True, hint="None uses the optimizer's lr.")
+        check_float("temperature", temperature, strict=False, hint="0 is plain SGD, > 0 SGLD.")
+        check_float("budget_seconds", budget_seconds, optional=True, hint="None means no limit.")
         if path_method not in ("string", "neb"):
-            raise ValueError(f"`path_method` must be 'string' or 'neb', got {path_method!r}.")
+            raise ValueError(f"`path_method` must be 'string' or 'neb', got {path_method!r}. HINT: 'string'.")
         if features not in ("sketch", "outputs"):
-            raise ValueError(f"`features` must be 'sketch' or 'outputs', got {features!r}.")
-        if n_clusters is not None and n_clusters < 2:
-            raise ValueError(f"`n_clusters` must be at least 2, got {n_clusters}. HINT: None picks 1 per 20 points.")
-        for key, value in (("budget_passes", budget_passes), ("budget_seconds", budget_seconds)):
-            if value is not None and not value > 0:
-                raise ValueError(f"`{key}` must be positive, got {value}. HINT: None means no limit.")
+            raise ValueError(f"`features` must be 'sketch' or 'outputs', got {features!r}. HINT: 'sketch'.")
+        if outputs_fn is not None and not callable(outputs_fn):
+            raise ValueError(f"`outputs_fn` must be callable as `outputs_fn(module, batch)`, got {outputs_fn!r}.")
         self.replicas, self.replica_steps, self.lr, self.temperature = replicas, replica_steps, lr, temperature
         self.record_every, self.pool_batches, self.quench_iter, self.dedup_tol = (
             record_every,
@@ -223,10 +230,44 @@ class EnergyLandscape(LandscapeCallback):
         self.sketch_dim, self.projection_seed, self.seed = sketch_dim, projection_seed, seed
         self.budget_passes, self.budget_seconds = budget_passes, budget_seconds
         self.outputs_fn = outputs_fn
+        self.reset()
+
+    @override
+    def reset(self) -> None:
+        super().reset()
         self.previous_minimum: int | None = None
         self.minima_dir: str | None = None  # kept in checkpoints: a resumed run continues the same database
+        self.minima_names: list[str] | None = None  # the parameters its minima are vectors of
         self.history: list[dict[str, Any]] = []
         self._pool: list[Any] | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.bn_mode == "eval" and any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
+            raise ValueError(
+                f"`bn_mode='eval'` on {type(pl_module).__name__}, which has BatchNorm layers: their running statistics"
+                " move between triggers, so a stored minimum would have another loss at the next trigger and barriers"
+                " between triggers would be artifacts. HINT: use `bn_mode='train'` (the default), where the energy is"
+                " a function of the weights alone."
+            )
+
+    @override
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().check(trainer, pl_module)
+        objective = self.objective(trainer, pl_module)
+        source = "`outputs_fn`" if self.outputs_fn is not None else f"`{type(pl_module).__name__}(batch[0])`"
+        try:
+            outputs = objective.outputs()
+            if not torch.is_tensor(outputs) or not outputs.is_floating_point():
+                raise TypeError(f"got {type(outputs).__name__} {getattr(outputs, 'dtype', '')}, not a floating tensor")
+        except Exception as err:
+            raise RuntimeError(
+                f"EnergyLandscape cannot compute the network's outputs on a probe batch ({source}), which fingerprint"
+                f" minima in function space: {type(err).__name__}: {err}. HINT: pass"
+                " `EnergyLandscape(outputs_fn=lambda module, batch: ...)` returning the outputs as a floating tensor,"
+                " e.g. `module(batch['input_ids'])` for dict batches or `module.encoder(batch[0])` for an autoencoder."
+            ) from err
 
     # ------------------------------------------------------------------ budget
     def _passes(self, trainer: pl.Trainer, spend: list[tuple[Objective, int]]) -> int:
@@ -247,16 +288,22 @@ class EnergyLandscape(LandscapeCallback):
     def stages(self) -> int:
         return 5
 
-    def _projection(self, trainer: pl.Trainer, x0: torch.Tensor) -> SparseProjection:
-        """The recorder's projection when a TrajectoryRecorder runs (one basis for trajectories and replicas)."""
+    def _projection(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x0: torch.Tensor) -> SparseProjection:
+        """The recorder's projection when a TrajectoryRecorder runs (one basis for trajectories and replicas): it
+        projects all parameters, so the replicas' trainable ones are sketched with the frozen ones held fixed."""
         from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
         recorder = TrajectoryRecorder.find(trainer)
-        if recorder is not None:
-            return SparseProjection(
-                x0.numel(), recorder.sketch_dim, recorder.projection_seed, recorder.sketch_nnz, x0.device
-            )
-        return SparseProjection(x0.numel(), self.sketch_dim, self.projection_seed, 1, x0.device)
+        if recorder is None:
+            return SparseProjection(x0.numel(), self.sketch_dim, self.projection_seed, 1, x0.device)
+        everything = ParameterLayout.from_module(pl_module, trainable_only=False)
+        full = SparseProjection(
+            everything.numel, recorder.sketch_dim, recorder.projection_seed, recorder.sketch_nnz, x0.device
+        )
+        trainable = [everything.slices()[n] for n in ParameterLayout.from_module(pl_module).names]
+        positions = torch.cat([torch.arange(s.start, s.stop) for s in trainable]).to(x0.device)
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).to(x0)
+        return full.restricted(positions, flat)
 
     @override
     def advance(self, stage: str) -> None:
@@ -267,6 +314,8 @@ class EnergyLandscape(LandscapeCallback):
 
     def _pool_objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Objective:
         batch_size = global_batch_size(trainer) or 32
+        if self._pool is None and self.given_probe_batches is not None and not _map_style(trainer):
+            self._pool = self.probe_set(trainer)  # nothing to draw from: the given batches are the pool
         if self._pool is None:
             self._pool = self.draw_batches(
                 trainer, batch_size * self.pool_batches, batch_size, self.seed + 1, sharded=False
@@ -284,7 +333,7 @@ class EnergyLandscape(LandscapeCallback):
         spend = [(probe, _passes(probe)), (pool, _passes(pool))]
         lr = self.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
         x0 = probe.theta0
-        sketch = self._projection(trainer, x0)
+        sketch = self._projection(trainer, pl_module, x0)
 
         # 1. basin sampling, replicas in rounds of one per rank
         def replicas(ids: list[int]) -> Excursions:
@@ -323,8 +372,22 @@ class EnergyLandscape(LandscapeCallback):
         plan, new_minima, current = None, 0, None
         if trainer.is_global_zero:
             meta = {**probe.metadata, **self.probe_metadata, "probe_batch_size": self.probe_batch_size}
+            names = list(probe.layout.names)
+            changed = self.minima_names not in (None, names)
+            if changed and self.minima_dir is not None and Path(self.minima_dir).exists():
+                warnings.warn(
+                    f"lightning-landscape: the trainable parameters changed before step {step} (e.g. layers unfrozen);"
+                    " EnergyLandscape starts a new minima database, since minima of another parameter space cannot be"
+                    " compared with the old ones.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.minima_dir = None
             if self.minima_dir is None or not Path(self.minima_dir).exists():
-                self.minima_dir, self.previous_minimum = str(self.reporter.run_dir / "minima"), None
+                folder = self.reporter.run_dir / "minima"
+                self.minima_dir = str(folder if not folder.exists() else folder.with_name(f"minima-step{step}"))
+                self.previous_minimum = None
+            self.minima_names = names
             db = MinimaDatabase(self.minima_dir, tol=self.dedup_tol, meta=meta)
             for index, (theta, loss, grad_norm, outputs) in enumerate(quenched):
                 source = "training" if index == 0 else f"replica {excursions.replica_ids[index - 1]}"
@@ -562,6 +625,7 @@ class EnergyLandscape(LandscapeCallback):
             "history": self.history,
             "previous_minimum": self.previous_minimum,
             "minima_dir": self.minima_dir,
+            "minima_names": self.minima_names,
         }
 
     @override
@@ -570,3 +634,4 @@ class EnergyLandscape(LandscapeCallback):
         self.history = list(state_dict.get("history", []))
         self.previous_minimum = state_dict.get("previous_minimum")
         self.minima_dir = state_dict.get("minima_dir", self.minima_dir)
+        self.minima_names = state_dict.get("minima_names", self.minima_names)

@@ -49,6 +49,7 @@ from typing_extensions import override
 
 from lightning_landscape import curvature, distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
+from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.objective import BNMode, LossFn
 from lightning_landscape.report.plots import eigenvalue_figure, spectral_density_figure
 
@@ -88,7 +89,7 @@ class FlatnessMonitor(LandscapeCallback):
         epsilon: box radius of epsilon-sharpness; rho: radius of SAM/adaptive sharpness.
         pac_bayes_threshold: loss increase that defines the PAC-Bayes sigma.
         layers: per-layer ``lambda_max``/``trace``: ``{label: [name patterns]}`` or a list of patterns.
-        probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, progress: see
+        probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, probe_batches, progress: see
             :class:`~lightning_landscape.callbacks.LandscapeCallback`.
         dtype: ``torch.float32`` or ``torch.float64``.
         seed: seed of the random vectors of the estimators.
@@ -123,6 +124,7 @@ class FlatnessMonitor(LandscapeCallback):
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         progress: bool = True,
+        probe_batches: list[Any] | None = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -135,28 +137,26 @@ class FlatnessMonitor(LandscapeCallback):
             loss_fn=loss_fn,
             progress=progress,
             dtype=dtype,
+            probe_batches=probe_batches,
         )
+        if isinstance(measures, str):
+            raise ValueError(f"`measures` must be a list of names, got the string {measures!r}. HINT: [{measures!r}].")
         unknown = [m for m in measures if m not in MEASURES]
         if unknown or not measures:
             raise ValueError(
                 f"`measures` has unknown names {unknown} (or is empty). HINT: choose from {list(MEASURES)}."
             )
-        for name, value in (
-            ("top_k", top_k),
-            ("trace_samples", trace_samples),
-            ("density_vectors", density_vectors),
-            ("density_steps", density_steps),
-        ):
-            if value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value}.")
-        for name, value in (
-            ("tol", tol),
-            ("epsilon", epsilon),
-            ("rho", rho),
-            ("pac_bayes_threshold", pac_bayes_threshold),
-        ):
-            if not value > 0:
-                raise ValueError(f"`{name}` must be positive, got {value}.")
+        check_int("top_k", top_k, example=5)
+        check_int("trace_samples", trace_samples, example=15)
+        check_int("density_vectors", density_vectors, example=3)
+        check_int("density_steps", density_steps, minimum=2, example=40)
+        check_int("seed", seed, minimum=0, example=0)
+        check_float("tol", tol, hint="e.g. `tol=1e-3` (relative).")
+        check_float("epsilon", epsilon, hint="e.g. `epsilon=1e-3`.")
+        check_float("rho", rho, hint="e.g. `rho=0.05`.")
+        check_float("pac_bayes_threshold", pac_bayes_threshold, hint="e.g. `pac_bayes_threshold=0.1`.")
+        if isinstance(layers, str):
+            raise ValueError(f"`layers` must be a list of name patterns or a dict, got {layers!r}. HINT: [{layers!r}].")
         if trace_samples < 3 and "trace" in measures:
             raise ValueError(f"`trace_samples` must be at least 3 for Hutch++, got {trace_samples}.")
         self.measures = tuple(measures)
@@ -296,10 +296,23 @@ class FlatnessMonitor(LandscapeCallback):
         rep.arrays("flatness", step, metadata=metadata, **arrays)
 
     @override
+    def reset(self) -> None:
+        super().reset()
+        self.history, self._eigenvalues, self._densities = [], [], []
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": self.history}
+        # the figures' history too: a resumed run draws every trigger since the start
+        return {
+            **super().state_dict(),
+            "history": self.history,
+            "eigenvalues": list(self._eigenvalues),
+            "densities": list(self._densities),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.history = list(state_dict.get("history", []))
+        self._eigenvalues = list(state_dict.get("eigenvalues", []))
+        self._densities = list(state_dict.get("densities", []))

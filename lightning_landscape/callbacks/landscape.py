@@ -33,6 +33,7 @@ from typing_extensions import override
 
 from lightning_landscape import distributed
 from lightning_landscape.callbacks.base import LandscapeCallback
+from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.geometry import (
     evaluate_slice,
     interpolate,
@@ -41,6 +42,7 @@ from lightning_landscape.geometry import (
     random_direction,
 )
 from lightning_landscape.objective import BNMode, LossFn
+from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report.plots import contour_figure, profile_figure, surface_figure
 
 if TYPE_CHECKING:
@@ -62,9 +64,11 @@ class LandscapeSampler(LandscapeCallback):
         snapshot_every_n_steps: own snapshots for the PCA plane when no TrajectoryRecorder is present (with
             one, its snapshots are used and the sampler keeps none).
         max_snapshots: keep at most this many own snapshots (thinned by 2 when full; each is ``4 P`` bytes
-            of CPU memory).
+            of CPU memory, and of the checkpoint: they are part of the callback's state, so a resumed run keeps
+            its initial point and path).
         memory_mb: memory for one chunk of parameter vectors.
-        probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, progress, dtype: as for every callback.
+        probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, probe_batches, progress, dtype: as for every
+            callback.
     """
 
     name = "landscape"
@@ -92,6 +96,7 @@ class LandscapeSampler(LandscapeCallback):
         loss_fn: LossFn | None = None,
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
+        probe_batches: list[Any] | None = None,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -104,20 +109,20 @@ class LandscapeSampler(LandscapeCallback):
             loss_fn=loss_fn,
             progress=progress,
             dtype=dtype,
+            probe_batches=probe_batches,
         )
-        for name, value in (
-            ("resolution", resolution),
-            ("line_points", line_points),
-            ("interpolation_steps", interpolation_steps),
-        ):
-            if value < 2:
-                raise ValueError(f"`{name}` must be at least 2, got {value}.")
-        if not span > 0:
-            raise ValueError(f"`span` must be positive, got {span}.")
+        check_int("resolution", resolution, minimum=2, example=25)
+        check_int("line_points", line_points, minimum=2, example=51)
+        check_int("interpolation_steps", interpolation_steps, minimum=2, example=25)
+        check_int("snapshot_every_n_steps", snapshot_every_n_steps, example=10)
+        check_int("max_snapshots", max_snapshots, minimum=3, example=50)
+        check_int("direction_seed", direction_seed, minimum=0, example=0)
+        check_float("span", span, hint="e.g. `span=1.0` (in units of the filter norms).")
+        check_float("memory_mb", memory_mb, hint="e.g. `memory_mb=64`.")
         if normalization not in ("filter", "layer", "model", None):
-            raise ValueError(f"`normalization` must be 'filter', 'layer', 'model' or None, got {normalization!r}.")
-        if snapshot_every_n_steps < 1 or max_snapshots < 3:
-            raise ValueError("`snapshot_every_n_steps` must be >= 1 and `max_snapshots` >= 3.")
+            raise ValueError(
+                f"`normalization` must be 'filter', 'layer', 'model' or None, got {normalization!r}. HINT: 'filter'."
+            )
         self.resolution, self.span, self.line_points = resolution, span, line_points
         self.normalization, self.direction_seed = normalization, direction_seed
         self.interpolation_steps, self.recompute_bn = interpolation_steps, recompute_bn
@@ -131,12 +136,14 @@ class LandscapeSampler(LandscapeCallback):
 
     # ------------------------------------------------------------------ own snapshots
     def _flat(self, pl_module: pl.LightningModule) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in pl_module.parameters() if p.requires_grad]).float().cpu()
+        """All parameters, frozen ones too (as the recorder's snapshots), so that unfreezing keeps one layout."""
+        return torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).float().cpu()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
+        super().on_train_start(trainer, pl_module)
         self._own_snapshots = TrajectoryRecorder.find(trainer) is None
         if not self.snapshots:
             self.snapshots.append((trainer.global_step, self._flat(pl_module)))
@@ -151,8 +158,11 @@ class LandscapeSampler(LandscapeCallback):
                 self.snapshots = self.snapshots[:1] + self.snapshots[2::2]  # keep the initial point
         super().on_train_batch_end(trainer, pl_module, *args)
 
-    def _trajectory(self, trainer: pl.Trainer) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
-        """Snapshot steps, parameter vectors (T, P) and the initial vector: the recorder's, or our own."""
+    def _trajectory(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, layout: ParameterLayout
+    ) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+        """Snapshot steps, parameter vectors (T, P) and the initial vector, restricted to the parameters of
+        ``layout`` (the objective's): the recorder's, or our own."""
         from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
         from lightning_landscape.dynamics import TrajectoryStore
 
@@ -160,13 +170,17 @@ class LandscapeSampler(LandscapeCallback):
         if recorder is not None and recorder.store_dir and trainer.is_global_zero:
             recorder.flush()
             store = TrajectoryStore.open(recorder.store_dir)
+            stored = ParameterLayout(tuple(store.meta["names"]), tuple(torch.Size(s) for s in store.meta["shapes"]))
             steps = store.snapshot_steps
             if len(steps) >= 3:
-                init = torch.from_numpy(np.array(store.snapshot("init")))
-                return steps, torch.stack([torch.from_numpy(np.array(store.snapshot(s))) for s in steps]), init
+                init = stored.select(torch.from_numpy(np.array(store.snapshot("init"))), layout)
+                path = torch.stack([torch.from_numpy(np.array(store.snapshot(s))) for s in steps])
+                return steps, stored.select(path, layout), init
+        own = ParameterLayout.from_module(pl_module, trainable_only=False)
         if len(self.snapshots) < 3:
-            return [], None, self.snapshots[0][1] if self.snapshots else None
-        return [s for s, _ in self.snapshots], torch.stack([t for _, t in self.snapshots]), self.snapshots[0][1]
+            return [], None, own.select(self.snapshots[0][1], layout) if self.snapshots else None
+        path = own.select(torch.stack([t for _, t in self.snapshots]), layout)
+        return [s for s, _ in self.snapshots], path, own.select(self.snapshots[0][1], layout)
 
     # ------------------------------------------------------------------ the analysis
     @override
@@ -205,7 +219,7 @@ class LandscapeSampler(LandscapeCallback):
             "d2": d2.cpu().numpy(),
         }
 
-        steps, trajectory, init = self._trajectory(trainer)
+        steps, trajectory, init = self._trajectory(trainer, pl_module, obj.layout)
         has_path = distributed.broadcast(trainer.strategy, trajectory is not None)
         pca: dict[str, Any] = {}
         if has_path:
@@ -339,10 +353,16 @@ class LandscapeSampler(LandscapeCallback):
         rep.arrays("landscape", step, metadata=metadata, **arrays)
 
     @override
+    def reset(self) -> None:
+        super().reset()
+        self.snapshots, self.history = [], []
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "history": self.history}
+        return {**super().state_dict(), "history": self.history, "snapshots": list(self.snapshots)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.history = list(state_dict.get("history", []))
+        self.snapshots = list(state_dict.get("snapshots", self.snapshots))

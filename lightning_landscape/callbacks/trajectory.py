@@ -45,7 +45,8 @@ from typing_extensions import override
 
 from lightning_landscape import distributed
 from lightning_landscape._compat import CALLBACK_BASES
-from lightning_landscape.callbacks.base import _check_optional_positive, global_batch_size, record_failure
+from lightning_landscape.callbacks.base import global_batch_size, record_failure
+from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.dynamics import SparseProjection, StreamingPCA, TrajectoryStore
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report import Reporter
@@ -112,25 +113,29 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         log_artifact: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("sketch_dim", sketch_dim),
-            ("sketch_every_n_steps", sketch_every_n_steps),
-            ("vector_stats_every_n_steps", vector_stats_every_n_steps),
-            ("flush_every_n_steps", flush_every_n_steps),
-            ("snapshot_every_n_steps", snapshot_every_n_steps),
-        ):
-            _check_optional_positive(name, value)
+        check_int("sketch_dim", sketch_dim, example=256)
+        check_int("sketch_every_n_steps", sketch_every_n_steps, example=50)
+        check_int("vector_stats_every_n_steps", vector_stats_every_n_steps, example=100)
+        check_int("flush_every_n_steps", flush_every_n_steps, example=100)
+        check_int("snapshot_every_n_steps", snapshot_every_n_steps, optional=True, example=500)
+        check_int("sketch_nnz", sketch_nnz, example=1)
+        check_int("projection_seed", projection_seed, minimum=0, example=0)
         if sketch_dim % sketch_nnz:
-            raise ValueError(f"`sketch_dim` ({sketch_dim}) must be a multiple of `sketch_nnz` ({sketch_nnz}).")
-        if disk_budget_mb < 0:
-            raise ValueError(f"`disk_budget_mb` must be >= 0, got {disk_budget_mb}.")
-        if not 0 <= noise_ema < 1:
-            raise ValueError(f"`noise_ema` must be in [0, 1), got {noise_ema}.")
+            raise ValueError(
+                f"`sketch_dim` ({sketch_dim}) must be a multiple of `sketch_nnz` ({sketch_nnz}). HINT: e.g. 256 and 1."
+            )
+        check_float("disk_budget_mb", disk_budget_mb, strict=False, hint="0 keeps only the initial snapshot.")
+        check_float("noise_ema", noise_ema, strict=False, hint="a factor in [0, 1), e.g. 0.95.")
+        if not noise_ema < 1:
+            raise ValueError(f"`noise_ema` must be in [0, 1), got {noise_ema}. HINT: e.g. 0.95.")
+        if store_dir is not None and not isinstance(store_dir, (str, Path)):
+            raise ValueError(f"`store_dir` must be a path or None, got {store_dir!r}.")
         self.sketch_dim, self.sketch_every_n_steps = sketch_dim, sketch_every_n_steps
         self.vector_stats_every_n_steps = vector_stats_every_n_steps
         self.projection_seed, self.sketch_nnz = projection_seed, sketch_nnz
         self.snapshot_every_n_steps, self.disk_budget_mb = snapshot_every_n_steps, disk_budget_mb
         self.flush_every_n_steps, self.store_dir = flush_every_n_steps, store_dir
+        self._given_store_dir = str(store_dir) if store_dir is not None else None
         self.noise_ema, self.log_artifact = noise_ema, log_artifact
         self.failures = 0
         self.reporter = Reporter(".", is_global_zero=False)
@@ -184,14 +189,22 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if stage == "fit":
             ParameterLayout.from_module(pl_module)  # raises early for a module without trainable parameters
             self.reporter = Reporter.from_trainer(trainer, self.name)
+            # a new fit starts a new store; a checkpoint's state (loaded after setup) turns it into a resume
+            self.store_dir, self.store = self._given_store_dir, None
+            self._last_step = self._resume_step = None
+            self._copies, self._noise_state, self.failures = {}, {}, 0
+            self.pca = StreamingPCA(self.sketch_dim)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = not trainer.fast_dev_run
         if not self._active:
             return
-        self.layout = ParameterLayout.from_module(pl_module)
-        self._params = [p for p in pl_module.parameters() if p.requires_grad]
+        # every parameter, frozen ones too: layers unfrozen later (BaseFinetuning) are on the path from the start,
+        # and a frozen parameter simply does not move
+        self.layout = ParameterLayout.from_module(pl_module, trainable_only=False)
+        self._params = list(pl_module.parameters())
+        self._accumulation = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         flat = self._flat()
         self.projection = SparseProjection(
             self.layout.numel, self.sketch_dim, self.projection_seed, self.sketch_nnz, flat.device
@@ -206,7 +219,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if self._resume_step is not None:
             self._last_step = self._resume_step
         if trainer.is_global_zero:
-            self.store_dir = self.store_dir or str(self.reporter.run_dir / "store")
+            self.store_dir = self._fresh_store_dir() if self._resume_step is None else self.store_dir
             meta = {
                 "k": self.sketch_dim,
                 "projection_seed": self.projection_seed,
@@ -225,6 +238,21 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             self._init = torch.from_numpy(np.array(self.store.snapshot("init"))).to(flat)
             self._init_norm = float(self._init.norm())
         self._register_ddp_hook(trainer)
+
+    def _fresh_store_dir(self) -> str:
+        """Where a new (not resumed) run records: never into another run's store."""
+        if self._given_store_dir is not None:
+            if (Path(self._given_store_dir) / "meta.json").exists():
+                raise ValueError(
+                    f"`store_dir` {self._given_store_dir!r} already holds the trajectory store of another run,"
+                    " and this run does not resume from that run's checkpoint. HINT: pass a new `store_dir`,"
+                    " or `store_dir=None` for a folder in this run's directory, or resume with `ckpt_path=`."
+                )
+            return self._given_store_dir
+        path, n = self.reporter.run_dir / "store", 1
+        while (path / "meta.json").exists():  # e.g. a W&B run resumed by id without a checkpoint
+            path, n = self.reporter.run_dir / f"store-{n}", n + 1
+        return str(path)
 
     def _register_ddp_hook(self, trainer: pl.Trainer) -> None:
         if trainer.world_size < 2 or not hasattr(trainer.strategy.model, "register_comm_hook"):
@@ -255,8 +283,9 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if not self._active:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor):
-            self._losses.append(loss.detach())
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            # Lightning hands over the loss divided by accumulate_grad_batches: undo it
+            self._losses.append(loss.detach().reshape(()) * self._accumulation)
         step = trainer.global_step
         if step == self._last_step or step == 0:
             return  # accumulating gradients: no optimizer step yet

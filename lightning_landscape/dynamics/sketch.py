@@ -52,6 +52,21 @@ class SparseProjection:
         signs = torch.randint(0, 2, (nnz, dim), generator=g).float().mul_(2).sub_(1).div_(math.sqrt(nnz))
         self.rows = rows.reshape(-1).to(device)
         self.signs = signs.reshape(-1).to(device)
+        self.offset: Tensor | None = None
+
+    def restricted(self, positions: Tensor, base: Tensor) -> SparseProjection:
+        """``y -> R x`` where ``x`` is ``base`` with ``y`` written at ``positions``: the same sketches, for vectors of a
+        subset of the coordinates (e.g. the trainable parameters, with frozen ones held at ``base``). Since ``R`` is
+        linear, it is ``R[:, positions] y + R (base with zeros at positions)``."""
+        out = SparseProjection.__new__(SparseProjection)
+        out.dim, out.k, out.seed, out.nnz = len(positions), self.k, self.seed, self.nnz
+        device = self.rows.device
+        columns = (positions.to(device)[None] + self.dim * torch.arange(self.nnz, device=device)[:, None]).reshape(-1)
+        out.rows, out.signs = self.rows[columns], self.signs[columns]
+        rest = base.clone()
+        rest[positions] = 0
+        out.offset = self(rest)
+        return out
 
     def __call__(self, x: Tensor) -> Tensor:
         """``R x`` for ``x`` of shape ``(dim,)`` or ``(n, dim)``."""
@@ -62,4 +77,6 @@ class SparseProjection:
         values = (batch if self.nnz == 1 else batch.repeat(1, self.nnz)) * signs
         out = torch.zeros(batch.shape[0], self.k, dtype=x.dtype, device=x.device)
         out.index_add_(1, self.rows, values)
+        if self.offset is not None:
+            out += self.offset.to(out)
         return out.reshape(*x.shape[:-1], self.k)

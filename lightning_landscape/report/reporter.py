@@ -4,7 +4,8 @@ A :class:`Reporter` is created once per callback in ``setup`` (on every rank, be
 ``trainer.log_dir`` is a collective), and only writes and logs on global rank 0.
 
 * ``scalars`` -> ``logger.log_metrics`` of every logger of the Trainer (TensorBoard, CSV, W&B, ...);
-* ``figure``  -> a PNG under the run directory, and ``wandb.Image`` when a ``WandbLogger`` is present;
+* ``figure``  -> a PNG under the run directory, ``wandb.Image`` when a ``WandbLogger`` is present, and
+  ``add_figure`` for a TensorBoard logger;
 * ``plotly``  -> an interactive HTML file (plotly.js written once beside it), and ``wandb.Plotly``;
 * ``table``   -> a CSV file, and ``wandb.Table``;
 * ``arrays``  -> an ``.npz`` file with the arrays and their metadata;
@@ -12,7 +13,12 @@ A :class:`Reporter` is created once per callback in ``setup`` (on every rank, be
 
 Each analysis has its own reporter: keys are ``"landscape/<analysis>/<name>"``, e.g.
 ``landscape/flatness/lambda_max``, and files are ``<run dir>/<analysis>/<name>-step<step>.<ext>``, where the
-run directory is ``<trainer.log_dir>/landscape`` (with W&B: ``<save_dir>/landscape/<run id>``).
+run directory is ``<trainer.log_dir>/landscape`` for a versioned logger (TensorBoard, CSV), with W&B
+``<save_dir>/landscape/<run id>``, and otherwise (``logger=False``, MLflow, ...) a new
+``<log dir>/landscape/version_<n>`` per run, so that two runs never write into one folder.
+
+Logged values sit on the user's step axis: the step at which Lightning logs the user's own ``self.log`` values of
+the current batch (``trainer.fit_loop.epoch_loop._batches_that_stepped``), so that curves overlay exactly.
 
 Example::
 
@@ -44,13 +50,43 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_./-]", "_", name).strip("/")
 
 
+def _next_version(folder: Path) -> Path:
+    taken = [int(p.name[8:]) for p in folder.glob("version_*") if p.name[8:].isdigit()] if folder.is_dir() else []
+    return folder / f"version_{max(taken, default=-1) + 1}"
+
+
 def run_directory(trainer: pl.Trainer) -> Path:
-    """``<trainer.log_dir>/landscape``, or ``<save_dir>/landscape/<run id>`` with a W&B logger (all ranks)."""
+    """The run's landscape folder (call it on every rank: it is a collective), decided once per trainer:
+    ``<trainer.log_dir>/landscape`` for a TensorBoard or CSV logger (their ``log_dir`` is versioned),
+    ``<save_dir>/landscape/<run id>`` with a W&B logger, else a new ``<log dir>/landscape/version_<n>``."""
+    cached = getattr(trainer, "_landscape_run_dir", None)
+    if cached is not None:
+        return cached
     log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+    first = trainer.loggers[0] if trainer.loggers else None
     wandb_logger = next((lg for lg in trainer.loggers if is_instance(lg, "loggers", "WandbLogger")), None)
-    if wandb_logger is not None and trainer.is_global_zero:
-        return Path(wandb_logger.save_dir or log_dir) / "landscape" / str(wandb_logger.experiment.id)
-    return log_dir / "landscape"
+    if wandb_logger is not None:
+        run_dir = None
+        if trainer.is_global_zero:
+            run_dir = Path(wandb_logger.save_dir or log_dir) / "landscape" / str(wandb_logger.experiment.id)
+        run_dir = trainer.strategy.broadcast(run_dir)
+    elif first is not None and (
+        is_instance(first, "loggers", "TensorBoardLogger") or is_instance(first, "loggers", "CSVLogger")
+    ):
+        run_dir = log_dir / "landscape"
+    else:  # no logger, or one whose folder is not versioned: a fresh folder of our own
+        run_dir = trainer.strategy.broadcast(_next_version(log_dir / "landscape") if trainer.is_global_zero else None)
+        if trainer.is_global_zero:
+            run_dir.mkdir(parents=True, exist_ok=True)  # claimed now: the next run takes the next version
+    trainer._landscape_run_dir = run_dir
+    return run_dir
+
+
+def logger_step(trainer: pl.Trainer, step: int) -> int:
+    """The step at which Lightning logs the user's ``self.log`` values at this moment (``step`` if unknown)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    value = getattr(loop, "_batches_that_stepped", None)
+    return int(value) if isinstance(value, int) else step
 
 
 class Reporter:
@@ -62,6 +98,8 @@ class Reporter:
         is_global_zero: whether this process writes.
         namespace: prefix of every logged key.
         progress: show progress bars for long analyses.
+        trainer: when given, values are logged at the trainer's logging step (:func:`logger_step`) instead of the
+            ``step`` passed in, which still names the files.
     """
 
     def __init__(
@@ -71,7 +109,9 @@ class Reporter:
         is_global_zero: bool = True,
         namespace: str = "landscape",
         progress: bool = True,
+        trainer: Any = None,
     ) -> None:
+        self.trainer = trainer
         self.run_dir = Path(run_dir)
         self.loggers = list(loggers)
         self.is_global_zero = is_global_zero
@@ -85,7 +125,12 @@ class Reporter:
         Call it on every rank (``trainer.log_dir`` is a collective).
         """
         return cls(
-            run_directory(trainer) / name, trainer.loggers, trainer.is_global_zero, f"landscape/{name}", progress
+            run_directory(trainer) / name,
+            trainer.loggers,
+            trainer.is_global_zero,
+            f"landscape/{name}",
+            progress,
+            trainer=trainer,
         )
 
     # ----------------------------------------------------------------- helpers
@@ -107,9 +152,13 @@ class Reporter:
     def wandb_loggers(self) -> list[Any]:
         return [lg for lg in self.loggers if is_instance(lg, "loggers", "WandbLogger")]
 
+    def log_step(self, step: int) -> int:
+        """The step values go to the loggers at: the user's logging step when a trainer is attached."""
+        return step if self.trainer is None else logger_step(self.trainer, step)
+
     def _to_wandb(self, name: str, value_fn: Any, step: int) -> None:
         for lg in self.wandb_loggers:
-            lg.log_metrics({self.key(name): value_fn()}, step=step)
+            lg.log_metrics({self.key(name): value_fn()}, step=self.log_step(step))
 
     # ----------------------------------------------------------------- sinks
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
@@ -118,7 +167,7 @@ class Reporter:
             return
         values = {self.key(k): float(v) for k, v in metrics.items()}
         for lg in self.loggers:
-            lg.log_metrics(values, step=step)
+            lg.log_metrics(values, step=self.log_step(step))
 
     def figure(self, name: str, fig: Any, step: int, dpi: int = 110) -> Path | None:
         """Save a matplotlib figure as PNG (and log it to W&B); the figure is closed."""
@@ -129,6 +178,9 @@ class Reporter:
             return None
         path = self.path(name, step, ".png")
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        for lg in self.loggers:
+            if is_instance(lg, "loggers", "TensorBoardLogger"):
+                lg.experiment.add_figure(self.key(name), fig, global_step=self.log_step(step), close=False)
         plt.close(fig)
         if self.wandb_loggers:
             import wandb

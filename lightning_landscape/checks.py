@@ -1,0 +1,42 @@
+"""Constructor checks: a bad value is refused when the callback is built, with the parameter, the value and a fix.
+
+Example::
+
+    >>> check_int("top_k", 5)
+    >>> check_int("top_k", 2.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: `top_k` must be an integer >= 1, got 2.5. HINT: e.g. `top_k=5`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def check_int(name: str, value: Any, minimum: int = 1, *, optional: bool = False, example: int | None = None) -> None:
+    """``value`` must be an ``int`` (not a bool) ``>= minimum``; ``None`` passes when ``optional``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        hint = f" HINT: e.g. `{name}={example if example is not None else max(minimum, 5)}`"
+        raise ValueError(
+            f"`{name}` must be an integer >= {minimum}{' or None' if optional else ''}, got {value!r}.{hint}."
+        )
+
+
+def check_float(
+    name: str, value: Any, minimum: float = 0.0, *, strict: bool = True, optional: bool = False, hint: str = ""
+) -> None:
+    """``value`` must be a finite real number ``> minimum`` (``>= minimum`` unless ``strict``)."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise ValueError(
+            f"`{name}` must be a finite number {bound}{' or None' if optional else ''}, got {value!r}."
+            + (f" HINT: {hint}" if hint else "")
+        )
