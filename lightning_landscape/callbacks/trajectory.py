@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,6 +206,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self.layout = ParameterLayout.from_module(pl_module, trainable_only=False)
         self._params = list(pl_module.parameters())
         self._accumulation = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+        self._warned_no_loss = False
         flat = self._flat()
         self.projection = SparseProjection(
             self.layout.numel, self.sketch_dim, self.projection_seed, self.sketch_nnz, flat.device
@@ -286,6 +288,16 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             # Lightning hands over the loss divided by accumulate_grad_batches: undo it
             self._losses.append(loss.detach().reshape(()) * self._accumulation)
+        elif not pl_module.automatic_optimization and not self._warned_no_loss:
+            self._warned_no_loss = True
+            if trainer.is_global_zero:
+                warnings.warn(
+                    f"lightning-landscape: {type(pl_module).__name__}.training_step (manual optimization) returns no"
+                    " loss, so TrajectoryRecorder records `loss` as NaN. HINT: return the loss to record, a scalar"
+                    " tensor or {'loss': ...} (Lightning ignores it under manual optimization).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         step = trainer.global_step
         if step == self._last_step or step == 0:
             return  # accumulating gradients: no optimizer step yet

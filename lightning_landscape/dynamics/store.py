@@ -98,12 +98,25 @@ class TrajectoryStore:
 
     @classmethod
     def open(cls, path: str | Path) -> TrajectoryStore:
-        """Read a store written by :class:`~lightning_landscape.TrajectoryRecorder` (complete chunks only)."""
+        """Read a store written by :class:`~lightning_landscape.TrajectoryRecorder` (complete chunks only).
+
+        ``path`` is the store folder, or any folder above it (a run's ``trainer.log_dir``, a W&B ``save_dir``):
+        then the most recently created training store below it is opened. That is how the launching process finds the
+        results of a ``ddp_spawn`` run, whose recorder object never learns the folder its spawned copy wrote.
+        """
         path = Path(path)
+        if not (path / "meta.json").exists() and path.is_dir():
+            found = [  # training stores, not the EnergyLandscape replicas' (excursions/)
+                m.parent
+                for m in path.rglob("meta.json")
+                if (m.parent / "chunks").is_dir() and "excursions" not in m.relative_to(path).parts
+            ]
+            if found:
+                path = max(found, key=lambda p: (p / "meta.json").stat().st_mtime)
         if not (path / "meta.json").exists():
             raise FileNotFoundError(
-                f"No trajectory store at {str(path)!r} (no meta.json). HINT: pass the `store` folder that"
-                " TrajectoryRecorder reports (recorder.store_dir), e.g. <log_dir>/landscape/trajectory/store."
+                f"No trajectory store at or below {str(path)!r} (no meta.json). HINT: pass the `store` folder that"
+                " TrajectoryRecorder reports (recorder.store_dir), or the run's log folder (trainer.log_dir)."
             )
         store = cls(path, json.loads((path / "meta.json").read_text()))
         store._load()

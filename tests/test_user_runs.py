@@ -1,0 +1,207 @@
+"""Single items of the drop-in contract: each of these failed on user code before it was fixed."""
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_landscape import EnergyLandscape, FlatnessMonitor, LandscapeSampler, TrajectoryRecorder
+from lightning_landscape.dynamics import TrajectoryStore
+from lightning_landscape.guard import preserve_state
+from lightning_landscape.objective import Objective
+from tests.helpers import blobs, loader, tiny_module_class
+from tests.shapes import SHAPES
+
+
+def trainer_for(root, callbacks, **kwargs):
+    settings = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "logger": False,
+        "default_root_dir": root,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(callbacks=callbacks, **{**settings, **kwargs})
+
+
+class RecordsItsLosses(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(3, 3)
+        self.batch_losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.batch_losses.append(float(loss))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_recorded_loss_under_gradient_accumulation_is_the_mean_batch_loss(tmp_path):
+    recorder = TrajectoryRecorder(sketch_dim=8)
+    model = RecordsItsLosses()
+    trainer_for(tmp_path, [recorder], accumulate_grad_batches=3, gradient_clip_val=0.1).fit(model, loader(96, 8))
+    store = TrajectoryStore.open(recorder.store_dir)
+    expected = np.asarray(model.batch_losses).reshape(-1, 3).mean(1)  # 12 batches, 4 optimizer steps
+    assert store.steps.tolist() == [1, 2, 3, 4]
+    np.testing.assert_allclose(store.stats["loss"], expected, rtol=1e-6)
+
+
+def test_preserve_state_restores_thread_count_requires_grad_and_metric_states():
+    from deeptime.clustering import KMeans
+
+    model = SHAPES["template"].module()
+    model.train_loss(torch.tensor(3.0))
+    threads = torch.get_num_threads()
+    with preserve_state(model):
+        KMeans(n_clusters=2, fixed_seed=0).fit(np.random.default_rng(0).normal(size=(50, 2)))  # sets OpenMP threads
+        model.net[0].weight.requires_grad_(False)
+        model.train_loss(torch.tensor(100.0))
+        model.train_acc.reset()
+    assert torch.get_num_threads() == threads
+    assert model.net[0].weight.requires_grad
+    assert float(model.train_loss.compute()) == 3.0 and model.train_loss._update_count == 1
+
+
+class BoringModel(pl.LightningModule):
+    """Lightning's bug-report model: a loss linear in the parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_loss_linear_in_the_parameters_has_a_zero_hessian(tmp_path):
+    x = torch.randn(8, 3)
+    objective = Objective(BoringModel(), [(x,)])
+    v = torch.randn(objective.numel)
+    assert torch.equal(objective.hvp(None, v), torch.zeros(objective.numel))
+    assert torch.equal(objective.hvp_at()(v), torch.zeros(objective.numel))
+    monitor = FlatnessMonitor(every_n_steps=2, measures=["lambda_max", "trace"], probe_size=16, progress=False)
+    trainer_for(tmp_path, [monitor], max_steps=4).fit(BoringModel(), loader(32, 8))
+    assert monitor.failures == 0 and monitor.runs >= 2
+    assert monitor.history[-1]["lambda_max"] == 0.0 and monitor.history[-1]["trace"] == 0.0
+
+
+def test_a_reused_recorder_starts_a_new_store_with_the_new_model(tmp_path):
+    recorder = TrajectoryRecorder(sketch_dim=8, vector_stats_every_n_steps=1)
+    stores = []
+    for seed in (0, 1):
+        pl.seed_everything(seed)
+        model = tiny_module_class()(batch_norm=False)
+        init = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        trainer_for(tmp_path, [recorder]).fit(model, loader())
+        store = TrajectoryStore.open(recorder.store_dir)
+        final = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        np.testing.assert_allclose(store.snapshot("init"), init.numpy())
+        assert store.stats["distance"][-1] == pytest.approx(float((final - init).norm()), rel=1e-5)
+        assert store.steps.tolist() == list(range(1, 7))
+        stores.append(store.path)
+    # logger=False twice in one folder: two run directories, the first store intact
+    assert stores[0] != stores[1] and stores[0].parent.parent.parent == stores[1].parent.parent.parent
+    assert TrajectoryStore.open(stores[0]).steps.tolist() == list(range(1, 7))
+
+
+def test_an_explicit_store_dir_of_another_run_is_refused(tmp_path):
+    trainer_for(tmp_path, [TrajectoryRecorder(sketch_dim=8, store_dir=str(tmp_path / "store"))]).fit(
+        tiny_module_class()(), loader()
+    )
+    with pytest.raises(ValueError, match=r"`store_dir`.*already holds.*HINT"):
+        trainer_for(tmp_path, [TrajectoryRecorder(sketch_dim=8, store_dir=str(tmp_path / "store"))]).fit(
+            tiny_module_class()(), loader()
+        )
+    assert TrajectoryStore.open(tmp_path / "store").steps.tolist() == list(range(1, 7))
+
+
+def test_the_store_is_found_from_the_log_folder(tmp_path):
+    recorder = TrajectoryRecorder(sketch_dim=8)
+    trainer = trainer_for(tmp_path, [recorder])
+    trainer.fit(tiny_module_class()(), loader())
+    assert TrajectoryStore.open(trainer.log_dir).path == TrajectoryStore.open(recorder.store_dir).path
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        data = blobs(64)
+        return iter(data[i] for i in range(len(data)))
+
+
+def test_an_iterable_dataset_needs_probe_batches_and_works_with_them(tmp_path):
+    with pytest.raises(TypeError, match="probe_batches="):
+        trainer_for(tmp_path, [FlatnessMonitor(every_n_steps=2)]).fit(
+            tiny_module_class()(), DataLoader(Stream(), batch_size=16)
+        )
+    probe = [blobs(32)[i * 16 : (i + 1) * 16] for i in range(2)]
+    monitor = FlatnessMonitor(every_n_steps=2, probe_batches=probe, progress=False)
+    energy = EnergyLandscape(
+        every_n_steps=2, replicas=2, replica_steps=5, quench_iter=5, path_steps=5, probe_batches=probe, progress=False
+    )
+    trainer_for(tmp_path, [monitor, energy]).fit(tiny_module_class()(), DataLoader(Stream(), batch_size=16))
+    assert monitor.runs == energy.runs == 2 and monitor.failures == energy.failures == 0
+    assert monitor.history[0]["lambda_max"] > 0
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "name"),
+    [
+        (FlatnessMonitor, {"top_k": 2.5}, "top_k"),
+        (FlatnessMonitor, {"trace_samples": "10"}, "trace_samples"),
+        (FlatnessMonitor, {"tol": float("nan")}, "tol"),
+        (FlatnessMonitor, {"measures": "trace"}, "measures"),
+        (FlatnessMonitor, {"every_n_steps": 0}, "every_n_steps"),
+        (FlatnessMonitor, {"probe_batches": []}, "probe_batches"),
+        (LandscapeSampler, {"resolution": 2.5}, "resolution"),
+        (LandscapeSampler, {"span": -1}, "span"),
+        (LandscapeSampler, {"max_snapshots": 2}, "max_snapshots"),
+        (TrajectoryRecorder, {"sketch_nnz": 0}, "sketch_nnz"),
+        (TrajectoryRecorder, {"sketch_dim": 16.0}, "sketch_dim"),
+        (TrajectoryRecorder, {"noise_ema": 1.0}, "noise_ema"),
+        (EnergyLandscape, {"path_images": 4.5}, "path_images"),
+        (EnergyLandscape, {"budget_passes": 0}, "budget_passes"),
+        (EnergyLandscape, {"lr": float("inf")}, "lr"),
+        (EnergyLandscape, {"outputs_fn": "logits"}, "outputs_fn"),
+    ],
+)
+def test_bad_constructor_values_are_refused_naming_the_parameter(cls, kwargs, name):
+    with pytest.raises(ValueError, match=f"`{name}`"):
+        cls(**kwargs)
+
+
+def test_a_resumed_sampler_and_monitor_keep_the_initial_point_and_figure_history(tmp_path):
+    def fit(epochs, callbacks, ckpt_path=None):
+        pl.seed_everything(0)
+        model = tiny_module_class()(batch_norm=False, dropout=0.0)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+        trainer = trainer_for(tmp_path, [*callbacks, checkpoint], max_epochs=epochs, enable_checkpointing=True)
+        init = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+        trainer.fit(model, loader(), ckpt_path=ckpt_path)
+        return init
+
+    settings = {"every_n_epochs": 1, "probe_size": 32, "progress": False}
+    sampler = LandscapeSampler(resolution=3, line_points=3, snapshot_every_n_steps=2, **settings)
+    monitor = FlatnessMonitor(measures=["lambda_max", "top_eigenvalues"], top_k=2, **settings)
+    init = fit(1, [sampler, monitor])
+    resumed_sampler = LandscapeSampler(resolution=3, line_points=3, snapshot_every_n_steps=2, **settings)
+    resumed_monitor = FlatnessMonitor(measures=["lambda_max", "top_eigenvalues"], top_k=2, **settings)
+    fit(2, [resumed_sampler, resumed_monitor], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed_sampler.snapshots[0][0] == 0 and torch.equal(resumed_sampler.snapshots[0][1], init)
+    assert [s for s, _ in resumed_monitor._eigenvalues] == [6, 12]  # the figure spans both runs
+    # the resumed interpolation starts where the first run's did: at the initialization, not at the resume point
+    first = np.load(sampler.reporter.file("landscape", 6, ".npz"))["interp_losses"]
+    resumed = np.load(resumed_sampler.reporter.file("landscape", 12, ".npz"))["interp_losses"]
+    assert resumed[0] == pytest.approx(first[0], rel=1e-6) and resumed[-1] != pytest.approx(first[-1], rel=1e-3)
