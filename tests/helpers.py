@@ -89,6 +89,8 @@ class DisturbingAnalysis(LandscapeCallback):
             for p in pl_module.parameters():
                 p.mul_(2.0)
         random.random(), np.random.rand(), torch.rand(3)
+        next(pl_module.parameters()).requires_grad_(False)  # as a user's toggle_optimizer would
+        torch.set_num_threads(1)  # as deeptime's k-means does
         if self.fail:
             raise RuntimeError("analysis exploded on purpose")
 

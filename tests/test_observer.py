@@ -39,7 +39,7 @@ def fit(namespace, callbacks, tmp_path, optimizer="sgd"):
     with open(f"{logger.log_dir}/metrics.csv") as fh:
         losses = [float(r["train_loss_step"]) for r in csv.DictReader(fh) if r.get("train_loss_step")]
     rng = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
-    return model, trainer, losses, rng
+    return model, trainer, losses, (*rng, torch.get_num_threads(), [p.requires_grad for p in model.parameters()])
 
 
 def assert_identical_runs(a, b):
@@ -55,6 +55,7 @@ def assert_identical_runs(a, b):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][key][name])), name
     assert len(losses_a) == 12 and losses_a == losses_b  # identical logged training losses
     assert rng_a[0] == rng_b[0] and np.array_equal(rng_a[1], rng_b[1]) and torch.equal(rng_a[2], rng_b[2])
+    assert rng_a[3:] == rng_b[3:]  # thread count and requires_grad flags
     assert "landscape/disturb/probe_loss" not in trainer_a.callback_metrics
 
 
