@@ -8,6 +8,12 @@ every rank in rank order, so the result is the same array a single process would
 Every function here is a collective: call it on all ranks, in the same order, or DDP hangs.
 With a single-process strategy they cost nothing.
 
+**Failing together.** An analysis alternates local work (which may fail on one rank: a bad batch, a full
+disk, a numerical error) with collectives (which every rank must join). Each piece of local work runs inside
+:func:`agreed`: it catches the local failure, then all ranks reduce one failure flag, and if any rank failed,
+every rank raises the same :class:`RankFailure` (naming each failed rank and its error), so all ranks leave the
+analysis together and none is left waiting in a collective.
+
 Example::
 
     >>> [shard(10, r, 3) for r in range(3)]
@@ -16,6 +22,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -67,6 +75,45 @@ def gather_objects(strategy: Any, obj: Any) -> list[Any]:
     out: list[Any] = [None] * strategy.world_size
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+class RankFailure(RuntimeError):
+    """A stage of an analysis failed on at least one rank; raised on every rank, so that all skip together."""
+
+
+def _device(strategy: Any) -> torch.device:
+    return getattr(strategy, "root_device", None) or torch.device("cpu")
+
+
+def agree(strategy: Any, error: BaseException | None, stage: str) -> BaseException | None:
+    """Whether any rank failed (a collective): ``None`` on every rank if none did, else the same
+    :class:`RankFailure` on every rank, with each failed rank's error. Single process: ``error`` itself."""
+    if strategy.world_size == 1 or isinstance(error, RankFailure):  # a RankFailure is raised on every rank at once
+        return error
+    flag = torch.tensor([0.0 if error is None else 1.0], device=_device(strategy))
+    if float(reduce_sum(strategy, flag)[0]) == 0:
+        return None
+    messages = gather_objects(strategy, None if error is None else f"{type(error).__name__}: {error}")
+    detail = "; ".join(f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None)
+    failed = sum(m is not None for m in messages)
+    failure = RankFailure(f"{stage} failed on {failed} of {len(messages)} ranks: {detail}")
+    failure.__cause__ = error
+    return failure
+
+
+@contextmanager
+def agreed(strategy: Any, stage: str) -> Iterator[None]:
+    """Run the body, then :func:`agree` over ranks: every rank raises the same :class:`RankFailure` if the body
+    failed on any rank. The body must not fail between collectives of its own (local work, or a
+    :meth:`ShardedObjective.run`, which joins all its collectives before it raises)."""
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as err:
+        error = err
+    failure = agree(strategy, error, stage)
+    if failure is not None:
+        raise failure
 
 
 def weighted_mean(strategy: Any, value: Tensor, n_local: int) -> Tensor:

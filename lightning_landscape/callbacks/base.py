@@ -50,19 +50,35 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-def record_failure(reporter: Reporter, owner: object, err: Exception, step: int, count: int) -> None:
-    """Warn (rank 0), append to ``<run dir>/<name>/failures.jsonl`` and log ``landscape/<name>/failures``."""
-    if reporter.is_global_zero:
+def record_failure(reporter: Reporter, owner: object, err: BaseException, step: int, count: int) -> None:
+    """Warn (rank 0), append to ``<run dir>/<name>/failures.jsonl`` and log ``landscape/<name>/failures``.
+
+    Never raises: when the record itself cannot be written (a full disk, a logger that fails), that is warned about
+    too, and training goes on. A failure with the same message as an earlier one is recorded without a new warning.
+    """
+    message = f"{type(err).__name__}: {err}"
+    seen = owner.__dict__.setdefault("_warned_failures", set())
+    if reporter.is_global_zero and message not in seen:  # the same failure again (a full disk) is counted, not warned
+        seen.add(message)
         warnings.warn(
             f"lightning-landscape: {type(owner).__name__} failed at step {step} and was skipped;"
-            f" training goes on. {type(err).__name__}: {err}",
+            f" training goes on. {message}",
             RuntimeWarning,
             stacklevel=3,
         )
-    reporter.event(
-        "failures", {"step": step, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-    )
-    reporter.scalars({"failures": count}, step)
+    try:
+        trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        reporter.event("failures", {"step": step, "error": message, "traceback": trace})
+        reporter.scalars({"failures": count}, step)
+    except Exception as write_error:
+        if reporter.is_global_zero and "record" not in seen:
+            seen.add("record")
+            warnings.warn(
+                f"lightning-landscape: could not record that failure either ({type(write_error).__name__}:"
+                f" {write_error}); training goes on.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def global_batch_size(trainer: pl.Trainer) -> int | None:
@@ -272,6 +288,19 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 dtype=self.dtype,
                 outputs_fn=getattr(self, "outputs_fn", None),
             )
+        theta = self._objective.theta0
+        if not torch.isfinite(theta).all():
+            bad = int((~torch.isfinite(theta)).sum())
+            raise FloatingPointError(
+                f"the parameters are not finite ({bad} of {theta.numel()} entries are NaN or inf): training diverged,"
+                " so there is no landscape to measure. HINT: lower the learning rate or clip gradients."
+            )
+        loss = self._objective.loss(theta)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss on the probe set is not finite ({float(loss)}) at finite parameters."
+                " HINT: check the loss for log(0) or overflow, or lower the learning rate."
+            )
         return self._objective
 
     # ----------------------------------------------------------------- hooks
@@ -345,6 +374,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return False
         self._last_step = step
         start = time.perf_counter()
+        error: BaseException | None = None
         try:
             with (
                 preserve_state(pl_module, trainer.optimizers),
@@ -355,12 +385,21 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 self._bar = bar
                 self.analyze(trainer, pl_module, step)
         except Exception as err:
-            self._record_failure(err, step)
+            error = err
+        # every rank learns whether any failed (also after the last collective), so all skip or go on together
+        error = distributed.agree(trainer.strategy, error, f"{type(self).__name__} at step {step}")
+        if error is not None:
+            self._record_failure(error, step)
             return False
         self.runs += 1
         self.reporter.scalars({"seconds": time.perf_counter() - start}, step)
         return True
 
-    def _record_failure(self, err: Exception, step: int) -> None:
+    def stage(self, trainer: pl.Trainer, name: str) -> Any:
+        """``with self.stage(trainer, "quench"):`` around local work between collectives: a failure on any rank
+        makes every rank leave the analysis together (:func:`~lightning_landscape.distributed.agreed`)."""
+        return distributed.agreed(trainer.strategy, f"{type(self).__name__} stage {name!r}")
+
+    def _record_failure(self, err: BaseException, step: int) -> None:
         self.failures += 1
         record_failure(self.reporter, self, err, step, self.failures)

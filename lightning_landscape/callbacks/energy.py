@@ -328,12 +328,13 @@ class EnergyLandscape(LandscapeCallback):
         self._timings: dict[str, float] = {}
         strategy = trainer.strategy
         rank, world_size = distributed.world(strategy)
-        probe = self.objective(trainer, pl_module)
-        pool = self._pool_objective(trainer, pl_module)
-        spend = [(probe, _passes(probe)), (pool, _passes(pool))]
-        lr = self.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
-        x0 = probe.theta0
-        sketch = self._projection(trainer, pl_module, x0)
+        with self.stage(trainer, "objectives"):
+            probe = self.objective(trainer, pl_module)
+            pool = self._pool_objective(trainer, pl_module)
+            spend = [(probe, _passes(probe)), (pool, _passes(pool))]
+            lr = self.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
+            x0 = probe.theta0
+            sketch = self._projection(trainer, pl_module, x0)
 
         # 1. basin sampling, replicas in rounds of one per rank
         def replicas(ids: list[int]) -> Excursions:
@@ -354,76 +355,66 @@ class EnergyLandscape(LandscapeCallback):
         for first in range(0, self.replicas, world_size):
             if not self._may_continue(trainer, spend, start):
                 break
-            if first + rank < self.replicas:
-                runs.append(replicas([first + rank]))
-        excursions = self._gather(strategy, runs, replicas([]))
-        if trainer.is_global_zero and len(excursions.replica_ids):
-            layout = {"names": list(probe.layout.names), "shapes": [list(s) for s in probe.layout.shapes]}
-            store_meta = {"k": sketch.k, "projection_seed": sketch.seed, "nnz": sketch.nnz, "step": step, **layout}
-            excursions.save(self.reporter.run_dir / "excursions" / f"step-{step:09d}", store_meta)
+            with self.stage(trainer, "basin sampling"):
+                if first + rank < self.replicas:
+                    runs.append(replicas([first + rank]))
+        with self.stage(trainer, "basin sampling"):
+            local = Excursions.concatenate(runs) if runs else replicas([])
+        excursions = self._gather(strategy, local)
+        with self.stage(trainer, "basin sampling"):
+            if trainer.is_global_zero and len(excursions.replica_ids):
+                layout = {"names": list(probe.layout.names), "shapes": [list(s) for s in probe.layout.shapes]}
+                store_meta = {"k": sketch.k, "projection_seed": sketch.seed, "nnz": sketch.nnz, "step": step, **layout}
+                excursions.save(self.reporter.run_dir / "excursions" / f"step-{step:09d}", store_meta)
         self.advance("basin sampling")
 
         # 2. quench the current point and the replicas' ends
-        candidates = torch.cat([x0[None], excursions.finals.to(x0)])
+        with self.stage(trainer, "minima"):
+            candidates = torch.cat([x0[None], excursions.finals.to(x0)])
         quenched = self._quench_all(trainer, probe, candidates, spend, start)
         self.advance("minima")
 
         # 3. the database (rank 0), then paths
-        plan, new_minima, current = None, 0, None
-        if trainer.is_global_zero:
-            meta = {**probe.metadata, **self.probe_metadata, "probe_batch_size": self.probe_batch_size}
-            names = list(probe.layout.names)
-            changed = self.minima_names not in (None, names)
-            if changed and self.minima_dir is not None and Path(self.minima_dir).exists():
-                warnings.warn(
-                    f"lightning-landscape: the trainable parameters changed before step {step} (e.g. layers unfrozen);"
-                    " EnergyLandscape starts a new minima database, since minima of another parameter space cannot be"
-                    " compared with the old ones.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                self.minima_dir = None
-            if self.minima_dir is None or not Path(self.minima_dir).exists():
-                folder = self.reporter.run_dir / "minima"
-                self.minima_dir = str(folder if not folder.exists() else folder.with_name(f"minima-step{step}"))
-                self.previous_minimum = None
-            self.minima_names = names
-            db = MinimaDatabase(self.minima_dir, tol=self.dedup_tol, meta=meta)
-            for index, (theta, loss, grad_norm, outputs) in enumerate(quenched):
-                source = "training" if index == 0 else f"replica {excursions.replica_ids[index - 1]}"
-                found, new = self._add_minimum(db, probe, theta, loss, grad_norm, outputs, step=step, source=source)
-                new_minima += new
-                current = found if index == 0 else current
-            plan = self._plan(db, current)
-            plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in plan]
+        plan, new_minima, current, db = None, 0, None, None
+        with self.stage(trainer, "minima database"):
+            if trainer.is_global_zero:
+                db, current, new_minima, plan = self._database(probe, quenched, excursions, step)
         plan = distributed.broadcast(strategy, plan)
         paths = []  # whole paths split over ranks, one per rank per round
         for first in range(0, len(plan), world_size):
             if not self._may_continue(trainer, spend, start):
                 break
             mine = None
-            if first + rank < len(plan):
-                i, j, a, b = plan[first + rank]
-                path = minimum_energy_path(
-                    probe,
-                    a.to(x0),
-                    b.to(x0),
-                    self.path_images,
-                    self.path_method,
-                    step_size=self.path_lr or lr,
-                    n_steps=self.path_steps,
-                    quench_steps=0,
-                )
-                mine = (i, j, path)
+            with self.stage(trainer, "paths"):
+                if first + rank < len(plan):
+                    i, j, a, b = plan[first + rank]
+                    path = minimum_energy_path(
+                        probe,
+                        a.to(x0),
+                        b.to(x0),
+                        self.path_images,
+                        self.path_method,
+                        step_size=self.path_lr or lr,
+                        n_steps=self.path_steps,
+                        quench_steps=0,
+                    )
+                    mine = (i, j, path)
             paths += [found for found in distributed.gather_objects(strategy, mine) if found is not None]
         self.advance("paths")
         passes = self._passes(trainer, spend)
         if not trainer.is_global_zero:
             return
-
         local_mark = _passes(probe)
         scalars: dict[str, float] = {"new_minima": new_minima}
         for i, j, path in paths:
+            if not np.isfinite(path.losses).all():
+                warnings.warn(
+                    f"lightning-landscape: EnergyLandscape at step {step}: the path between minima {i} and {j} has"
+                    " non-finite losses and is not recorded. HINT: lower `path_lr`.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                continue
             # the highest point of the path, ends included (an end that is not quite a minimum can be highest)
             saddle = max(float(path.losses.max()), db.records[i]["loss"], db.records[j]["loss"])
             info = {"step": step, "method": path.method, "length": path.length, "converged": path.converged}
@@ -436,10 +427,15 @@ class EnergyLandscape(LandscapeCallback):
                 **info,
             )
             for theta, _ in path.intermediate_minima[:2]:  # a dip along the path: quench it, it may be a new minimum
-                _, new = self._add_minimum(db, probe, *self._quench(probe, theta), step=step, source=f"path {i}-{j}")
+                try:
+                    _, new = self._add_minimum(
+                        db, probe, *self._quench(probe, theta), step=step, source=f"path {i}-{j}"
+                    )
+                except ValueError:  # not finite
+                    continue
                 scalars["new_minima"] += new
         passes += _passes(probe) - local_mark
-        if self.previous_minimum is not None and current != self.previous_minimum:
+        if self.previous_minimum is not None and current is not None and current != self.previous_minimum:
             saddle = db.saddles.get((min(current, self.previous_minimum), max(current, self.previous_minimum)))
             if saddle is not None:
                 scalars["barrier_previous"] = saddle["saddle"] - db.records[current]["loss"]
@@ -472,9 +468,51 @@ class EnergyLandscape(LandscapeCallback):
         self.history.append({"step": step, **scalars})
         self._report(step, db, paths, msm, tree, scalars, probe.metadata)
 
-    def _gather(self, strategy: Any, runs: list[Excursions], template: Excursions) -> Excursions:
+    def _database(self, probe: Objective, quenched: list, excursions: Excursions, step: int) -> tuple:
+        """Rank 0: the quenched points into the minima database; ``(database, current minimum, new minima, plan)``."""
+        new_minima, current = 0, None
+        meta = {**probe.metadata, **self.probe_metadata, "probe_batch_size": self.probe_batch_size}
+        names = list(probe.layout.names)
+        changed = self.minima_names not in (None, names)
+        if changed and self.minima_dir is not None and Path(self.minima_dir).exists():
+            warnings.warn(
+                f"lightning-landscape: the trainable parameters changed before step {step} (e.g. layers unfrozen);"
+                " EnergyLandscape starts a new minima database, since minima of another parameter space cannot be"
+                " compared with the old ones.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.minima_dir = None
+        if self.minima_dir is None or not Path(self.minima_dir).exists():
+            folder = self.reporter.run_dir / "minima"
+            self.minima_dir = str(folder if not folder.exists() else folder.with_name(f"minima-step{step}"))
+            self.previous_minimum = None
+        self.minima_names = names
+        db = MinimaDatabase(self.minima_dir, tol=self.dedup_tol, meta=meta)
+        rejected = []
+        for index, (theta, loss, grad_norm, outputs) in enumerate(quenched):
+            source = "training" if index == 0 else f"replica {excursions.replica_ids[index - 1]}"
+            try:
+                found, new = self._add_minimum(db, probe, theta, loss, grad_norm, outputs, step=step, source=source)
+            except ValueError:  # not finite: a diverged replica is no minimum
+                rejected.append(source)
+                continue
+            new_minima += new
+            current = found if index == 0 else current
+        if rejected:
+            warnings.warn(
+                f"lightning-landscape: EnergyLandscape at step {step} rejected {len(rejected)} quenched points whose"
+                f" loss or parameters are not finite ({', '.join(rejected[:4])}). HINT: lower the replicas' `lr`"
+                " or `temperature`.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        plan = self._plan(db, current)
+        plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in plan]
+        return db, current, new_minima, plan
+
+    def _gather(self, strategy: Any, local: Excursions) -> Excursions:
         """Every rank's replicas on every rank, sorted by replica id (the 1-process result)."""
-        local = Excursions.concatenate(runs) if runs else template
         local.finals = local.finals.cpu()  # pickled between ranks: no device indices
         return Excursions.concatenate(distributed.gather_objects(strategy, local))
 
@@ -499,8 +537,9 @@ class EnergyLandscape(LandscapeCallback):
             if first > 0 and not self._may_continue(trainer, spend, start):
                 break
             mine = None
-            if first + rank < len(candidates):
-                mine = self._quench(probe, candidates[first + rank])
+            with self.stage(trainer, "minima"):
+                if first + rank < len(candidates):
+                    mine = self._quench(probe, candidates[first + rank])
             results += [r for r in distributed.gather_objects(trainer.strategy, mine) if r is not None]
         return results
 
@@ -510,6 +549,7 @@ class EnergyLandscape(LandscapeCallback):
         previous = self.previous_minimum
         if (
             previous is not None
+            and current is not None
             and previous != current
             and (min(previous, current), max(previous, current)) not in db.saddles
         ):

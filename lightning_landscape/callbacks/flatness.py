@@ -249,15 +249,18 @@ class FlatnessMonitor(LandscapeCallback):
     @override
     def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         strategy = trainer.strategy
-        obj = self.objective(trainer, pl_module)
-        lr, momentum, batch_size = self._optimizer_settings(trainer)
+        with self.stage(trainer, "probe objective"):
+            obj = self.objective(trainer, pl_module)
+            lr, momentum, batch_size = self._optimizer_settings(trainer)
         scalars: dict[str, float] = {}
         if "gradient_noise" in self.measures:  # per-sample sums on every rank, added up
-            m = curvature.gradient_moments(obj)
+            with self.stage(trainer, "gradient noise"):
+                m = curvature.gradient_moments(obj)
             m.grad_sum = distributed.reduce_sum(strategy, m.grad_sum)
             m.sq_norm_sum = distributed.reduce_sum(strategy, m.sq_norm_sum)
             m.n = int(distributed.reduce_sum(strategy, torch.tensor(m.n, device=obj.device)))
-            noise = curvature.gradient_noise(m, lr, batch_size)
+            with self.stage(trainer, "gradient noise"):
+                noise = curvature.gradient_noise(m, lr, batch_size)
             scalars.update(grad_noise_trace=noise.trace_cov, b_simple=noise.b_simple)
             if noise.temperature is not None:
                 scalars["temperature"] = noise.temperature
@@ -265,7 +268,8 @@ class FlatnessMonitor(LandscapeCallback):
         out: dict[str, Any] = {"scalars": {}, "n_hvp": 0}
         if hessian_measures:
             sharded = distributed.ShardedObjective(strategy, obj)
-            out = sharded.run(lambda o: self._estimate(o, lr, momentum))
+            with self.stage(trainer, "Hessian measures"):  # run() joins every collective before it raises
+                out = sharded.run(lambda o: self._estimate(o, lr, momentum))
         scalars.update(out["scalars"])
         scalars["n_hvp"] = out["n_hvp"]
         if "lambda_max" in scalars:

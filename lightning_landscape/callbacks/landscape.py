@@ -190,15 +190,17 @@ class LandscapeSampler(LandscapeCallback):
     def _grid(self, trainer: pl.Trainer, obj: Any, center: torch.Tensor, dirs: torch.Tensor, coords: torch.Tensor):
         rank, world = distributed.world(trainer.strategy)
         mine = distributed.shard(len(coords), rank, world)
-        local = evaluate_slice(obj, center, dirs, coords, points=mine, memory_mb=self.memory_mb)
+        with self.stage(trainer, "grid"):
+            local = evaluate_slice(obj, center, dirs, coords, points=mine, memory_mb=self.memory_mb)
         return distributed.gather_rows(trainer.strategy, local).double().cpu().numpy()
 
     @override
     def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        obj = self.objective(trainer, pl_module)
-        center = obj.theta0
-        d1 = random_direction(obj.layout, center, self.direction_seed, self.normalization)
-        d2 = random_direction(obj.layout, center, self.direction_seed + 1, self.normalization)
+        with self.stage(trainer, "directions"):
+            obj = self.objective(trainer, pl_module)
+            center = obj.theta0
+            d1 = random_direction(obj.layout, center, self.direction_seed, self.normalization)
+            d2 = random_direction(obj.layout, center, self.direction_seed + 1, self.normalization)
         line = torch.linspace(-self.span, self.span, self.line_points, dtype=torch.float64)
         axis = torch.linspace(-self.span, self.span, self.resolution, dtype=torch.float64)
         profile = self._grid(trainer, obj, center, d1[None], line[:, None])
@@ -206,7 +208,8 @@ class LandscapeSampler(LandscapeCallback):
         plane = self._grid(trainer, obj, center, torch.stack([d1, d2]), plane_coordinates(axis, axis))
         self.advance("2-D slice")
         plane = plane.reshape(self.resolution, self.resolution)
-        center_loss = float(obj.loss())
+        with self.stage(trainer, "center"):
+            center_loss = float(obj.loss())
         second = np.abs(np.diff(profile, 2)).mean() if len(profile) > 2 else np.nan
         scalars = {"center_loss": center_loss, "roughness": float(second / max(abs(center_loss), 1e-12))}
         arrays: dict[str, Any] = {
@@ -219,7 +222,8 @@ class LandscapeSampler(LandscapeCallback):
             "d2": d2.cpu().numpy(),
         }
 
-        steps, trajectory, init = self._trajectory(trainer, pl_module, obj.layout)
+        with self.stage(trainer, "trajectory"):
+            steps, trajectory, init = self._trajectory(trainer, pl_module, obj.layout)
         has_path = distributed.broadcast(trainer.strategy, trajectory is not None)
         pca: dict[str, Any] = {}
         if has_path:
@@ -248,21 +252,22 @@ class LandscapeSampler(LandscapeCallback):
     def _pca_plane(self, trainer: pl.Trainer, obj: Any, center: torch.Tensor, trajectory: Any, steps: list[int]):
         """The PCA plane of the snapshots and the current point, with the path; computed on rank 0's
         snapshots, broadcast, and its grid shared by all ranks."""
-        if trajectory is not None:
-            points = torch.cat([trajectory.to(center), center[None]])
-            dirs, ratio, coords = pca_directions(points, 2)
-            payload = (dirs.float(), ratio, coords.float(), points.float(), steps)
-        else:
-            payload = None
+        payload = None
+        with self.stage(trainer, "PCA directions"):
+            if trajectory is not None:
+                points = torch.cat([trajectory.to(center), center[None]])
+                dirs, ratio, coords = pca_directions(points, 2)
+                payload = (dirs.float(), ratio, coords.float(), points.float(), steps)
         dirs, ratio, coords, points, steps = distributed.broadcast(trainer.strategy, payload)
         dirs, coords, points = dirs.to(center), coords.to(center), points.to(center)
         reach = float(coords.abs().max()) * 1.2 + 1e-8
         axis = torch.linspace(-reach, reach, self.resolution, dtype=torch.float64)
         grid = self._grid(trainer, obj, center, dirs, plane_coordinates(axis, axis)).reshape(self.resolution, -1)
-        projected = center + coords @ dirs
-        off_plane = (points - projected).norm(dim=1).cpu().numpy()
-        true_loss = obj.losses(points).double().cpu().numpy()
-        plane_loss = obj.losses(projected).double().cpu().numpy()
+        with self.stage(trainer, "PCA plane losses"):
+            projected = center + coords @ dirs
+            off_plane = (points - projected).norm(dim=1).cpu().numpy()
+            true_loss = obj.losses(points).double().cpu().numpy()
+            plane_loss = obj.losses(projected).double().cpu().numpy()
         return {
             "axis": axis.numpy(),
             "grid": grid,

@@ -48,7 +48,9 @@ from lightning_landscape import distributed
 from lightning_landscape._compat import CALLBACK_BASES
 from lightning_landscape.callbacks.base import global_batch_size, record_failure
 from lightning_landscape.checks import check_float, check_int
+from lightning_landscape.curvature import gradient_norm, two_batch_noise
 from lightning_landscape.dynamics import SparseProjection, StreamingPCA, TrajectoryStore
+from lightning_landscape.objective import _batch_size
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report import Reporter
 from lightning_landscape.report.plots import trajectory_figure
@@ -215,6 +217,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if self._resume_step is None:
             self._copies = {0: flat}
         self._losses: list[torch.Tensor] = []  # this step's (accumulated) batch losses, kept as tensors
+        self._samples = 0  # this step's samples on this rank
         self._device = flat.device
         self._grad_norm: torch.Tensor | float = float("nan")
         self._batch_size = global_batch_size(trainer)
@@ -274,9 +277,11 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self._active:
             return
-        grads = [p.grad for p in self._params if p.grad is not None]
-        # a tensor: turned into a number only when written or logged, so the step pays one fused kernel, no sync
-        self._grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0.0
+        try:
+            self._grad_norm = gradient_norm([p.grad for p in self._params if p.grad is not None])
+        except Exception as err:  # a per-step hook must never stop training either
+            self._grad_norm = math.nan
+            self._fail(trainer, err)
 
     @override
     def on_train_batch_end(
@@ -285,6 +290,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if not self._active:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        self._samples += _batch_size(batch)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             # Lightning hands over the loss divided by accumulate_grad_batches: undo it
             self._losses.append(loss.detach().reshape(()) * self._accumulation)
@@ -301,59 +307,93 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         step = trainer.global_step
         if step == self._last_step or step == 0:
             return  # accumulating gradients: no optimizer step yet
-        try:
-            self._record(trainer, step)
-        except Exception as err:  # never stop training
-            self.failures += 1
-            record_failure(self.reporter, self, err, step, self.failures)
         self._last_step = step
+        stats = self._step_numbers(trainer)  # every rank, one collective under DDP, never raises
+        if trainer.is_global_zero:
+            self._record(trainer, step, stats)
 
-    def _record(self, trainer: pl.Trainer, step: int) -> None:
+    def _fail(self, trainer: pl.Trainer, err: BaseException) -> None:
+        self.failures += 1
+        record_failure(self.reporter, self, err, trainer.global_step, self.failures)
+
+    def _step_numbers(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """Loss, gradient norm, learning rate and the DDP noise estimators of this step. Every rank joins the one
+        collective of the step whatever fails locally (it then contributes NaN), so no rank waits for another."""
+        losses, self._losses = self._losses, []
+        samples, self._samples = self._samples, 0
+        local_sq = self._hook_state.sq if self._hook_state else 0.0
+        if self._hook_state is not None:
+            self._hook_state.sq = 0.0
+        stats: dict[str, Any] = {"loss": math.nan, "grad_norm": self._grad_norm}  # numbers or 0-d tensors
+        try:
+            if losses:
+                stats["loss"] = losses[0] if len(losses) == 1 else torch.stack(losses).double().mean()
+            group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
+            stats["lr"] = float(group.get("lr", math.nan))
+        except Exception as err:
+            self._fail(trainer, err)
+        batch = self._batch_size
+        if trainer.world_size > 1:  # every rank joins this one collective per step
+            try:
+                mine = [float(stats["loss"]), local_sq, 1.0 / samples if samples else math.nan]
+            except Exception as err:
+                mine = [math.nan, math.nan, math.nan]
+                self._fail(trainer, err)
+            total = distributed.reduce_sum(
+                trainer.strategy, torch.tensor(mine, dtype=torch.float64, device=self._device)
+            )
+            loss, mean_local_sq, inverse_sizes = (total / trainer.world_size).tolist()
+            stats["loss"] = loss
+            if self._hook_state is not None:
+                try:
+                    stats.update(self._noise_scale(mean_local_sq, inverse_sizes, trainer.world_size, stats.get("lr")))
+                except Exception as err:
+                    self._fail(trainer, err)
+        if batch and "lr" in stats:
+            stats["lr_over_batch"] = stats["lr"] / batch
+        return stats
+
+    def _record(self, trainer: pl.Trainer, step: int, stats: dict[str, Any]) -> None:
+        """Rank 0: the row of this step into the store. A failing part (sketch, vector statistics, snapshot, flush,
+        logging) is recorded as a failure and leaves the rest of the row, and training, alone."""
         n = self.vector_stats_every_n_steps
         sampled = step % n == 0
         sketched = step % self.sketch_every_n_steps == 0
-        losses, self._losses = self._losses, []
-        loss: Any = losses[0] if len(losses) == 1 else torch.stack(losses).double().mean() if losses else math.nan
-        local_sq = self._hook_state.sq if self._hook_state else 0.0
-        if trainer.world_size > 1:  # every rank joins this one collective per step
-            both = torch.tensor([float(loss), local_sq], dtype=torch.float64, device=self._device)
-            loss, local_sq = (distributed.reduce_sum(trainer.strategy, both) / trainer.world_size).tolist()
-        stats: dict[str, Any] = {"loss": loss, "grad_norm": self._grad_norm}  # numbers or 0-d tensors
-        group = trainer.optimizers[0].param_groups[0] if trainer.optimizers else {}
-        stats["lr"] = float(group.get("lr", float("nan")))
-        batch = self._batch_size
-        if batch:
-            stats["lr_over_batch"] = stats["lr"] / batch
-        if self._hook_state is not None and batch:
-            big_sq = float(self._grad_norm) ** 2
-            stats.update(self._noise_scale(local_sq, big_sq, batch, trainer.world_size, stats["lr"]))
-            self._hook_state.sq = 0.0
-        if not trainer.is_global_zero:
-            return
         keep = (step + 1) % n == 0 or (step + 2) % n == 0 or n == 1  # theta_{T-1}, theta_{T-2} of the next T
         flat = layer = sketch = None
-        if sampled or sketched or keep:  # the whole-vector work, on a few steps only
-            with torch.no_grad():
-                flat = self._flat()
-                if sampled:
-                    layer = self._vector_stats(flat, step, stats)
-                if keep or sampled:
-                    self._copies = {s: c for s, c in self._copies.items() if s > step - 2}
-                if keep:
-                    self._copies[step] = flat
-                if sketched:
-                    sketch = self.projection(flat).cpu().numpy()
-                    self.pca.update(sketch)
-        self.store.append(step, stats, sketch, layer)
-        if self.snapshot_every_n_steps and step % self.snapshot_every_n_steps == 0:
-            flat = self._flat() if flat is None else flat
-            size_mb = (self.store.disk_bytes(("snapshots",)) + 4 * flat.numel()) / 2**20
-            if size_mb <= self.disk_budget_mb:
-                self.store.save_snapshot(step, flat.cpu().numpy())
-        if step % self.flush_every_n_steps == 0:
-            self.store.flush()
+        try:
+            if sampled or sketched or keep:  # the whole-vector work, on a few steps only
+                with torch.no_grad():
+                    flat = self._flat()
+                    if sampled:
+                        layer = self._vector_stats(flat, step, stats)
+                    if keep or sampled:
+                        self._copies = {s: c for s, c in self._copies.items() if s > step - 2}
+                    if keep:
+                        self._copies[step] = flat
+                    if sketched:
+                        sketch = self.projection(flat).cpu().numpy()
+                        self.pca.update(sketch)
+        except Exception as err:
+            sketch = layer = None
+            self._fail(trainer, err)
+        try:
+            self.store.append(step, stats, sketch, layer)
+            if self.snapshot_every_n_steps and step % self.snapshot_every_n_steps == 0:
+                flat = self._flat() if flat is None else flat
+                size_mb = (self.store.disk_bytes(("snapshots",)) + 4 * flat.numel()) / 2**20
+                if size_mb <= self.disk_budget_mb:
+                    self.store.save_snapshot(step, flat.cpu().numpy())
+            if step % self.flush_every_n_steps == 0:
+                self.store.flush()
+        except Exception as err:
+            self._fail(trainer, err)
         if step % max(trainer.log_every_n_steps, 1) == 0:
-            self.reporter.scalars({k: float(v) for k, v in stats.items() if math.isfinite(float(v))}, step)
+            try:
+                values = {k: float(v) for k, v in stats.items()}
+                self.reporter.scalars({k: v for k, v in values.items() if math.isfinite(v)}, step)
+            except Exception as err:
+                self._fail(trainer, err)
 
     def _vector_stats(self, flat: torch.Tensor, step: int, stats: dict[str, float]) -> np.ndarray:
         """Update norm, cosine of consecutive updates and distances from init at a sampled step (in place)."""
@@ -370,17 +410,19 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         stats["relative_distance"] = stats["distance"] / self._init_norm if self._init_norm > 0 else float("nan")
         return torch.stack([d.norm() for d in diff.split(self.layout.sizes)]).cpu().numpy()
 
-    def _noise_scale(self, small_sq: float, big_sq: float, big: int, world: int, lr: float) -> dict[str, float]:
-        """McCandlish et al. (2018), appendix A: unbiased |G|^2 and tr(Sigma) from two batch sizes, EMA-smoothed."""
-        small = big // world
-        g2 = (big * big_sq - small * small_sq) / (big - small)
-        trace = (small_sq - big_sq) / (1 / small - 1 / big)
+    def _noise_scale(self, mean_local_sq: float, inverse_size: float, world: int, lr: float | None) -> dict[str, float]:
+        """McCandlish et al. (2018), appendix A: unbiased |G|^2 and tr(Sigma) from the per-rank and the averaged
+        gradient, with the real per-rank batch sizes (:func:`~lightning_landscape.curvature.two_batch_noise`),
+        EMA-smoothed."""
+        big_sq = float(self._grad_norm) ** 2
+        g2, trace = two_batch_noise(mean_local_sq, big_sq, inverse_size, world)
         beta, st = self.noise_ema, self._noise_state
         st["g2"] = beta * st.get("g2", g2) + (1 - beta) * g2
         st["trace"] = beta * st.get("trace", trace) + (1 - beta) * trace
         out = {"grad_noise_trace": st["trace"], "true_grad_sq": st["g2"]}
         out["b_simple"] = st["trace"] / st["g2"] if st["g2"] > 0 else float("nan")
-        out["temperature"] = lr * st["trace"] / (2 * big * self.layout.numel)
+        if lr is not None and self._batch_size:
+            out["temperature"] = lr * st["trace"] / (2 * self._batch_size * self.layout.numel)
         return out
 
     # ------------------------------------------------------------------ durability and the end
@@ -389,21 +431,27 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if self.store is not None:
             self.store.flush()
 
+    def _safe_flush(self, trainer: pl.Trainer) -> None:
+        try:
+            self.flush()
+        except Exception as err:  # e.g. a full disk: the rows stay buffered for the next flush
+            self._fail(trainer, err)
+
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        self.flush()
+        self._safe_flush(trainer)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.flush()
+        self._safe_flush(trainer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active or not trainer.is_global_zero or self.store is None:
             return
-        self.flush()
         step = trainer.global_step
         try:
+            self.flush()
             store = TrajectoryStore.open(self.store_dir)
             if len(store.steps):
                 self.reporter.figure("trajectory", trajectory_figure(store), step)

@@ -12,6 +12,8 @@ from lightning_landscape.curvature.noise import (
     edge_of_stability_ratio,
     gradient_moments,
     gradient_noise,
+    gradient_norm,
+    two_batch_noise,
 )
 from lightning_landscape.curvature.operator import HessianOperator, parameter_indices
 from lightning_landscape.curvature.sharpness import (
@@ -36,10 +38,12 @@ __all__ = [
     "epsilon_sharpness",
     "gradient_moments",
     "gradient_noise",
+    "gradient_norm",
     "hessian_eigenvalues",
     "hessian_trace",
     "pac_bayes_sigma",
     "parameter_indices",
     "sam_sharpness",
     "spectral_density",
+    "two_batch_noise",
 ]

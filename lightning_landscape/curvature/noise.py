@@ -101,6 +101,44 @@ def gradient_noise(moments: GradientMoments, lr: float | None = None, batch_size
     return GradientNoise(trace_cov, mean_sq, b_simple, n, temperature)
 
 
+def gradient_norm(grads: list[Tensor]) -> Tensor | float:
+    """``|g|`` over a list of gradients, dense (one fused ``_foreach_norm``) or sparse (``nn.Embedding(sparse=True)``:
+    the norm of the coalesced values). A 0-d tensor, so that the caller pays no device synchronization."""
+    if not grads:
+        return 0.0
+    dense = [g for g in grads if g.layout == torch.strided]
+    norms = list(torch._foreach_norm(dense)) if dense else []
+    norms += [g.coalesce().values().norm() for g in grads if g.layout != torch.strided]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].dtype) for n in norms]))
+
+
+def two_batch_noise(
+    mean_local_sq: float, global_sq: float, mean_inverse_size: float, world: int
+) -> tuple[float, float]:
+    """Unbiased ``(|G|^2, tr(Sigma))`` from data-parallel gradients (McCandlish et al. 2018, appendix A).
+
+    Each of ``W`` ranks computes the mean gradient ``g_r`` of its ``b_r`` samples, and DDP averages them,
+    ``g = mean_r g_r``. With ``S = mean_r |g_r|^2`` (``mean_local_sq``), ``|g|^2`` (``global_sq``) and
+    ``a = mean_r 1/b_r`` (``mean_inverse_size``), for independent samples
+
+        E S = |G|^2 + a tr(Sigma),        E |g|^2 = |G|^2 + (a / W) tr(Sigma),
+
+    so ``tr(Sigma) = (S - |g|^2) / (a (1 - 1/W))`` and ``|G|^2 = |g|^2 - (a / W) tr(Sigma)``. With equal batches
+    ``b`` this is the paper's pair of batch sizes ``b`` and ``W b``; the real sizes keep it unbiased at an epoch's
+    last, smaller batch.
+
+    Example::
+
+        >>> g2, trace = two_batch_noise(mean_local_sq=1.5, global_sq=1.25, mean_inverse_size=0.5, world=2)
+        >>> round(g2, 6), round(trace, 6)
+        (1.0, 1.0)
+    """
+    if world < 2 or not mean_inverse_size > 0:
+        raise ValueError(f"two_batch_noise needs at least 2 ranks with samples, got world={world}.")
+    trace = (mean_local_sq - global_sq) / (mean_inverse_size * (1 - 1 / world))
+    return global_sq - mean_inverse_size / world * trace, trace
+
+
 def edge_of_stability_ratio(lambda_max: float, lr: float, momentum: float = 0.0) -> float:
     """``lr lambda_max / (2 + 2 momentum)``: 1 at the stability limit of (heavy-ball) gradient descent."""
     return lr * lambda_max / (2.0 + 2.0 * momentum)

@@ -122,6 +122,18 @@ def function_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(scale, 1e-30))
 
 
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
 class MinimaDatabase:
     """Distinct minima (deduplicated in function space) and the saddles between them, kept in ``path``.
 
@@ -173,8 +185,17 @@ class MinimaDatabase:
 
     def add(self, theta: np.ndarray, loss: float, outputs: np.ndarray, **info: Any) -> tuple[int, bool]:
         """Add a minimum unless one within ``tol`` exists (then keep the lower loss of the two in its place).
-        Returns ``(id, is_new)``."""
+        Returns ``(id, is_new)``.
+
+        Raises:
+            ValueError: if the loss, the parameters or the outputs are not finite (a diverged point is no minimum).
+        """
         outputs = np.asarray(outputs, dtype=np.float32).reshape(-1)
+        if not (np.isfinite(loss) and np.isfinite(outputs).all() and np.isfinite(np.asarray(theta)).all()):
+            raise ValueError(
+                f"not a minimum: the loss ({loss}), parameters or outputs are not finite (a diverged point)."
+                " HINT: lower the learning rate of the replicas (`lr`) or the SGLD `temperature`."
+            )
         match, distance = self.nearest(outputs)
         if match is not None and distance < self.tol:
             record = self.records[match]
@@ -201,6 +222,8 @@ class MinimaDatabase:
         """Record the highest loss on the best known path between minima ``i`` and ``j`` (a lower one replaces
         a higher one: every path bounds the true saddle from above)."""
         key = (min(i, j), max(i, j))
+        if not np.isfinite(saddle):
+            raise ValueError(f"the saddle between minima {i} and {j} is not finite ({saddle}): the path diverged.")
         if key not in self.saddles or saddle < self.saddles[key]["saddle"]:
             self.saddles[key] = {"i": key[0], "j": key[1], "saddle": float(saddle), **info}
             self.save()
@@ -255,4 +278,5 @@ class MinimaDatabase:
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         data = {"tol": self.tol, "meta": self.meta, "minima": self.records, "saddles": list(self.saddles.values())}
-        _atomic_write(self.path / "minima.json", lambda fh: fh.write(json.dumps(data, indent=1).encode()))
+        text = json.dumps(_finite_or_none(data), indent=1, allow_nan=False)  # strict JSON: NaN becomes null
+        _atomic_write(self.path / "minima.json", lambda fh: fh.write(text.encode()))

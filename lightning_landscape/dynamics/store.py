@@ -42,11 +42,17 @@ _CHUNK = re.compile(r"^(\d{6})-(\d{9})-(\d{9})\.npz$")
 
 
 def _atomic_write(path: Path, write: Any) -> None:
+    """Write ``path`` through a temporary file and a rename; on any failure (a full disk) the temporary file is
+    removed and ``path`` is as it was."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as fh:
-        write(fh)
-        fh.flush()  # no fsync: the rename is atomic and the page cache outlives a killed process (power loss aside)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as fh:
+            write(fh)
+            fh.flush()  # no fsync: the rename is atomic and the page cache outlives a killed process (power loss aside)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _last_occurrences(values: np.ndarray) -> np.ndarray:
@@ -175,10 +181,11 @@ class TrajectoryStore:
         return len(self._rows)
 
     def flush(self) -> Path | None:
-        """Write the buffered steps as one new chunk (atomically). Returns its path."""
+        """Write the buffered steps as one new chunk (atomically). Returns its path. If the write fails (a full
+        disk), the steps stay buffered for the next flush and no partial file is left."""
         if not self._rows:
             return None
-        rows, self._rows = self._rows, []
+        rows = list(self._rows)
         steps = np.asarray([r[0] for r in rows], dtype=np.int64)
         names = sorted({k for r in rows for k in r[1]})
         arrays: dict[str, np.ndarray] = {"step": steps}
@@ -197,8 +204,9 @@ class TrajectoryStore:
             blank = np.full_like(with_layers[0], np.nan)
             arrays["layer_distance"] = np.stack([blank if r[3] is None else np.asarray(r[3], np.float32) for r in rows])
         path = self.path / "chunks" / f"{self._seq:06d}-{steps[0]:09d}-{steps[-1]:09d}.npz"
-        self._seq += 1
         _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        self._seq += 1
+        del self._rows[: len(rows)]
         return path
 
     def truncate_after(self, step: int) -> None:
