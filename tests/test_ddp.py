@@ -44,3 +44,25 @@ def test_a_failure_on_a_serving_rank_neither_hangs_nor_stops_training(tmp_path):
     result = run_script("flatness", tmp_path, 2, "fail", timeout=180)
     assert result["steps"] == 1  # training went on, and the processes finished (no hang)
     assert result["failures"] == 1 and result["history"] == []  # rank 0 recorded the failed analysis
+
+
+@pytest.mark.parametrize(("callback", "expected_runs"), [("flatness", 1), ("landscape", 1), ("energy", 2)])
+def test_a_one_rank_failure_in_any_stage_makes_every_rank_skip_without_hanging(tmp_path, callback, expected_runs):
+    from tests.scripts.faults import FAULTS
+
+    result = run_script("faults", tmp_path, 2, callback, timeout=240)
+    faults = FAULTS[callback]
+    skipped = sum(1 for _, path, _ in faults if path != "clustered_msm")  # a failed MSM leaves the trigger standing
+    assert result["steps"] == len(faults) + 1  # training went on to the end
+    assert result["failures"] == [skipped, skipped]  # both ranks skipped each failed trigger together
+    assert result["runs"] == [expected_runs, expected_runs]  # and ran the last one
+    records = [r for r in result["records"] if '"step"' in r]
+    rank_one = [f for f in faults if f[2] == 1]
+    assert len(records) >= skipped and sum("rank 1: RuntimeError: injected fault" in r for r in records) >= len(
+        [f for f in rank_one if f[1] != "clustered_msm"]
+    )  # failures of rank 1 are visible on rank 0
+
+
+def test_a_one_sample_probe_batch_under_batchnorm_training_mode_is_refused_on_every_rank(tmp_path):
+    result = run_script("faults", tmp_path, 2, "batchnorm", timeout=240)
+    assert result["steps"] == 0 and "probe_size" in result["error"] and "1 sample" in result["error"]

@@ -264,6 +264,14 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             )
         batch_size = batch_size or loader.batch_size or size
         chunks = probe_chunks(len(dataset), size, batch_size, seed)
+        module = trainer.lightning_module
+        batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+        if self.bn_mode == "train" and batch_norm and min(len(c) for c in chunks) < 2:
+            raise ValueError(
+                f"{type(self).__name__}'s probe set ends in a batch of 1 sample ({size} samples in batches of"
+                f" {batch_size}), which BatchNorm cannot normalize with `bn_mode='train'`. HINT: make `probe_size`"
+                " a multiple of `probe_batch_size`, or use `bn_mode='eval'`."
+            )
         rank, world_size = distributed.world(trainer.strategy) if sharded else (0, 1)
         mine = distributed.shard(len(chunks), rank, world_size)
         if len(chunks) < world_size:
@@ -325,9 +333,17 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.fast_dev_run:
+        if trainer.fast_dev_run:
+            return
+        error: BaseException | None = None
+        try:
             with preserve_state(pl_module, trainer.optimizers), torch.inference_mode(False), torch.enable_grad():
                 self.check(trainer, pl_module)
+        except Exception as err:
+            error = err
+        agreed = distributed.agree(trainer.strategy, error, f"{type(self).__name__} at the start of training")
+        if agreed is not None:  # a configuration that cannot work: stop now, on every rank, with this rank's error
+            raise error if error is not None else agreed
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before the first training step: the probe set can be drawn and the loss evaluated on it, so that a
