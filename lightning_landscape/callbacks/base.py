@@ -58,27 +58,21 @@ def record_failure(reporter: Reporter, owner: object, err: BaseException, step: 
     """
     message = f"{type(err).__name__}: {err}"
     seen = owner.__dict__.setdefault("_warned_failures", set())
-    if reporter.is_global_zero and message not in seen:  # the same failure again (a full disk) is counted, not warned
-        seen.add(message)
-        warnings.warn(
-            f"lightning-landscape: {type(owner).__name__} failed at step {step} and was skipped;"
-            f" training goes on. {message}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    unrecorded = ""
     try:
         trace = "".join(traceback.format_exception(type(err), err, err.__traceback__))
         reporter.event("failures", {"step": step, "error": message, "traceback": trace})
         reporter.scalars({"failures": count}, step)
     except Exception as write_error:
-        if reporter.is_global_zero and "record" not in seen:
-            seen.add("record")
-            warnings.warn(
-                f"lightning-landscape: could not record that failure either ({type(write_error).__name__}:"
-                f" {write_error}); training goes on.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        unrecorded = f" (It could not be recorded either: {type(write_error).__name__}: {write_error}.)"
+    if reporter.is_global_zero and message not in seen:  # the same failure again (a full disk) is counted, not warned
+        seen.add(message)
+        warnings.warn(
+            f"lightning-landscape: {type(owner).__name__} failed at step {step} and was skipped;"
+            f" training goes on. {message}{unrecorded}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def global_batch_size(trainer: pl.Trainer) -> int | None:
