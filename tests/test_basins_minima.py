@@ -131,3 +131,18 @@ def test_an_unconverged_path_does_not_climb():
     assert not path.converged
     assert path.saddle_loss == pytest.approx(float(path.losses[1:-1].max()))
     torch.testing.assert_close(path.saddle, path.images[path.saddle_index])
+
+
+def test_rollback_forgets_minima_visits_and_saddles_found_after_the_step(tmp_path):
+    db = MinimaDatabase(tmp_path / "db", tol=0.01)
+    outputs = [np.full(4, float(i)) + 1 for i in range(4)]
+    for step, i in ((6, 0), (6, 1), (12, 0), (12, 2), (18, 1), (18, 3)):
+        db.add(np.zeros(3), 1.0 + i, outputs[i], step=step)
+    db.set_saddle(0, 1, 5.0, step=12)
+    db.set_saddle(0, 2, 6.0, step=18)
+    db.rollback(12)
+    reloaded = MinimaDatabase(tmp_path / "db")
+    assert [r["id"] for r in reloaded.records] == [0, 1, 2]
+    assert [r["visits"] for r in reloaded.records] == [2, 1, 1]  # minimum 1's visit at step 18 is gone
+    assert list(reloaded.saddles) == [(0, 1)]
+    assert not (tmp_path / "db" / "theta" / "00003.npy").exists()

@@ -1,6 +1,8 @@
 """The EnergyLandscape callback end to end: on a double well whose landscape is known exactly, on a real
 network with W&B, under a budget, unchanged training, and 2 DDP ranks against 1 process."""
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -190,12 +192,47 @@ def test_a_resumed_run_continues_the_minima_database(tmp_path):
     resumed = EnergyLandscape(**settings)
     fit_epochs(3, resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed.reporter.run_dir != first.reporter.run_dir  # the logger starts a new version ...
-    assert resumed.minima_dir == first.minima_dir  # ... but the database is the one the checkpoint names
+    # ... and the database the checkpoint names is carried into it; the first run's folder is only read
+    assert Path(resumed.minima_dir).parent == resumed.reporter.run_dir
+    assert len(MinimaDatabase(first.minima_dir)) == first.history[-1]["n_minima"]
     assert [h["step"] for h in resumed.history] == [6, 12, 18]
     db = MinimaDatabase(resumed.minima_dir)
     assert {r["step"] for r in db.records} >= {6, 12, 18}
     assert resumed.history[-1]["n_minima"] == len(db) > first.history[-1]["n_minima"]
     assert "barrier_previous" in resumed.history[-1]  # to the minimum of step 12, from before the resume
+
+
+def test_a_resume_from_an_earlier_checkpoint_rolls_the_minima_back_to_it(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    settings = dict(every_n_epochs=1, at_fit_end=False, replicas=3, replica_steps=5, path_steps=5, probe_size=32)
+    settings.update(dedup_tol=1e-3, max_paths=2)
+
+    def fit_epochs(epochs, energy, ckpt_path=None):
+        pl.seed_everything(0)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=CSVLogger(tmp_path),
+            enable_progress_bar=False,
+            callbacks=[energy, checkpoint],
+        )
+        trainer.fit(tiny_module_class()(), train_dataloaders=loader(), ckpt_path=ckpt_path)
+
+    crashed = EnergyLandscape(**settings)
+    fit_epochs(3, crashed)  # ran to step 18; the run resumes from the checkpoint of step 12
+    abandoned = MinimaDatabase(crashed.minima_dir)
+    before = [r for r in abandoned.records if r["first_step"] <= 12]
+    assert len(before) < len(abandoned)  # the abandoned epoch found minima of its own
+    resumed = EnergyLandscape(**settings)
+    fit_epochs(3, resumed, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=12.ckpt")
+    db = MinimaDatabase(resumed.minima_dir)
+    assert [r["loss"] for r in db.records[: len(before)]] == [r["loss"] for r in before]
+    # nothing of the abandoned timeline: the minima before the checkpoint, then only those the resumed run found
+    assert len(db) == len(before) + resumed.history[-1]["new_minima"]
+    assert all(r["first_step"] == 18 for r in db.records[len(before) :])
+    assert len(MinimaDatabase(crashed.minima_dir)) == len(abandoned)  # the crashed run's folder is untouched
 
 
 def test_minima_are_fingerprinted_with_outputs_fn(tmp_path):

@@ -4,6 +4,7 @@ unchanged, and no recorded data is lost."""
 import errno
 import json
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -179,3 +180,39 @@ def test_after_diverged_training_the_failure_says_the_parameters_are_not_finite(
         fit(tmp_path, [DivergeAtStep2(), monitor], model=Diverges(), max_epochs=1)
     assert monitor.failures >= 1
     assert any("parameters are not finite" in str(w.message) for w in caught)
+
+
+def test_a_checkpoint_never_decides_where_we_write_or_delete(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    def run(ckpt_path=None, epochs=1):
+        recorder = TrajectoryRecorder(sketch_dim=8, snapshot_every_n_steps=2)
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            logger=CSVLogger(tmp_path, name="runs"),
+            callbacks=[recorder, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+            enable_progress_bar=False,
+        )
+        trainer.fit(tiny_module_class()(), loader(), ckpt_path=ckpt_path)
+        return recorder
+
+    first = run()
+    files = {p: p.read_bytes() for p in first.reporter.run_dir.rglob("*") if p.is_file()}
+    # another run branches from the first one's checkpoint: it continues the trajectory in its own folder
+    branch = run(ckpt_path=tmp_path / "ckpt" / "last.ckpt", epochs=2)
+    assert branch.reporter.run_dir != first.reporter.run_dir
+    assert TrajectoryStore.open(branch.store_dir).steps.tolist() == list(range(1, 13))
+    assert {p: p.read_bytes() for p in first.reporter.run_dir.rglob("*") if p.is_file()} == files  # untouched
+    # a crafted checkpoint naming any folder: that folder is at most read, never written or deleted
+    victim = tmp_path / "victim"
+    TrajectoryStore.open(first.store_dir).copy_to(victim, until_step=6)
+    (victim / "chunks" / "000099-000000100-000000200.npz").write_bytes(b"user data")
+    before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()}
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    key = next(k for k in checkpoint["callbacks"] if "TrajectoryRecorder" in k)
+    checkpoint["callbacks"][key].update(store_dir=str(victim), last_step=2)
+    torch.save(checkpoint, tmp_path / "crafted.ckpt")
+    crafted = run(ckpt_path=tmp_path / "crafted.ckpt", epochs=3)
+    assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
+    assert Path(crafted.store_dir).is_relative_to(crafted.reporter.run_dir)

@@ -238,6 +238,7 @@ class EnergyLandscape(LandscapeCallback):
         self.previous_minimum: int | None = None
         self.minima_dir: str | None = None  # kept in checkpoints: a resumed run continues the same database
         self.minima_names: list[str] | None = None  # the parameters its minima are vectors of
+        self._resumed = False
         self.history: list[dict[str, Any]] = []
         self._pool: list[Any] | None = None
 
@@ -251,6 +252,32 @@ class EnergyLandscape(LandscapeCallback):
                 " between triggers would be artifacts. HINT: use `bn_mode='train'` (the default), where the energy is"
                 " a function of the weights alone."
             )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._resumed and trainer.is_global_zero:
+            self._carry_minima(trainer.global_step)
+        self._resumed = False
+
+    def _carry_minima(self, step: int) -> None:
+        """A resumed run continues the checkpoint's minima database in its own folder, rolled back to the
+        checkpoint's step (minima and visits of the abandoned timeline are dropped); the checkpoint's folder is
+        only read, unless it is this run's own."""
+        source = Path(self.minima_dir) if self.minima_dir else None
+        target = self.reporter.run_dir / "minima"
+        if source is None or not (source / "minima.json").exists():
+            self.minima_dir, self.previous_minimum = None, None
+            return
+        if source.resolve() != target.resolve():
+            if target.exists():
+                target = target.with_name(f"minima-resumed-step{step}")
+            MinimaDatabase(source).copy_to(target)
+        db = MinimaDatabase(target)
+        db.rollback(step)
+        self.minima_dir = str(target)
+        if self.previous_minimum is not None and self.previous_minimum >= len(db):
+            self.previous_minimum = None
 
     @override
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -674,4 +701,5 @@ class EnergyLandscape(LandscapeCallback):
         self.history = list(state_dict.get("history", []))
         self.previous_minimum = state_dict.get("previous_minimum")
         self.minima_dir = state_dict.get("minima_dir", self.minima_dir)
+        self._resumed = True
         self.minima_names = state_dict.get("minima_names", self.minima_names)

@@ -34,7 +34,9 @@ Example::
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -223,8 +225,15 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self._batch_size = global_batch_size(trainer)
         if self._resume_step is not None:
             self._last_step = self._resume_step
+        error = None
         if trainer.is_global_zero:
-            self.store_dir = self._fresh_store_dir() if self._resume_step is None else self.store_dir
+            try:
+                self.store_dir = self._place_store()
+            except ValueError as err:
+                error = err
+        if distributed.agree(trainer.strategy, error, "TrajectoryRecorder's store") is not None:
+            raise error or RuntimeError("TrajectoryRecorder: rank 0 refused the store folder (see its error).")
+        if trainer.is_global_zero:
             meta = {
                 "k": self.sketch_dim,
                 "projection_seed": self.projection_seed,
@@ -243,6 +252,33 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             self._init = torch.from_numpy(np.array(self.store.snapshot("init"))).to(flat)
             self._init_norm = float(self._init.norm())
         self._register_ddp_hook(trainer)
+
+    def _place_store(self) -> str:
+        """The store folder of this run: the given ``store_dir``, or ``<run dir>/store``. A resumed run carries the
+        checkpoint's store into it (up to the checkpoint's step) and only reads the checkpoint's folder, so a
+        checkpoint never decides where we write or delete."""
+        if self._resume_step is None:
+            return self._fresh_store_dir()
+        source = Path(self.store_dir) if self.store_dir else None
+        target = Path(self._given_store_dir) if self._given_store_dir else self.reporter.run_dir / "store"
+        if source is not None and source.resolve() == target.resolve():
+            return str(target)  # this run's own folder (a given store_dir, a run resumed under its id): truncated
+        target = Path(self._fresh_store_dir())
+        existed = target.exists()
+        try:
+            meta = json.loads((source / "meta.json").read_text())
+            TrajectoryStore(source, meta).copy_to(target, self._resume_step)
+        except Exception as err:
+            if not existed:
+                shutil.rmtree(target, ignore_errors=True)  # our own half-made copy, nothing else
+            warnings.warn(
+                f"lightning-landscape: the checkpoint's trajectory store ({source}) cannot be carried over"
+                f" ({type(err).__name__}: {err}); the resumed run records into a new store from step"
+                f" {self._resume_step}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return str(target)
 
     def _fresh_store_dir(self) -> str:
         """Where a new (not resumed) run records: never into another run's store."""

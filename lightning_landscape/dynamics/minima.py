@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -200,13 +201,17 @@ class MinimaDatabase:
         if match is not None and distance < self.tol:
             record = self.records[match]
             record["visits"] = record.get("visits", 1) + 1
+            record.setdefault("visit_steps", []).append(info.get("step"))
             if loss < record["loss"]:
                 record.update({"loss": float(loss), **info})
                 self._write_arrays(match, theta, outputs)
             self.save()
             return match, False
         new = len(self.records)
-        self.records.append({"id": new, "loss": float(loss), "visits": 1, **info})
+        step = info.get("step")
+        self.records.append(
+            {"id": new, "loss": float(loss), "visits": 1, "first_step": step, "visit_steps": [step], **info}
+        )
         self._outputs.append(outputs)
         self._write_arrays(new, theta, outputs)
         self.save()
@@ -274,6 +279,35 @@ class MinimaDatabase:
                     **{k: v for k, v in saddle.items() if k not in ("i", "j", "saddle")},
                 )
         return ids
+
+    def rollback(self, step: int) -> None:
+        """Forget what was found after ``step`` (a checkpoint's step, when a killed run resumes from it): minima first
+        found later, their files, later visits and saddles recorded later. A stored minimum whose loss was lowered
+        after ``step`` keeps its lower point (it is still a point of the same minimum)."""
+
+        def found(record: dict[str, Any]) -> int:
+            first = record.get("first_step", record.get("step"))
+            return -1 if first is None else int(first)
+
+        keep = 0
+        while keep < len(self.records) and found(self.records[keep]) <= step:  # ids are given in step order
+            keep += 1
+        for record in self.records[keep:]:
+            for folder in ("theta", "outputs"):
+                (self.path / folder / f"{record['id']:05d}.npy").unlink(missing_ok=True)
+        self.records, self._outputs = self.records[:keep], self._outputs[:keep]
+        for record in self.records:
+            visits = [v for v in record.get("visit_steps", []) if v is None or v <= step]
+            record["visit_steps"], record["visits"] = visits, max(len(visits), 1)
+        self.saddles = {
+            key: s for key, s in self.saddles.items() if key[1] < keep and (s.get("step") is None or s["step"] <= step)
+        }
+        self.save()
+
+    def copy_to(self, path: str | Path) -> MinimaDatabase:
+        """A copy of this database in ``path`` (which must not exist yet), e.g. into a resumed run's folder."""
+        shutil.copytree(self.path, path, ignore=shutil.ignore_patterns("*.tmp-*"))
+        return MinimaDatabase(path, tol=self.tol)
 
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -208,6 +209,14 @@ class TrajectoryStore:
         self._seq += 1
         del self._rows[: len(rows)]
         return path
+
+    def copy_to(self, path: str | Path, until_step: int) -> TrajectoryStore:
+        """A copy of this store's steps up to ``until_step`` in ``path`` (a folder without a store): a resumed run
+        carries its checkpoint's trajectory into its own folder, and the original is only read."""
+        shutil.copytree(self.path, path, ignore=shutil.ignore_patterns("*.tmp-*"), dirs_exist_ok=True)
+        copy = TrajectoryStore.create(path, self.meta)
+        copy.truncate_after(until_step)
+        return copy
 
     def truncate_after(self, step: int) -> None:
         """Drop every stored (and buffered) step after ``step``: the resume point of a checkpoint."""
