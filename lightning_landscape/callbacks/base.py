@@ -42,7 +42,7 @@ from lightning_landscape import distributed
 from lightning_landscape._compat import CALLBACK_BASES
 from lightning_landscape.checks import check_int
 from lightning_landscape.guard import preserve_state
-from lightning_landscape.objective import BNMode, LossFn, Objective
+from lightning_landscape.objective import BNMode, LossFn, Objective, _batch_size
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report import Reporter
 
@@ -138,6 +138,14 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         check_int("every_n_epochs", every_n_epochs, optional=True, example=1)
         check_int("probe_batch_size", probe_batch_size, optional=True, example=64)
         check_int("probe_size", probe_size, example=256)
+        check_int("probe_seed", probe_seed, minimum=0, example=0)
+        if every_n_steps is None and every_n_epochs is None and not at_fit_end:
+            warnings.warn(
+                f"{type(self).__name__} has no trigger (`every_n_steps`, `every_n_epochs` and `at_fit_end` are all"
+                " off): it runs only when you call `run_now()`. HINT: e.g. `every_n_steps=500`.",
+                UserWarning,
+                stacklevel=3,
+            )
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"`loss_fn` must be callable as `loss_fn(module, batch)`, got {loss_fn!r}.")
         if probe_batches is not None and (not isinstance(probe_batches, (list, tuple)) or not probe_batches):
@@ -210,7 +218,10 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     # ----------------------------------------------------------------- data
     @property
     def probe_metadata(self) -> dict[str, Any]:
-        return {"probe_size": self.probe_size, "probe_seed": self.probe_seed, "bn_mode": self.bn_mode}
+        """How the probe set was drawn; ``probe_size`` is the number of samples actually in it (summed over ranks
+        when it is sharded: the objective's own ``n_samples`` is this rank's share)."""
+        size = self._probe_total if getattr(self, "_probe_total", None) else self.probe_size
+        return {"probe_size": size, "probe_seed": self.probe_seed, "bn_mode": self.bn_mode}
 
     def probe_set(self, trainer: pl.Trainer) -> list[Any]:
         """This rank's share of the fixed probe set, on the module's device (drawn once, then cached).
@@ -227,6 +238,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                     " HINT: give at least one batch per rank."
                 )
             mine = distributed.shard(len(self.given_probe_batches), rank, world_size)
+            self._probe_total = sum(_batch_size(b) for b in self.given_probe_batches)
             self._probe = [trainer.strategy.batch_to_device(self.given_probe_batches[j]) for j in mine]
         if self._probe is None:
             self._probe = self.draw_batches(
@@ -257,7 +269,16 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f" e.g. `{type(self).__name__}(probe_batches=[batch_1, batch_2, ...])`."
             )
         batch_size = batch_size or loader.batch_size or size
+        if size > len(dataset):
+            warnings.warn(
+                f"{type(self).__name__}: the training set has {len(dataset)} samples, fewer than the {size} asked for;"
+                f" the probe set is the whole training set (its size is recorded as {len(dataset)}).",
+                UserWarning,
+                stacklevel=2,
+            )
         chunks = probe_chunks(len(dataset), size, batch_size, seed)
+        if size == self.probe_size:
+            self._probe_total = sum(len(c) for c in chunks)
         module = trainer.lightning_module
         batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
         if self.bn_mode == "train" and batch_norm and min(len(c) for c in chunks) < 2:

@@ -170,6 +170,7 @@ class EnergyLandscape(LandscapeCallback):
         dtype: torch.dtype = torch.float32,
         probe_batches: list[Any] | None = None,
     ) -> None:
+        check_int("probe_size", probe_size, example=256)  # before it becomes the default probe_batch_size
         super().__init__(
             every_n_steps=every_n_steps,
             every_n_epochs=every_n_epochs,

@@ -157,6 +157,14 @@ class FlatnessMonitor(LandscapeCallback):
         check_float("pac_bayes_threshold", pac_bayes_threshold, hint="e.g. `pac_bayes_threshold=0.1`.")
         if isinstance(layers, str):
             raise ValueError(f"`layers` must be a list of name patterns or a dict, got {layers!r}. HINT: [{layers!r}].")
+        if isinstance(layers, Mapping):  # {"label": "pattern"} means one pattern, not the letters of a string
+            layers = {label: [p] if isinstance(p, str) else list(p) for label, p in layers.items()}
+            for label, patterns in layers.items():
+                if not patterns or not all(isinstance(p, str) for p in patterns):
+                    raise ValueError(
+                        f"`layers[{label!r}]` must be a name pattern or a list of them, got {patterns!r}."
+                        " HINT: e.g. `layers={'first': ['net.0.*']}`."
+                    )
         if trace_samples < 3 and "trace" in measures:
             raise ValueError(f"`trace_samples` must be at least 3 for Hutch++, got {trace_samples}.")
         self.measures = tuple(measures)
