@@ -242,3 +242,11 @@ def test_a_probe_set_larger_than_the_data_is_recorded_with_its_real_size(tmp_pat
     with pytest.warns(UserWarning, match="96 samples, fewer than the 1000"):
         trainer_for(tmp_path, [monitor]).fit(tiny_module_class()(), loader())
     assert monitor.probe_metadata["probe_size"] == 96
+
+
+def test_no_edge_of_stability_ratio_for_adaptive_optimizers_with_one_note(tmp_path):
+    monitor = FlatnessMonitor(every_n_steps=2, probe_size=32, progress=False)
+    with pytest.warns(UserWarning, match="no `eos_ratio` for Adam") as caught:
+        trainer_for(tmp_path, [monitor]).fit(tiny_module_class()("adam"), loader())
+    assert len([w for w in caught if "eos_ratio" in str(w.message)]) == 1
+    assert monitor.runs >= 3 and all("eos_ratio" not in h and h["lambda_max"] > 0 for h in monitor.history)

@@ -16,7 +16,10 @@ Measures (``measures=...``):
 ``lambda_min``                   smallest eigenvalue (negative: a saddle direction)
 ``trace``                        Hutch++ estimate of ``tr(H)`` with ``trace_samples`` products, and its error
 ``density``                      SLQ spectral density (figure over training)
-``eos_ratio``                    ``lr lambda_max / (2 + 2 momentum)``, 1 at the edge of stability
+``eos_ratio``                    ``lambda_max`` over the stability limit of the optimizer (SGD with its momentum,
+                                 dampening and Nesterov setting: ``2 / lr`` for plain SGD), 1 at the edge of
+                                 stability; not reported for adaptive optimizers (Adam, ...), whose limit is
+                                 one of the preconditioned Hessian
 ``epsilon_sharpness``            Keskar et al., box radius ``epsilon``
 ``adaptive_sharpness``           worst-case adaptive sharpness (radius ``rho``)
 ``average_adaptive_sharpness``   average-case adaptive sharpness (radius ``rho``)
@@ -40,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -187,15 +191,29 @@ class FlatnessMonitor(LandscapeCallback):
         eigen = bool(want & {"lambda_max", "top_eigenvalues", "eos_ratio"})
         return int(eigen) + sum(m in want for m in ("lambda_min", "trace", "density"))
 
-    def _optimizer_settings(self, trainer: pl.Trainer) -> tuple[float | None, float, int | None]:
+    def _optimizer_settings(self, trainer: pl.Trainer) -> tuple[float | None, float | None, int | None]:
+        """``(lr, stability limit, global batch size)``; the limit is None for optimizers other than SGD."""
         if not trainer.optimizers:
-            return None, 0.0, None
-        group = trainer.optimizers[0].param_groups[0]
+            return None, None, None
+        optimizer = trainer.optimizers[0]
+        group = optimizer.param_groups[0]
         lr = float(group["lr"])
-        momentum = float(group.get("momentum", 0.0) or 0.0)
-        return lr, momentum, global_batch_size(trainer)
+        limit = None
+        if isinstance(optimizer, torch.optim.SGD):
+            momentum, dampening = float(group.get("momentum") or 0.0), float(group.get("dampening") or 0.0)
+            limit = curvature.stability_limit(lr, momentum, dampening, bool(group.get("nesterov", False)))
+        elif "eos_ratio" in self.measures and not getattr(self, "_noted_adaptive", False):
+            self._noted_adaptive = True
+            warnings.warn(
+                f"lightning-landscape: FlatnessMonitor reports no `eos_ratio` for {type(optimizer).__name__}: the"
+                " stability limit of an adaptive optimizer is one of the preconditioned Hessian (Cohen et al. 2022),"
+                " not of lambda_max. lambda_max is still reported.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return lr, limit, global_batch_size(trainer)
 
-    def _estimate(self, obj: Any, lr: float | None, momentum: float) -> dict[str, Any]:
+    def _estimate(self, obj: Any, limit: float | None) -> dict[str, Any]:
         """All Hessian-based measures; runs on rank 0 with a sharded objective."""
         want = set(self.measures)
         out: dict[str, Any] = {"scalars": {}, "n_hvp": 0}
@@ -210,8 +228,8 @@ class FlatnessMonitor(LandscapeCallback):
             s["lambda_max"] = out["top_eigenvalues"][0]
             if "top_eigenvalues" in want:
                 s.update({f"lambda_{i + 1}": v for i, v in enumerate(out["top_eigenvalues"])})
-            if "eos_ratio" in want and lr is not None:
-                s["eos_ratio"] = curvature.edge_of_stability_ratio(s["lambda_max"], lr, momentum)
+            if "eos_ratio" in want and limit is not None:
+                s["eos_ratio"] = s["lambda_max"] / limit
             self.advance("eigenvalues")
         if "lambda_min" in want:
             res = curvature.hessian_eigenvalues(
@@ -223,6 +241,7 @@ class FlatnessMonitor(LandscapeCallback):
         if "trace" in want:
             tr = curvature.hessian_trace(obj, self.trace_samples, seed=self.seed)
             s["trace"], s["trace_std_error"] = tr.estimate, tr.std_error
+            s["trace_ci95_low"], s["trace_ci95_high"] = tr.interval(0.95)
             out["n_hvp"] += tr.n_hvp
             self.advance("trace")
         for label, patterns in self.layers.items():
@@ -259,7 +278,7 @@ class FlatnessMonitor(LandscapeCallback):
         strategy = trainer.strategy
         with self.stage(trainer, "probe objective"):
             obj = self.objective(trainer, pl_module)
-            lr, momentum, batch_size = self._optimizer_settings(trainer)
+            lr, limit, batch_size = self._optimizer_settings(trainer)
         scalars: dict[str, float] = {}
         if "gradient_noise" in self.measures:  # per-sample sums on every rank, added up
             with self.stage(trainer, "gradient noise"):
@@ -277,17 +296,17 @@ class FlatnessMonitor(LandscapeCallback):
         if hessian_measures:
             sharded = distributed.ShardedObjective(strategy, obj)
             with self.stage(trainer, "Hessian measures"):  # run() joins every collective before it raises
-                out = sharded.run(lambda o: self._estimate(o, lr, momentum))
+                out = sharded.run(lambda o: self._estimate(o, limit))
         scalars.update(out["scalars"])
         scalars["n_hvp"] = out["n_hvp"]
         if "lambda_max" in scalars:
             trainer.callback_metrics[self.reporter.key("lambda_max")] = torch.tensor(scalars["lambda_max"])
         record = {"step": step, "epoch": trainer.current_epoch, **scalars}
         self.history.append(record)
-        self._report(step, scalars, out, obj.metadata, lr, momentum)
+        self._report(step, scalars, out, obj.metadata, limit)
 
     def _report(
-        self, step: int, scalars: dict[str, float], out: dict[str, Any], meta: dict, lr: float | None, momentum: float
+        self, step: int, scalars: dict[str, float], out: dict[str, Any], meta: dict, limit: float | None
     ) -> None:
         rep = self.reporter
         rep.scalars({k: v for k, v in scalars.items() if math.isfinite(v)}, step)
@@ -299,7 +318,7 @@ class FlatnessMonitor(LandscapeCallback):
             rows = [[s, i + 1, v] for s, values in self._eigenvalues for i, v in enumerate(values)]
             rep.table("top_eigenvalues", ["step", "index", "eigenvalue"], rows, step)
             steps, values = zip(*self._eigenvalues, strict=True)
-            rep.figure("eigenvalues", eigenvalue_figure(steps, values, lr, momentum), step)
+            rep.figure("eigenvalues", eigenvalue_figure(steps, values, limit), step)
         if "density" in out:
             d = out["density"]
             arrays.update({f"density_{k}": v for k, v in d.items()})

@@ -13,6 +13,7 @@ from lightning_landscape.curvature.noise import (
     gradient_moments,
     gradient_noise,
     gradient_norm,
+    stability_limit,
     two_batch_noise,
 )
 from lightning_landscape.curvature.operator import HessianOperator, parameter_indices
@@ -45,5 +46,6 @@ __all__ = [
     "parameter_indices",
     "sam_sharpness",
     "spectral_density",
+    "stability_limit",
     "two_batch_noise",
 ]

@@ -37,13 +37,14 @@ def lanczos_tridiagonal(
     v0: Tensor,
     steps: int,
     reorthogonalize: bool = True,
-    stop: Callable[[Tensor, Tensor], bool] | None = None,
+    stop: Callable[[Tensor, Tensor, Tensor], bool] | None = None,
     check_every: int = 5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Up to ``steps`` Lanczos steps from ``v0``: returns ``alpha`` (m,), ``beta`` (m-1,) and the basis (dim, m).
 
-    Stops early when the Krylov space is exhausted (``beta ~ 0``) or when ``stop(alpha, beta)`` (asked every
-    ``check_every`` steps with the current tridiagonal) returns True.
+    Stops early when the Krylov space is exhausted (``beta ~ 0``) or when ``stop(alpha, beta, beta_next)`` (asked
+    every ``check_every`` steps with the current tridiagonal and the norm of the next Lanczos vector, which gives
+    the Ritz residuals ``|H Q y - theta Q y| = beta_next |y_m|``) returns True.
     """
     dim = v0.numel()
     steps = min(steps, dim)
@@ -66,9 +67,9 @@ def lanczos_tridiagonal(
         alphas.append(alpha)
         if j == steps - 1:
             break
-        if stop is not None and (j + 1) % check_every == 0 and stop(torch.stack(alphas), _stack(betas, v0)):
-            break
         beta = w.norm()
+        if stop is not None and (j + 1) % check_every == 0 and stop(torch.stack(alphas), _stack(betas, v0), beta):
+            break
         if beta <= 1e-10 * max(1.0, float(alpha.abs())):
             break
         betas.append(beta)

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,6 +140,31 @@ def two_batch_noise(
     return global_sq - mean_inverse_size / world * trace, trace
 
 
-def edge_of_stability_ratio(lambda_max: float, lr: float, momentum: float = 0.0) -> float:
-    """``lr lambda_max / (2 + 2 momentum)``: 1 at the stability limit of (heavy-ball) gradient descent."""
-    return lr * lambda_max / (2.0 + 2.0 * momentum)
+def stability_limit(lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False) -> float:
+    """The curvature ``lambda`` above which ``torch.optim.SGD`` diverges on a quadratic ``lambda x^2 / 2``.
+
+    With ``a = lr lambda`` and ``u = lr v``, one step of heavy ball (``v <- beta v + (1 - tau) g``,
+    ``x <- x - lr v``) is the linear map ``[[1 - (1 - tau) a, -beta], [(1 - tau) a, beta]]`` on ``(x, u)``, and of
+    Nesterov (``x <- x - lr (g + beta v)``) ``[[1 - a (1 + beta (1 - tau)), -beta^2], [(1 - tau) a, beta]]``. For
+    ``0 <= beta < 1`` an eigenvalue leaves the unit disk through -1, where ``det(M + I) = 0``:
+
+        heavy ball: lambda* = 2 (1 + beta) / (lr (1 - tau)),
+        Nesterov:   lambda* = 2 (1 + beta) / (lr (1 + beta (2 - tau))),
+
+    which for ``beta = tau = 0`` is the ``2 / lr`` of gradient descent (Cohen et al. 2021).
+
+    Example::
+
+        >>> stability_limit(0.1), round(stability_limit(0.1, momentum=0.9), 6)
+        (20.0, 38.0)
+    """
+    if nesterov:
+        return 2 * (1 + momentum) / (lr * (1 + momentum * (2 - dampening)))
+    return 2 * (1 + momentum) / (lr * (1 - dampening)) if dampening < 1 else math.inf
+
+
+def edge_of_stability_ratio(
+    lambda_max: float, lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False
+) -> float:
+    """``lambda_max`` over the :func:`stability_limit` of SGD with these settings: 1 at the edge of stability."""
+    return lambda_max / stability_limit(lr, momentum, dampening, nesterov)

@@ -41,17 +41,16 @@ def spectral_density_figure(history: Sequence[tuple[int, np.ndarray, np.ndarray]
 
 
 def eigenvalue_figure(
-    steps: Sequence[int], eigenvalues: Sequence[Sequence[float]], lr: float | None = None, momentum: float = 0.0
+    steps: Sequence[int], eigenvalues: Sequence[Sequence[float]], limit: float | None = None
 ) -> Figure:
-    """Top-k Hessian eigenvalues versus step, with the stability limit ``(2 + 2 momentum) / lr`` of GD."""
+    """Top-k Hessian eigenvalues versus step, with the optimizer's stability limit (``2 / lr`` for plain SGD)."""
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
     values = np.asarray([list(v) for v in eigenvalues], dtype=float)
     for i in range(values.shape[1]):
         ax.plot(steps, values[:, i], marker="o", ms=3, lw=1.2, label=f"lambda_{i + 1}")
-    if lr:
-        label = "2 / lr" if not momentum else f"(2 + 2*{momentum:g}) / lr"
-        ax.axhline((2 + 2 * momentum) / lr, color="k", ls="--", lw=1, label=f"{label} (stability limit)")
+    if limit:
+        ax.axhline(limit, color="k", ls="--", lw=1, label=f"stability limit of the optimizer ({limit:.4g})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("Hessian eigenvalue")
     ax.set_title("Top Hessian eigenvalues")
