@@ -310,3 +310,22 @@ def test_the_hutchpp_interval_has_its_nominal_coverage():
     naive = np.mean([abs(r.estimate - exact) <= 2 * r.std_error for r in results])
     assert 0.92 <= inside <= 0.98  # Student t with n - 1 = 4 degrees of freedom: nominal 95%
     assert naive < inside  # plus or minus two standard errors undercovers at 5 random samples
+
+
+def test_the_data_parallel_noise_estimators_are_unbiased_with_unequal_rank_batches():
+    """Per-sample gradients G + noise (covariance diag(s^2)); 2 ranks with 16 and 3 samples (an epoch's last batch),
+    averaged as DDP does. The estimators average to the true |G|^2 and tr(Sigma)."""
+    from lightning_landscape.curvature import two_batch_noise
+
+    g = torch.Generator().manual_seed(0)
+    G, s = torch.tensor([0.3, -0.2, 0.5, 0.1], dtype=torch.float64), torch.tensor([1.0, 2.0, 0.5, 1.5])
+    sizes = (16, 3)
+    estimates = []
+    for _ in range(20000):
+        per_rank = [G + (torch.randn(b, 4, generator=g, dtype=torch.float64) * s).mean(0) for b in sizes]
+        mean_local_sq = float(sum(r.pow(2).sum() for r in per_rank)) / 2
+        global_sq = float(torch.stack(per_rank).mean(0).pow(2).sum())
+        estimates.append(two_batch_noise(mean_local_sq, global_sq, sum(1 / b for b in sizes) / 2, 2))
+    g2, trace = np.mean(estimates, axis=0)
+    assert g2 == pytest.approx(float(G.pow(2).sum()), rel=0.05)
+    assert trace == pytest.approx(float(s.double().pow(2).sum()), rel=0.03)
