@@ -80,3 +80,11 @@ def test_disconnectivity_tree_merges_at_the_minimax_saddles():
     assert fig.axes[0].get_ylabel() == "loss" and len(fig.axes[0].lines) >= 3 + 4
     with pytest.raises(ValueError, match="below one of the minima"):
         disconnectivity_tree(minima, np.where(np.isfinite(saddles), -1.0, saddles))
+
+
+def test_a_longer_lag_without_a_model_leaves_nan_timescales_instead_of_voiding_the_msm():
+    # at lag 1 a pair of states is connected both ways; at lag 2 no set is strongly connected
+    msm = markov_state_model([np.array([0, 1, 0, 1, 0, 1, 0, 2, 3, 2])], lag=1)
+    assert len(msm.active_set) == 2 and np.allclose(msm.transition_matrix, [[0, 1], [1, 0]])
+    failed = [tau for tau, row in zip(msm.its_lags, msm.implied_timescales, strict=True) if np.isnan(row).all()]
+    assert failed  # those lags are reported as missing, not raised

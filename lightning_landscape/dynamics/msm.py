@@ -73,7 +73,9 @@ def markov_state_model(
 ) -> MarkovStateModel:
     """Estimate a reversible MSM at ``lag`` from discrete trajectories, with implied timescales over
     ``its_lags`` (default: a few multiples of ``lag``), a Chapman-Kolmogorov test over ``ck_steps`` multiples,
-    and PCCA+ into ``n_metastable`` sets.
+    and PCCA+ into ``n_metastable`` sets. The model at ``lag`` must exist; a longer lag whose counts support no
+    model (deeptime: "None of the strongly connected subsets could be fit") leaves NaN timescales for that lag and
+    no Chapman-Kolmogorov entry, rather than voiding the model.
 
     Raises:
         ValueError: for a non-positive ``lag`` or trajectories shorter than it.
@@ -90,7 +92,10 @@ def markov_state_model(
     lags = lags[lags < max(len(d) for d in dtrajs)]
     its = np.full((len(lags), k), np.nan)
     for row, tau in enumerate(lags):
-        model = _fit(dtrajs, int(tau))
+        try:  # at a longer lag the counts may no longer support a model: that lag's timescales stay NaN
+            model = _fit(dtrajs, int(tau))
+        except (ValueError, RuntimeError):
+            continue
         values = np.asarray(model.timescales(k))
         its[row, : len(values)] = values
     steps, errors = [], []
@@ -98,7 +103,10 @@ def markov_state_model(
     for m in range(2, ck_steps + 1):
         if lag * m >= max(len(d) for d in dtrajs):
             break
-        direct = _fit(dtrajs, lag * m)
+        try:
+            direct = _fit(dtrajs, lag * m)
+        except (ValueError, RuntimeError):
+            continue
         if not np.array_equal(direct.count_model.state_symbols, msm.count_model.state_symbols):
             continue  # a different connected set: not comparable
         steps.append(m)
