@@ -13,7 +13,13 @@ Reads what the callbacks stored under each run directory (searched recursively):
 * the disconnectivity graph of the merged database.
 
 Everything goes to ``--out`` (default ``<first RUN_DIR>/landscape-analysis``): figures, ``analysis.npz``,
-``metastable.csv``, ``minima.csv``, ``barriers.csv``, ``summary.json`` and the merged ``minima/`` folder.
+``metastable.csv``, ``minima.csv``, ``barriers.csv``, ``summary.json`` and the merged ``minima/`` folder, which is
+rebuilt on every call (an earlier analysis in the same folder is replaced, not merged into).
+
+Each stage (Markov model, minima, paths, graph) stands on its own: a stage that fails is named with its error in
+``summary.json`` (``errors``) and the others still run; an unreadable store or database is left out and listed
+(``skipped``) with the file and the reason. Bad input (a missing RUN_DIR, a ``--config`` of another model) is one
+clear line on the command line.
 
 Example::
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -44,13 +51,19 @@ from lightning_landscape.dynamics import (
 from lightning_landscape.report.plots import free_energy_figure, paths_figure, timescales_figure
 
 
+class AnalysisError(ValueError):
+    """Input that ``analyze`` cannot work with; the message names the file or argument and the fix."""
+
+
 def find_records(run_dirs: list[Path]) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
     """``(trajectory stores, minima databases)`` under the run directories, each labelled by its run."""
     stores, databases = [], []
     for run in run_dirs:
         if not run.is_dir():
-            raise FileNotFoundError(f"RUN_DIR {str(run)!r} is not a directory. HINT: pass a run's log directory.")
-        stores += [(run.name, meta.parent) for meta in sorted(run.rglob("meta.json"))]
+            raise AnalysisError(f"RUN_DIR {str(run)!r} is not a directory. HINT: pass a run's log directory.")
+        stores += [
+            (run.name, meta.parent) for meta in sorted(run.rglob("meta.json")) if (meta.parent / "chunks").is_dir()
+        ]
         databases += [(run.name, index.parent) for index in sorted(run.rglob("minima.json"))]
     return stores, databases
 
@@ -66,8 +79,13 @@ def _write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> None:
         writer.writerows(rows)
 
 
-def _probe_objective(config: Path, probe_size: int, probe_seed: int, bn_mode: str) -> Any:
-    """The runs' model and probe set, rebuilt from their LightningCLI config (no trainer, no logger)."""
+def _probe_objective(config: Path, probe_size: int, probe_seed: int, bn_mode: str, n_params: int) -> Any:
+    """The runs' model and probe set, rebuilt from their LightningCLI config (no trainer, no logger).
+
+    Raises:
+        AnalysisError: when the config builds a model of another size than the minima's ``n_params``, or one whose
+            loss cannot be evaluated on its data.
+    """
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_landscape.callbacks.base import probe_chunks
@@ -83,13 +101,27 @@ def _probe_objective(config: Path, probe_size: int, probe_seed: int, bn_mode: st
         )
     finally:
         sys.argv = argv
+    from lightning_landscape.params import ParameterLayout
+
+    numel = ParameterLayout.from_module(cli.model).numel
+    if numel != n_params:
+        raise AnalysisError(
+            f"--config {str(config)!r} builds a model with {numel} trainable parameters, but the minima have"
+            f" {n_params}. HINT: pass the config the runs were trained with."
+        )
     source = cli.datamodule if cli.datamodule is not None else cli.model
     if hasattr(source, "setup"):
         source.setup("fit")
     loader = source.train_dataloader()
     chunks = probe_chunks(len(loader.dataset), probe_size, probe_size, probe_seed)
     batches = [loader.collate_fn([loader.dataset[i] for i in chunk]) for chunk in chunks]
-    return Objective(cli.model, batches, bn_mode=bn_mode)
+    try:
+        return Objective(cli.model, batches, bn_mode=bn_mode)
+    except Exception as err:
+        raise AnalysisError(
+            f"--config {str(config)!r}: the model's loss cannot be evaluated on its data ({type(err).__name__}: {err})."
+            " HINT: pass the config the runs were trained with."
+        ) from err
 
 
 def analyze(
@@ -111,28 +143,52 @@ def analyze(
     Returns the summary that is also written to ``summary.json``.
 
     Raises:
-        FileNotFoundError: a run directory that does not exist, or holds no trajectory and no minima.
+        AnalysisError: a run directory that does not exist or holds no trajectory and no minima, an ``--out`` folder
+            with a minima database ``analyze`` did not write, or a ``--config`` of another model.
     """
     runs = [Path(r) for r in run_dirs]
+    stores, databases = find_records(runs)  # checks the run directories before anything is created
     out = Path(out) if out is not None else runs[0] / "landscape-analysis"
-    out.mkdir(parents=True, exist_ok=True)
-    stores, databases = find_records(runs)
-    stores = [(run, path) for run, path in stores if not path.is_relative_to(out)]
-    databases = [(run, path) for run, path in databases if not path.is_relative_to(out)]
+    stores = [(run, path) for run, path in stores if not path.resolve().is_relative_to(out.resolve())]
+    databases = [(run, path) for run, path in databases if not path.resolve().is_relative_to(out.resolve())]
     if not stores and not databases:
-        raise FileNotFoundError(
+        raise AnalysisError(
             f"No trajectory store and no minima database under {[str(r) for r in runs]}."
             " HINT: pass the log directories of runs recorded with TrajectoryRecorder or EnergyLandscape."
         )
-    summary: dict[str, Any] = {"runs": [str(r) for r in runs], "out": str(out)}
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"runs": [str(r) for r in runs], "out": str(out), "errors": {}, "skipped": []}
+    arrays: dict[str, Any] = {}
 
-    # the MSM of the largest group of trajectories that share a sketch basis
+    def stage(name: str, work: Any, *args: Any) -> None:
+        try:
+            work(*args)
+        except AnalysisError:
+            raise
+        except Exception as err:  # the other stages still run
+            summary["errors"][name] = f"{type(err).__name__}: {err}"
+            print(f"lightning-landscape analyze: {name} failed ({type(err).__name__}: {err}).", file=sys.stderr)
+
+    stage("markov state model", _msm_stage, stores, lag, n_clusters, max_metastable, seed, out, summary, arrays)
+    if databases:
+        options = (dedup_tol, config, max_paths, path_images, path_steps, path_lr)
+        stage("minima", _minima_stage, databases, runs, out, summary, arrays, options)
+    np.savez(out / "analysis.npz", **arrays)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _msm_stage(stores, lag, n_clusters, max_metastable, seed, out: Path, summary: dict, arrays: dict) -> None:
+    """The MSM of the largest group of trajectories that share a sketch basis."""
     groups: dict[tuple[Any, ...], list[tuple[str, TrajectoryStore]]] = defaultdict(list)
     for run, path in stores:
-        store = TrajectoryStore.open(path)
+        try:
+            store = TrajectoryStore.open(path)
+        except (OSError, ValueError) as err:
+            summary["skipped"].append({"path": str(path), "reason": str(err)})
+            continue
         if len(store.sketches) > 2 * lag:
             groups[_basis(store.meta)].append((run, store))
-    arrays: dict[str, Any] = {}
     if groups:
         group = max(groups.values(), key=lambda g: sum(len(s.sketches) for _, s in g))
         sketches = [s.sketches.astype(np.float64) for _, s in group]
@@ -168,50 +224,75 @@ def analyze(
                 ck_error=msm.ck_error,
             )
 
-    # the merged minima database, paths between its minima, and the graph
-    if databases:
-        opened = [(run, MinimaDatabase(path)) for run, path in databases]
-        probe = {k: opened[0][1].meta.get(k) for k in ("probe_size", "probe_seed", "n_params", "bn_mode")}
-        comparable = [(run, db) for run, db in opened if all(db.meta.get(k) == v for k, v in probe.items())]
-        summary["skipped_databases"] = len(opened) - len(comparable)  # another model or probe set
-        merged = MinimaDatabase(out / "minima", tol=dedup_tol, meta=opened[0][1].meta)
-        for run, db in comparable:
-            merged.absorb(db, run=run)
-        profiles = []
-        if config is not None and len(merged) > 1:
-            from lightning_landscape.geometry.paths import minimum_energy_path
 
-            objective = _probe_objective(Path(config), probe["probe_size"], probe["probe_seed"], probe["bn_mode"])
-            for i, j in merged.missing_tree_edges()[:max_paths]:
-                a, b = (objective.theta0.new_tensor(merged.theta(k)) for k in (i, j))
-                path = minimum_energy_path(objective, a, b, path_images, step_size=path_lr, n_steps=path_steps)
-                saddle = max(float(path.losses.max()), merged.records[i]["loss"], merged.records[j]["loss"])
-                merged.set_saddle(
-                    i, j, saddle, method=path.method, length=path.length, converged=path.converged, source="analyze"
-                )
-                profiles.append((f"{i} - {j}", path.arc, path.losses))
-            if profiles:
-                paths_figure(profiles).savefig(out / "paths.png")
-        summary.update(minima=len(merged), known_saddles=len(merged.saddles), paths_computed=len(profiles))
-        _write_csv(
-            out / "minima.csv",
-            ["id", "loss", "run", "source", "step"],
-            [[r["id"], r["loss"], r.get("run"), r.get("source"), r.get("step")] for r in merged.records],
+def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, options: tuple) -> None:
+    """The merged minima database, paths between its minima (with ``--config``), and the graph."""
+    dedup_tol, config, max_paths, path_images, path_steps, path_lr = options
+    opened = []
+    for run, path in databases:
+        try:
+            opened.append((run, MinimaDatabase(path)))
+        except (OSError, ValueError) as err:
+            summary["skipped"].append({"path": str(path), "reason": str(err)})
+    if not opened:
+        return
+    probe = {k: opened[0][1].meta.get(k) for k in ("probe_size", "probe_seed", "n_params", "bn_mode")}
+    comparable = [(run, db) for run, db in opened if all(db.meta.get(k) == v for k, v in probe.items())]
+    summary["skipped_databases"] = len(opened) - len(comparable)  # another model or probe set
+    folder = out / "minima"
+    if folder.exists():  # an earlier analysis into this --out: rebuilt, never merged into
+        if not (folder / "minima.json").exists() or not MinimaDatabase(folder).meta.get("merged_by_analyze"):
+            raise AnalysisError(f"{folder} exists and was not written by `analyze`. HINT: pass another --out.")
+        shutil.rmtree(folder)
+    merged = MinimaDatabase(folder, tol=dedup_tol, meta={**opened[0][1].meta, "merged_by_analyze": True})
+    for run, db in comparable:
+        merged.absorb(db, run=run)
+    profiles: list = []
+    if config is not None and len(merged) > 1:
+        try:
+            _paths(merged, Path(config), probe, profiles, max_paths, path_images, path_steps, path_lr)
+        except AnalysisError:
+            raise
+        except Exception as err:
+            summary["errors"]["paths"] = f"{type(err).__name__}: {err}"
+        if profiles:
+            paths_figure(profiles).savefig(out / "paths.png")
+    _minima_outputs(merged, runs, out, summary, arrays, len(profiles))
+
+
+def _paths(merged, config: Path, probe: dict, profiles: list, max_paths, path_images, path_steps, path_lr) -> None:
+    from lightning_landscape.geometry.paths import minimum_energy_path
+
+    n_params = merged.theta(0).size
+    objective = _probe_objective(config, probe["probe_size"], probe["probe_seed"], probe["bn_mode"], n_params)
+    for i, j in merged.missing_tree_edges()[:max_paths]:
+        a, b = (objective.theta0.new_tensor(merged.theta(k)) for k in (i, j))
+        path = minimum_energy_path(objective, a, b, path_images, step_size=path_lr, n_steps=path_steps)
+        saddle = max(float(path.losses.max()), merged.records[i]["loss"], merged.records[j]["loss"])
+        merged.set_saddle(
+            i, j, saddle, method=path.method, length=path.length, converged=path.converged, source="analyze"
         )
-        _write_csv(
-            out / "barriers.csv",
-            ["i", "j", "saddle", "converged"],
-            [[s["i"], s["j"], s["saddle"], s.get("converged")] for s in merged.saddles.values()],
+        profiles.append((f"{i} - {j}", path.arc, path.losses))
+
+
+def _minima_outputs(merged, runs, out: Path, summary: dict, arrays: dict, n_paths: int) -> None:
+    summary.update(minima=len(merged), known_saddles=len(merged.saddles), paths_computed=n_paths)
+    _write_csv(
+        out / "minima.csv",
+        ["id", "loss", "run", "source", "step"],
+        [[r["id"], r["loss"], r.get("run"), r.get("source"), r.get("step")] for r in merged.records],
+    )
+    _write_csv(
+        out / "barriers.csv",
+        ["i", "j", "saddle", "converged"],
+        [[s["i"], s["j"], s["saddle"], s.get("converged")] for s in merged.saddles.values()],
+    )
+    if len(merged) > 1:
+        tree = disconnectivity_tree(merged.losses, merged.saddle_matrix())
+        disconnectivity_figure(tree, f"disconnectivity graph of {len(runs)} run(s)").savefig(
+            out / "disconnectivity.png"
         )
-        if len(merged) > 1:
-            tree = disconnectivity_tree(merged.losses, merged.saddle_matrix())
-            disconnectivity_figure(tree, f"disconnectivity graph of {len(runs)} run(s)").savefig(
-                out / "disconnectivity.png"
-            )
-            arrays.update(minima_losses=merged.losses, saddles=merged.saddle_matrix(), merge_levels=tree.merge_levels)
-    np.savez(out / "analysis.npz", **arrays)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+        arrays.update(minima_losses=merged.losses, saddles=merged.saddle_matrix(), merge_levels=tree.merge_levels)
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
@@ -230,19 +311,23 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dedup-tol", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(args)
-    summary = analyze(
-        ns.run_dirs,
-        ns.out,
-        lag=ns.lag,
-        n_clusters=ns.clusters,
-        max_metastable=ns.max_metastable,
-        config=ns.config,
-        max_paths=ns.max_paths,
-        path_images=ns.path_images,
-        path_steps=ns.path_steps,
-        path_lr=ns.path_lr,
-        dedup_tol=ns.dedup_tol,
-        seed=ns.seed,
-    )
+    try:
+        summary = analyze(
+            ns.run_dirs,
+            ns.out,
+            lag=ns.lag,
+            n_clusters=ns.clusters,
+            max_metastable=ns.max_metastable,
+            config=ns.config,
+            max_paths=ns.max_paths,
+            path_images=ns.path_images,
+            path_steps=ns.path_steps,
+            path_lr=ns.path_lr,
+            dedup_tol=ns.dedup_tol,
+            seed=ns.seed,
+        )
+    except AnalysisError as err:  # bad input: one line naming the file or argument and the fix
+        print(f"lightning-landscape analyze: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(summary, indent=1))
     return summary

@@ -1,6 +1,7 @@
 """``lightning-landscape analyze``: two recorded runs of the double well analyzed together."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,69 @@ def test_analyze_merges_runs_and_finds_the_saddle_between_their_minima(two_runs)
     assert runs <= {"run-0", "run-1"}
 
 
-def test_analyze_without_records_says_what_to_pass(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No trajectory store"):
+def test_analyze_without_records_says_what_to_pass_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["analyze", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "No trajectory store" in err and "HINT" in err
+
+
+def test_a_missing_run_dir_is_refused_and_not_created(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["analyze", str(tmp_path / "typo")])
+    assert not (tmp_path / "typo").exists()
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def copy_runs(two_runs, tmp_path):
+    import shutil
+
+    root, config = two_runs
+    for name in ("run-0", "run-1"):
+        shutil.copytree(root / name, tmp_path / name)
+    return config
+
+
+def test_rerunning_into_the_same_out_replaces_the_merged_database(two_runs, tmp_path):
+    copy_runs(two_runs, tmp_path)
+    args = ["analyze", str(tmp_path / "run-0"), str(tmp_path / "run-1"), "--out", str(tmp_path / "out")]
+    first = main(args)
+    second = main(args)
+    assert first["minima"] == second["minima"] == 2
+    visits = [r["visits"] for r in json.loads((tmp_path / "out" / "minima" / "minima.json").read_text())["minima"]]
+    first_visits = sum(visits)
+    main(args)
+    visits = [r["visits"] for r in json.loads((tmp_path / "out" / "minima" / "minima.json").read_text())["minima"]]
+    assert sum(visits) == first_visits  # not added up again on every re-run
+
+
+def test_corrupt_records_are_left_out_by_name_and_the_other_stages_still_run(two_runs, tmp_path):
+    copy_runs(two_runs, tmp_path)
+    chunk = next((tmp_path / "run-0").rglob("chunks/*.npz"))
+    chunk.write_bytes(b"not a zip file")
+    (tmp_path / "run-1" / "stray").mkdir()
+    (tmp_path / "run-1" / "stray" / "meta.json").write_text("{}")  # some other tool's meta.json: ignored
+    index = next((tmp_path / "run-1").rglob("minima.json"))
+    index.write_text("{not json")
+    summary = main(["analyze", str(tmp_path / "run-0"), str(tmp_path / "run-1"), "--out", str(tmp_path / "out")])
+    reasons = {Path(s["path"]).name: s["reason"] for s in summary["skipped"]}
+    assert any(str(chunk) in r for r in reasons.values())  # the corrupt chunk, by its file name
+    assert any(str(index) in r for r in reasons.values())  # the corrupt database, by its file name
+    assert summary["minima"] == 2 and summary["trajectories"] >= 5  # the rest was analyzed
+    assert summary["errors"] == {}
+
+
+def test_a_config_of_another_model_is_one_clear_line(two_runs, tmp_path, capsys):
+    copy_runs(two_runs, tmp_path)
+    config = tmp_path / "other.yaml"
+    config.write_text(
+        "model:\n  class_path: lightning_landscape.examples.Classifier\n"
+        "  init_args:\n    network:\n      class_path: lightning_landscape.examples.MLP\n"
+        "      init_args: {in_features: 2, out_features: 2, hidden: [4]}\n"
+        "data:\n  class_path: lightning_landscape.examples.GaussianMixtureClassification\n"
+    )
+    with pytest.raises(SystemExit):
+        main(["analyze", str(tmp_path / "run-0"), str(tmp_path / "run-1"), "--config", str(config)])
+    err = capsys.readouterr().err
+    assert "builds a model with" in err and "HINT: pass the config the runs were trained with" in err

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,27 @@ def test_unknown_config_keys_are_rejected(capsys):
     assert "learning_rate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--trainer.max_epochs", "abc"], 'Parser key "trainer.max_epochs"'),  # refused by the parser
+        (  # accepted by the types, refused by the callback's constructor
+            ["--trainer.callbacks+=lightning_landscape.FlatnessMonitor", "--trainer.callbacks.top_k=0"],
+            "`top_k` must be an integer >= 1, got 0. HINT",
+        ),
+    ],
+)
+def test_a_bad_value_is_one_line_without_traceback(capsys, override, expected):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), *override])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "lightning-landscape" in line]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in lines[0]
+    assert not any("not recommended to provide both" in str(w.message) for w in caught)
+
+
 def test_quickstart_command_trains_and_logs_offline(tmp_path):
     """The README's main job, as a user runs it (a short version: 2 epochs)."""
     # a fresh user shell: no W&B mode, and not the W&B service that an earlier test in this process started
@@ -110,3 +132,14 @@ def test_quickstart_command_trains_and_logs_offline(tmp_path):
     assert len(runs) == 1
     records = offline_wandb_records(tmp_path / "runs" / "quickstart", b"val/acc")  # the offline run's record log
     assert b"val/acc" in records and b"train/loss_epoch" in records
+
+
+def test_no_wandb_message_for_a_run_without_a_wandb_logger(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    args = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.fast_dev_run=1"]
+    args += ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"]
+    main(args)
+    assert "W&B" not in capsys.readouterr().err

@@ -157,11 +157,29 @@ class MinimaDatabase:
         self._outputs: list[np.ndarray] = []
         index = self.path / "minima.json"
         if index.exists():
+            self._load(index)
+
+    def _load(self, index: Path) -> None:
+        """Read ``minima.json`` and the outputs; a corrupt or inconsistent database is a clear error naming the file."""
+        hint = "HINT: restore the folder from the run, or leave it out of the analysis."
+        try:
             data = json.loads(index.read_text())
-            self.records = data["minima"]
-            self.meta = data.get("meta", self.meta)
-            self.saddles = {(int(s["i"]), int(s["j"])): s for s in data["saddles"]}
-            self._outputs = [np.load(self.path / "outputs" / f"{r['id']:05d}.npy") for r in self.records]
+            records, saddles = data["minima"], data["saddles"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a minima database ({type(err).__name__}: {err}). {hint}") from err
+        if [r.get("id") for r in records] != list(range(len(records))):
+            raise ValueError(f"{index}: the minima ids are not 0..{len(records) - 1}. {hint}")
+        bad = [(s.get("i"), s.get("j")) for s in saddles if not (0 <= s.get("i", -1) < s.get("j", -1) < len(records))]
+        if bad:
+            raise ValueError(f"{index}: saddles {bad[:3]} name minima that are not in the database. {hint}")
+        for r in records:
+            for folder in ("theta", "outputs"):
+                file = self.path / folder / f"{r['id']:05d}.npy"
+                if not file.exists():
+                    raise ValueError(f"{file} is missing. {hint}")
+        self.records, self.meta = records, data.get("meta", self.meta)
+        self.saddles = {(int(s["i"]), int(s["j"])): s for s in saddles}
+        self._outputs = [np.load(self.path / "outputs" / f"{r['id']:05d}.npy") for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)

@@ -62,6 +62,21 @@ def _last_occurrences(values: np.ndarray) -> np.ndarray:
     return np.sort(len(values) - 1 - first_from_end)
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """A store's ``meta.json``, checked: a clear error naming the file when it is corrupt or not a store's."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is not readable JSON ({type(err).__name__}: {err}).") from err
+    missing = [k for k in ("k", "names", "shapes") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise ValueError(
+            f"{path} is not the meta.json of a trajectory store (it lacks {missing}). HINT: pass the folder that"
+            " TrajectoryRecorder wrote, or remove the stray file."
+        )
+    return meta
+
+
 class TrajectoryStore:
     """Writer and reader of a trajectory directory (see the module docstring).
 
@@ -125,7 +140,7 @@ class TrajectoryStore:
                 f"No trajectory store at or below {str(path)!r} (no meta.json). HINT: pass the `store` folder that"
                 " TrajectoryRecorder reports (recorder.store_dir), or the run's log folder (trainer.log_dir)."
             )
-        store = cls(path, json.loads((path / "meta.json").read_text()))
+        store = cls(path, read_meta(path / "meta.json"))
         store._load()
         return store
 
@@ -142,8 +157,14 @@ class TrajectoryStore:
     def _load(self) -> None:
         chunks = []
         for file in self._chunk_files():
-            with np.load(file) as data:
-                chunks.append({key: data[key] for key in data.files})
+            try:
+                with np.load(file) as data:
+                    chunks.append({key: data[key] for key in data.files})
+            except Exception as err:
+                raise ValueError(
+                    f"{file} is not a readable trajectory chunk ({type(err).__name__}: {err}). HINT: move the file"
+                    " out of the store; the other chunks still open, without the steps it held."
+                ) from err
         if not chunks:
             return
         all_steps = np.concatenate([c["step"] for c in chunks])
