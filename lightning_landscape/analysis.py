@@ -69,7 +69,8 @@ def find_records(run_dirs: list[Path]) -> tuple[list[tuple[str, Path]], list[tup
 
 
 def _basis(meta: dict[str, Any]) -> tuple[Any, ...]:
-    return meta.get("k"), meta.get("projection_seed"), meta.get("nnz"), sum(int(np.prod(s)) for s in meta["shapes"])
+    size = meta.get("n_params") or sum(int(np.prod(s)) for s in meta.get("shapes", []))
+    return meta.get("k"), meta.get("projection_seed"), meta.get("nnz"), size
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> None:

@@ -116,18 +116,6 @@ def agreed(strategy: Any, stage: str) -> Iterator[None]:
         raise failure
 
 
-def weighted_mean(strategy: Any, value: Tensor, n_local: int) -> Tensor:
-    """``sum_r n_r value_r / sum_r n_r``: a per-rank mean over ``n_local`` samples turned into the global mean.
-
-    With a probe set sharded over ranks, each rank's :class:`~lightning_landscape.Objective` averages its own
-    ``n_r`` samples; this combines losses, gradients or Hessian-vector products into those of the whole set.
-    """
-    if strategy.world_size == 1:
-        return value
-    total = reduce_sum(strategy, torch.tensor(float(n_local), dtype=value.dtype, device=value.device))
-    return reduce_sum(strategy, value * n_local) / total
-
-
 class ShardedObjective:
     """Rank 0's view of an objective whose probe set is split over ranks; the other ranks serve it.
 

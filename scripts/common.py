@@ -14,10 +14,7 @@ from lightning_landscape.examples import MLP, Classifier, MNISTDataModule
 
 def write_synthetic_mnist(folder: str | Path) -> None:
     """60000 + 10 random 28x28 images in MNIST's real IDX files (cost does not depend on pixel values)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.fixtures import write_mnist
+    from lightning_landscape.examples.fake_data import write_mnist
 
     write_mnist(Path(folder), n_train=60000, n_test=10)
 

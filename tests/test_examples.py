@@ -17,7 +17,7 @@ from lightning_landscape.examples import (
     MNISTDataModule,
     cifar_resnet,
 )
-from tests.fixtures import write_cifar10, write_mnist
+from lightning_landscape.examples.fake_data import write_cifar10, write_mnist
 from tests.helpers import offline_wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ At every optimizer step (not every batch: gradient accumulation is respected) it
 
 and a sketch ``R theta_t`` (:class:`~lightning_landscape.dynamics.SparseProjection`, ``sketch_dim``
 numbers, memory ``O(P + k)``) every ``sketch_every_n_steps`` steps, full parameter snapshots every
-``snapshot_every_n_steps`` steps while they fit in ``disk_budget_mb``, and a streaming PCA of the sketches.
+``snapshot_every_n_steps`` steps while they fit in ``disk_budget_mb``.
 Everything goes into a :class:`~lightning_landscape.TrajectoryStore` (rank 0 writes; every rank joins the
 per-step collective under DDP), flushed every ``flush_every_n_steps`` steps, at checkpoints and at the end,
 so a killed process loses at most the steps since the last flush, and a resumed run continues the same
@@ -51,7 +51,7 @@ from lightning_landscape._compat import CALLBACK_BASES
 from lightning_landscape.callbacks.base import global_batch_size, record_failure
 from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.curvature import gradient_norm, two_batch_noise
-from lightning_landscape.dynamics import SparseProjection, StreamingPCA, TrajectoryStore
+from lightning_landscape.dynamics import SparseProjection, TrajectoryStore
 from lightning_landscape.objective import _batch_size
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report import Reporter
@@ -145,7 +145,6 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self.failures = 0
         self.reporter = Reporter(".", is_global_zero=False)
         self.store: TrajectoryStore | None = None
-        self.pca = StreamingPCA(sketch_dim)
         self._last_step: int | None = None
         self._resume_step: int | None = None
         self._copies: dict[int, torch.Tensor] = {}  # parameters at the steps before the next sampled step
@@ -173,7 +172,6 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             "store_dir": self.store_dir,
             "last_step": self._last_step,
             "copies": {step: flat.cpu() for step, flat in self._copies.items()},
-            "pca": self.pca.state_dict(),
             "noise": dict(self._noise_state),
             "failures": self.failures,
         }
@@ -183,8 +181,6 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self.store_dir = state_dict.get("store_dir", self.store_dir)
         self._resume_step = state_dict.get("last_step")
         self._copies = dict(state_dict.get("copies", {}))
-        if state_dict.get("pca"):
-            self.pca = StreamingPCA.from_state_dict(state_dict["pca"])
         self._noise_state = dict(state_dict.get("noise", {}))
         self.failures = state_dict.get("failures", 0)
 
@@ -198,7 +194,6 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             self.store_dir, self.store = self._given_store_dir, None
             self._last_step = self._resume_step = None
             self._copies, self._noise_state, self.failures = {}, {}, 0
-            self.pca = StreamingPCA(self.sketch_dim)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -409,7 +404,6 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
                         self._copies[step] = flat
                     if sketched:
                         sketch = self.projection(flat).cpu().numpy()
-                        self.pca.update(sketch)
         except Exception as err:
             sketch = layer = None
             self._fail(trainer, err)

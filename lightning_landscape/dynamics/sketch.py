@@ -38,13 +38,15 @@ class SparseProjection:
         dim: P, the dimension of the parameter space.
         k: sketch dimension (a multiple of ``nnz``).
         seed: seed of the matrix.
-        nnz: non-zeros per column (``s``).
+        nnz: non-zeros per column (``s``). 1 (the CountSketch), as in the callbacks: the sketch is taken on the
+            training path, where its ``O(s P)`` cost counts, and with ``k = 256`` one non-zero per column already
+            keeps distances between the dense parameter vectors of a trajectory to a few percent.
         device: where the indices live (the parameters' device).
     """
 
-    def __init__(self, dim: int, k: int = 256, seed: int = 0, nnz: int = 4, device: torch.device | str = "cpu"):
+    def __init__(self, dim: int, k: int = 256, seed: int = 0, nnz: int = 1, device: torch.device | str = "cpu"):
         if k < 1 or nnz < 1 or k % nnz:
-            raise ValueError(f"`k` ({k}) must be a positive multiple of `nnz` ({nnz}). HINT: e.g. k=256, nnz=4.")
+            raise ValueError(f"`k` ({k}) must be a positive multiple of `nnz` ({nnz}). HINT: e.g. k=256, nnz=1.")
         self.dim, self.k, self.seed, self.nnz = dim, k, seed, nnz
         g = torch.Generator().manual_seed(seed)
         block = k // nnz

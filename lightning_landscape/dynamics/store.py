@@ -68,7 +68,7 @@ def read_meta(path: Path) -> dict[str, Any]:
         meta = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is not readable JSON ({type(err).__name__}: {err}).") from err
-    missing = [k for k in ("k", "names", "shapes") if not isinstance(meta, dict) or k not in meta]
+    missing = [k for k in ("k",) if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise ValueError(
             f"{path} is not the meta.json of a trajectory store (it lacks {missing}). HINT: pass the folder that"
@@ -197,10 +197,6 @@ class TrajectoryStore:
         """Buffer one optimizer step (written by the next :meth:`flush`). Statistics are numbers, or anything
         ``float()`` accepts (0-d tensors are converted at the flush, not at every step)."""
         self._rows.append((int(step), dict(stats), sketch, layer_distance))
-
-    @property
-    def pending(self) -> int:
-        return len(self._rows)
 
     def flush(self) -> Path | None:
         """Write the buffered steps as one new chunk (atomically). Returns its path. If the write fails (a full

@@ -1,6 +1,6 @@
 """Parameter-space geometry: directions, slices, interpolation, non-convexity, minimum-energy paths."""
 
-from lightning_landscape.geometry.directions import direction_between, pca_directions, random_direction
+from lightning_landscape.geometry.directions import pca_directions, random_direction
 from lightning_landscape.geometry.paths import PathResult, minimum_energy_path
 from lightning_landscape.geometry.slices import (
     Interpolation,
@@ -15,7 +15,6 @@ __all__ = [
     "Interpolation",
     "PathResult",
     "barrier",
-    "direction_between",
     "evaluate_slice",
     "interpolate",
     "minimum_energy_path",

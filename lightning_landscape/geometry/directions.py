@@ -12,7 +12,6 @@
   vector to ``|theta|``, ``None`` leaves the raw Gaussian.
 * :func:`pca_directions`: the top principal directions of a trajectory ``theta_1..theta_T`` around its
   last point (Li et al., sec. 7), with the variance each explains.
-* :func:`direction_between`: ``theta_b - theta_a``.
 
 All are seeded; the seed, normalization and ignored parameters go into every saved result.
 
@@ -99,8 +98,3 @@ def pca_directions(trajectory: Tensor | np.ndarray, n_components: int = 2) -> tu
     ratio = variance[:n_components] / variance.sum().clamp_min(1e-300)
     directions = vt[:n_components]
     return directions, ratio, centered @ directions.T
-
-
-def direction_between(theta_a: Tensor, theta_b: Tensor) -> Tensor:
-    """``theta_b - theta_a``: the direction of linear interpolation from a to b."""
-    return theta_b - theta_a

@@ -17,6 +17,12 @@ from lightning_landscape.callbacks.base import LandscapeCallback
 from tests.helpers import RunAtTrainStart, finish_script, fit_one_step
 
 
+def weighted_mean(strategy, value, n_local):
+    """``sum_r n_r value_r / sum_r n_r``: each rank's mean over its ``n_local`` probe samples, as the global mean."""
+    total = distributed.reduce_sum(strategy, torch.tensor(float(n_local), dtype=value.dtype))
+    return distributed.reduce_sum(strategy, value * n_local) / total
+
+
 class ShardedAnalysis(RunAtTrainStart, LandscapeCallback):
     name = "sharded"
 
@@ -31,10 +37,10 @@ class ShardedAnalysis(RunAtTrainStart, LandscapeCallback):
         self.result = {
             "world": world,
             "n_total": int(distributed.reduce_sum(s, torch.tensor(n_local))),
-            "loss": float(distributed.weighted_mean(s, obj.loss(), n_local)),
-            "grad": distributed.weighted_mean(s, obj.grad(), n_local).tolist(),
-            "hvp": distributed.weighted_mean(s, obj.hvp(None, v), n_local).tolist(),
-            "losses": distributed.weighted_mean(s, obj.losses(thetas), n_local).tolist(),
+            "loss": float(weighted_mean(s, obj.loss(), n_local)),
+            "grad": weighted_mean(s, obj.grad(), n_local).tolist(),
+            "hvp": weighted_mean(s, obj.hvp(None, v), n_local).tolist(),
+            "losses": weighted_mean(s, obj.losses(thetas), n_local).tolist(),
             "gathered": distributed.gather_rows(s, thetas[mine.start : mine.stop] @ v).tolist(),
             "expected_gathered": (thetas @ v).tolist(),
             "broadcast": distributed.broadcast(s, f"from rank {rank}"),

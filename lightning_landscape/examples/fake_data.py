@@ -1,4 +1,15 @@
-"""Tiny MNIST and CIFAR-10 files in the datasets' real on-disk formats (IDX files, python pickles)."""
+"""MNIST and CIFAR-10 files of random images in the datasets' real on-disk formats (IDX files, python pickles):
+the examples' data modules read them as they read the real data sets, so tests and benchmarks run without a
+download.
+
+Example::
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> root = write_mnist(Path(tempfile.mkdtemp()), n_train=20, n_test=10)
+    >>> sorted(p.name for p in (root / "MNIST" / "raw").iterdir())[:2]
+    ['t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte']
+"""
 
 from __future__ import annotations
 
