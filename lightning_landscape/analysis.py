@@ -136,7 +136,7 @@ def analyze(
     max_paths: int = 10,
     path_images: int = 9,
     path_steps: int = 200,
-    path_lr: float = 0.01,
+    path_lr: float | None = None,
     dedup_tol: float = 0.05,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -308,7 +308,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-paths", type=int, default=10)
     parser.add_argument("--path-images", type=int, default=9)
     parser.add_argument("--path-steps", type=int, default=200)
-    parser.add_argument("--path-lr", type=float, default=0.01)
+    parser.add_argument("--path-lr", type=float, default=None, help="first FIRE step (default: from the curvature)")
     parser.add_argument("--dedup-tol", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(args)

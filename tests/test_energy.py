@@ -228,7 +228,9 @@ def test_a_resume_from_an_earlier_checkpoint_rolls_the_minima_back_to_it(tmp_pat
     resumed = EnergyLandscape(**settings)
     fit_epochs(3, resumed, ckpt_path=tmp_path / "ckpt" / "epoch=1-step=12.ckpt")
     db = MinimaDatabase(resumed.minima_dir)
-    assert [r["loss"] for r in db.records[: len(before)]] == [r["loss"] for r in before]
+    # the minima found before the checkpoint, each kept (a later visit may only have lowered its loss)
+    assert all(r["loss"] <= old["loss"] for r, old in zip(db.records, before, strict=False))
+    assert [r["first_step"] for r in db.records[: len(before)]] == [r["first_step"] for r in before]
     # nothing of the abandoned timeline: the minima before the checkpoint, then only those the resumed run found
     assert len(db) == len(before) + resumed.history[-1]["new_minima"]
     assert all(r["first_step"] == 18 for r in db.records[len(before) :])

@@ -1,5 +1,6 @@
 """Minimum-energy paths on the Mueller-Brown potential, whose minima and saddles are known."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -44,13 +45,11 @@ def quench(obj, theta, steps=3000, lr=1e-4):
 
 
 @pytest.mark.parametrize("method", ["string", "neb"])
-def test_path_finds_the_known_saddle_barriers_and_intermediate_minimum(potential, method):
+def test_path_with_default_settings_finds_the_known_saddle_barriers_and_intermediate_minimum(potential, method):
     a, b = quench(potential, point(MIN_A)), quench(potential, point(MIN_B))  # exact minima
     assert float(potential.loss(a)) == pytest.approx(MIN_A[2], abs=0.01)
-    path = minimum_energy_path(
-        potential, a, b, n_images=21, method=method, step_size=3e-4, n_steps=4000, spring=50.0, tol=0.1
-    )
-    assert path.converged
+    path = minimum_energy_path(potential, a, b, n_images=31, method=method)  # curvature ~1e3: no step to tune
+    assert path.converged and path.force_ratio <= 1e-3 and np.isfinite(path.losses).all()
     # the highest point is the first saddle, refined by the climbing image
     assert path.saddle_loss == pytest.approx(SADDLE_1[2], rel=0.01)
     torch.testing.assert_close(path.saddle, point(SADDLE_1), atol=0.01, rtol=0)
@@ -71,3 +70,14 @@ def test_bad_settings_are_rejected(potential):
         minimum_energy_path(potential, point(MIN_A), point(MIN_B), n_images=2)
     with pytest.raises(ValueError, match="`method`"):
         minimum_energy_path(potential, point(MIN_A), point(MIN_B), method="nudged")
+
+
+def test_a_step_that_overflows_is_halved_instead_of_returning_nan(potential):
+    a, b = quench(potential, point(MIN_A)), quench(potential, point(MIN_B))
+    path = minimum_energy_path(potential, a, b, n_images=15, step_size=10.0)  # 1000x too large: the loss overflows
+    assert np.isfinite(path.losses).all() and path.losses.max() < 0  # never NaN, never thrown out of the wells
+
+
+def test_ends_without_a_finite_gradient_are_refused(potential):
+    with pytest.raises(FloatingPointError, match="not finite"):
+        minimum_energy_path(potential, point(MIN_A), torch.tensor([1e3, 1e3], dtype=torch.float64))

@@ -105,7 +105,8 @@ class EnergyLandscape(LandscapeCallback):
         path_images: images per minimum-energy path (ends included).
         path_steps: iterations per path (and for the climbing image).
         path_method: ``"string"`` or ``"neb"``.
-        path_lr: the images' gradient step (default: ``lr``).
+        path_lr: the images' first FIRE time step (default: from the curvature at the path's ends, see
+            :func:`~lightning_landscape.geometry.paths.minimum_energy_path`).
         max_paths: paths per trigger at most.
         lag: MSM lag time in recorded points (``lag * record_every`` optimizer steps of the replicas).
         n_clusters: MSM states (default: about one per 20 recorded points, 2 to 50).
@@ -147,7 +148,7 @@ class EnergyLandscape(LandscapeCallback):
         quench_iter: int = 100,
         dedup_tol: float = 0.05,
         path_images: int = 9,
-        path_steps: int = 100,
+        path_steps: int = 300,
         path_method: Literal["string", "neb"] = "string",
         path_lr: float | None = None,
         max_paths: int = 4,
@@ -190,7 +191,7 @@ class EnergyLandscape(LandscapeCallback):
             ("record_every", record_every, 5),
             ("pool_batches", pool_batches, 16),
             ("quench_iter", quench_iter, 100),
-            ("path_steps", path_steps, 100),
+            ("path_steps", path_steps, 300),
             ("lag", lag, 1),
             ("sketch_dim", sketch_dim, 256),
         ):
@@ -204,7 +205,7 @@ class EnergyLandscape(LandscapeCallback):
         check_int("projection_seed", projection_seed, minimum=0, example=0)
         check_float("dedup_tol", dedup_tol, hint="e.g. 0.05 (5% output distance).")
         check_float("lr", lr, optional=True, hint="None uses the optimizer's lr.")
-        check_float("path_lr", path_lr, optional=True, hint="None uses the optimizer's lr.")
+        check_float("path_lr", path_lr, optional=True, hint="None takes it from the curvature at the path's ends.")
         check_float("temperature", temperature, strict=False, hint="0 is plain SGD, > 0 SGLD.")
         check_float("budget_seconds", budget_seconds, optional=True, hint="None means no limit.")
         if path_method not in ("string", "neb"):
@@ -422,7 +423,7 @@ class EnergyLandscape(LandscapeCallback):
                         b.to(x0),
                         self.path_images,
                         self.path_method,
-                        step_size=self.path_lr or lr,
+                        step_size=self.path_lr,
                         n_steps=self.path_steps,
                         quench_steps=0,
                     )
@@ -445,7 +446,14 @@ class EnergyLandscape(LandscapeCallback):
                 continue
             # the highest point of the path, ends included (an end that is not quite a minimum can be highest)
             saddle = max(float(path.losses.max()), db.records[i]["loss"], db.records[j]["loss"])
-            info = {"step": step, "method": path.method, "length": path.length, "converged": path.converged}
+            info = {
+                "step": step,
+                "method": path.method,
+                "length": path.length,
+                "converged": path.converged,
+                "force_ratio": path.force_ratio,
+                "n_grad": path.n_grad,
+            }
             db.set_saddle(
                 i,
                 j,
@@ -492,6 +500,7 @@ class EnergyLandscape(LandscapeCallback):
             spent_seconds=time.perf_counter() - start,
             replicas_run=len(excursions.replica_ids),
             paths_run=len(paths),
+            paths_converged=sum(p.converged for _, _, p in paths),
         )
         self.history.append({"step": step, **scalars})
         self._report(step, db, paths, msm, tree, scalars, probe.metadata)

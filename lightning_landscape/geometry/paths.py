@@ -5,15 +5,17 @@ to the tangent; its highest point is a first-order saddle, and ``L(saddle) - L(t
 that a noisy optimizer has to cross. Linear interpolation only bounds it from above.
 
 * **String method** (E, Ren & Vanden-Eijnden 2007, "Simplified and improved string method"): images
-  ``phi_i`` descend the gradient, ``phi_i <- phi_i - dt grad L(phi_i)``, and are then redistributed to
-  equal arc length along the polyline through them; the ends stay fixed.
+  ``phi_i`` descend the gradient perpendicular to the path and are then redistributed to equal arc length along
+  the polyline through them; the ends stay fixed.
 * **Nudged elastic band** (Henkelman, Uberuaga & Jonsson 2000): each image moves with the force
   ``-grad L`` perpendicular to the tangent plus a spring force ``k (|phi_{i+1} - phi_i| - |phi_i - phi_{i-1}|)``
   along it (upwinded tangents of Henkelman & Jonsson 2000).
 * **Climbing image**: after the path has settled, the highest image moves with ``-grad L + 2 (grad L . tau) tau``,
   uphill along the path and downhill across it, and converges to the saddle itself.
 
-Intermediate minima (interior local minima of the path's energy profile) are quenched by gradient descent.
+The images move by FIRE (Bitzek et al. 2006), with a first step from the curvature at the ends, so the defaults
+work across scales (the Mueller-Brown potential, curvature ~1e3, and networks, curvature ~1). Intermediate minima
+(interior local minima of the path's energy profile) are quenched by FIRE too.
 
 Example::
 
@@ -22,13 +24,14 @@ Example::
     >>> well = Objective(torch.nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)],
     ...     loss_fn=lambda m, _: (m.weight[0, 0] ** 2 - 1) ** 2 + 2 * m.weight[0, 1] ** 2, dtype=torch.float64)
     >>> a, b = torch.tensor([-1.0, 0.0], dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
-    >>> path = minimum_energy_path(well, a, b, n_images=11, step_size=0.05)
-    >>> round(path.saddle_loss, 4), round(path.barrier_forward, 4)
-    (1.0, 1.0)
+    >>> path = minimum_energy_path(well, a, b, n_images=11)
+    >>> path.converged, round(path.saddle_loss, 4), round(path.barrier_forward, 4)
+    (True, 1.0, 1.0)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -54,6 +57,7 @@ class PathResult:
     n_grad: int = 0
     converged: bool = False
     method: str = "string"
+    force_ratio: float = float("nan")  # largest perpendicular force over the gradient scale (converged: <= tol)
 
 
 def _losses(objective: Any, images: Tensor) -> Tensor:
@@ -101,10 +105,75 @@ def _tangents(images: Tensor, energies: Tensor) -> Tensor:
     return tau
 
 
-def _quench(objective: Any, theta: Tensor, step_size: float, n_steps: int) -> tuple[Tensor, int]:
+def _curvature(objective: Any, ends: tuple[Tensor, Tensor]) -> float:
+    """The largest Hessian eigenvalue at the ends, from a few Lanczos products (1e4 without Hessian-vector products,
+    which makes the derived step small and the springs stiff: safe, if slow)."""
+    if not hasattr(objective, "hvp"):
+        return 1e4
+    from lightning_landscape.curvature import hessian_eigenvalues
+
+    lam = max(
+        abs(float(hessian_eigenvalues(objective, k=1, theta=end, tol=1e-2, max_iter=20).eigenvalues[0])) for end in ends
+    )
+    return max(lam, 1e-12)
+
+
+class _Fire:
+    """FIRE (Bitzek, Koskinen, Gaehler, Moseler & Gumbsch 2006, "Structural relaxation made simple"): damped dynamics
+    whose velocity is turned toward the force while the power ``F . v`` stays positive, and reset when it turns
+    negative; the time step grows while things go well (up to ``10 dt0``) and halves when not. No point moves more
+    than ``max_move`` per step (ASE's ``maxstep``; here half the spacing of the path's images), so one step into a
+    region of huge gradients cannot throw the path away. It needs no tuning beyond a stable first step, and is the
+    usual optimizer of NEB (ASE, LAMMPS)."""
+
+    def __init__(self, dt: float, max_move: float) -> None:
+        self.dt0 = self.dt = dt
+        self.max_move = max_move
+        self.alpha, self.positive, self.v = 0.1, 0, None
+
+    def step(self, force: Tensor) -> Tensor:
+        """The displacement for ``force`` (and the velocity update)."""
+        if self.v is None:
+            self.v = torch.zeros_like(force)
+        if float((force * self.v).sum()) > 0:
+            self.v = (1 - self.alpha) * self.v + self.alpha * self.v.norm() * force / force.norm().clamp_min(1e-300)
+            self.positive += 1
+            if self.positive > 5:
+                self.dt, self.alpha = min(1.1 * self.dt, 10 * self.dt0), 0.99 * self.alpha
+        else:
+            self.v.zero_()
+            self.dt, self.alpha, self.positive = 0.5 * self.dt, 0.1, 0
+        self.v = self.v + self.dt * force
+        move = self.dt * self.v
+        length = move.norm(dim=-1, keepdim=True)
+        return move * (self.max_move / length.clamp_min(self.max_move))
+
+    def reject(self, what: str) -> None:
+        """A step led to a non-finite loss or gradient: forget the velocity and halve the step."""
+        self.v.zero_()
+        self.dt, self.alpha, self.positive = 0.5 * self.dt, 0.1, 0
+        if self.dt < 1e-10 * self.dt0:
+            raise FloatingPointError(
+                f"{what}: the loss or gradient stays non-finite even after the step was halved 33 times. HINT: check"
+                " that both ends have finite loss, or pass a smaller `step_size`."
+            )
+
+
+def _descend(objective: Any, theta: Tensor, fire: _Fire, n_steps: int, tol: float, scale: float) -> tuple[Tensor, int]:
+    """FIRE on ``L`` from ``theta`` until ``|grad L| <= tol * scale``: an intermediate minimum of a path."""
+    grad = objective.grad(theta)
+    used = 1
     for _ in range(n_steps):
-        theta = theta - step_size * objective.grad(theta)
-    return theta, n_steps
+        if float(grad.norm()) <= tol * scale:
+            break
+        moved = theta + fire.step(-grad)
+        new = objective.grad(moved)
+        used += 1
+        if not torch.isfinite(new).all():
+            fire.reject("quenching an intermediate minimum")
+            continue
+        theta, grad = moved, new
+    return theta, used
 
 
 def minimum_energy_path(
@@ -115,26 +184,39 @@ def minimum_energy_path(
     method: Literal["string", "neb"] = "string",
     climbing: bool = True,
     *,
-    step_size: float = 1e-2,
-    n_steps: int = 2000,
-    tol: float = 1e-6,
-    spring: float = 1.0,
+    step_size: float | None = None,
+    n_steps: int = 1000,
+    tol: float = 1e-3,
+    spring: float | None = None,
     quench_steps: int = 500,
 ) -> PathResult:
     """The minimum-energy path from ``theta_a`` to ``theta_b`` (both should be minima).
 
+    The images move by FIRE under the force perpendicular to the path (string: then redistributed to equal arc
+    length; NEB: plus the spring force along it), starting from the straight line. The path has converged when
+    the largest perpendicular force on an image is below ``tol`` times the gradient scale of the problem (the
+    largest gradient on the straight line between the ends), a criterion that does not depend on the step. A
+    step that gives a non-finite loss or gradient is taken back and halved.
+
     Args:
-        objective: an :class:`~lightning_landscape.Objective` (its ``loss`` and ``grad`` are used).
+        objective: an :class:`~lightning_landscape.Objective` (its ``loss``, ``grad`` and, for the default step,
+            ``hvp`` are used).
         theta_a, theta_b: the two ends (kept fixed).
         n_images: images on the path, ends included.
         method: ``"string"`` or ``"neb"``.
-        climbing: refine the highest image to the saddle, once the path has converged (``tol``); the
+        climbing: refine the highest image to the saddle (to the same ``tol``), once the path has converged; the
             highest image of an unconverged path is an upper bound of the barrier along it.
-        step_size: gradient step of the images (a learning rate: scale it to the curvature).
-        n_steps: iterations for the path, and again for the climbing image.
-        tol: stop when the largest image displacement per step, divided by ``step_size``, is below it.
-        spring: NEB spring constant.
-        quench_steps: gradient steps that refine each intermediate minimum.
+        step_size: FIRE's first time step. Default: ``0.5 / sqrt(lambda_max)``, with ``lambda_max`` the largest
+            Hessian eigenvalue at the ends (Lanczos): FIRE's update is stable for ``dt < 2 / sqrt(lambda)``.
+        n_steps: iterations at most for the path, and again for the climbing image.
+        tol: convergence, relative to the gradient scale (see above).
+        spring: NEB spring constant. Default: ``0.1 lambda_max``, so that the springs hold the images apart at any
+            scale of the loss without stiffening the band.
+        quench_steps: FIRE iterations that refine each intermediate minimum.
+
+    Raises:
+        ValueError: for fewer than 3 images or an unknown method.
+        FloatingPointError: when the loss stays non-finite even with a step halved 33 times.
     """
     if n_images < 3:
         raise ValueError(f"`n_images` must be at least 3, got {n_images}.")
@@ -144,50 +226,76 @@ def minimum_energy_path(
     a, b = theta_a.detach().to(dtype), theta_b.detach().to(dtype)
     ts = torch.linspace(0, 1, n_images, dtype=dtype).unsqueeze(1)
     images = a + ts * (b - a)
-    n_grad, converged = 0, False
+    grads = _grads(objective, images)
+    if not torch.isfinite(grads[[0, -1]]).all():
+        raise FloatingPointError("minimum_energy_path: the gradient at an end is not finite. HINT: pass finite minima.")
+    scale = float(grads[torch.isfinite(grads).all(1)].norm(dim=1).max())
+    n_grad = n_images
+    lam = _curvature(objective, (a, b)) if step_size is None or (spring is None and method == "neb") else None
+    dt = step_size if step_size is not None else 0.5 / math.sqrt(lam)
+    spring = spring if spring is not None else 0.1 * (lam or 0.0)
+
+    def forces(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(force on the interior images, |perpendicular gradient| of each, energies)``."""
+        g = _grads(objective, x[1:-1])
+        energies = _losses(objective, x)
+        tau = _tangents(x, energies)[1:-1]
+        perp = g - (g * tau).sum(1, keepdim=True) * tau
+        force = -perp
+        if method == "neb":  # converged when the whole NEB force vanishes: spring forces balanced too
+            dist = (x[1:] - x[:-1]).norm(dim=1)
+            force = force + spring * (dist[1:] - dist[:-1]).unsqueeze(1) * tau
+            return force, force.norm(dim=1), energies
+        return force, perp.norm(dim=1), energies
+
+    max_move = 0.5 * float((b - a).norm()) / (n_images - 1)
+    fire = _Fire(dt, max_move)
+    force, perp, energies = forces(images)
+    converged = False
     for _ in range(n_steps):
-        grads = _grads(objective, images[1:-1])
-        n_grad += n_images - 2
-        if method == "string":
-            moved = images.clone()
-            moved[1:-1] = images[1:-1] - step_size * grads
-            new = _redistribute(moved)
-        else:
-            energies = _losses(objective, images)
-            tau = _tangents(images, energies)[1:-1]
-            perp = grads - (grads * tau).sum(1, keepdim=True) * tau
-            dist = (images[1:] - images[:-1]).norm(dim=1)
-            spring_force = spring * (dist[1:] - dist[:-1]).unsqueeze(1) * tau
-            new = images.clone()
-            new[1:-1] = images[1:-1] + step_size * (-perp + spring_force)
-        shift = float((new - images).norm(dim=1).max()) / step_size
-        images = new
-        if shift < tol:
+        if float(perp.max()) <= tol * scale:
             converged = True
             break
-    losses = _losses(objective, images)
+        moved = images.clone()
+        moved[1:-1] = images[1:-1] + fire.step(force)
+        if method == "string":
+            moved = _redistribute(moved)
+        new_force, new_perp, new_energies = forces(moved)
+        n_grad += n_images - 2
+        if not (torch.isfinite(new_force).all() and torch.isfinite(new_energies).all()):
+            fire.reject("minimum_energy_path")
+            continue
+        if method == "string":  # the redistribution moved the images along the path: keep only the velocity across
+            tau = _tangents(moved, new_energies)[1:-1]
+            fire.v = fire.v - (fire.v * tau).sum(1, keepdim=True) * tau
+        images, force, perp, energies = moved, new_force, new_perp, new_energies
+    losses = energies.clone()
     top = int(torch.argmax(losses[1:-1])) + 1
     if climbing and converged:  # on an unrelaxed path the climb can leave the path and overshoot
-        saddle = images[top].clone()
+        climber, saddle, climbed = _Fire(fire.dt0, max_move), images[top].clone(), False
         for _ in range(n_steps):
-            energies = torch.stack([losses[top - 1], objective.loss(saddle), losses[top + 1]])
             local = torch.stack([images[top - 1], saddle, images[top + 1]])
-            tau = _tangents(local, energies)[1]
+            tau = _tangents(local, torch.stack([losses[top - 1], objective.loss(saddle), losses[top + 1]]))[1]
             grad = objective.grad(saddle)
             n_grad += 1
-            step = step_size * (grad - 2 * torch.dot(grad, tau) * tau)
-            saddle = saddle - step
-            if float(step.norm()) / step_size < tol:
+            if not torch.isfinite(grad).all():
+                climber.reject("the climbing image")
+                saddle = images[top].clone()
+                continue
+            if float(grad.norm()) <= tol * scale:
+                climbed = True
                 break
-        images[top] = saddle
-        losses[top] = objective.loss(saddle)
+            saddle = saddle + climber.step(-(grad - 2 * torch.dot(grad, tau) * tau))
+        if climbed:  # else the highest image of the converged path stays: an upper bound of the saddle
+            images[top] = saddle
+            losses[top] = objective.loss(saddle)
     values = losses.double().cpu().numpy()
     seg = (images[1:] - images[:-1]).norm(dim=1).double().cpu().numpy()
     arc = np.concatenate([[0.0], np.cumsum(seg)])
     minima = []
     for i in range(1, n_images - 1):
         if values[i] < values[i - 1] and values[i] < values[i + 1]:
-            theta, used = _quench(objective, images[i], step_size, quench_steps)
+            theta, used = _descend(objective, images[i], _Fire(fire.dt0, max_move), quench_steps, tol, scale)
             n_grad += used
             minima.append((theta, float(objective.loss(theta))))
     saddle_loss = float(values[top])
@@ -205,4 +313,5 @@ def minimum_energy_path(
         n_grad=n_grad,
         converged=converged,
         method=method,
+        force_ratio=float(perp.max()) / scale if scale > 0 else 0.0,
     )
