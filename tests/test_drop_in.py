@@ -161,7 +161,7 @@ def test_metric_states_survive_an_analysis_exactly():
 
 def test_batchnorm_minima_keep_their_loss_across_triggers(tmp_path):
     energy = EnergyLandscape(
-        every_n_steps=4, replicas=2, replica_steps=10, quench_iter=10, probe_size=32, progress=False
+        every_n_steps=4, replicas=2, replica_steps=10, quench_iter=10, path_steps=30, probe_size=32, progress=False
     )
     trainer = pl.Trainer(
         max_epochs=2, logger=False, default_root_dir=tmp_path, callbacks=[energy], enable_progress_bar=False
