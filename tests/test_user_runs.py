@@ -49,11 +49,13 @@ class RecordsItsLosses(pl.LightningModule):
 def test_the_recorded_loss_under_gradient_accumulation_is_the_mean_batch_loss(tmp_path):
     recorder = TrajectoryRecorder(sketch_dim=8)
     model = RecordsItsLosses()
-    trainer_for(tmp_path, [recorder], accumulate_grad_batches=3, gradient_clip_val=0.1).fit(model, loader(96, 8))
+    trainer = trainer_for(tmp_path, [recorder], accumulate_grad_batches=3, gradient_clip_val=0.1, log_every_n_steps=1)
+    trainer.fit(model, loader(96, 8))
     store = TrajectoryStore.open(recorder.store_dir)
     expected = np.asarray(model.batch_losses).reshape(-1, 3).mean(1)  # 12 batches, 4 optimizer steps
     assert store.steps.tolist() == [1, 2, 3, 4]
     np.testing.assert_allclose(store.stats["loss"], expected, rtol=1e-6)
+    assert float(trainer.callback_metrics["landscape/trajectory/loss"]) == pytest.approx(expected[-1], rel=1e-6)
 
 
 def test_preserve_state_restores_thread_count_requires_grad_and_metric_states():
@@ -250,3 +252,25 @@ def test_no_edge_of_stability_ratio_for_adaptive_optimizers_with_one_note(tmp_pa
         trainer_for(tmp_path, [monitor]).fit(tiny_module_class()("adam"), loader())
     assert len([w for w in caught if "eos_ratio" in str(w.message)]) == 1
     assert monitor.runs >= 3 and all("eos_ratio" not in h and h["lambda_max"] > 0 for h in monitor.history)
+
+
+def test_other_callbacks_can_stop_or_checkpoint_on_any_of_our_measures(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    monitor = FlatnessMonitor(every_n_epochs=1, at_fit_end=False, probe_size=32, progress=False)
+    early = EarlyStopping(monitor="landscape/flatness/trace", mode="max", stopping_threshold=0.0)
+    trainer = trainer_for(tmp_path, [monitor, early], max_epochs=5)
+    trainer.fit(tiny_module_class()(), loader())
+    assert monitor.runs == 1 and trainer.current_epoch == 1  # stopped after the first trace, which is > 0
+    assert trainer.callback_metrics["landscape/flatness/trace"] == pytest.approx(monitor.history[0]["trace"])
+
+
+def test_a_checkpoint_can_keep_the_lowest_barrier_to_the_previous_minimum(tmp_path):
+    energy = EnergyLandscape(
+        every_n_epochs=1, at_fit_end=False, replicas=2, replica_steps=5, path_steps=30, probe_size=32, progress=False
+    )
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="landscape/energy/barrier_previous", mode="min")
+    trainer = trainer_for(tmp_path, [energy, checkpoint], max_epochs=3, enable_checkpointing=True)
+    trainer.fit(tiny_module_class()(), loader())
+    barriers = [h["barrier_previous"] for h in energy.history if "barrier_previous" in h]
+    assert barriers and float(checkpoint.best_model_score) == pytest.approx(min(barriers), rel=1e-5)

@@ -424,7 +424,17 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return False
         self.runs += 1
         self.reporter.scalars({"seconds": time.perf_counter() - start}, step)
+        self.publish(trainer, pl_module)
         return True
+
+    def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Every scalar this analysis logged goes to ``trainer.callback_metrics`` too, on every rank (rank 0's values,
+        broadcast), as tensors on the module's device: ``EarlyStopping(monitor="landscape/flatness/trace")`` or
+        ``ModelCheckpoint(monitor="landscape/energy/barrier_previous")`` work on any of our measures."""
+        values = distributed.broadcast(trainer.strategy, self.reporter.take_published())
+        device = pl_module.device
+        for key, value in values.items():
+            trainer.callback_metrics[key] = torch.tensor(value, dtype=torch.float32, device=device)
 
     def stage(self, trainer: pl.Trainer, name: str) -> Any:
         """``with self.stage(trainer, "quench"):`` around local work between collectives: a failure on any rank

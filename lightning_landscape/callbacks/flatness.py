@@ -28,8 +28,8 @@ Measures (``measures=...``):
 ``gradient_noise``               ``tr(Sigma)``, ``B_simple`` and the SGD temperature ``lr tr(Sigma)/(2Bd)``
 ================================ =========================================================================
 
-Scalars go to every logger as ``landscape/flatness/<measure>``; ``lambda_max`` is also published in
-``trainer.callback_metrics`` (for EarlyStopping, ModelCheckpoint or other callbacks). Per-layer values of
+Scalars go to every logger as ``landscape/flatness/<measure>``, and to ``trainer.callback_metrics`` on every
+rank (for EarlyStopping, ModelCheckpoint or other callbacks). Per-layer values of
 ``lambda_max`` and ``trace`` are logged as ``<measure>/<layer>`` for each entry of ``layers``.
 
 Example::
@@ -299,8 +299,6 @@ class FlatnessMonitor(LandscapeCallback):
                 out = sharded.run(lambda o: self._estimate(o, limit))
         scalars.update(out["scalars"])
         scalars["n_hvp"] = out["n_hvp"]
-        if "lambda_max" in scalars:
-            trainer.callback_metrics[self.reporter.key("lambda_max")] = torch.tensor(scalars["lambda_max"])
         record = {"step": step, "epoch": trainer.current_epoch, **scalars}
         self.history.append(record)
         self._report(step, scalars, out, obj.metadata, limit)

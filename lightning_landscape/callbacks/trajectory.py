@@ -340,6 +340,10 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             return  # accumulating gradients: no optimizer step yet
         self._last_step = step
         stats = self._step_numbers(trainer)  # every rank, one collective under DDP, never raises
+        if step % max(trainer.log_every_n_steps, 1) == 0:  # the same numbers on every rank: for other callbacks
+            for key, value in stats.items():
+                value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+                trainer.callback_metrics[self.reporter.key(key)] = value.detach().float().to(self._device)
         if trainer.is_global_zero:
             self._record(trainer, step, stats)
 

@@ -112,6 +112,7 @@ class Reporter:
         trainer: Any = None,
     ) -> None:
         self.trainer = trainer
+        self.published: dict[str, float] = {}  # the scalars logged since the last `take_published`
         self.run_dir = Path(run_dir)
         self.loggers = list(loggers)
         self.is_global_zero = is_global_zero
@@ -152,6 +153,11 @@ class Reporter:
     def wandb_loggers(self) -> list[Any]:
         return [lg for lg in self.loggers if is_instance(lg, "loggers", "WandbLogger")]
 
+    def take_published(self) -> dict[str, float]:
+        """The scalars logged since the last call (rank 0), e.g. to hand them to ``trainer.callback_metrics``."""
+        published, self.published = self.published, {}
+        return published
+
     def log_step(self, step: int) -> int:
         """The step values go to the loggers at: the user's logging step when a trainer is attached."""
         return step if self.trainer is None else logger_step(self.trainer, step)
@@ -166,6 +172,7 @@ class Reporter:
         if not self.is_global_zero or not metrics:
             return
         values = {self.key(k): float(v) for k, v in metrics.items()}
+        self.published.update(values)
         for lg in self.loggers:
             lg.log_metrics(values, step=self.log_step(step))
 
