@@ -77,6 +77,29 @@ def gather_objects(strategy: Any, obj: Any) -> list[Any]:
     return out
 
 
+#: strategies under which each rank holds only a shard of the parameters
+SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+
+
+def check_strategy(strategy: Any, owner: str) -> None:
+    """Refuse, in ``setup``, a strategy that shards the parameters (FSDP, FSDP2/ModelParallel, DeepSpeed): every
+    analysis needs the full parameter vector on each rank, which these strategies do not hold. Single-device, DDP
+    (``ddp``, ``ddp_spawn``, ``ddp_notebook``) and other data-parallel strategies are supported.
+
+    Raises:
+        ValueError: for a sharded strategy, naming it and what is supported.
+    """
+    names = [c.__name__ for c in type(strategy).__mro__]
+    sharded = next((n for n in names if n in SHARDED_STRATEGIES), None)
+    if sharded is not None:
+        raise ValueError(
+            f"{owner} does not support `{sharded}` yet: each rank holds only a shard of the parameters, and the"
+            " analyses need the whole parameter vector. Supported: a single device and data-parallel strategies"
+            " (`ddp`, `ddp_spawn`). HINT: run the landscape callbacks in a DDP run of the model, or remove them from"
+            " this trainer."
+        )
+
+
 class RankFailure(RuntimeError):
     """A stage of an analysis failed on at least one rank; raised on every rank, so that all skip together."""
 

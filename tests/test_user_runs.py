@@ -274,3 +274,20 @@ def test_a_checkpoint_can_keep_the_lowest_barrier_to_the_previous_minimum(tmp_pa
     trainer.fit(tiny_module_class()(), loader())
     barriers = [h["barrier_previous"] for h in energy.history if "barrier_previous" in h]
     assert barriers and float(checkpoint.best_model_score) == pytest.approx(min(barriers), rel=1e-5)
+
+
+def test_sharded_strategies_are_refused_in_setup_and_data_parallel_ones_accepted():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    deepspeed = object.__new__(DeepSpeedStrategy)  # its constructor needs the deepspeed package; the class is enough
+    callbacks = [TrajectoryRecorder(), FlatnessMonitor(), LandscapeSampler(), EnergyLandscape()]
+    for strategy in (FSDPStrategy(), deepspeed):
+        for callback in callbacks:
+            with pytest.raises(ValueError, match=rf"does not support `{type(strategy).__name__}`.*Supported.*HINT"):
+                callback.setup(SimpleNamespace(strategy=strategy), tiny_module_class()(), "fit")
+    from lightning_landscape.distributed import check_strategy
+
+    for strategy in (DDPStrategy(), SingleDeviceStrategy("cpu")):
+        check_strategy(strategy, "FlatnessMonitor")  # no error

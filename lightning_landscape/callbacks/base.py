@@ -331,6 +331,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        distributed.check_strategy(trainer.strategy, type(self).__name__)
         ParameterLayout.from_module(pl_module)  # raises early for a module with nothing to analyze
         if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
             raise ValueError(

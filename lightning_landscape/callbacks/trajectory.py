@@ -188,6 +188,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            distributed.check_strategy(trainer.strategy, type(self).__name__)
             ParameterLayout.from_module(pl_module)  # raises early for a module without trainable parameters
             self.reporter = Reporter.from_trainer(trainer, self.name)
             # a new fit starts a new store; a checkpoint's state (loaded after setup) turns it into a resume
