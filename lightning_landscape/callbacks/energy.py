@@ -148,7 +148,7 @@ class EnergyLandscape(LandscapeCallback):
         quench_iter: int = 100,
         dedup_tol: float = 0.05,
         path_images: int = 9,
-        path_steps: int = 300,
+        path_steps: int = 100,
         path_method: Literal["string", "neb"] = "string",
         path_lr: float | None = None,
         max_paths: int = 4,
@@ -191,7 +191,7 @@ class EnergyLandscape(LandscapeCallback):
             ("record_every", record_every, 5),
             ("pool_batches", pool_batches, 16),
             ("quench_iter", quench_iter, 100),
-            ("path_steps", path_steps, 300),
+            ("path_steps", path_steps, 100),
             ("lag", lag, 1),
             ("sketch_dim", sketch_dim, 256),
         ):
