@@ -494,5 +494,4 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             if self.log_artifact:
                 self.reporter.artifact("trajectory-store", self.store_dir, type="trajectory")
         except Exception as err:
-            self.failures += 1
-            record_failure(self.reporter, self, err, step, self.failures)
+            self._fail(trainer, err)
