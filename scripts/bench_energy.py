@@ -69,7 +69,7 @@ def fit(callbacks: list, epochs: int, root: str, devices: int = 1) -> pl.Trainer
 def trigger(replicas: int, epochs: int, root: str, devices: int = 1) -> dict:
     """The last trigger's record (every epoch, warm after the first) and the median epoch time."""
     timer = EpochTimer()
-    energy = EnergyLandscape(every_n_epochs=1, at_fit_end=False, replicas=replicas, progress=False)
+    energy = EnergyLandscape(every_n_epochs=1, at_fit_end=False, progress=False, sampling={"replicas": replicas})
     trainer = fit([timer, energy], epochs, root, devices)
     return {**energy.history[-1], "epoch": statistics.median(timer.seconds), "rank0": trainer.is_global_zero}
 

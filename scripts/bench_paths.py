@@ -58,7 +58,9 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=20000, help="gradient evaluations for the fixed-step method")
     args = parser.parse_args()
     pl.seed_everything(0)
-    energy = EnergyLandscape(every_n_epochs=args.epochs, at_fit_end=False, max_paths=0, dedup_tol=0.01, progress=False)
+    energy = EnergyLandscape(
+        every_n_epochs=args.epochs, at_fit_end=False, progress=False, quench={"dedup_tol": 0.01}, paths={"max_paths": 0}
+    )
     model = Classifier(MLP(2, 4, [32, 32]), lr=0.1, momentum=0.9)
     data = GaussianMixtureClassification(n_classes=4, separation=2.0, n_train=2048, n_val=512, batch_size=64)
     trainer = pl.Trainer(
@@ -101,9 +103,9 @@ def main() -> None:
     for record in db.records:
         start = torch.from_numpy(db.theta(record["id"])).to(objective.theta0)
         start = start + 0.05 * torch.randn_like(start)
-        q = quench(objective, start, max_iter=energy.quench_iter)
+        q = quench(objective, start, max_iter=energy.quench.max_iter)
         converged += q.grad_norm <= 1e-3 * float(objective.grad(start).norm())
-    print(f"quenches (L-BFGS, {energy.quench_iter} iterations): {converged}/{len(db)} converged")
+    print(f"quenches (L-BFGS, {energy.quench.max_iter} iterations): {converged}/{len(db)} converged")
 
 
 if __name__ == "__main__":

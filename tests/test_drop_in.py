@@ -37,15 +37,11 @@ def our_callbacks(loss_fn=None, outputs_fn=None):
         LandscapeSampler(every_n_steps=4, resolution=3, line_points=3, interpolation_steps=3, **common),
         EnergyLandscape(
             every_n_steps=5,
-            replicas=2,
-            replica_steps=10,
-            record_every=1,
-            pool_batches=2,
-            quench_iter=5,
-            path_images=3,
-            path_steps=5,
             outputs_fn=outputs_fn,
             **common,
+            sampling={"replicas": 2, "steps": 10, "record_every": 1, "pool_batches": 2},
+            quench={"max_iter": 5},
+            paths={"images": 3, "steps": 5},
         ),
     ]
 
@@ -161,7 +157,12 @@ def test_metric_states_survive_an_analysis_exactly():
 
 def test_batchnorm_minima_keep_their_loss_across_triggers(tmp_path):
     energy = EnergyLandscape(
-        every_n_steps=4, replicas=2, replica_steps=10, quench_iter=10, path_steps=30, probe_size=32, progress=False
+        every_n_steps=4,
+        probe_size=32,
+        progress=False,
+        sampling={"replicas": 2, "steps": 10},
+        quench={"max_iter": 10},
+        paths={"steps": 30},
     )
     trainer = pl.Trainer(
         max_epochs=2, logger=False, default_root_dir=tmp_path, callbacks=[energy], enable_progress_bar=False

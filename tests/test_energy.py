@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import EnergyLandscape
-from lightning_landscape.dynamics import MinimaDatabase
+from lightning_landscape.dynamics import MinimaDatabase, PathConfig, SamplingConfig
 from tests.ddp import run_script
 from tests.helpers import loader, tiny_module_class
 from tests.test_observer import assert_identical_runs, fit
@@ -59,14 +59,9 @@ def train(callbacks, root, model=None, max_steps=2, logger=None):
 def well_energy(**overrides) -> EnergyLandscape:
     """SGLD replicas that hop the double well's barrier about ten times in all, and exact paths."""
     settings = dict(
-        replicas=8,
-        replica_steps=1500,
-        lr=0.01,
-        temperature=0.5,
-        record_every=5,
-        path_images=9,
-        path_steps=400,
-        path_lr=0.02,
+        sampling=SamplingConfig(replicas=8, steps=1500, lr=0.01, temperature=0.5, record_every=5),
+        paths=PathConfig(images=9, steps=400, step_size=0.02),
+        basins={"merge_barrier": 0.1},  # below the barrier (0.5): two basins, joined by a computed path
         probe_size=16,
         dtype=torch.float64,
     )
@@ -90,6 +85,8 @@ def test_double_well_minima_saddle_and_disconnectivity_are_exact(double_well):
     np.testing.assert_allclose(thetas, [[-1.0, 0.0], [1.0, 0.0]], atol=1e-4)
     np.testing.assert_allclose(db.losses, 0.0, atol=1e-8)
     assert db.saddles[(0, 1)]["saddle"] == pytest.approx(0.5, rel=1e-3)  # the saddle at (0, 0)
+    assert db.saddles[(0, 1)]["method"] == "string" and db.saddles[(0, 1)]["converged"]
+    assert run["n_basins"] == 2 and run["quenches_converged"] == 9
     saved = np.load(double_well.reporter.run_dir / "energy-step0000002.npz")
     assert saved["saddles"][0, 1] == pytest.approx(0.5, rel=1e-3)
 
@@ -116,7 +113,7 @@ def test_double_well_markov_state_model_finds_two_equally_populated_wells(double
 
 
 def test_msm_on_probe_outputs_finds_the_two_wells_too(tmp_path):
-    energy = well_energy(max_paths=0, features="outputs")
+    energy = well_energy(paths={"max_paths": 0}, msm={"features": "outputs"})
     train([energy], tmp_path)
     assert energy.history[0]["metastable_states"] == 2
     rows = (energy.reporter.run_dir / "metastable-step0000002.csv").read_text().splitlines()[1:]
@@ -124,7 +121,7 @@ def test_msm_on_probe_outputs_finds_the_two_wells_too(tmp_path):
 
 
 def test_a_spent_time_budget_leaves_only_the_current_minimum(tmp_path):
-    energy = EnergyLandscape(replicas=4, replica_steps=50, budget_seconds=1e-9, probe_size=16)
+    energy = EnergyLandscape(probe_size=16, sampling={"replicas": 4, "steps": 50}, budget={"seconds": 1e-9})
     train([energy], tmp_path)
     run = energy.history[0]
     assert run["replicas_run"] == 0 and run["paths_run"] == 0 and run["n_minima"] == 1  # the quench of now, always
@@ -134,7 +131,11 @@ def test_a_spent_time_budget_leaves_only_the_current_minimum(tmp_path):
 def test_energy_landscape_on_a_network_logs_to_wandb_within_budget(tmp_path):
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ll-test")
     energy = EnergyLandscape(
-        every_n_epochs=1, replicas=4, replica_steps=20, record_every=2, path_steps=20, max_paths=2, probe_size=32
+        every_n_epochs=1,
+        probe_size=32,
+        sampling={"replicas": 4, "steps": 20, "record_every": 2},
+        basins={"merge_barrier": 0.0},  # every barrier separates: paths are computed (the noise level merges all)
+        paths={"steps": 20, "max_paths": 2},
     )
     pl.seed_everything(0)
     trainer = pl.Trainer(
@@ -155,7 +156,7 @@ def test_energy_landscape_on_a_network_logs_to_wandb_within_budget(tmp_path):
     assert second["n_minima"] >= first["n_minima"] >= 2 and second["paths_run"] >= 1
     assert first["spent_passes"] > 4 * 20  # at least the replicas' steps
     # a budget stops the work between items, and the spend is reported
-    budgeted = EnergyLandscape(replicas=6, replica_steps=20, budget_passes=60, probe_size=32)
+    budgeted = EnergyLandscape(probe_size=32, sampling={"replicas": 6, "steps": 20}, budget={"passes": 60})
     pl.seed_everything(0)
     trainer = pl.Trainer(
         max_steps=3,
@@ -186,7 +187,8 @@ def test_a_resumed_run_continues_the_minima_database(tmp_path):
         )
         trainer.fit(tiny_module_class()(), train_dataloaders=loader(), ckpt_path=ckpt_path)
 
-    settings = dict(every_n_epochs=1, at_fit_end=False, replicas=2, replica_steps=5, path_steps=5, probe_size=32)
+    settings = dict(every_n_epochs=1, at_fit_end=False, sampling={"replicas": 2, "steps": 5}, paths={"steps": 5})
+    settings.update(probe_size=32)
     first = EnergyLandscape(**settings)
     fit_epochs(2, first)
     resumed = EnergyLandscape(**settings)
@@ -205,8 +207,8 @@ def test_a_resumed_run_continues_the_minima_database(tmp_path):
 def test_a_resume_from_an_earlier_checkpoint_rolls_the_minima_back_to_it(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    settings = dict(every_n_epochs=1, at_fit_end=False, replicas=3, replica_steps=5, path_steps=5, probe_size=32)
-    settings.update(dedup_tol=1e-3, max_paths=2)
+    settings = dict(every_n_epochs=1, at_fit_end=False, sampling={"replicas": 3, "steps": 5}, probe_size=32)
+    settings.update(quench={"dedup_tol": 1e-3}, paths={"steps": 5, "max_paths": 2})
 
     def fit_epochs(epochs, energy, ckpt_path=None):
         pl.seed_everything(0)
@@ -239,11 +241,10 @@ def test_a_resume_from_an_earlier_checkpoint_rolls_the_minima_back_to_it(tmp_pat
 
 def test_minima_are_fingerprinted_with_outputs_fn(tmp_path):
     energy = EnergyLandscape(
-        replicas=2,
-        replica_steps=5,
-        path_steps=5,
         probe_size=32,
         outputs_fn=lambda module, batch: module(batch[0]).softmax(-1),
+        sampling={"replicas": 2, "steps": 5},
+        paths={"steps": 5},
     )
     pl.seed_everything(0)
     trainer = pl.Trainer(
@@ -262,7 +263,7 @@ def test_minima_are_fingerprinted_with_outputs_fn(tmp_path):
 
 def test_energy_landscape_leaves_training_unchanged(tmp_path):
     plain = fit("lightning.pytorch", [], tmp_path / "plain")
-    energy = EnergyLandscape(every_n_steps=3, replicas=2, replica_steps=5, path_steps=5, probe_size=32)
+    energy = EnergyLandscape(every_n_steps=3, probe_size=32, sampling={"replicas": 2, "steps": 5}, paths={"steps": 5})
     observed = fit("lightning.pytorch", [energy], tmp_path / "observed")
     assert_identical_runs(plain, observed)
     assert energy.runs == 4 and energy.failures == 0  # steps 3, 6, 9, 12 (fit end = step 12)
@@ -279,14 +280,14 @@ def test_two_ranks_sample_the_single_process_replicas_minima_and_paths(tmp_path)
 
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="`replicas`"):
-        EnergyLandscape(replicas=0)
+        EnergyLandscape(sampling={"replicas": 0})
     with pytest.raises(ValueError, match="`temperature`"):
-        EnergyLandscape(temperature=-0.1)
+        EnergyLandscape(sampling={"temperature": -0.1})
     with pytest.raises(ValueError, match="`features`"):
-        EnergyLandscape(features="weights")
+        EnergyLandscape(msm={"features": "weights"})
     with pytest.raises(ValueError, match="`budget_seconds`"):
-        EnergyLandscape(budget_seconds=0)
+        EnergyLandscape(budget={"seconds": 0})
     with pytest.raises(ValueError, match="`path_images`"):
-        EnergyLandscape(path_images=2)
+        EnergyLandscape(paths={"images": 2})
     with pytest.raises(ValueError, match=r"`dedup_tol`.*HINT"):
-        EnergyLandscape(dedup_tol=0.0)
+        EnergyLandscape(quench={"dedup_tol": 0.0})

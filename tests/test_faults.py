@@ -136,7 +136,11 @@ class Regression(pl.LightningModule):
 
 def test_diverged_replicas_never_become_minima(tmp_path):
     energy = EnergyLandscape(
-        every_n_steps=3, replicas=4, replica_steps=40, lr=50.0, quench_iter=5, path_steps=3, probe_size=32
+        every_n_steps=3,
+        probe_size=32,
+        sampling={"replicas": 4, "steps": 40, "lr": 50.0},
+        quench={"max_iter": 5},
+        paths={"steps": 3},
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

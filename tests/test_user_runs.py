@@ -151,7 +151,12 @@ def test_an_iterable_dataset_needs_probe_batches_and_works_with_them(tmp_path):
     probe = [blobs(32)[i * 16 : (i + 1) * 16] for i in range(2)]
     monitor = FlatnessMonitor(every_n_steps=2, probe_batches=probe, progress=False)
     energy = EnergyLandscape(
-        every_n_steps=2, replicas=2, replica_steps=5, quench_iter=5, path_steps=5, probe_batches=probe, progress=False
+        every_n_steps=2,
+        probe_batches=probe,
+        progress=False,
+        sampling={"replicas": 2, "steps": 5},
+        quench={"max_iter": 5},
+        paths={"steps": 5},
     )
     trainer_for(tmp_path, [monitor, energy]).fit(tiny_module_class()(), DataLoader(Stream(), batch_size=16))
     assert monitor.runs == energy.runs == 2 and monitor.failures == energy.failures == 0
@@ -267,7 +272,12 @@ def test_other_callbacks_can_stop_or_checkpoint_on_any_of_our_measures(tmp_path)
 
 def test_a_checkpoint_can_keep_the_lowest_barrier_to_the_previous_minimum(tmp_path):
     energy = EnergyLandscape(
-        every_n_epochs=1, at_fit_end=False, replicas=2, replica_steps=5, path_steps=30, probe_size=32, progress=False
+        every_n_epochs=1,
+        at_fit_end=False,
+        probe_size=32,
+        progress=False,
+        sampling={"replicas": 2, "steps": 5},
+        paths={"steps": 30},
     )
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="landscape/energy/barrier_previous", mode="min")
     trainer = trainer_for(tmp_path, [energy, checkpoint], max_epochs=3, enable_checkpointing=True)

@@ -1,31 +1,38 @@
 """EnergyLandscape: the global energy landscape around the training trajectory, built trigger by trigger.
 
-Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`):
+Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`) runs the stages of
+:mod:`lightning_landscape.dynamics.pipeline`, each configured by one small dataclass:
 
-1. **basin sampling**: ``replicas`` runs of ``replica_steps`` SGD (or SGLD at ``temperature``) steps from the
-   current point, at the training learning rate and batch size (constant ``lr/B``), on a fixed pool of
-   training batches; never touching the module or the optimizer
-   (:func:`~lightning_landscape.dynamics.sample_basin`). Replicas are split over DDP ranks.
-2. **minima**: the current point and every replica's end point are quenched (L-BFGS on the probe set) and
-   added to a persistent :class:`~lightning_landscape.dynamics.MinimaDatabase` (deduplicated in function
-   space: outputs on the probe set).
-3. **paths**: minimum-energy paths (string method or NEB, climbing image) from the current minimum to the
-   previous trigger's, and along the minimum spanning tree of the database's minima where no barrier is known
-   yet; whole paths are split over DDP ranks.
-4. **Markov state model** of this trigger's replicas: features (the sketches, or the outputs on the probe
-   set), k-means, a reversible MSM at ``lag``, implied timescales, Chapman-Kolmogorov test, PCCA+ sets.
-5. **disconnectivity graph** of the database.
+1. **basin sampling** (``sampling``): replicas of SGD (or SGLD at ``temperature``) from the current point, at the
+   training learning rate and batch size (constant ``lr/B``), on a fixed pool of training batches; never touching
+   the module or the optimizer. Replicas are split over DDP ranks.
+2. **minima** (``quench``): the current point and every replica's end are quenched (L-BFGS on the probe set, a
+   relative gradient tolerance) and added to a persistent :class:`~lightning_landscape.dynamics.MinimaDatabase`,
+   deduplicated in function space (outputs on the probe set).
+3. **basins** (``basins``, ``paths``): minima joined by a path whose lower barrier is below ``merge_barrier``
+   (default: the replicas' noise level) are one basin. A straight line joins what it can; minimum-energy paths
+   (string or NEB, FIRE, climbing image) the rest, split over DDP ranks: the current minimum to the previous
+   trigger's, each new minimum to its nearest ones in other basins, then the spanning tree's gaps.
+4. **Markov state model** (``msm``) of this trigger's replicas: k-means, a reversible MSM at ``lag``, implied
+   timescales, Chapman-Kolmogorov test, PCCA+ sets.
+5. **disconnectivity graph** of the basins.
 
-The work is done in that order, item by item, while the ``budget_passes`` / ``budget_seconds`` last (every rank
-follows rank 0's decision); what was spent is logged. Outputs, in ``<run dir>/landscape/energy/`` and W&B:
-figures ``disconnectivity``, ``timescales``, ``paths``, ``free_energy``; tables ``minima``, ``barriers``,
-``metastable``; scalars ``barrier_previous`` (saddle loss minus the current minimum's loss), ``slowest_timescale``
-(in optimizer steps), ``metastable_states``, ``n_minima``, ``new_minima``, ``spent_passes``, ``spent_seconds``;
-the minima database in ``minima/`` and every replica as a trajectory store in ``excursions/step-<n>/``.
+The work is done in that order, item by item, while the ``budget`` lasts (every rank follows rank 0's decision);
+what was spent is logged. Outputs, in ``<run dir>/landscape/energy/`` and W&B: figures ``disconnectivity``,
+``timescales``, ``paths``, ``free_energy``; tables ``minima``, ``basins``, ``barriers`` (both directions),
+``metastable``; scalars ``n_basins``, ``current_basin``, ``merge_barrier``, ``barrier_previous`` (saddle loss minus
+the current minimum's loss), ``slowest_timescale`` (in optimizer steps), ``metastable_states``, ``n_minima``,
+``new_minima``, ``quenches_converged``, ``paths_converged``, ``linear_joins``, ``spent_passes``, ``spent_seconds``;
+the minima database (with its basins) in ``minima/`` and every replica as a trajectory store in
+``excursions/step-<n>/``.
 
 Example::
 
-    energy = EnergyLandscape(every_n_epochs=5, replicas=8, replica_steps=100, budget_seconds=60)
+    energy = EnergyLandscape(
+        every_n_epochs=5,
+        sampling=SamplingConfig(replicas=8, steps=100),  # or a dict: sampling={"replicas": 8, "steps": 100}
+        budget=Budget(seconds=60),
+    )
     trainer = L.Trainer(callbacks=[TrajectoryRecorder(), energy], logger=WandbLogger())
 """
 
@@ -33,8 +40,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,20 +51,39 @@ from typing_extensions import override
 
 from lightning_landscape import distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
-from lightning_landscape.checks import check_float, check_int
+from lightning_landscape.checks import check_int
 from lightning_landscape.dynamics import (
     Excursions,
     MinimaDatabase,
     SparseProjection,
-    clustered_msm,
     disconnectivity_figure,
     disconnectivity_tree,
-    metastable_summary,
-    quench,
-    sample_basin,
-    states_on_plane,
 )
-from lightning_landscape.geometry.paths import minimum_energy_path
+from lightning_landscape.dynamics.pipeline import (
+    BARRIER_COLUMNS,
+    BasinConfig,
+    BasinsResult,
+    Budget,
+    MarkovModel,
+    Minimum,
+    MSMConfig,
+    PathConfig,
+    QuenchConfig,
+    SamplingConfig,
+    add_minimum,
+    as_config,
+    barrier_rows,
+    basins_of,
+    dips,
+    markov_model,
+    minimum_path,
+    noise_level,
+    plan_joins,
+    quench_point,
+    record_path,
+    sample,
+)
+from lightning_landscape.geometry.paths import PathResult
 from lightning_landscape.objective import BNMode, LossFn, Objective
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report.plots import free_energy_figure, paths_figure, timescales_figure
@@ -90,34 +117,24 @@ def _map_style(trainer: pl.Trainer) -> bool:
 
 
 class EnergyLandscape(LandscapeCallback):
-    """Basin sampling, minima, minimum-energy paths, a Markov state model and the disconnectivity graph.
+    """Basin sampling, quenched minima joined into basins, minimum-energy paths, a Markov state model and the
+    disconnectivity graph of the basins, every trigger.
+
+    Each stage is configured by one small dataclass of :mod:`lightning_landscape.dynamics.pipeline` (or a dict of
+    its fields; in YAML a nested mapping), whose defaults work without tuning.
 
     Args:
         every_n_steps, every_n_epochs, at_fit_end: triggers (and :meth:`run_now` on demand).
-        replicas: SGD/SGLD replicas per trigger.
-        replica_steps: steps per replica.
-        lr: their learning rate (default: the first optimizer's current learning rate).
-        temperature: SGLD temperature (0: plain SGD, whose noise is the minibatch noise at the training ``lr/B``).
-        record_every: record a replica's point every this many steps.
-        pool_batches: training batches in the minibatch pool (of the global training batch size).
-        quench_iter: L-BFGS iterations per quench.
-        dedup_tol: relative output distance under which two minima are one.
-        path_images: images per minimum-energy path (ends included).
-        path_steps: iterations per path (and for the climbing image).
-        path_method: ``"string"`` or ``"neb"``.
-        path_lr: the images' first FIRE time step (default: from the curvature at the path's ends, see
-            :func:`~lightning_landscape.geometry.paths.minimum_energy_path`).
-        max_paths: paths per trigger at most.
-        lag: MSM lag time in recorded points (``lag * record_every`` optimizer steps of the replicas).
-        n_clusters: MSM states (default: about one per 20 recorded points, 2 to 50).
-        features: ``"sketch"`` (sketch coordinates) or ``"outputs"`` (outputs on the probe set, invariant to
-            permutations of hidden units) for the MSM.
-        max_metastable: PCCA+ sets at most (the number is chosen at the largest eigenvalue gap).
-        sketch_dim, projection_seed: the replicas' sketch (a CountSketch); with a :class:`TrajectoryRecorder` in the
-            trainer, its projection is used instead, so training trajectories and replicas share one basis.
-        budget_passes: batch passes (forward plus backward, summed over ranks) per trigger, or None.
-        budget_seconds: wall-clock seconds per trigger, or None.
-        seed: seed of the replicas and of the pool of batches.
+        sampling: :class:`~lightning_landscape.dynamics.SamplingConfig`: replicas, their steps, ``lr`` (default:
+            training's), SGLD ``temperature``, recording, the minibatch pool, seeds and the sketch. With a
+            :class:`TrajectoryRecorder` in the trainer, its projection sketches the replicas too.
+        quench: :class:`~lightning_landscape.dynamics.QuenchConfig`: L-BFGS iterations, relative tolerance and the
+            function-space dedup of minima.
+        basins: :class:`~lightning_landscape.dynamics.BasinConfig`: ``merge_barrier`` (default: the replicas' noise
+            level ``T + lr tr(Sigma_B) / 4``, see :mod:`~lightning_landscape.dynamics.pipeline`).
+        paths: :class:`~lightning_landscape.dynamics.PathConfig`: images, FIRE iterations, method and ``max_paths``.
+        msm: :class:`~lightning_landscape.dynamics.MSMConfig`: lag, states, features and PCCA+ sets.
+        budget: :class:`~lightning_landscape.dynamics.Budget`: batch passes and seconds per trigger.
         probe_size, probe_seed, loss_fn, probe_batches, progress, dtype: as for every callback. With an iterable
             training dataset, the given ``probe_batches`` are also the replicas' minibatch pool.
         bn_mode: ``"train"`` (default): BatchNorm normalizes with the statistics of the probe batch, so the energy is a
@@ -128,7 +145,8 @@ class EnergyLandscape(LandscapeCallback):
             fingerprint of minima and the ``"outputs"`` features). Default: ``module(first tensor of the batch)``.
 
     Raises:
-        ValueError: for non-positive counts, a negative temperature or budget, or an unknown method or feature.
+        ValueError: for a bad value in any stage's config (named as ``stage.field``), or a stage given as something
+            else than its config or a dict of its fields.
     """
 
     name = "energy"
@@ -139,28 +157,12 @@ class EnergyLandscape(LandscapeCallback):
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         at_fit_end: bool = True,
-        replicas: int = 8,
-        replica_steps: int = 200,
-        lr: float | None = None,
-        temperature: float = 0.0,
-        record_every: int = 5,
-        pool_batches: int = 16,
-        quench_iter: int = 100,
-        dedup_tol: float = 0.05,
-        path_images: int = 9,
-        path_steps: int = 100,
-        path_method: Literal["string", "neb"] = "string",
-        path_lr: float | None = None,
-        max_paths: int = 4,
-        lag: int = 1,
-        n_clusters: int | None = None,
-        features: Literal["sketch", "outputs"] = "sketch",
-        max_metastable: int = 4,
-        sketch_dim: int = 256,
-        projection_seed: int = 0,
-        budget_passes: int | None = None,
-        budget_seconds: float | None = None,
-        seed: int = 0,
+        sampling: SamplingConfig | None = None,
+        quench: QuenchConfig | None = None,
+        basins: BasinConfig | None = None,
+        paths: PathConfig | None = None,
+        msm: MSMConfig | None = None,
+        budget: Budget | None = None,
         probe_size: int = 256,
         probe_batch_size: int | None = None,
         probe_seed: int = 0,
@@ -185,52 +187,14 @@ class EnergyLandscape(LandscapeCallback):
             dtype=dtype,
             probe_batches=probe_batches,
         )
-        for key, value, example in (
-            ("replicas", replicas, 8),
-            ("replica_steps", replica_steps, 200),
-            ("record_every", record_every, 5),
-            ("pool_batches", pool_batches, 16),
-            ("quench_iter", quench_iter, 100),
-            ("path_steps", path_steps, 100),
-            ("lag", lag, 1),
-            ("sketch_dim", sketch_dim, 256),
-        ):
-            check_int(key, value, example=example)
-        check_int("path_images", path_images, minimum=3, example=9)
-        check_int("max_paths", max_paths, minimum=0, example=4)
-        check_int("max_metastable", max_metastable, minimum=2, example=4)
-        check_int("n_clusters", n_clusters, minimum=2, optional=True, example=20)
-        check_int("budget_passes", budget_passes, optional=True, example=20000)
-        check_int("seed", seed, minimum=0, example=0)
-        check_int("projection_seed", projection_seed, minimum=0, example=0)
-        check_float("dedup_tol", dedup_tol, hint="e.g. 0.05 (5% output distance).")
-        check_float("lr", lr, optional=True, hint="None uses the optimizer's lr.")
-        check_float("path_lr", path_lr, optional=True, hint="None takes it from the curvature at the path's ends.")
-        check_float("temperature", temperature, strict=False, hint="0 is plain SGD, > 0 SGLD.")
-        check_float("budget_seconds", budget_seconds, optional=True, hint="None means no limit.")
-        if path_method not in ("string", "neb"):
-            raise ValueError(f"`path_method` must be 'string' or 'neb', got {path_method!r}. HINT: 'string'.")
-        if features not in ("sketch", "outputs"):
-            raise ValueError(f"`features` must be 'sketch' or 'outputs', got {features!r}. HINT: 'sketch'.")
+        self.sampling: SamplingConfig = as_config(SamplingConfig, sampling, "sampling")
+        self.quench: QuenchConfig = as_config(QuenchConfig, quench, "quench")
+        self.basins: BasinConfig = as_config(BasinConfig, basins, "basins")
+        self.paths: PathConfig = as_config(PathConfig, paths, "paths")
+        self.msm: MSMConfig = as_config(MSMConfig, msm, "msm")
+        self.budget: Budget = as_config(Budget, budget, "budget")
         if outputs_fn is not None and not callable(outputs_fn):
             raise ValueError(f"`outputs_fn` must be callable as `outputs_fn(module, batch)`, got {outputs_fn!r}.")
-        self.replicas, self.replica_steps, self.lr, self.temperature = replicas, replica_steps, lr, temperature
-        self.record_every, self.pool_batches, self.quench_iter, self.dedup_tol = (
-            record_every,
-            pool_batches,
-            quench_iter,
-            dedup_tol,
-        )
-        self.path_images, self.path_steps, self.path_method, self.max_paths = (
-            path_images,
-            path_steps,
-            path_method,
-            max_paths,
-        )
-        self.path_lr = path_lr
-        self.lag, self.n_clusters, self.features, self.max_metastable = lag, n_clusters, features, max_metastable
-        self.sketch_dim, self.projection_seed, self.seed = sketch_dim, projection_seed, seed
-        self.budget_passes, self.budget_seconds = budget_passes, budget_seconds
         self.outputs_fn = outputs_fn
         self.reset()
 
@@ -307,15 +271,15 @@ class EnergyLandscape(LandscapeCallback):
     def _may_continue(self, trainer: pl.Trainer, spend: list[tuple[Objective, int]], start: float) -> bool:
         """Rank 0's decision, on every rank: is any budget left?"""
         passes = self._passes(trainer, spend)
-        left = (self.budget_passes is None or passes < self.budget_passes) and (
-            self.budget_seconds is None or time.perf_counter() - start < self.budget_seconds
+        left = (self.budget.passes is None or passes < self.budget.passes) and (
+            self.budget.seconds is None or time.perf_counter() - start < self.budget.seconds
         )
         return bool(distributed.broadcast(trainer.strategy, left))
 
     # ------------------------------------------------------------------ the analysis
     @override
     def stages(self) -> int:
-        return 5
+        return 6
 
     def _projection(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x0: torch.Tensor) -> SparseProjection:
         """The recorder's projection when a TrajectoryRecorder runs (one basis for trajectories and replicas): it
@@ -324,7 +288,7 @@ class EnergyLandscape(LandscapeCallback):
 
         recorder = TrajectoryRecorder.find(trainer)
         if recorder is None:
-            return SparseProjection(x0.numel(), self.sketch_dim, self.projection_seed, 1, x0.device)
+            return SparseProjection(x0.numel(), self.sampling.sketch_dim, self.sampling.projection_seed, 1, x0.device)
         everything = ParameterLayout.from_module(pl_module, trainable_only=False)
         full = SparseProjection(
             everything.numel, recorder.sketch_dim, recorder.projection_seed, recorder.sketch_nnz, x0.device
@@ -347,166 +311,152 @@ class EnergyLandscape(LandscapeCallback):
             self._pool = self.probe_set(trainer)  # nothing to draw from: the given batches are the pool
         if self._pool is None:
             self._pool = self.draw_batches(
-                trainer, batch_size * self.pool_batches, batch_size, self.seed + 1, sharded=False
+                trainer, batch_size * self.sampling.pool_batches, batch_size, self.sampling.seed + 1, sharded=False
             )
         return Objective(pl_module, self._pool, self.loss_fn, bn_mode=self.bn_mode, dtype=self.dtype)
+
+    def _rounds(self, trainer: pl.Trainer, n: int, stage: str, work: Any, go_on: Any) -> list[Any]:
+        """``work(i)`` for ``i < n``, one item per rank per round, while ``go_on(first item of the round)`` (the same
+        decision on every rank); every result, in order, on every rank."""
+        rank, world_size = distributed.world(trainer.strategy)
+        results: list[Any] = []
+        for first in range(0, n, world_size):
+            if not go_on(first):
+                break
+            mine = None
+            with self.stage(trainer, stage):
+                if first + rank < n:
+                    mine = work(first + rank)
+            results += [r for r in distributed.gather_objects(trainer.strategy, mine) if r is not None]
+        return results
 
     @override
     def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         start = self._mark = time.perf_counter()
         self._timings: dict[str, float] = {}
         strategy = trainer.strategy
-        rank, world_size = distributed.world(strategy)
         with self.stage(trainer, "objectives"):
             probe = self.objective(trainer, pl_module)
             pool = self._pool_objective(trainer, pl_module)
             spend = [(probe, _passes(probe)), (pool, _passes(pool))]
-            lr = self.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
+            lr = self.sampling.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
             x0 = probe.theta0
             sketch = self._projection(trainer, pl_module, x0)
 
+        def budget_left(first: int) -> bool:
+            return self._may_continue(trainer, spend, start)
+
         # 1. basin sampling, replicas in rounds of one per rank
         def replicas(ids: list[int]) -> Excursions:
-            return sample_basin(
-                pool,
-                x0,
-                ids,
-                self.replica_steps,
-                lr,
-                self.temperature,
-                seed=self.seed + step,
-                sketch=sketch,
-                record_every=self.record_every,
-                probe=probe,
-            )
+            run = sample(pool, x0, self.sampling, lr, replicas=ids, seed_offset=step, sketch=sketch, probe=probe)
+            run.finals = run.finals.cpu()  # gathered between ranks: no device indices
+            return run
 
-        runs = []
-        for first in range(0, self.replicas, world_size):
-            if not self._may_continue(trainer, spend, start):
-                break
-            with self.stage(trainer, "basin sampling"):
-                if first + rank < self.replicas:
-                    runs.append(replicas([first + rank]))
+        runs = self._rounds(trainer, self.sampling.replicas, "basin sampling", lambda r: replicas([r]), budget_left)
         with self.stage(trainer, "basin sampling"):
-            local = Excursions.concatenate(runs) if runs else replicas([])
-        excursions = self._gather(strategy, local)
-        with self.stage(trainer, "basin sampling"):
+            excursions = Excursions.concatenate(runs) if runs else replicas([])
             if trainer.is_global_zero and len(excursions.replica_ids):
                 layout = {"names": list(probe.layout.names), "shapes": [list(s) for s in probe.layout.shapes]}
                 store_meta = {"k": sketch.k, "projection_seed": sketch.seed, "nnz": sketch.nnz, "step": step, **layout}
                 excursions.save(self.reporter.run_dir / "excursions" / f"step-{step:09d}", store_meta)
         self.advance("basin sampling")
 
-        # 2. quench the current point and the replicas' ends
+        # 2. quench the current point (always) and the replicas' ends
         with self.stage(trainer, "minima"):
-            candidates = torch.cat([x0[None], excursions.finals.to(x0)])
-        quenched = self._quench_all(trainer, probe, candidates, spend, start)
+            candidates = torch.cat([x0[None].cpu(), excursions.finals.to(x0.dtype)])
+        quenched = self._rounds(
+            trainer,
+            len(candidates),
+            "minima",
+            lambda i: quench_point(probe, candidates[i].to(x0), self.quench),
+            lambda first: first == 0 or self._may_continue(trainer, spend, start),
+        )
         self.advance("minima")
 
-        # 3. the database (rank 0), then paths
-        plan, new_minima, current, db = None, 0, None, None
+        # 3. the database, basins and the paths that join them (rank 0 plans, whole paths split over ranks)
+        plan, new_minima, current, db, merge_barrier = None, 0, None, None, 0.0
         with self.stage(trainer, "minima database"):
             if trainer.is_global_zero:
-                db, current, new_minima, plan = self._database(probe, quenched, excursions, step)
+                merge_barrier = self.basins.merge_barrier
+                if merge_barrier is None:
+                    merge_barrier = noise_level(pool, x0, lr, self.sampling.temperature)
+                db, current, new_minima, plan = self._database(probe, quenched, excursions, step, merge_barrier)
         plan = distributed.broadcast(strategy, plan)
-        paths = []  # whole paths split over ranks, one per rank per round
-        for first in range(0, len(plan), world_size):
-            if not self._may_continue(trainer, spend, start):
-                break
-            mine = None
-            with self.stage(trainer, "paths"):
-                if first + rank < len(plan):
-                    i, j, a, b = plan[first + rank]
-                    path = minimum_energy_path(
-                        probe,
-                        a.to(x0),
-                        b.to(x0),
-                        self.path_images,
-                        self.path_method,
-                        step_size=self.path_lr,
-                        n_steps=self.path_steps,
-                        quench_steps=0,
-                    )
-                    mine = (i, j, path)
-            paths += [found for found in distributed.gather_objects(strategy, mine) if found is not None]
+
+        def path(k: int) -> tuple[int, int, PathResult]:
+            i, j, a, b = plan[k]
+            return i, j, minimum_path(probe, a.to(x0), b.to(x0), self.paths)
+
+        found_paths = self._rounds(trainer, len(plan), "paths", path, budget_left)
         self.advance("paths")
         passes = self._passes(trainer, spend)
         if not trainer.is_global_zero:
             return
         local_mark = _passes(probe)
         scalars: dict[str, float] = {"new_minima": new_minima}
-        for i, j, path in paths:
-            if not np.isfinite(path.losses).all():
-                warnings.warn(
-                    f"lightning-landscape: EnergyLandscape at step {step}: the path between minima {i} and {j} has"
-                    " non-finite losses and is not recorded. HINT: lower `path_lr`.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                continue
-            # the highest point of the path, ends included (an end that is not quite a minimum can be highest)
-            saddle = max(float(path.losses.max()), db.records[i]["loss"], db.records[j]["loss"])
-            info = {
-                "step": step,
-                "method": path.method,
-                "length": path.length,
-                "converged": path.converged,
-                "force_ratio": path.force_ratio,
-                "n_grad": path.n_grad,
-            }
-            db.set_saddle(
-                i,
-                j,
-                saddle,
-                barrier_ij=saddle - db.records[i]["loss"],
-                barrier_ji=saddle - db.records[j]["loss"],
-                **info,
-            )
-            for theta, _ in path.intermediate_minima[:2]:  # a dip along the path: quench it, it may be a new minimum
+        dipped = []
+        for i, j, found in found_paths:
+            record_path(db, i, j, found, step=step)
+            for theta in dips(found, merge_barrier)[:2]:  # a dip along the path: quench it, it may be a new minimum
                 try:
-                    _, new = self._add_minimum(
-                        db, probe, *self._quench(probe, theta), step=step, source=f"path {i}-{j}"
-                    )
+                    point = quench_point(probe, theta, self.quench, step=step, source=f"path {i}-{j}")
+                    k, new = self._add_minimum(db, probe, point)
                 except ValueError:  # not finite
                     continue
                 scalars["new_minima"] += new
+                dipped.append(k)
+        if dipped:  # join them to the others by straight lines; their paths wait for the next trigger
+            more = plan_joins(db, probe, dipped, merge_barrier, self.basins, replace(self.paths, max_paths=0))
+            self._linear_joins += len(more.linear)
+        basins = basins_of(db, merge_barrier)
         passes += _passes(probe) - local_mark
         if self.previous_minimum is not None and current is not None and current != self.previous_minimum:
             saddle = db.saddles.get((min(current, self.previous_minimum), max(current, self.previous_minimum)))
             if saddle is not None:
                 scalars["barrier_previous"] = saddle["saddle"] - db.records[current]["loss"]
         self.previous_minimum = current
+        self.advance("basins")
         try:
             msm = self._markov_state_model(excursions, scalars)
         except Exception as err:  # too little or disconnected data: the rest of the trigger still stands
             message = f"{type(err).__name__}: {err}"
             warnings.warn(
                 f"lightning-landscape: EnergyLandscape could not fit the Markov state model at step {step} ({message});"
-                " minima, paths and graph are still reported. HINT: raise `replicas` or `replica_steps`.",
+                " minima, basins and graph are still reported. HINT: raise `sampling.replicas` or `sampling.steps`.",
                 RuntimeWarning,
                 stacklevel=2,
             )
             self.reporter.event("failures", {"step": step, "stage": "markov state model", "error": message})
             msm = None
         self.advance("Markov state model")
-        saddles = db.saddle_matrix()
-        joined = np.flatnonzero(np.isfinite(saddles).sum(1) > 1)  # minima with at least one known path
-        tree = disconnectivity_tree(db.losses[joined], saddles[np.ix_(joined, joined)], joined) if len(joined) else None
+        tree = None
+        if basins.n_basins > 1:
+            tree = disconnectivity_tree([r["loss"] for r in basins.rows], basins.saddles)
+        elif len(joined := np.flatnonzero(np.isfinite(db.saddle_matrix()).sum(1) > 1)):  # one basin: its minima
+            saddles = db.saddle_matrix()[np.ix_(joined, joined)]
+            tree = disconnectivity_tree(db.losses[joined], saddles, joined)
         self.advance("disconnectivity graph")
         scalars.update(self._timings)
         scalars.update(
             n_minima=len(db),
+            n_basins=basins.n_basins,
+            current_basin=int(basins.labels[current]) if current is not None else -1,
+            merge_barrier=basins.merge_barrier,
             spent_passes=passes,
             spent_seconds=time.perf_counter() - start,
             replicas_run=len(excursions.replica_ids),
-            paths_run=len(paths),
-            paths_converged=sum(p.converged for _, _, p in paths),
+            quenches_run=len(quenched),
+            quenches_converged=sum(q.converged for q in quenched),
+            linear_joins=self._linear_joins,
+            paths_run=len(found_paths),
+            paths_converged=sum(p.converged for _, _, p in found_paths),
         )
         self.history.append({"step": step, **scalars})
-        self._report(step, db, paths, msm, tree, scalars, probe.metadata)
+        self._report(step, db, basins, found_paths, msm, tree, scalars, probe.metadata)
 
-    def _database(self, probe: Objective, quenched: list, excursions: Excursions, step: int) -> tuple:
-        """Rank 0: the quenched points into the minima database; ``(database, current minimum, new minima, plan)``."""
+    def _database(self, probe: Objective, quenched: list[Minimum], excursions: Excursions, step: int, level: float):
+        """Rank 0: the quenched points into the minima database, the straight-line joins, and the paths to compute:
+        ``(database, current minimum, new minima, plan)``."""
         new_minima, current = 0, None
         meta = {**probe.metadata, **self.probe_metadata, "probe_batch_size": self.probe_batch_size}
         names = list(probe.layout.names)
@@ -525,109 +475,96 @@ class EnergyLandscape(LandscapeCallback):
             self.minima_dir = str(folder if not folder.exists() else folder.with_name(f"minima-step{step}"))
             self.previous_minimum = None
         self.minima_names = names
-        db = MinimaDatabase(self.minima_dir, tol=self.dedup_tol, meta=meta)
-        rejected = []
-        for index, (theta, loss, grad_norm, outputs) in enumerate(quenched):
+        db = MinimaDatabase(self.minima_dir, tol=self.quench.dedup_tol, meta=meta)
+        rejected, found = [], []
+        for index, point in enumerate(quenched):
             source = "training" if index == 0 else f"replica {excursions.replica_ids[index - 1]}"
             try:
-                found, new = self._add_minimum(db, probe, theta, loss, grad_norm, outputs, step=step, source=source)
+                i, new = self._add_minimum(db, probe, point, step=step, source=source)
             except ValueError:  # not finite: a diverged replica is no minimum
                 rejected.append(source)
                 continue
             new_minima += new
-            current = found if index == 0 else current
+            found.append(i)
+            current = i if index == 0 else current
         if rejected:
             warnings.warn(
                 f"lightning-landscape: EnergyLandscape at step {step} rejected {len(rejected)} quenched points whose"
-                f" loss or parameters are not finite ({', '.join(rejected[:4])}). HINT: lower the replicas' `lr`"
-                " or `temperature`.",
+                f" loss or parameters are not finite ({', '.join(rejected[:4])}). HINT: lower the replicas'"
+                " `sampling.lr` or `sampling.temperature`.",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        plan = self._plan(db, current)
-        plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in plan]
+        previous = self.previous_minimum
+        first = []
+        if previous is not None and current is not None and previous != current and previous < len(db):
+            first = [(min(previous, current), max(previous, current))]
+        joins = plan_joins(db, probe, found, level, self.basins, self.paths, first=first)
+        self._linear_joins = len(joins.linear)
+        plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in joins.paths]
         return db, current, new_minima, plan
 
-    def _gather(self, strategy: Any, local: Excursions) -> Excursions:
-        """Every rank's replicas on every rank, sorted by replica id (the 1-process result)."""
-        local.finals = local.finals.cpu()  # pickled between ranks: no device indices
-        return Excursions.concatenate(distributed.gather_objects(strategy, local))
-
     @staticmethod
-    def _add_minimum(db: MinimaDatabase, probe: Objective, theta, loss, grad_norm, outputs, **info) -> tuple[int, bool]:
+    def _add_minimum(db: MinimaDatabase, probe: Objective, point: Minimum, **info: Any) -> tuple[int, bool]:
         """A quenched point into the database, with its probe accuracy."""
-        accuracy = float(probe_accuracy(np.asarray(outputs)[None], probe.batches)[0])
-        return db.add(theta, loss, outputs, grad_norm=grad_norm, accuracy=accuracy, **info)
+        accuracy = float(probe_accuracy(point.outputs[None], probe.batches)[0])
+        return add_minimum(db, point, accuracy=accuracy, **info)
 
-    def _quench(self, probe: Objective, theta: torch.Tensor) -> tuple[np.ndarray, float, float, np.ndarray]:
-        """``(minimum, loss, gradient norm, probe outputs)`` reached from ``theta``."""
-        q = quench(probe, theta, max_iter=self.quench_iter)
-        outputs = probe.outputs(q.theta).reshape(-1).double().cpu().numpy()
-        return q.theta.double().cpu().numpy(), q.loss, q.grad_norm, outputs
-
-    def _quench_all(self, trainer: pl.Trainer, probe: Objective, candidates: torch.Tensor, spend: list, start: float):
-        """Quench the candidates, one per rank per round, while the budget lasts (the current point always):
-        ``(theta, loss, gradient norm, probe outputs)`` of each, on every rank."""
-        rank, world_size = distributed.world(trainer.strategy)
-        results = []
-        for first in range(0, len(candidates), world_size):
-            if first > 0 and not self._may_continue(trainer, spend, start):
-                break
-            mine = None
-            with self.stage(trainer, "minima"):
-                if first + rank < len(candidates):
-                    mine = self._quench(probe, candidates[first + rank])
-            results += [r for r in distributed.gather_objects(trainer.strategy, mine) if r is not None]
-        return results
-
-    def _plan(self, db: MinimaDatabase, current: int) -> list[tuple[int, int]]:
-        """Pairs to join by paths: the current minimum to the previous one, then the spanning tree's gaps."""
-        plan = []
-        previous = self.previous_minimum
-        if (
-            previous is not None
-            and current is not None
-            and previous != current
-            and (min(previous, current), max(previous, current)) not in db.saddles
-        ):
-            plan.append((min(previous, current), max(previous, current)))
-        plan += [e for e in db.missing_tree_edges() if e not in plan]
-        return plan[: self.max_paths]
-
-    def _markov_state_model(self, excursions: Excursions, scalars: dict[str, float]) -> Any:
+    def _markov_state_model(self, excursions: Excursions, scalars: dict[str, float]) -> MarkovModel | None:
         """The MSM of this trigger's replicas: the metastable sets of the basin that training is in now, at the
         training noise (rank 0). None while there are too few points."""
         sketches, losses = list(excursions.sketches), list(excursions.losses)
         outputs = list(excursions.outputs) if excursions.outputs is not None else [None] * len(sketches)
-        features = sketches if self.features == "sketch" or excursions.outputs is None else outputs
-        fitted = clustered_msm(features, self.lag, self.n_clusters, self.max_metastable, self.seed)
-        if fitted is None:
-            return None
-        msm, dtrajs = fitted
-        if len(msm.timescales):
-            scalars["slowest_timescale"] = float(msm.timescales[0]) * self.record_every
-        scalars["metastable_states"] = len(msm.metastable_populations) if msm.metastable_assignment is not None else 1
+        features = sketches if self.msm.features == "sketch" or excursions.outputs is None else outputs
         accuracy = [
             probe_accuracy(o, self._probe) if o is not None else np.full(len(values), np.nan)
             for o, values in zip(outputs, losses, strict=True)
         ]
-        return {
-            "msm": msm,
-            "sets": metastable_summary(msm, dtrajs, {"loss": losses, "accuracy": accuracy}),
-            "plane": states_on_plane(sketches, dtrajs, msm.active_set),
-        }
+        model = markov_model(
+            features, self.msm, {"loss": losses, "accuracy": accuracy}, self.sampling.seed, plane_points=sketches
+        )
+        if model is None:
+            return None
+        if len(model.msm.timescales):
+            scalars["slowest_timescale"] = float(model.msm.timescales[0]) * self.sampling.record_every
+        scalars["metastable_states"] = len(model.sets) or 1
+        return model
 
-    def _report(self, step: int, db: MinimaDatabase, paths: list, msm: Any, tree: Any, scalars: dict, meta: dict):
+    def _report(
+        self,
+        step: int,
+        db: MinimaDatabase,
+        basins: BasinsResult,
+        paths: list,
+        msm: MarkovModel | None,
+        tree: Any,
+        scalars: dict,
+        meta: dict,
+    ) -> None:
         rep = self.reporter
         rep.scalars(scalars, step)
         rep.table(
             "minima",
-            ["id", "loss", "grad_norm", "accuracy", "visits", "step", "source"],
+            [
+                "id",
+                "basin",
+                "loss",
+                "grad_norm",
+                "grad_ratio",
+                "quench_converged",
+                "accuracy",
+                "visits",
+                "step",
+                "source",
+            ],
             [
                 [
                     r["id"],
+                    int(basins.labels[r["id"]]),
                     r["loss"],
                     r.get("grad_norm", np.nan),
+                    r.get("grad_ratio", np.nan),
+                    bool(r.get("quench_converged", False)),
                     r.get("accuracy", np.nan),
                     r.get("visits", 1),
                     r.get("step", -1),
@@ -638,42 +575,41 @@ class EnergyLandscape(LandscapeCallback):
             step,
         )
         rep.table(
-            "barriers",
-            ["i", "j", "saddle", "barrier_ij", "barrier_ji", "length", "converged", "step"],
+            "basins",
+            ["basin", "loss", "minimum", "members", "visits", "first_step"],
             [
-                [
-                    s["i"],
-                    s["j"],
-                    s["saddle"],
-                    s.get("barrier_ij", np.nan),
-                    s.get("barrier_ji", np.nan),
-                    s.get("length", np.nan),
-                    bool(s.get("converged", False)),
-                    s.get("step", -1),
-                ]
-                for s in db.saddles.values()
+                [b["basin"], b["loss"], b["minimum"], " ".join(map(str, b["members"])), b["visits"], b["first_step"]]
+                for b in basins.rows
             ],
             step,
         )
+        rep.table("barriers", BARRIER_COLUMNS, barrier_rows(db), step)
         if paths:
             rep.figure("paths", paths_figure([(f"{i} - {j}", p.arc, p.losses) for i, j, p in paths]), step)
         if tree is not None:
-            rep.figure("disconnectivity", disconnectivity_figure(tree, f"disconnectivity graph at step {step}"), step)
-        arrays: dict[str, Any] = {"minima_losses": db.losses, "saddles": db.saddle_matrix()}
+            what = f"{basins.n_basins} basins" if basins.n_basins > 1 else "the minima of 1 basin"
+            title = f"disconnectivity graph of {what} at step {step}"
+            rep.figure("disconnectivity", disconnectivity_figure(tree, title), step)
+        arrays: dict[str, Any] = {
+            "minima_losses": db.losses,
+            "saddles": db.saddle_matrix(),
+            "basin_labels": basins.labels,
+            "basin_losses": np.asarray([r["loss"] for r in basins.rows]),
+            "basin_saddles": basins.saddles,
+        }
         if msm is not None:
-            model = msm["msm"]
+            model = msm.msm
+            every = self.sampling.record_every
             rep.figure(
                 "timescales",
-                timescales_figure(
-                    model.its_lags * self.record_every, model.implied_timescales * self.record_every, "replica steps"
-                ),
+                timescales_figure(model.its_lags * every, model.implied_timescales * every, "replica steps"),
                 step,
             )
-            centers, points, explained = msm["plane"]
+            centers, points, explained = msm.plane
             rep.figure("free_energy", free_energy_figure(centers, model.free_energy, points, explained), step)
             if model.metastable_assignment is not None:
                 columns = ["set", "population", "mean_loss", "mean_accuracy", "points"]
-                rep.table("metastable", columns, [[row[c] for c in columns] for row in msm["sets"]], step)
+                rep.table("metastable", columns, [[row[c] for c in columns] for row in msm.sets], step)
             arrays.update(
                 transition_matrix=model.transition_matrix,
                 stationary=model.stationary_distribution,
@@ -688,10 +624,11 @@ class EnergyLandscape(LandscapeCallback):
             **meta,
             **self.probe_metadata,
             "step": step,
-            "lag_steps": self.lag * self.record_every,
-            "temperature": self.temperature,
-            "seed": self.seed,
-            "features": self.features,
+            "lag_steps": self.msm.lag * self.sampling.record_every,
+            "temperature": self.sampling.temperature,
+            "seed": self.sampling.seed,
+            "features": self.msm.features,
+            "merge_barrier": basins.merge_barrier,
         }
         rep.arrays("energy", step, metadata=metadata, **arrays)
 

@@ -28,6 +28,15 @@ Example::
     [[0.0, 0.9], [0.9, 0.0]]
     >>> MinimaDatabase(db.path).losses.tolist()
     [0.49, 0.7]
+    >>> db.basins(merge_barrier=0.25).tolist(), db.basins(merge_barrier=0.1).tolist()   # barriers 0.41 and 0.2
+    ([0, 0], [0, 1])
+
+**Basins.** Overparameterized networks have connected sets of minima, not isolated points, so quenched points
+are grouped: two minima are in one basin when a known path joins them whose *lower* barrier,
+``saddle - max(L_i, L_j)``, is at most ``merge_barrier`` (the regrouping of Carr & Wales 2005: the shallower
+minimum escapes over that barrier as fast as the noise relaxes, so at that noise they are one state). Basins are
+the connected components of that relation (union-find over the saddles). A basin's loss is its lowest member's,
+and the saddle between two basins is the lowest saddle between their members.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ class Quench:
     grad_norm: float
     n_grad: int
     converged: bool
+    grad_ratio: float = float("nan")  # |grad| at the end over |grad| at the start (converged: <= rtol)
 
 
 def quench(
@@ -64,23 +74,32 @@ def quench(
     theta: Tensor,
     method: Literal["lbfgs", "gd"] = "lbfgs",
     max_iter: int = 200,
-    gtol: float = 1e-5,
+    rtol: float = 1e-3,
     lr: float = 0.1,
 ) -> Quench:
     """Descend from ``theta`` to a nearby minimum of ``objective``.
+
+    The quench has converged when the gradient norm has fallen to ``rtol`` times its value at the start,
+    ``|grad L(theta_end)| <= rtol |grad L(theta)|``: relative to the gradient scale of the problem, like the
+    paths' criterion, so that it means the same at any scale of the loss. (An absolute tolerance either never
+    triggers on a loss of scale 1e3 or always on one of scale 1e-3.) ``converged`` and ``grad_ratio`` report it.
 
     Args:
         objective: anything with ``loss_and_grad(theta)`` (an :class:`~lightning_landscape.Objective`).
         theta: the start ``(P,)``.
         method: ``"lbfgs"`` (scipy's L-BFGS-B, float64) or ``"gd"`` (gradient descent with step ``lr``).
         max_iter: iterations (L-BFGS) or steps (gradient descent).
-        gtol: stop when the largest gradient entry is below it.
+        rtol: convergence, relative to the gradient norm at the start.
         lr: the step of ``"gd"``.
     """
     if method not in ("lbfgs", "gd"):
         raise ValueError(f"`method` must be 'lbfgs' or 'gd', got {method!r}. HINT: 'lbfgs' converges faster.")
+    if not 0 < rtol < 1:
+        raise ValueError(f"`rtol` must be in (0, 1), got {rtol}. HINT: e.g. 1e-3 (the gradient falls 1000-fold).")
     x0 = theta.detach().to(device=objective.device, dtype=objective.dtype)
-    calls = 0
+    _, g0 = objective.loss_and_grad(x0)
+    gtol = rtol * float(g0.norm())
+    calls = 1
 
     def value_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
         nonlocal calls
@@ -97,24 +116,22 @@ def quench(
                 x0.double().cpu().numpy(),
                 jac=True,
                 method="L-BFGS-B",
-                options={
-                    "maxiter": max_iter,
-                    "gtol": gtol,
-                    "ftol": 1e-15,
-                },  # stop on the gradient, not on slow progress
+                # stop on the gradient (scipy's gtol bounds the largest entry, which is at most the norm), not on
+                # slow progress; convergence is judged on the norm below
+                options={"maxiter": max_iter, "gtol": gtol / len(x0) ** 0.5, "ftol": 1e-15},
             )
-        x, converged = torch.from_numpy(res.x).to(x0), bool(res.success)
+        x = torch.from_numpy(res.x).to(x0)
     else:
-        x, converged = x0, False
+        x = x0
         for _ in range(max_iter):
             _, g = objective.loss_and_grad(x)
             calls += 1
-            if float(g.abs().max()) < gtol:
-                converged = True
+            if float(g.norm()) <= gtol:
                 break
             x = x - lr * g
     loss, g = objective.loss_and_grad(x)
-    return Quench(x, float(loss), float(g.norm()), calls + 1, converged)
+    ratio = float(g.norm()) / max(float(g0.norm()), 1e-300)
+    return Quench(x, float(loss), float(g.norm()), calls + 1, bool(float(g.norm()) <= gtol), ratio)
 
 
 def function_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -155,6 +172,8 @@ class MinimaDatabase:
         self.records: list[dict[str, Any]] = []
         self.saddles: dict[tuple[int, int], dict[str, Any]] = {}
         self._outputs: list[np.ndarray] = []
+        #: the barrier under which minima are one basin, stored with the basins in ``minima.json`` (None: not yet)
+        self.merge_barrier: float | None = None
         index = self.path / "minima.json"
         if index.exists():
             self._load(index)
@@ -178,6 +197,7 @@ class MinimaDatabase:
                 if not file.exists():
                     raise ValueError(f"{file} is missing. {hint}")
         self.records, self.meta = records, data.get("meta", self.meta)
+        self.merge_barrier = data.get("merge_barrier")
         self.saddles = {(int(s["i"]), int(s["j"])): s for s in saddles}
         self._outputs = [np.load(self.path / "outputs" / f"{r['id']:05d}.npy") for r in self.records]
 
@@ -269,6 +289,61 @@ class MinimaDatabase:
                 out[i, j] = out[j, i] = function_distance(self._outputs[i], self._outputs[j])
         return out
 
+    def basins(self, merge_barrier: float | None = None) -> np.ndarray:
+        """The basin of every minimum (``(n,)`` labels, basin 0 the lowest), merging minima joined by a path whose
+        lower barrier is at most ``merge_barrier`` (default: :attr:`merge_barrier`, else 0: every minimum alone)."""
+        level = self.merge_barrier if merge_barrier is None else merge_barrier
+        level = 0.0 if level is None else float(level)
+        parent = list(range(len(self.records)))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        losses = self.losses
+        for (i, j), s in self.saddles.items():
+            if s["saddle"] - max(losses[i], losses[j]) <= level:
+                parent[root(i)] = root(j)
+        roots = np.asarray([root(i) for i in range(len(parent))], dtype=int)
+        lowest = {r: losses[roots == r].min() for r in set(roots.tolist())}
+        order = sorted(lowest, key=lambda r: (lowest[r], r))
+        return np.asarray([order.index(r) for r in roots], dtype=int)
+
+    def basin_summary(self, labels: np.ndarray) -> list[dict[str, Any]]:
+        """One row per basin: ``basin``, ``loss`` (its lowest member's), ``minimum`` (that member's id), ``members``
+        (ids), ``visits`` (summed), ``first_step`` (its earliest member's)."""
+        rows = []
+        for basin in range(int(labels.max()) + 1 if len(labels) else 0):
+            members = np.flatnonzero(labels == basin).tolist()
+            lowest = min(members, key=lambda i: self.records[i]["loss"])
+            steps = [self.records[i].get("first_step", self.records[i].get("step")) for i in members]
+            steps = [s for s in steps if s is not None]
+            rows.append(
+                {
+                    "basin": basin,
+                    "loss": float(self.records[lowest]["loss"]),
+                    "minimum": lowest,
+                    "members": members,
+                    "visits": int(sum(self.records[i].get("visits", 1) for i in members)),
+                    "first_step": min(steps) if steps else None,
+                }
+            )
+        return rows
+
+    def basin_saddles(self, labels: np.ndarray) -> np.ndarray:
+        """``(B, B)`` saddle losses between basins (the lowest known saddle between their members), ``inf`` where no
+        path is known, 0 on the diagonal."""
+        n = int(labels.max()) + 1 if len(labels) else 0
+        out = np.full((n, n), np.inf)
+        np.fill_diagonal(out, 0.0)
+        for (i, j), s in self.saddles.items():
+            a, b = labels[i], labels[j]
+            if a != b and s["saddle"] < out[a, b]:
+                out[a, b] = out[b, a] = s["saddle"]
+        return out
+
     def missing_tree_edges(self) -> list[tuple[int, int]]:
         """Edges of the minimum spanning tree (function-space distances) that have no saddle yet, shortest first:
         the paths to compute so that every minimum is joined to the graph at the least cost."""
@@ -330,5 +405,8 @@ class MinimaDatabase:
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         data = {"tol": self.tol, "meta": self.meta, "minima": self.records, "saddles": list(self.saddles.values())}
+        if self.merge_barrier is not None:  # the basins, for readers of the file
+            data["merge_barrier"] = self.merge_barrier
+            data["basins"] = self.basin_summary(self.basins())
         text = json.dumps(_finite_or_none(data), indent=1, allow_nan=False)  # strict JSON: NaN becomes null
         _atomic_write(self.path / "minima.json", lambda fh: fh.write(text.encode()))

@@ -112,10 +112,14 @@ def _curvature(objective: Any, ends: tuple[Tensor, Tensor]) -> float:
         return 1e4
     from lightning_landscape.curvature import hessian_eigenvalues
 
-    lam = max(
-        abs(float(hessian_eigenvalues(objective, k=1, theta=end, tol=1e-2, max_iter=20).eigenvalues[0])) for end in ends
-    )
-    return max(lam, 1e-12)
+    def largest(end: Tensor) -> float:
+        if end.numel() < 3:  # too small for Lanczos: the dense Hessian from P products
+            eye = torch.eye(end.numel(), dtype=end.dtype, device=end.device)
+            dense = torch.stack([objective.hvp(end, e) for e in eye])
+            return float(torch.linalg.eigvalsh(0.5 * (dense + dense.T)).abs().max())
+        return abs(float(hessian_eigenvalues(objective, k=1, theta=end, tol=1e-2, max_iter=20).eigenvalues[0]))
+
+    return max(max(largest(end) for end in ends), 1e-12)
 
 
 class _Fire:

@@ -25,7 +25,10 @@ class AtStart(RunAtTrainStart, EnergyLandscape):
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])
     energy = AtStart(
-        replicas=3, replica_steps=10, record_every=2, path_steps=10, max_paths=2, at_fit_end=False, probe_size=48
+        at_fit_end=False,
+        probe_size=48,
+        sampling={"replicas": 3, "steps": 10, "record_every": 2},
+        paths={"steps": 10, "max_paths": 2},
     )
     root = str(Path(out).parent / f"root-{devices}")
     trainer = fit_one_step(devices, [energy], batch_size=32 // devices, default_root_dir=root)

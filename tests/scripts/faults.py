@@ -92,14 +92,10 @@ if __name__ == "__main__":
         extra = [TrajectoryRecorder(sketch_dim=8, snapshot_every_n_steps=1)]
     elif name == "energy":
         callback = EnergyLandscape(
-            replicas=2,
-            replica_steps=6,
-            record_every=1,
-            quench_iter=5,
-            dedup_tol=1e-4,
-            path_images=3,
-            path_steps=3,
             **common,
+            sampling={"replicas": 2, "steps": 6, "record_every": 1},
+            quench={"max_iter": 5, "dedup_tol": 1e-4},
+            paths={"images": 3, "steps": 3},
         )
     else:  # the natural case: rank 1's probe shard ends in a batch of one sample, which BatchNorm cannot train on
         callback = FlatnessMonitor(

@@ -1,0 +1,559 @@
+"""The energy-landscape pipeline, one function per stage, each configured by one small dataclass.
+
+    sample (SamplingConfig) -> quench (QuenchConfig) -> join into basins (BasinConfig, PathConfig)
+    -> Markov state model (MSMConfig)
+
+:class:`~lightning_landscape.EnergyLandscape` runs these stages at every trigger (scheduling them, splitting them
+over DDP ranks and keeping to its :class:`Budget`); ``lightning-landscape analyze`` runs the joining and the
+Markov model on recorded runs. The science lives here, so both give the same numbers.
+
+**The noise level and the default ``merge_barrier``.** Two quenched minima are one basin when a path joins them
+whose lower barrier is at most ``merge_barrier`` (:meth:`MinimaDatabase.basins`). The default is the noise level
+of the replicas, in loss units:
+
+    merge_barrier = T + lr tr(Sigma_B) / 4,
+
+with ``T`` the SGLD temperature and ``tr(Sigma_B) = E|g_B - g|^2`` the variance of the minibatch gradient at the
+replicas' batch size (measured on the pool of batches at the current point). The first term is the energy unit of
+SGLD's stationary distribution ``exp(-L / T)``: a barrier ``dE`` is crossed at a rate ``~ exp(-dE / T)``, so barriers
+below ``T`` are crossed as fast as the replicas relax. The second is the mean excess loss that SGD's own noise
+holds it at above a minimum: for a quadratic basin ``H`` with noise covariance ``Sigma_B``, the stationary covariance
+``C`` of SGD at step ``lr`` solves ``HC + CH = lr Sigma_B`` (Mandt, Hoffman & Blei 2017), so
+``E[L - L_min] = tr(HC) / 2 = lr tr(Sigma_B) / 4``. A barrier below that level separates no states at the noise
+the replicas (and training, at the same ``lr/B``) run at. Pass ``BasinConfig(merge_barrier=...)`` to fix it.
+
+**Joining.** A straight line between two minima bounds their saddle from above, at the cost of ``images``
+forward passes: when its lower barrier is already below ``merge_barrier``, the two minima are one basin without a
+minimum-energy path (recorded with ``method="linear"``). Only pairs that the line cannot join get a
+minimum-energy path (FIRE, :func:`~lightning_landscape.geometry.paths.minimum_energy_path`), up to
+``PathConfig.max_paths`` per call.
+
+Example (the double well ``(x^2 - 1)^2``, barrier 1: two basins at ``merge_barrier=0.5``, one at 2)::
+
+    >>> import tempfile, torch
+    >>> from lightning_landscape import Objective
+    >>> well = Objective(torch.nn.Linear(1, 1, bias=False).double(), [torch.zeros(1)],
+    ...     loss_fn=lambda m, _: (m.weight[0, 0] ** 2 - 1) ** 2, dtype=torch.float64,
+    ...     outputs_fn=lambda m, _: m.weight.reshape(1, 1))
+    >>> db = MinimaDatabase(tempfile.mkdtemp())
+    >>> for x in (-0.9, 0.8, 1.1):
+    ...     _ = add_minimum(db, quench_point(well, torch.tensor([x], dtype=torch.float64), QuenchConfig()), step=0)
+    >>> len(db), join_basins(db, well, [0, 1], 0.5, PathConfig(images=9)).n_basins
+    (2, 2)
+    >>> join_basins(db, well, [0, 1], 2.0, PathConfig(images=9)).n_basins
+    1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_landscape.checks import check_float, check_int
+from lightning_landscape.dynamics.excursions import Excursions, sample_basin
+from lightning_landscape.dynamics.minima import MinimaDatabase, quench
+from lightning_landscape.dynamics.msm import MarkovStateModel, clustered_msm, metastable_summary, states_on_plane
+from lightning_landscape.dynamics.sketch import SparseProjection
+from lightning_landscape.geometry.paths import PathResult, minimum_energy_path
+
+
+# ----------------------------------------------------------------------------------------------- configs
+@dataclass
+class SamplingConfig:
+    """Basin sampling: ``replicas`` runs of ``steps`` SGD (``temperature=0``) or SGLD steps from the current point.
+
+    Args:
+        replicas: replicas per trigger.
+        steps: steps per replica.
+        lr: their learning rate (None: the first optimizer's current one, so ``lr/B`` is training's).
+        temperature: SGLD temperature (0: plain SGD, whose noise is the minibatch noise).
+        record_every: record a replica's point every this many steps.
+        pool_batches: training batches (of the training batch size) the replicas draw their minibatches from.
+        seed: seed of the replicas and of the pool.
+        sketch_dim, projection_seed: the replicas' sketch (with a TrajectoryRecorder, its projection instead).
+    """
+
+    replicas: int = 8
+    steps: int = 200
+    lr: float | None = None
+    temperature: float = 0.0
+    record_every: int = 5
+    pool_batches: int = 16
+    seed: int = 0
+    sketch_dim: int = 256
+    projection_seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key, example in (("replicas", 8), ("steps", 200), ("record_every", 5), ("pool_batches", 16)):
+            check_int(f"sampling.{key}", getattr(self, key), example=example)
+        check_int("sampling.sketch_dim", self.sketch_dim, example=256)
+        check_int("sampling.seed", self.seed, minimum=0, example=0)
+        check_int("sampling.projection_seed", self.projection_seed, minimum=0, example=0)
+        check_float("sampling.lr", self.lr, optional=True, hint="None uses the optimizer's lr.")
+        check_float("sampling.temperature", self.temperature, strict=False, hint="0 is plain SGD, > 0 SGLD.")
+
+
+@dataclass
+class QuenchConfig:
+    """Quenches (L-BFGS on the probe set) and the function-space dedup of their minima.
+
+    Args:
+        max_iter: L-BFGS iterations per quench.
+        rtol: converged when the gradient norm falls to ``rtol`` times its value at the start.
+        dedup_tol: relative output distance under which two minima are one (the cheap first filter).
+    """
+
+    max_iter: int = 100
+    rtol: float = 1e-3
+    dedup_tol: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_int("quench.max_iter", self.max_iter, example=100)
+        check_float("quench.rtol", self.rtol, hint="e.g. 1e-3 (the gradient falls 1000-fold).")
+        check_float("quench.dedup_tol", self.dedup_tol, hint="e.g. 0.05 (5% output distance).")
+        if self.rtol >= 1:
+            raise ValueError(f"`quench.rtol` must be below 1, got {self.rtol}. HINT: e.g. 1e-3.")
+
+
+@dataclass
+class BasinConfig:
+    """Joining minima into basins.
+
+    Args:
+        merge_barrier: minima joined by a path whose lower barrier is at most this are one basin. None (default):
+            the replicas' noise level ``T + lr tr(Sigma_B) / 4`` (see the module docstring).
+        neighbours: each minimum found in a call is checked against this many nearest minima (function space) of
+            other basins, by a straight line first.
+        max_linear: straight-line checks per call at most (``images`` forward passes each).
+    """
+
+    merge_barrier: float | None = None
+    neighbours: int = 3
+    max_linear: int = 32
+
+    def __post_init__(self) -> None:
+        check_float(
+            "basins.merge_barrier", self.merge_barrier, strict=False, optional=True, hint="None: the noise level."
+        )
+        check_int("basins.neighbours", self.neighbours, minimum=0, example=3)
+        check_int("basins.max_linear", self.max_linear, minimum=0, example=32)
+
+
+@dataclass
+class PathConfig:
+    """Minimum-energy paths (:func:`~lightning_landscape.geometry.paths.minimum_energy_path`).
+
+    Args:
+        images: images per path (ends included).
+        steps: FIRE iterations per path (and again for the climbing image).
+        method: ``"string"`` or ``"neb"``.
+        step_size: FIRE's first time step (None: from the curvature at the path's ends).
+        max_paths: paths per trigger at most.
+    """
+
+    images: int = 9
+    steps: int = 100
+    method: Literal["string", "neb"] = "string"
+    step_size: float | None = None
+    max_paths: int = 4
+
+    def __post_init__(self) -> None:
+        check_int("paths.images", self.images, minimum=3, example=9)
+        check_int("paths.steps", self.steps, example=100)
+        check_int("paths.max_paths", self.max_paths, minimum=0, example=4)
+        check_float("paths.step_size", self.step_size, optional=True, hint="None takes it from the curvature.")
+        if self.method not in ("string", "neb"):
+            raise ValueError(f"`paths.method` must be 'string' or 'neb', got {self.method!r}. HINT: 'string'.")
+
+
+@dataclass
+class MSMConfig:
+    """The Markov state model of the replicas.
+
+    Args:
+        lag: lag time in recorded points.
+        n_clusters: states (default: about one per 20 recorded points, 2 to 50).
+        features: ``"sketch"`` (sketch coordinates) or ``"outputs"`` (outputs on the probe set, invariant to
+            permutations of hidden units).
+        max_metastable: PCCA+ sets at most (the number is chosen at the largest eigenvalue gap).
+    """
+
+    lag: int = 1
+    n_clusters: int | None = None
+    features: Literal["sketch", "outputs"] = "sketch"
+    max_metastable: int = 4
+
+    def __post_init__(self) -> None:
+        check_int("msm.lag", self.lag, example=1)
+        check_int("msm.n_clusters", self.n_clusters, minimum=2, optional=True, example=20)
+        check_int("msm.max_metastable", self.max_metastable, minimum=2, example=4)
+        if self.features not in ("sketch", "outputs"):
+            raise ValueError(f"`msm.features` must be 'sketch' or 'outputs', got {self.features!r}. HINT: 'sketch'.")
+
+
+@dataclass
+class Budget:
+    """What one trigger may spend: batch passes (forward plus backward, summed over ranks) and wall-clock
+    seconds; None is no limit. The stages run in order while both last (the current point is always quenched)."""
+
+    passes: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        check_int("budget.passes", self.passes, optional=True, example=20000)
+        check_float("budget.seconds", self.seconds, optional=True, hint="None means no limit.")
+
+
+def as_config(cls: type, value: Any, name: str) -> Any:
+    """``value`` as a ``cls``: an instance, a dict of its fields, or None (the defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as err:
+            fields = ", ".join(cls.__dataclass_fields__)
+            raise ValueError(f"`{name}`: {err}. HINT: its fields are {fields}.") from None
+    raise ValueError(f"`{name}` must be a {cls.__name__} or a dict of its fields, got {value!r}.")
+
+
+# ----------------------------------------------------------------------------------------------- 1. sample
+def sample(
+    pool: Any,
+    theta: Tensor,
+    config: SamplingConfig,
+    lr: float,
+    *,
+    replicas: list[int] | None = None,
+    seed_offset: int = 0,
+    sketch: SparseProjection | None = None,
+    probe: Any = None,
+) -> Excursions:
+    """Replicas ``replicas`` (default: all of ``config.replicas``) from ``theta`` on the minibatch pool ``pool``, seeded
+    ``config.seed + seed_offset`` (e.g. the step, so that triggers differ), with probe outputs when ``probe``."""
+    ids = list(range(config.replicas)) if replicas is None else replicas
+    return sample_basin(
+        pool,
+        theta,
+        ids,
+        config.steps,
+        lr,
+        config.temperature,
+        seed=config.seed + seed_offset,
+        sketch=sketch,
+        record_every=config.record_every,
+        probe=probe,
+    )
+
+
+def noise_level(pool: Any, theta: Tensor, lr: float, temperature: float) -> float:
+    """``T + lr tr(Sigma_B) / 4``, the replicas' noise level in loss units (see the module docstring);
+    ``tr(Sigma_B)`` from the gradients of the pool's batches at ``theta`` (unbiased over batches)."""
+    if len(pool.batches) < 2:
+        return float(temperature)
+    grads = torch.stack([pool.loss_and_grad(theta, batch=b)[1] for b in range(len(pool.batches))])
+    spread = float(((grads - grads.mean(0)) ** 2).sum(1).sum()) / (len(grads) - 1)
+    return float(temperature) + lr * spread / 4
+
+
+# ----------------------------------------------------------------------------------------------- 2. quench
+@dataclass
+class Minimum:
+    """A quenched point: where it ended, its loss, how well it converged and its outputs on the probe set."""
+
+    theta: np.ndarray
+    loss: float
+    grad_norm: float
+    grad_ratio: float
+    converged: bool
+    n_grad: int
+    outputs: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def quench_point(objective: Any, theta: Tensor, config: QuenchConfig, **info: Any) -> Minimum:
+    """Quench ``theta`` on ``objective`` (L-BFGS, ``config.max_iter`` iterations, relative tolerance ``rtol``)."""
+    q = quench(objective, theta, max_iter=config.max_iter, rtol=config.rtol)
+    outputs = objective.outputs(q.theta).reshape(-1).double().cpu().numpy()
+    return Minimum(
+        q.theta.double().cpu().numpy(), q.loss, q.grad_norm, q.grad_ratio, q.converged, q.n_grad, outputs, info
+    )
+
+
+def add_minimum(db: MinimaDatabase, point: Minimum, **info: Any) -> tuple[int, bool]:
+    """``point`` into the database (deduplicated in function space); ``(id, is new)``.
+
+    Raises:
+        ValueError: if its loss, parameters or outputs are not finite.
+    """
+    extra = {
+        "grad_norm": point.grad_norm,
+        "grad_ratio": point.grad_ratio,
+        "quench_converged": point.converged,
+        **point.info,
+        **info,
+    }
+    return db.add(point.theta, point.loss, point.outputs, **extra)
+
+
+# ----------------------------------------------------------------------------------------------- 3. basins, paths
+def record_path(db: MinimaDatabase, i: int, j: int, path: PathResult, **info: Any) -> float:
+    """The saddle of ``path`` between minima ``i`` and ``j`` into the database, with both barriers, its
+    convergence and cost; returns the saddle loss. The highest point counts the ends too: an end that is not
+    quite a minimum can be the highest point."""
+    saddle = max(float(path.losses.max()), db.records[i]["loss"], db.records[j]["loss"])
+    db.set_saddle(
+        i,
+        j,
+        saddle,
+        barrier_ij=saddle - db.records[i]["loss"],
+        barrier_ji=saddle - db.records[j]["loss"],
+        method=path.method,
+        length=path.length,
+        converged=path.converged,
+        force_ratio=path.force_ratio,
+        n_grad=path.n_grad,
+        **info,
+    )
+    return saddle
+
+
+BARRIER_COLUMNS = [
+    "i",
+    "j",
+    "saddle",
+    "barrier_ij",
+    "barrier_ji",
+    "method",
+    "converged",
+    "force_ratio",
+    "length",
+    "n_grad",
+    "step",
+]
+
+
+def barrier_rows(db: MinimaDatabase) -> list[list[Any]]:
+    """The database's saddles as table rows (:data:`BARRIER_COLUMNS`): both barriers, ``barrier_ij`` out of
+    minimum ``i`` and ``barrier_ji`` out of ``j``, how the path was found and whether it converged (an unconverged
+    path's saddle is an upper bound)."""
+    losses = db.losses
+    rows = []
+    for (i, j), s in sorted(db.saddles.items()):
+        rows.append(
+            [
+                i,
+                j,
+                s["saddle"],
+                s.get("barrier_ij", s["saddle"] - losses[i]),
+                s.get("barrier_ji", s["saddle"] - losses[j]),
+                s.get("method", ""),
+                bool(s.get("converged", False)),
+                s.get("force_ratio", np.nan),
+                s.get("length", np.nan),
+                s.get("n_grad", 0),
+                s.get("step", -1),
+            ]
+        )
+    return rows
+
+
+def dips(path: PathResult, depth: float) -> list[Tensor]:
+    """The images of ``path`` that are local minima along it, deeper than ``depth`` below the highest loss on either
+    side: candidates for intermediate minima. Shallower dips (a flat valley's numerical ripples) would merge into a
+    neighbouring basin anyway."""
+    losses, found = path.losses, []
+    for k in range(1, len(losses) - 1):
+        if losses[k] < losses[k - 1] and losses[k] < losses[k + 1]:
+            if min(losses[:k].max(), losses[k + 1 :].max()) - losses[k] > depth:
+                found.append(path.images[k])
+    return found
+
+
+def linear_saddle(objective: Any, a: Tensor, b: Tensor, images: int) -> float:
+    """The highest loss on the straight line from ``a`` to ``b`` (``images`` points, ends included): an upper
+    bound of the saddle between them."""
+    ts = torch.linspace(0, 1, images, dtype=a.dtype, device=a.device).unsqueeze(1)
+    return float(objective.losses(a + ts * (b - a)).max())
+
+
+def minimum_path(objective: Any, a: Tensor, b: Tensor, config: PathConfig) -> PathResult:
+    """The minimum-energy path between ``a`` and ``b`` with ``config``'s settings."""
+    return minimum_energy_path(
+        objective,
+        a,
+        b,
+        config.images,
+        config.method,
+        step_size=config.step_size,
+        n_steps=config.steps,
+        quench_steps=0,
+    )
+
+
+@dataclass
+class Joining:
+    """What :func:`plan_joins` decided: pairs joined by a straight line, pairs that need a minimum-energy path."""
+
+    linear: list[tuple[int, int]]
+    paths: list[tuple[int, int]]
+    linear_checks: int = 0
+
+
+def _candidate_pairs(
+    db: MinimaDatabase, labels: np.ndarray, found: list[int], neighbours: int
+) -> list[tuple[int, int]]:
+    """Pairs to join, most informative first: each found minimum with its nearest minima of other basins, then the
+    minimum spanning tree's edges without a saddle (so that every minimum is joined to the graph)."""
+    pairs: list[tuple[int, int]] = []
+    distances = db.distance_matrix() if len(db) > 1 else np.zeros((len(db), len(db)))
+    for i in dict.fromkeys(found):
+        others = [j for j in np.argsort(distances[i]).tolist() if labels[j] != labels[i]]
+        pairs += [(min(i, j), max(i, j)) for j in others[:neighbours]]
+    pairs += db.missing_tree_edges()
+    return [p for p in dict.fromkeys(pairs) if p not in db.saddles]
+
+
+def plan_joins(
+    db: MinimaDatabase,
+    objective: Any,
+    found: list[int],
+    merge_barrier: float,
+    basins: BasinConfig,
+    paths: PathConfig,
+    first: list[tuple[int, int]] = (),
+) -> Joining:
+    """Join what a straight line joins (recorded in ``db``) and plan minimum-energy paths for the rest: ``first``
+    (e.g. the current minimum and the previous trigger's), then the found minima's nearest neighbours in other
+    basins, then the spanning tree's gaps; at most ``paths.max_paths`` paths, never two in one basin."""
+    db.merge_barrier = merge_barrier
+    labels = db.basins()
+    linear, planned, checks = [], [], 0
+    for i, j in [*first, *_candidate_pairs(db, labels, found, basins.neighbours)]:
+        if (i, j) in db.saddles or (i, j) in planned or (labels[i] == labels[j] and (i, j) not in first):
+            continue
+        a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
+        if checks < basins.max_linear:
+            checks += 1
+            saddle = max(linear_saddle(objective, a, b, paths.images), db.records[i]["loss"], db.records[j]["loss"])
+            if saddle - max(db.records[i]["loss"], db.records[j]["loss"]) <= merge_barrier:
+                db.set_saddle(
+                    i,
+                    j,
+                    saddle,
+                    barrier_ij=saddle - db.records[i]["loss"],
+                    barrier_ji=saddle - db.records[j]["loss"],
+                    method="linear",
+                    converged=False,
+                )
+                linear.append((i, j))
+                labels = db.basins()
+                continue
+        if len(planned) < paths.max_paths:
+            planned.append((i, j))
+    return Joining(linear, planned, checks)
+
+
+@dataclass
+class BasinsResult:
+    """The basins after joining: labels per minimum, one row per basin, the basin saddle matrix."""
+
+    labels: np.ndarray
+    rows: list[dict[str, Any]]
+    saddles: np.ndarray
+    merge_barrier: float
+
+    @property
+    def n_basins(self) -> int:
+        return len(self.rows)
+
+
+def basins_of(db: MinimaDatabase, merge_barrier: float | None = None) -> BasinsResult:
+    """The database's basins at ``merge_barrier`` (default: the stored one); stores that level."""
+    if merge_barrier is not None:
+        db.merge_barrier = float(merge_barrier)
+        db.save()
+    labels = db.basins()
+    return BasinsResult(labels, db.basin_summary(labels), db.basin_saddles(labels), float(db.merge_barrier or 0.0))
+
+
+def join_basins(
+    db: MinimaDatabase,
+    objective: Any,
+    found: list[int],
+    merge_barrier: float,
+    paths: PathConfig,
+    basins: BasinConfig | None = None,
+    **info: Any,
+) -> BasinsResult:
+    """The whole joining stage in one process: :func:`plan_joins`, the planned paths (:func:`minimum_path`,
+    :func:`record_path`), and the resulting basins. ``info`` is stored with every path (e.g. ``step``)."""
+    plan = plan_joins(db, objective, found, merge_barrier, basins or BasinConfig(), paths)
+    for i, j in plan.paths:
+        a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
+        record_path(db, i, j, minimum_path(objective, a, b, paths), **info)
+    return basins_of(db, merge_barrier)
+
+
+# ----------------------------------------------------------------------------------------------- 4. Markov model
+@dataclass
+class MarkovModel:
+    """A fitted MSM with its metastable sets (per-set means of the given values) and its states on the PCA plane."""
+
+    msm: MarkovStateModel
+    dtrajs: list[np.ndarray]
+    sets: list[dict[str, float]]
+    plane: tuple[np.ndarray, np.ndarray, float]
+
+
+def markov_model(
+    features: list[np.ndarray],
+    config: MSMConfig,
+    values: dict[str, list[np.ndarray]],
+    seed: int = 0,
+    plane_points: list[np.ndarray] | None = None,
+) -> MarkovModel | None:
+    """k-means on ``features`` (one ``(n_t, d)`` array per trajectory), a reversible MSM at ``config.lag``, PCCA+
+    sets with the mean of each of ``values`` (one array per trajectory), and the states on the PCA plane of
+    ``plane_points`` (default: the features). None while there are too few points."""
+    fitted = clustered_msm(features, config.lag, config.n_clusters, config.max_metastable, seed)
+    if fitted is None:
+        return None
+    msm, dtrajs = fitted
+    sets = metastable_summary(msm, dtrajs, values)
+    return MarkovModel(msm, dtrajs, sets, states_on_plane(plane_points or features, dtrajs, msm.active_set))
+
+
+__all__ = [
+    "BARRIER_COLUMNS",
+    "BasinConfig",
+    "BasinsResult",
+    "Budget",
+    "Joining",
+    "MSMConfig",
+    "MarkovModel",
+    "Minimum",
+    "PathConfig",
+    "QuenchConfig",
+    "SamplingConfig",
+    "add_minimum",
+    "as_config",
+    "barrier_rows",
+    "basins_of",
+    "dips",
+    "join_basins",
+    "linear_saddle",
+    "markov_model",
+    "minimum_path",
+    "noise_level",
+    "plan_joins",
+    "quench_point",
+    "record_path",
+    "sample",
+]

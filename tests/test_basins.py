@@ -1,0 +1,154 @@
+"""Basins: quenched minima joined by paths below ``merge_barrier`` are one basin. Exact cases through a real
+Trainer (a ring valley, the double well, a tilted three-well potential whose critical points numpy's polynomial
+roots give), and the noise level that is the default ``merge_barrier``, against its analytic value and against
+SGD's measured excess loss."""
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_landscape import EnergyLandscape, Objective
+from lightning_landscape.dynamics import MinimaDatabase, SamplingConfig
+from lightning_landscape.dynamics.pipeline import noise_level
+
+
+class Potential(pl.LightningModule):
+    """A 2-parameter model whose loss is ``potential(w)`` on every batch and whose outputs are ``w`` itself (every
+    point is its own function, so nothing is merged by the function-space dedup)."""
+
+    def __init__(self, potential, start) -> None:
+        super().__init__()
+        self.potential = potential
+        self.w = nn.Parameter(torch.tensor(start, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.expand(len(x), 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.potential(self.w) + 0 * batch[0].sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=16)
+
+
+def energy_run(tmp_path, potential, start, seed=0, **settings):
+    energy = EnergyLandscape(probe_size=16, dtype=torch.float64, progress=False, **settings)
+    pl.seed_everything(seed)
+    trainer = pl.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        callbacks=[energy],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Potential(potential, start))
+    assert energy.runs == 1 and energy.failures == 0
+    return energy, energy.history[0], MinimaDatabase(energy.minima_dir)
+
+
+def ring(w):
+    return (w[0] ** 2 + w[1] ** 2 - 1) ** 2
+
+
+def double_well(w):
+    return 0.5 * (w[0] ** 2 - 1) ** 2 + 2 * w[1] ** 2
+
+
+TILT = 0.5
+
+
+def three_wells(w):
+    """``V(x) + y^2`` with ``V'(x) = x^5 - 5x^3 + 4x + TILT``: three minima along x, two saddles between them."""
+    x = w[0]
+    return x**6 / 6 - 5 * x**4 / 4 + 2 * x**2 + TILT * x + w[1] ** 2
+
+
+def three_well_exact():
+    """Minima and saddles of ``three_wells`` from the real roots of ``V'``, independently of our code."""
+    roots = np.sort(np.roots([1, 0, -5, 0, 4, TILT]).real)
+    values = roots**6 / 6 - 5 * roots**4 / 4 + 2 * roots**2 + TILT * roots
+    return values[[0, 2, 4]], values[[1, 3]]  # minima A, B, C; saddles A-B, B-C
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_ring_valley_is_one_basin(tmp_path, seed):
+    sampling = SamplingConfig(replicas=8, steps=1000, lr=0.01, temperature=0.05, record_every=25, seed=seed)
+    _, run, db = energy_run(tmp_path, ring, [1.0, 0.0], seed, sampling=sampling)
+    assert run["n_minima"] >= 4  # distinct points of the ring, each a minimum of loss 0
+    np.testing.assert_allclose(db.losses, 0.0, atol=1e-6)
+    assert run["merge_barrier"] == pytest.approx(0.05)  # the SGLD temperature (no minibatch noise)
+    print(run, db.saddles)
+    assert run["n_basins"] == 1 and set(db.basins().tolist()) == {0}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_double_well_is_two_basins_at_the_default_noise_level(tmp_path, seed):
+    sampling = SamplingConfig(replicas=8, steps=1500, lr=0.01, temperature=0.3, record_every=25, seed=seed)
+    energy, run, db = energy_run(tmp_path, double_well, [-1.0, 0.0], seed, sampling=sampling)
+    assert run["n_minima"] == 2 and run["merge_barrier"] == pytest.approx(0.3)  # T; barrier 0.5 separates
+    assert run["n_basins"] == 2
+    assert db.saddles[(0, 1)]["saddle"] == pytest.approx(0.5, rel=1e-3)
+    rows = (energy.reporter.run_dir / "basins-step0000001.csv").read_text().splitlines()
+    assert rows[0].startswith("basin,loss,minimum,members") and len(rows) == 3
+
+
+def test_three_wells_merge_at_their_exact_barriers(tmp_path):
+    minima, saddles = three_well_exact()
+    low_ab = saddles[0] - max(minima[0], minima[1])  # 0.47: A and B merge above it
+    low_bc = saddles[1] - max(minima[1], minima[2])  # 1.47: then C
+    _, run, db = energy_run(
+        tmp_path,
+        three_wells,
+        [-0.13, 0.0],
+        sampling=SamplingConfig(replicas=16, steps=600, lr=0.01, temperature=1.0, record_every=50),
+        basins={"merge_barrier": 0.5 * low_ab},
+        paths={"steps": 300},
+    )
+    assert run["n_minima"] == 3 and run["n_basins"] == 3 and run["paths_converged"] == run["paths_run"] >= 2
+    np.testing.assert_allclose(np.sort(db.losses), np.sort(minima), atol=1e-6)
+    a, b, c = np.argsort([db.theta(i)[0] for i in range(3)])  # the wells from left to right
+    assert db.saddles[tuple(sorted((a, b)))]["saddle"] == pytest.approx(saddles[0], rel=1e-2)
+    assert db.saddles[tuple(sorted((b, c)))]["saddle"] == pytest.approx(saddles[1], rel=1e-2)
+    for level, expected in ((0.9 * low_ab, 3), (1.1 * low_ab, 2), (0.9 * low_bc, 2), (1.1 * low_bc, 1)):
+        assert len(set(db.basins(level).tolist())) == expected, level
+    assert db.basins(1.1 * low_ab)[a] == db.basins(1.1 * low_ab)[b] != db.basins(1.1 * low_ab)[c]
+
+
+def test_noise_level_is_the_temperature_plus_sgds_excess_loss():
+    """For ``L_b = |theta - c_b|^2 / 2`` the minibatch gradients are ``theta - c_b``: tr(Sigma_B) is the spread of
+    the centers, so the noise level is ``T + lr * spread / 4`` exactly."""
+    centers = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    module = nn.Linear(3, 1, bias=False).double()
+    batches = [(c[None],) for c in centers]
+    pool = Objective(
+        module, batches, loss_fn=lambda m, b: 0.5 * ((m.weight[0] - b[0][0]) ** 2).sum(), dtype=torch.float64
+    )
+    spread = float(((centers - centers.mean(0)) ** 2).sum() / 7)
+    theta = torch.zeros(3, dtype=torch.float64)
+    assert noise_level(pool, theta, lr=0.1, temperature=0.2) == pytest.approx(0.2 + 0.1 * spread / 4, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sgds_excess_loss_is_the_noise_level(seed):
+    """The meaning of the default: SGD at step ``lr`` on ``L_b = |theta - c_b|^2 / 2`` holds the full loss at
+    ``lr tr(Sigma_B) / (2 (2 - lr))`` above its minimum (exact for H = I), ``lr tr(Sigma_B) / 4`` to first order."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    mean = centers.mean(0)
+    trace = float(((centers - mean) ** 2).sum(1).mean())  # the population variance SGD sees
+    lr, theta, excess = 0.05, mean.clone(), []
+    for step in range(60_000):
+        theta -= lr * (theta - centers[int(torch.randint(8, (1,), generator=g))])
+        if step > 1000:
+            excess.append(0.5 * float(((theta - mean) ** 2).sum()))
+    assert np.mean(excess) == pytest.approx(lr * trace / (2 * (2 - lr)), rel=0.1)
+    assert lr * trace / 4 == pytest.approx(lr * trace / (2 * (2 - lr)), rel=0.03)
