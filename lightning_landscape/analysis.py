@@ -8,13 +8,16 @@ Reads what the callbacks stored under each run directory (searched recursively):
   parameter count): implied timescales, Chapman-Kolmogorov errors, PCCA+ sets, free energy of the states;
 * one minima database merging every run's minima (deduplicated in function space, when the runs used the
   same probe set) and their known saddles;
-* with ``--config`` (the LightningCLI config of the runs), minimum-energy paths along the missing edges of the
-  merged database's spanning tree, between minima of *different* runs too (mode connectivity);
-* the disconnectivity graph of the merged database.
+* with ``--config`` (the LightningCLI config of the runs), the joining stage of
+  :mod:`~lightning_landscape.dynamics.pipeline` on the merged database: straight lines, then minimum-energy paths
+  between minima of different basins, of *different* runs too (mode connectivity);
+* the basins at ``--merge-barrier`` (default: the largest level the runs used) and their disconnectivity graph.
 
-Everything goes to ``--out`` (default ``<first RUN_DIR>/landscape-analysis``): figures, ``analysis.npz``,
-``metastable.csv``, ``minima.csv``, ``barriers.csv``, ``summary.json`` and the merged ``minima/`` folder, which is
-rebuilt on every call (an earlier analysis in the same folder is replaced, not merged into).
+The same stage functions as :class:`~lightning_landscape.EnergyLandscape` compute all of it. Everything goes to
+``--out`` (default ``<first RUN_DIR>/landscape-analysis``): figures, ``analysis.npz``, ``metastable.csv``,
+``minima.csv`` (with each minimum's basin), ``basins.csv``, ``barriers.csv`` (both directions, method, convergence),
+``summary.json`` and the merged ``minima/`` folder, which is rebuilt on every call (an earlier analysis in the same
+folder is replaced, not merged into).
 
 Each stage (Markov model, minima, paths, graph) stands on its own: a stage that fails is named with its error in
 ``summary.json`` (``errors``) and the others still run; an unreadable store or database is left out and listed
@@ -42,11 +45,20 @@ import numpy as np
 from lightning_landscape.dynamics import (
     MinimaDatabase,
     TrajectoryStore,
-    clustered_msm,
     disconnectivity_figure,
     disconnectivity_tree,
-    metastable_summary,
-    states_on_plane,
+)
+from lightning_landscape.dynamics.pipeline import (
+    BARRIER_COLUMNS,
+    BasinConfig,
+    MSMConfig,
+    PathConfig,
+    barrier_rows,
+    basins_of,
+    markov_model,
+    minimum_path,
+    plan_joins,
+    record_path,
 )
 from lightning_landscape.report.plots import free_energy_figure, paths_figure, timescales_figure
 
@@ -138,6 +150,7 @@ def analyze(
     path_steps: int = 200,
     path_lr: float | None = None,
     dedup_tol: float = 0.05,
+    merge_barrier: float | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Rebuild the MSM, paths and disconnectivity graph of one or several runs (see the module docstring).
@@ -170,16 +183,18 @@ def analyze(
             summary["errors"][name] = f"{type(err).__name__}: {err}"
             print(f"lightning-landscape analyze: {name} failed ({type(err).__name__}: {err}).", file=sys.stderr)
 
-    stage("markov state model", _msm_stage, stores, lag, n_clusters, max_metastable, seed, out, summary, arrays)
+    msm_config = MSMConfig(lag=lag, n_clusters=n_clusters, max_metastable=max_metastable)
+    stage("markov state model", _msm_stage, stores, msm_config, seed, out, summary, arrays)
     if databases:
-        options = (dedup_tol, config, max_paths, path_images, path_steps, path_lr)
+        paths = PathConfig(images=path_images, steps=path_steps, step_size=path_lr, max_paths=max_paths)
+        options = (dedup_tol, config, paths, merge_barrier)
         stage("minima", _minima_stage, databases, runs, out, summary, arrays, options)
     np.savez(out / "analysis.npz", **arrays)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def _msm_stage(stores, lag, n_clusters, max_metastable, seed, out: Path, summary: dict, arrays: dict) -> None:
+def _msm_stage(stores, msm_config: MSMConfig, seed, out: Path, summary: dict, arrays: dict) -> None:
     """The MSM of the largest group of trajectories that share a sketch basis."""
     groups: dict[tuple[Any, ...], list[tuple[str, TrajectoryStore]]] = defaultdict(list)
     for run, path in stores:
@@ -188,21 +203,20 @@ def _msm_stage(stores, lag, n_clusters, max_metastable, seed, out: Path, summary
         except (OSError, ValueError) as err:
             summary["skipped"].append({"path": str(path), "reason": str(err)})
             continue
-        if len(store.sketches) > 2 * lag:
+        if len(store.sketches) > 2 * msm_config.lag:
             groups[_basis(store.meta)].append((run, store))
     if groups:
         group = max(groups.values(), key=lambda g: sum(len(s.sketches) for _, s in g))
         sketches = [s.sketches.astype(np.float64) for _, s in group]
-        fitted = clustered_msm(sketches, lag, n_clusters, max_metastable, seed)
+        losses = [
+            s.stats.get("loss", np.full(len(s.steps), np.nan))[np.isin(s.steps, s.sketch_steps)] for _, s in group
+        ]
+        fitted = markov_model(sketches, msm_config, {"loss": losses}, seed)
         summary["trajectories"] = len(group)
         summary["points"] = int(sum(len(s) for s in sketches))
         summary["skipped_trajectories"] = sum(len(g) for g in groups.values()) - len(group)
         if fitted is not None:
-            msm, dtrajs = fitted
-            losses = [
-                s.stats.get("loss", np.full(len(s.steps), np.nan))[np.isin(s.steps, s.sketch_steps)] for _, s in group
-            ]
-            sets = metastable_summary(msm, dtrajs, {"loss": losses})
+            msm, dtrajs, sets = fitted.msm, fitted.dtrajs, fitted.sets
             summary.update(
                 slowest_timescale=float(msm.timescales[0]) if len(msm.timescales) else None,
                 metastable_states=len(sets) or 1,
@@ -213,7 +227,7 @@ def _msm_stage(stores, lag, n_clusters, max_metastable, seed, out: Path, summary
             columns = ["set", "population", "mean_loss", "points"]
             _write_csv(out / "metastable.csv", columns, [[row[c] for c in columns] for row in sets])
             timescales_figure(msm.its_lags, msm.implied_timescales, "recorded points").savefig(out / "timescales.png")
-            centers, points, explained = states_on_plane(sketches, dtrajs, msm.active_set)
+            centers, points, explained = fitted.plane
             free_energy_figure(centers, msm.free_energy, points, explained).savefig(out / "free_energy.png")
             arrays.update(
                 transition_matrix=msm.transition_matrix,
@@ -227,8 +241,9 @@ def _msm_stage(stores, lag, n_clusters, max_metastable, seed, out: Path, summary
 
 
 def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, options: tuple) -> None:
-    """The merged minima database, paths between its minima (with ``--config``), and the graph."""
-    dedup_tol, config, max_paths, path_images, path_steps, path_lr = options
+    """The merged minima database, straight lines and minimum-energy paths between its minima of different basins
+    (paths with ``--config``), the basins, and their disconnectivity graph."""
+    dedup_tol, config, paths, merge_barrier = options
     opened = []
     for run, path in databases:
         try:
@@ -248,52 +263,63 @@ def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, optio
     merged = MinimaDatabase(folder, tol=dedup_tol, meta={**opened[0][1].meta, "merged_by_analyze": True})
     for run, db in comparable:
         merged.absorb(db, run=run)
+    if merge_barrier is None:  # the runs' own level (the largest, when their noise differed)
+        levels = [db.merge_barrier for _, db in comparable if db.merge_barrier is not None]
+        merge_barrier = max(levels) if levels else 0.0
     profiles: list = []
     if config is not None and len(merged) > 1:
         try:
-            _paths(merged, Path(config), probe, profiles, max_paths, path_images, path_steps, path_lr)
+            _paths(merged, Path(config), probe, profiles, paths, merge_barrier, summary)
         except AnalysisError:
             raise
         except Exception as err:
             summary["errors"]["paths"] = f"{type(err).__name__}: {err}"
         if profiles:
             paths_figure(profiles).savefig(out / "paths.png")
-    _minima_outputs(merged, runs, out, summary, arrays, len(profiles))
+    _minima_outputs(merged, merge_barrier, runs, out, summary, arrays, len(profiles))
 
 
-def _paths(merged, config: Path, probe: dict, profiles: list, max_paths, path_images, path_steps, path_lr) -> None:
-    from lightning_landscape.geometry.paths import minimum_energy_path
-
+def _paths(merged, config: Path, probe: dict, profiles: list, paths: PathConfig, level: float, summary: dict) -> None:
     n_params = merged.theta(0).size
     objective = _probe_objective(config, probe["probe_size"], probe["probe_seed"], probe["bn_mode"], n_params)
-    for i, j in merged.missing_tree_edges()[:max_paths]:
+    plan = plan_joins(merged, objective, list(range(len(merged))), level, BasinConfig(), paths)
+    summary["linear_joins"] = len(plan.linear)
+    for i, j in plan.paths:
         a, b = (objective.theta0.new_tensor(merged.theta(k)) for k in (i, j))
-        path = minimum_energy_path(objective, a, b, path_images, step_size=path_lr, n_steps=path_steps)
-        saddle = max(float(path.losses.max()), merged.records[i]["loss"], merged.records[j]["loss"])
-        merged.set_saddle(
-            i, j, saddle, method=path.method, length=path.length, converged=path.converged, source="analyze"
-        )
+        path = minimum_path(objective, a, b, paths)
+        record_path(merged, i, j, path, source="analyze")
         profiles.append((f"{i} - {j}", path.arc, path.losses))
 
 
-def _minima_outputs(merged, runs, out: Path, summary: dict, arrays: dict, n_paths: int) -> None:
-    summary.update(minima=len(merged), known_saddles=len(merged.saddles), paths_computed=n_paths)
+def _minima_outputs(merged, level: float, runs, out: Path, summary: dict, arrays: dict, n_paths: int) -> None:
+    basins = basins_of(merged, level)
+    summary.update(
+        minima=len(merged),
+        basins=basins.n_basins,
+        merge_barrier=level,
+        known_saddles=len(merged.saddles),
+        paths_computed=n_paths,
+    )
     _write_csv(
         out / "minima.csv",
-        ["id", "loss", "run", "source", "step"],
-        [[r["id"], r["loss"], r.get("run"), r.get("source"), r.get("step")] for r in merged.records],
+        ["id", "basin", "loss", "run", "source", "step"],
+        [
+            [r["id"], int(basins.labels[r["id"]]), r["loss"], r.get("run"), r.get("source"), r.get("step")]
+            for r in merged.records
+        ],
     )
     _write_csv(
-        out / "barriers.csv",
-        ["i", "j", "saddle", "converged"],
-        [[s["i"], s["j"], s["saddle"], s.get("converged")] for s in merged.saddles.values()],
+        out / "basins.csv",
+        ["basin", "loss", "minimum", "members", "visits"],
+        [[b["basin"], b["loss"], b["minimum"], " ".join(map(str, b["members"])), b["visits"]] for b in basins.rows],
     )
-    if len(merged) > 1:
-        tree = disconnectivity_tree(merged.losses, merged.saddle_matrix())
-        disconnectivity_figure(tree, f"disconnectivity graph of {len(runs)} run(s)").savefig(
-            out / "disconnectivity.png"
-        )
-        arrays.update(minima_losses=merged.losses, saddles=merged.saddle_matrix(), merge_levels=tree.merge_levels)
+    _write_csv(out / "barriers.csv", BARRIER_COLUMNS, barrier_rows(merged))
+    arrays.update(minima_losses=merged.losses, saddles=merged.saddle_matrix(), basin_labels=basins.labels)
+    if basins.n_basins > 1:
+        tree = disconnectivity_tree([b["loss"] for b in basins.rows], basins.saddles)
+        title = f"disconnectivity graph of {basins.n_basins} basins, {len(runs)} run(s)"
+        disconnectivity_figure(tree, title).savefig(out / "disconnectivity.png")
+        arrays.update(basin_saddles=basins.saddles, merge_levels=tree.merge_levels)
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
@@ -310,6 +336,9 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--path-steps", type=int, default=200)
     parser.add_argument("--path-lr", type=float, default=None, help="first FIRE step (default: from the curvature)")
     parser.add_argument("--dedup-tol", type=float, default=0.05)
+    parser.add_argument(
+        "--merge-barrier", type=float, default=None, help="basins' merge level (default: the runs' own, the largest)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(args)
     try:
@@ -325,6 +354,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             path_steps=ns.path_steps,
             path_lr=ns.path_lr,
             dedup_tol=ns.dedup_tol,
+            merge_barrier=ns.merge_barrier,
             seed=ns.seed,
         )
     except AnalysisError as err:  # bad input: one line naming the file or argument and the fix

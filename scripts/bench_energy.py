@@ -5,6 +5,8 @@ epoch), in one run:
   * the epoch time without any callback (median over epochs);
   * one trigger at the default settings, and how it scales with the number of replicas (4, 8, 16): seconds per
     stage, batch passes spent, and the ratio trigger / epoch (the trigger after the first, warm);
+  * per trigger: basins and minima found, the merge level (the replicas' noise level), whether training's basin
+    stays the same, and the converged fractions of quenches and paths;
   * 1 against 2 processes (DDP, gloo, one thread each) for the same trigger: replicas, quenches and paths
     are split over the ranks.
 
@@ -71,7 +73,15 @@ def trigger(replicas: int, epochs: int, root: str, devices: int = 1) -> dict:
     timer = EpochTimer()
     energy = EnergyLandscape(every_n_epochs=1, at_fit_end=False, progress=False, sampling={"replicas": replicas})
     trainer = fit([timer, energy], epochs, root, devices)
-    return {**energy.history[-1], "epoch": statistics.median(timer.seconds), "rank0": trainer.is_global_zero}
+    keys = ("n_minima", "n_basins", "current_basin", "merge_barrier", "quenches_run", "quenches_converged")
+    keys += ("linear_joins", "paths_run", "paths_converged")
+    triggers = [{k: h.get(k) for k in ("step", *keys)} for h in energy.history]
+    return {
+        **energy.history[-1],
+        "epoch": statistics.median(timer.seconds),
+        "rank0": trainer.is_global_zero,
+        "triggers": triggers,
+    }
 
 
 def worker(out: str, devices: int, epochs: int) -> None:
@@ -97,13 +107,20 @@ def main() -> None:
     fit([timer], args.epochs, root)
     epoch = statistics.median(timer.seconds)
     print(f"quickstart epoch without callbacks: {epoch:.3f} s (32 steps)")
-    stages = ["basin_sampling", "minima", "paths", "markov_state_model"]
+    stages = ["basin_sampling", "minima", "paths", "basins", "markov_state_model"]
     print(f"{'replicas':>8} {'trigger s':>9} {'x epoch':>8} {'passes':>8} " + " ".join(f"{s:>18}" for s in stages))
     for replicas in (4, 8, 16):
         r = trigger(replicas, args.epochs, root)
         cells = " ".join(f"{r.get(f'seconds_{s}', float('nan')):>18.3f}" for s in stages)
         seconds = r["spent_seconds"]
         print(f"{replicas:>8} {seconds:>9.2f} {seconds / epoch:>8.1f} {r['spent_passes']:>8} {cells}")
+        for t in r["triggers"]:
+            print(
+                f"{'':>8} step {t['step']}: {t['n_basins']} basins of {t['n_minima']} minima (merge_barrier"
+                f" {t['merge_barrier']:.4f}, training in basin {t['current_basin']}); quenches converged"
+                f" {t['quenches_converged']}/{t['quenches_run']}; joins: {t['linear_joins']} straight lines,"
+                f" paths converged {t['paths_converged']}/{t['paths_run']}"
+            )
     print("\n1 vs 2 processes (DDP gloo, 1 thread per process, 8 replicas, global batch 64):")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     for devices in (1, 2):

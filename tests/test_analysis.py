@@ -8,6 +8,7 @@ import pytest
 
 from lightning_landscape import TrajectoryRecorder
 from lightning_landscape.cli import main
+from lightning_landscape.dynamics import SamplingConfig
 from tests.test_energy import train, well_energy
 
 
@@ -15,7 +16,8 @@ from tests.test_energy import train, well_energy
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("analyze")
     for seed in (0, 1):
-        energy = well_energy(replicas=4, replica_steps=300, max_paths=0, seed=seed)
+        sampling = SamplingConfig(replicas=4, steps=300, lr=0.01, temperature=0.5, record_every=5, seed=seed)
+        energy = well_energy(sampling=sampling, paths={"max_paths": 0})
         train([TrajectoryRecorder(sketch_dim=16, sketch_every_n_steps=1), energy], root / f"run-{seed}", max_steps=8)
     config = root / "double_well.yaml"
     config.write_text("model:\n  class_path: tests.test_energy.DoubleWell\ntrainer:\n  accelerator: cpu\n")
@@ -50,8 +52,18 @@ def test_analyze_merges_runs_and_finds_the_saddle_between_their_minima(two_runs)
     assert summary["metastable_states"] >= 2 and summary["active_points"] > 0
     for name in ("disconnectivity", "timescales", "paths", "free_energy"):
         assert (out / f"{name}.png").exists(), name
-    runs = {line.split(",")[2] for line in (out / "minima.csv").read_text().splitlines()[1:]}
+    runs = {line.split(",")[3] for line in (out / "minima.csv").read_text().splitlines()[1:]}
     assert runs <= {"run-0", "run-1"}
+    # the basins at the runs' own level (0.1 < the barrier 0.5): the two wells; both barriers in barriers.csv
+    assert summary["merge_barrier"] == pytest.approx(0.1) and summary["basins"] == 2
+    assert len((out / "basins.csv").read_text().splitlines()) == 3
+    header, row = (out / "barriers.csv").read_text().splitlines()[:2]
+    assert header.startswith("i,j,saddle,barrier_ij,barrier_ji,method,converged")
+    assert float(row.split(",")[3]) == pytest.approx(0.5, rel=1e-3) == float(row.split(",")[4])
+    one = root / "analysis-one-basin"  # above the barrier the wells are one basin, joined by a straight line
+    args = ["analyze", str(root / "run-0"), str(root / "run-1"), "--config", str(config), "--out", str(one)]
+    summary = main([*args, "--merge-barrier", "0.6"])
+    assert summary["basins"] == 1 and summary["linear_joins"] == 1 and summary["paths_computed"] == 0
 
 
 def test_analyze_without_records_says_what_to_pass_in_one_line(tmp_path, capsys):

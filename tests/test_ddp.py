@@ -52,14 +52,14 @@ def test_a_one_rank_failure_in_any_stage_makes_every_rank_skip_without_hanging(t
 
     result = run_script("faults", tmp_path, 2, callback, timeout=240)
     faults = FAULTS[callback]
-    skipped = sum(1 for _, path, _ in faults if path != "clustered_msm")  # a failed MSM leaves the trigger standing
+    skipped = sum(1 for _, path, _ in faults if path != "markov_model")  # a failed MSM leaves the trigger standing
     assert result["steps"] == len(faults) + 1  # training went on to the end
     assert result["failures"] == [skipped, skipped]  # both ranks skipped each failed trigger together
     assert result["runs"] == [expected_runs, expected_runs]  # and ran the last one
     records = [r for r in result["records"] if '"step"' in r]
     rank_one = [f for f in faults if f[2] == 1]
     assert len(records) >= skipped and sum("rank 1: RuntimeError: injected fault" in r for r in records) >= len(
-        [f for f in rank_one if f[1] != "clustered_msm"]
+        [f for f in rank_one if f[1] != "markov_model"]
     )  # failures of rank 1 are visible on rank 0
 
 

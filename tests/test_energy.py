@@ -278,16 +278,22 @@ def test_two_ranks_sample_the_single_process_replicas_minima_and_paths(tmp_path)
     assert ddp["history"]["replicas_run"] == single["history"]["replicas_run"] == 3
 
 
-def test_bad_settings_are_rejected():
-    with pytest.raises(ValueError, match="`replicas`"):
+def test_bad_settings_are_rejected_naming_the_stage_and_field():
+    with pytest.raises(ValueError, match="`sampling.replicas`"):
         EnergyLandscape(sampling={"replicas": 0})
-    with pytest.raises(ValueError, match="`temperature`"):
-        EnergyLandscape(sampling={"temperature": -0.1})
-    with pytest.raises(ValueError, match="`features`"):
+    with pytest.raises(ValueError, match="`sampling.temperature`"):
+        EnergyLandscape(sampling=SamplingConfig(temperature=-0.1))
+    with pytest.raises(ValueError, match="`msm.features`"):
         EnergyLandscape(msm={"features": "weights"})
-    with pytest.raises(ValueError, match="`budget_seconds`"):
+    with pytest.raises(ValueError, match="`budget.seconds`"):
         EnergyLandscape(budget={"seconds": 0})
-    with pytest.raises(ValueError, match="`path_images`"):
+    with pytest.raises(ValueError, match="`paths.images`"):
         EnergyLandscape(paths={"images": 2})
-    with pytest.raises(ValueError, match=r"`dedup_tol`.*HINT"):
+    with pytest.raises(ValueError, match=r"`quench.dedup_tol`.*HINT"):
         EnergyLandscape(quench={"dedup_tol": 0.0})
+    with pytest.raises(ValueError, match=r"`basins.merge_barrier`"):
+        EnergyLandscape(basins={"merge_barrier": -1.0})
+    with pytest.raises(ValueError, match=r"`sampling`.*replica_steps.*fields are replicas, steps"):
+        EnergyLandscape(sampling={"replica_steps": 5})
+    with pytest.raises(ValueError, match=r"`paths` must be a PathConfig"):
+        EnergyLandscape(paths=5)

@@ -370,9 +370,9 @@ def dips(path: PathResult, depth: float) -> list[Tensor]:
     neighbouring basin anyway."""
     losses, found = path.losses, []
     for k in range(1, len(losses) - 1):
-        if losses[k] < losses[k - 1] and losses[k] < losses[k + 1]:
-            if min(losses[:k].max(), losses[k + 1 :].max()) - losses[k] > depth:
-                found.append(path.images[k])
+        local = losses[k] < losses[k - 1] and losses[k] < losses[k + 1]
+        if local and min(losses[:k].max(), losses[k + 1 :].max()) - losses[k] > depth:
+            found.append(path.images[k])
     return found
 
 
