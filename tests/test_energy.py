@@ -279,17 +279,17 @@ def test_two_ranks_sample_the_single_process_replicas_minima_and_paths(tmp_path)
 
 
 def test_bad_settings_are_rejected_naming_the_stage_and_field():
-    with pytest.raises(ValueError, match="`sampling.replicas`"):
+    with pytest.raises(ValueError, match=r"`sampling\.replicas`"):
         EnergyLandscape(sampling={"replicas": 0})
-    with pytest.raises(ValueError, match="`sampling.temperature`"):
+    with pytest.raises(ValueError, match=r"`sampling\.temperature`"):
         EnergyLandscape(sampling=SamplingConfig(temperature=-0.1))
-    with pytest.raises(ValueError, match="`msm.features`"):
+    with pytest.raises(ValueError, match=r"`msm\.features`"):
         EnergyLandscape(msm={"features": "weights"})
-    with pytest.raises(ValueError, match="`budget.seconds`"):
+    with pytest.raises(ValueError, match=r"`budget\.seconds`"):
         EnergyLandscape(budget={"seconds": 0})
-    with pytest.raises(ValueError, match="`paths.images`"):
+    with pytest.raises(ValueError, match=r"`paths\.images`"):
         EnergyLandscape(paths={"images": 2})
-    with pytest.raises(ValueError, match=r"`quench.dedup_tol`.*HINT"):
+    with pytest.raises(ValueError, match=r"`quench\.dedup_tol`.*HINT"):
         EnergyLandscape(quench={"dedup_tol": 0.0})
     with pytest.raises(ValueError, match=r"`basins.merge_barrier`"):
         EnergyLandscape(basins={"merge_barrier": -1.0})
