@@ -50,15 +50,12 @@ from lightning_landscape.dynamics import (
 )
 from lightning_landscape.dynamics.pipeline import (
     BARRIER_COLUMNS,
-    BasinConfig,
     MSMConfig,
     PathConfig,
     barrier_rows,
     basins_of,
+    join_basins,
     markov_model,
-    minimum_path,
-    plan_joins,
-    record_path,
 )
 from lightning_landscape.report.plots import free_energy_figure, paths_figure, timescales_figure
 
@@ -282,13 +279,9 @@ def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, optio
 def _paths(merged, config: Path, probe: dict, profiles: list, paths: PathConfig, level: float, summary: dict) -> None:
     n_params = merged.theta(0).size
     objective = _probe_objective(config, probe["probe_size"], probe["probe_seed"], probe["bn_mode"], n_params)
-    plan = plan_joins(merged, objective, list(range(len(merged))), level, BasinConfig(), paths)
+    _, plan, computed = join_basins(merged, objective, list(range(len(merged))), level, paths, source="analyze")
     summary["linear_joins"] = len(plan.linear)
-    for i, j in plan.paths:
-        a, b = (objective.theta0.new_tensor(merged.theta(k)) for k in (i, j))
-        path = minimum_path(objective, a, b, paths)
-        record_path(merged, i, j, path, source="analyze")
-        profiles.append((f"{i} - {j}", path.arc, path.losses))
+    profiles += [(f"{i} - {j}", path.arc, path.losses) for i, j, path in computed]
 
 
 def _minima_outputs(merged, level: float, runs, out: Path, summary: dict, arrays: dict, n_paths: int) -> None:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lightning.pytorch as pl
 
 from lightning_landscape import EnergyLandscape
-from lightning_landscape.examples import MLP, Classifier, GaussianMixtureClassification
+from scripts.common import fit_quickstart
 
 
 class EpochTimer(pl.Callback):
@@ -46,33 +46,11 @@ class EpochTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def fit(callbacks: list, epochs: int, root: str, devices: int = 1) -> pl.Trainer:
-    pl.seed_everything(0)
-    model = Classifier(MLP(2, 4, [32, 32]), lr=0.1, momentum=0.9)
-    data = GaussianMixtureClassification(n_classes=4, separation=2.0, n_train=2048, n_val=512, batch_size=64 // devices)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        default_root_dir=root,
-    )
-    trainer.fit(model, datamodule=data)
-    return trainer
-
-
 def trigger(replicas: int, epochs: int, root: str, devices: int = 1) -> dict:
     """The last trigger's record (every epoch, warm after the first) and the median epoch time."""
     timer = EpochTimer()
     energy = EnergyLandscape(every_n_epochs=1, at_fit_end=False, progress=False, sampling={"replicas": replicas})
-    trainer = fit([timer, energy], epochs, root, devices)
+    trainer = fit_quickstart([timer, energy], epochs, root, devices)
     keys = ("n_minima", "n_basins", "current_basin", "merge_barrier", "quenches_run", "quenches_converged")
     keys += ("linear_joins", "paths_run", "paths_converged")
     triggers = [{k: h.get(k) for k in ("step", *keys)} for h in energy.history]
@@ -104,7 +82,7 @@ def main() -> None:
         return
     root = tempfile.mkdtemp(prefix="bench-energy-")
     timer = EpochTimer()
-    fit([timer], args.epochs, root)
+    fit_quickstart([timer], args.epochs, root)
     epoch = statistics.median(timer.seconds)
     print(f"quickstart epoch without callbacks: {epoch:.3f} s (32 steps)")
     stages = ["basin_sampling", "minima", "paths", "basins", "markov_state_model"]

@@ -24,13 +24,12 @@ import lightning_landscape  # noqa: F401  (first)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning.pytorch as pl
 import torch
 
 from lightning_landscape import EnergyLandscape
 from lightning_landscape.dynamics import MinimaDatabase, quench
-from lightning_landscape.examples import MLP, Classifier, GaussianMixtureClassification
 from lightning_landscape.geometry.paths import _grads, _losses, _redistribute, _tangents, minimum_energy_path
+from scripts.common import fit_quickstart
 
 
 def fixed_step_string(objective, a, b, n_images: int, lr: float, tol: float, cap: int) -> tuple[bool, int, float]:
@@ -57,25 +56,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--cap", type=int, default=20000, help="gradient evaluations for the fixed-step method")
     args = parser.parse_args()
-    pl.seed_everything(0)
     energy = EnergyLandscape(
         every_n_epochs=args.epochs, at_fit_end=False, progress=False, quench={"dedup_tol": 0.01}, paths={"max_paths": 0}
     )
-    model = Classifier(MLP(2, 4, [32, 32]), lr=0.1, momentum=0.9)
-    data = GaussianMixtureClassification(n_classes=4, separation=2.0, n_train=2048, n_val=512, batch_size=64)
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[energy],
-        default_root_dir=tempfile.mkdtemp(prefix="bench-paths-"),
-    )
-    trainer.fit(model, datamodule=data)
+    trainer = fit_quickstart([energy], args.epochs, tempfile.mkdtemp(prefix="bench-paths-"))
+    model = trainer.lightning_module
     objective = energy.objective(trainer, model)
     db = MinimaDatabase(energy.minima_dir)
     print(f"{len(db)} quenched minima after {args.epochs} epochs; paths between the first {args.pairs} pairs")

@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: MNIST-format data of the real size, and timed fits side by side."""
+"""Shared by the benchmarks: MNIST-format data of the real size, timed fits side by side, and the quickstart fit."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 import lightning_landscape  # noqa: F401  (first)
-from lightning_landscape.examples import MLP, Classifier, MNISTDataModule
+from lightning_landscape.examples import MLP, Classifier, GaussianMixtureClassification, MNISTDataModule
 
 
 def write_synthetic_mnist(folder: str | Path) -> None:
@@ -53,3 +53,27 @@ def side_by_side(data_dir: str, make_model, make_callbacks, epochs: int, repeats
         plain.append(timed_fit(data_dir, make_model(), [], epochs))
         observed.append(timed_fit(data_dir, make_model(), make_callbacks(), epochs))
     return min(plain), min(observed)
+
+
+def fit_quickstart(callbacks: list, epochs: int, root: str, devices: int = 1) -> pl.Trainer:
+    """The quickstart model (Gaussian-mixture classifier, MLP 2-32-32-4, global batch 64) trained with
+    ``callbacks`` (no validation, no logger, no checkpoints; DDP over ``devices`` CPU processes)."""
+    pl.seed_everything(0)
+    model = Classifier(MLP(2, 4, [32, 32]), lr=0.1, momentum=0.9)
+    data = GaussianMixtureClassification(n_classes=4, separation=2.0, n_train=2048, n_val=512, batch_size=64 // devices)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        default_root_dir=root,
+    )
+    trainer.fit(model, datamodule=data)
+    return trainer

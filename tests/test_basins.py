@@ -7,13 +7,13 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import EnergyLandscape, Objective
 from lightning_landscape.dynamics import MinimaDatabase, SamplingConfig
 from lightning_landscape.dynamics.pipeline import noise_level
+from tests.test_energy import train
 
 
 class Potential(pl.LightningModule):
@@ -38,19 +38,9 @@ class Potential(pl.LightningModule):
         return DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=16)
 
 
-def energy_run(tmp_path, potential, start, seed=0, **settings):
+def energy_run(tmp_path, potential, start, **settings):
     energy = EnergyLandscape(probe_size=16, dtype=torch.float64, progress=False, **settings)
-    pl.seed_everything(seed)
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=CSVLogger(tmp_path),
-        callbacks=[energy],
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(Potential(potential, start))
+    train([energy], tmp_path, model=Potential(potential, start), max_steps=1)
     assert energy.runs == 1 and energy.failures == 0
     return energy, energy.history[0], MinimaDatabase(energy.minima_dir)
 
@@ -82,7 +72,7 @@ def three_well_exact():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_ring_valley_is_one_basin(tmp_path, seed):
     sampling = SamplingConfig(replicas=8, steps=1000, lr=0.01, temperature=0.05, record_every=25, seed=seed)
-    _, run, db = energy_run(tmp_path, ring, [1.0, 0.0], seed, sampling=sampling)
+    _, run, db = energy_run(tmp_path, ring, [1.0, 0.0], sampling=sampling)
     assert run["n_minima"] >= 4  # distinct points of the ring, each a minimum of loss 0
     np.testing.assert_allclose(db.losses, 0.0, atol=1e-6)
     assert run["merge_barrier"] == pytest.approx(0.05)  # the SGLD temperature (no minibatch noise)
@@ -93,7 +83,7 @@ def test_a_ring_valley_is_one_basin(tmp_path, seed):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_double_well_is_two_basins_at_the_default_noise_level(tmp_path, seed):
     sampling = SamplingConfig(replicas=8, steps=1500, lr=0.01, temperature=0.3, record_every=25, seed=seed)
-    energy, run, db = energy_run(tmp_path, double_well, [-1.0, 0.0], seed, sampling=sampling)
+    energy, run, db = energy_run(tmp_path, double_well, [-1.0, 0.0], sampling=sampling)
     assert run["n_minima"] == 2 and run["merge_barrier"] == pytest.approx(0.3)  # T; barrier 0.5 separates
     assert run["n_basins"] == 2
     assert db.saddles[(0, 1)]["saddle"] == pytest.approx(0.5, rel=1e-3)

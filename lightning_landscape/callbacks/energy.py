@@ -374,13 +374,15 @@ class EnergyLandscape(LandscapeCallback):
         self.advance("minima")
 
         # 3. the database, basins and the paths that join them (rank 0 plans, whole paths split over ranks)
-        plan, new_minima, current, db, merge_barrier = None, 0, None, None, 0.0
+        plan, new_minima, current, db, merge_barrier, linear_joins = None, 0, None, None, 0.0, 0
         with self.stage(trainer, "minima database"):
             if trainer.is_global_zero:
                 merge_barrier = self.basins.merge_barrier
                 if merge_barrier is None:
                     merge_barrier = noise_level(pool, x0, lr, self.sampling.temperature)
-                db, current, new_minima, plan = self._database(probe, quenched, excursions, step, merge_barrier)
+                db, current, new_minima, joins = self._database(probe, quenched, excursions, step, merge_barrier)
+                linear_joins = len(joins.linear)
+                plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in joins.paths]
         plan = distributed.broadcast(strategy, plan)
 
         def path(k: int) -> tuple[int, int, PathResult]:
@@ -397,7 +399,8 @@ class EnergyLandscape(LandscapeCallback):
         dipped = []
         for i, j, found in found_paths:
             record_path(db, i, j, found, step=step)
-            for theta in dips(found, merge_barrier)[:2]:  # a dip along the path: quench it, it may be a new minimum
+            # a dip along the path deeper than the merge level: quench it, it may be a new minimum
+            for theta in [found.images[k] for k in dips(found.losses, merge_barrier)[:2]]:
                 try:
                     point = quench_point(probe, theta, self.quench, step=step, source=f"path {i}-{j}")
                     k, new = self._add_minimum(db, probe, point)
@@ -407,7 +410,7 @@ class EnergyLandscape(LandscapeCallback):
                 dipped.append(k)
         if dipped:  # join them to the others by straight lines; their paths wait for the next trigger
             more = plan_joins(db, probe, dipped, merge_barrier, self.basins, replace(self.paths, max_paths=0))
-            self._linear_joins += len(more.linear)
+            linear_joins += len(more.linear)
         basins = basins_of(db, merge_barrier)
         passes += _passes(probe) - local_mark
         if self.previous_minimum is not None and current is not None and current != self.previous_minimum:
@@ -432,9 +435,8 @@ class EnergyLandscape(LandscapeCallback):
         tree = None
         if basins.n_basins > 1:
             tree = disconnectivity_tree([r["loss"] for r in basins.rows], basins.saddles)
-        elif len(joined := np.flatnonzero(np.isfinite(db.saddle_matrix()).sum(1) > 1)):  # one basin: its minima
-            saddles = db.saddle_matrix()[np.ix_(joined, joined)]
-            tree = disconnectivity_tree(db.losses[joined], saddles, joined)
+        elif len(joined := np.flatnonzero(np.isfinite(saddles := db.saddle_matrix()).sum(1) > 1)):  # one basin
+            tree = disconnectivity_tree(db.losses[joined], saddles[np.ix_(joined, joined)], joined)
         self.advance("disconnectivity graph")
         scalars.update(self._timings)
         scalars.update(
@@ -447,7 +449,7 @@ class EnergyLandscape(LandscapeCallback):
             replicas_run=len(excursions.replica_ids),
             quenches_run=len(quenched),
             quenches_converged=sum(q.converged for q in quenched),
-            linear_joins=self._linear_joins,
+            linear_joins=linear_joins,
             paths_run=len(found_paths),
             paths_converged=sum(p.converged for _, _, p in found_paths),
         )
@@ -456,7 +458,7 @@ class EnergyLandscape(LandscapeCallback):
 
     def _database(self, probe: Objective, quenched: list[Minimum], excursions: Excursions, step: int, level: float):
         """Rank 0: the quenched points into the minima database, the straight-line joins, and the paths to compute:
-        ``(database, current minimum, new minima, plan)``."""
+        ``(database, current minimum, new minima, joining plan)``."""
         new_minima, current = 0, None
         meta = {**probe.metadata, **self.probe_metadata, "probe_batch_size": self.probe_batch_size}
         names = list(probe.layout.names)
@@ -499,10 +501,7 @@ class EnergyLandscape(LandscapeCallback):
         first = []
         if previous is not None and current is not None and previous != current and previous < len(db):
             first = [(min(previous, current), max(previous, current))]
-        joins = plan_joins(db, probe, found, level, self.basins, self.paths, first=first)
-        self._linear_joins = len(joins.linear)
-        plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in joins.paths]
-        return db, current, new_minima, plan
+        return db, current, new_minima, plan_joins(db, probe, found, level, self.basins, self.paths, first=first)
 
     @staticmethod
     def _add_minimum(db: MinimaDatabase, probe: Objective, point: Minimum, **info: Any) -> tuple[int, bool]:

@@ -38,9 +38,9 @@ Example (the double well ``(x^2 - 1)^2``, barrier 1: two basins at ``merge_barri
     >>> db = MinimaDatabase(tempfile.mkdtemp())
     >>> for x in (-0.9, 0.8, 1.1):
     ...     _ = add_minimum(db, quench_point(well, torch.tensor([x], dtype=torch.float64), QuenchConfig()), step=0)
-    >>> len(db), join_basins(db, well, [0, 1], 0.5, PathConfig(images=9)).n_basins
+    >>> len(db), join_basins(db, well, [0, 1], 0.5, PathConfig(images=9))[0].n_basins
     (2, 2)
-    >>> join_basins(db, well, [0, 1], 2.0, PathConfig(images=9)).n_basins
+    >>> join_basins(db, well, [0, 1], 2.0, PathConfig(images=9))[0].n_basins
     1
 """
 
@@ -58,7 +58,7 @@ from lightning_landscape.dynamics.excursions import Excursions, sample_basin
 from lightning_landscape.dynamics.minima import MinimaDatabase, quench
 from lightning_landscape.dynamics.msm import MarkovStateModel, clustered_msm, metastable_summary, states_on_plane
 from lightning_landscape.dynamics.sketch import SparseProjection
-from lightning_landscape.geometry.paths import PathResult, minimum_energy_path
+from lightning_landscape.geometry.paths import PathResult, dips, minimum_energy_path
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -307,20 +307,16 @@ def record_path(db: MinimaDatabase, i: int, j: int, path: PathResult, **info: An
     """The saddle of ``path`` between minima ``i`` and ``j`` into the database, with both barriers, its
     convergence and cost; returns the saddle loss. The highest point counts the ends too: an end that is not
     quite a minimum can be the highest point."""
-    saddle = max(float(path.losses.max()), db.records[i]["loss"], db.records[j]["loss"])
-    db.set_saddle(
-        i,
-        j,
-        saddle,
-        barrier_ij=saddle - db.records[i]["loss"],
-        barrier_ji=saddle - db.records[j]["loss"],
-        method=path.method,
-        length=path.length,
-        converged=path.converged,
-        force_ratio=path.force_ratio,
-        n_grad=path.n_grad,
-        **info,
-    )
+    info = dict(method=path.method, length=path.length, converged=path.converged, force_ratio=path.force_ratio, **info)
+    return _set_saddle(db, i, j, float(path.losses.max()), n_grad=path.n_grad, **info)
+
+
+def _set_saddle(db: MinimaDatabase, i: int, j: int, highest: float, **info: Any) -> float:
+    """Record the saddle of a path between ``i`` and ``j`` whose highest inner point is ``highest``: the highest
+    point counts the ends too, and both barriers are stored. Returns the saddle loss."""
+    li, lj = db.records[i]["loss"], db.records[j]["loss"]
+    saddle = max(highest, li, lj)
+    db.set_saddle(i, j, saddle, barrier_ij=saddle - li, barrier_ji=saddle - lj, **info)
     return saddle
 
 
@@ -362,18 +358,6 @@ def barrier_rows(db: MinimaDatabase) -> list[list[Any]]:
             ]
         )
     return rows
-
-
-def dips(path: PathResult, depth: float) -> list[Tensor]:
-    """The images of ``path`` that are local minima along it, deeper than ``depth`` below the highest loss on either
-    side: candidates for intermediate minima. Shallower dips (a flat valley's numerical ripples) would merge into a
-    neighbouring basin anyway."""
-    losses, found = path.losses, []
-    for k in range(1, len(losses) - 1):
-        local = losses[k] < losses[k - 1] and losses[k] < losses[k + 1]
-        if local and min(losses[:k].max(), losses[k + 1 :].max()) - losses[k] > depth:
-            found.append(path.images[k])
-    return found
 
 
 def linear_saddle(objective: Any, a: Tensor, b: Tensor, images: int) -> float:
@@ -438,20 +422,12 @@ def plan_joins(
     for i, j in [*first, *_candidate_pairs(db, labels, found, basins.neighbours)]:
         if (i, j) in db.saddles or (i, j) in planned or (labels[i] == labels[j] and (i, j) not in first):
             continue
-        a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
         if checks < basins.max_linear:
             checks += 1
-            saddle = max(linear_saddle(objective, a, b, paths.images), db.records[i]["loss"], db.records[j]["loss"])
-            if saddle - max(db.records[i]["loss"], db.records[j]["loss"]) <= merge_barrier:
-                db.set_saddle(
-                    i,
-                    j,
-                    saddle,
-                    barrier_ij=saddle - db.records[i]["loss"],
-                    barrier_ji=saddle - db.records[j]["loss"],
-                    method="linear",
-                    converged=False,
-                )
+            a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
+            highest = linear_saddle(objective, a, b, paths.images)
+            if highest - max(db.records[i]["loss"], db.records[j]["loss"]) <= merge_barrier:
+                _set_saddle(db, i, j, highest, method="linear", converged=False)
                 linear.append((i, j))
                 labels = db.basins()
                 continue
@@ -491,14 +467,17 @@ def join_basins(
     paths: PathConfig,
     basins: BasinConfig | None = None,
     **info: Any,
-) -> BasinsResult:
+) -> tuple[BasinsResult, Joining, list[tuple[int, int, PathResult]]]:
     """The whole joining stage in one process: :func:`plan_joins`, the planned paths (:func:`minimum_path`,
-    :func:`record_path`), and the resulting basins. ``info`` is stored with every path (e.g. ``step``)."""
+    :func:`record_path`), and the resulting basins. ``info`` is stored with every path (e.g. ``step``). Returns
+    ``(basins, the plan, the computed paths)``."""
     plan = plan_joins(db, objective, found, merge_barrier, basins or BasinConfig(), paths)
+    computed = []
     for i, j in plan.paths:
         a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
-        record_path(db, i, j, minimum_path(objective, a, b, paths), **info)
-    return basins_of(db, merge_barrier)
+        computed.append((i, j, minimum_path(objective, a, b, paths)))
+        record_path(db, i, j, computed[-1][2], **info)
+    return basins_of(db, merge_barrier), plan, computed
 
 
 # ----------------------------------------------------------------------------------------------- 4. Markov model

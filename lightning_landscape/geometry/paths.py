@@ -60,6 +60,18 @@ class PathResult:
     force_ratio: float = float("nan")  # largest perpendicular force over the gradient scale (converged: <= tol)
 
 
+def dips(losses: np.ndarray, depth: float = 0.0) -> list[int]:
+    """Indices of the inner images that are strict local minima of the loss along a path and lie more than
+    ``depth`` below the highest loss on either side of them (``depth=0``: every strict local minimum)."""
+    return [
+        k
+        for k in range(1, len(losses) - 1)
+        if losses[k] < losses[k - 1]
+        and losses[k] < losses[k + 1]
+        and min(losses[:k].max(), losses[k + 1 :].max()) - losses[k] > depth
+    ]
+
+
 def _losses(objective: Any, images: Tensor) -> Tensor:
     if hasattr(objective, "losses"):
         return objective.losses(images).to(images)
@@ -297,11 +309,10 @@ def minimum_energy_path(
     seg = (images[1:] - images[:-1]).norm(dim=1).double().cpu().numpy()
     arc = np.concatenate([[0.0], np.cumsum(seg)])
     minima = []
-    for i in range(1, n_images - 1):
-        if values[i] < values[i - 1] and values[i] < values[i + 1]:
-            theta, used = _descend(objective, images[i], _Fire(fire.dt0, max_move), quench_steps, tol, scale)
-            n_grad += used
-            minima.append((theta, float(objective.loss(theta))))
+    for i in dips(values):
+        theta, used = _descend(objective, images[i], _Fire(fire.dt0, max_move), quench_steps, tol, scale)
+        n_grad += used
+        minima.append((theta, float(objective.loss(theta))))
     saddle_loss = float(values[top])
     return PathResult(
         images=images,
