@@ -89,8 +89,9 @@ def _write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> None:
         writer.writerows(rows)
 
 
-def _probe_objective(config: Path, probe_size: int, probe_seed: int, bn_mode: str, n_params: int) -> Any:
-    """The runs' model and probe set, rebuilt from their LightningCLI config (no trainer, no logger).
+def _probe_objective(config: Path, probe: dict[str, Any], n_params: int) -> Any:
+    """The runs' model, probe set and energy (``probe``: the databases' ``probe_size``, ``probe_seed``, ``bn_mode``
+    and ``l2``), rebuilt from their LightningCLI config (no trainer, no logger).
 
     Raises:
         AnalysisError: when the config builds a model of another size than the minima's ``n_params``, or one whose
@@ -123,10 +124,12 @@ def _probe_objective(config: Path, probe_size: int, probe_seed: int, bn_mode: st
     if hasattr(source, "setup"):
         source.setup("fit")
     loader = source.train_dataloader()
-    chunks = probe_chunks(len(loader.dataset), probe_size, probe_size, probe_seed)
+    chunks = probe_chunks(len(loader.dataset), probe["probe_size"], probe["probe_size"], probe["probe_seed"])
     batches = [loader.collate_fn([loader.dataset[i] for i in chunk]) for chunk in chunks]
     try:
-        return Objective(cli.model, batches, bn_mode=bn_mode)
+        objective = Objective(cli.model, batches, bn_mode=probe["bn_mode"])
+        objective.set_l2(probe.get("l2") or 0.0)
+        return objective
     except Exception as err:
         raise AnalysisError(
             f"--config {str(config)!r}: the model's loss cannot be evaluated on its data ({type(err).__name__}: {err})."
@@ -249,9 +252,9 @@ def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, optio
             summary["skipped"].append({"path": str(path), "reason": str(err)})
     if not opened:
         return
-    probe = {k: opened[0][1].meta.get(k) for k in ("probe_size", "probe_seed", "n_params", "bn_mode")}
+    probe = {k: opened[0][1].meta.get(k) for k in ("probe_size", "probe_seed", "n_params", "bn_mode", "l2")}
     comparable = [(run, db) for run, db in opened if all(db.meta.get(k) == v for k, v in probe.items())]
-    summary["skipped_databases"] = len(opened) - len(comparable)  # another model or probe set
+    summary["skipped_databases"] = len(opened) - len(comparable)  # another model, probe set or weight decay
     folder = out / "minima"
     if folder.exists():  # an earlier analysis into this --out: rebuilt, never merged into
         if not (folder / "minima.json").exists() or not MinimaDatabase(folder).meta.get("merged_by_analyze"):
@@ -278,7 +281,7 @@ def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, optio
 
 def _paths(merged, config: Path, probe: dict, profiles: list, paths: PathConfig, level: float, summary: dict) -> None:
     n_params = merged.theta(0).size
-    objective = _probe_objective(config, probe["probe_size"], probe["probe_seed"], probe["bn_mode"], n_params)
+    objective = _probe_objective(config, probe, n_params)
     _, plan, computed = join_basins(merged, objective, list(range(len(merged))), level, paths, source="analyze")
     summary["linear_joins"] = len(plan.linear)
     profiles += [(f"{i} - {j}", path.arc, path.losses) for i, j, path in computed]

@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -191,6 +192,9 @@ class Objective:
         batching: ``"auto"``, ``"vmap"`` or ``"loop"``: how :meth:`losses` batches parameter vectors.
         outputs_fn: ``outputs_fn(module, batch) -> tensor``, what :meth:`outputs` returns for a batch. Default:
             ``module(first tensor of the batch)``.
+        l2: an L2 term added to every batch's loss, ``L(theta) + sum_i l2_i theta_i^2 / 2``: a number, or one
+            coefficient per trainable parameter entry (``(P,)``). It is the energy that SGD with (coupled) weight
+            decay ``l2`` descends; see :func:`~lightning_landscape.params.weight_decay_of`. Default 0.
 
     Raises:
         ValueError: empty ``batches``, a module without trainable parameters, an unknown ``bn_mode``,
@@ -210,6 +214,7 @@ class Objective:
         chunk_size: int = 32,
         batching: Literal["auto", "vmap", "loop"] = "auto",
         outputs_fn: LossFn | None = None,
+        l2: float | Tensor = 0.0,
     ) -> None:
         if bn_mode not in ("eval", "train"):
             raise ValueError(f"`bn_mode` must be 'eval' or 'train', got {bn_mode!r}.")
@@ -237,6 +242,7 @@ class Objective:
         self.chunk_size = chunk_size
         self.batching = batching
         self.layout = ParameterLayout.from_module(module)
+        self.set_l2(l2)
         self._wrapper = _Evaluated(module, loss_fn, outputs_fn)
         device = self.device
         with torch.inference_mode(False):
@@ -253,6 +259,27 @@ class Objective:
         finally:
             rng.restore()
         self.passes = {"forward": 0, "backward": 0}
+
+    def set_l2(self, l2: float | Tensor | Mapping[str, float]) -> None:
+        """Set the L2 term (``l2`` in the class docstring): a number, a ``(P,)`` tensor, or ``{parameter name:
+        coefficient}`` (as :attr:`metadata` stores it; names it lacks get 0)."""
+        if isinstance(l2, Mapping):
+            sizes = dict(zip(self.layout.names, self.layout.sizes, strict=True))
+            l2 = torch.cat([torch.full((sizes[n],), float(l2.get(n, 0.0)), dtype=torch.float64) for n in sizes])
+        if isinstance(l2, Tensor):
+            if l2.shape != (self.numel,) or not bool(torch.isfinite(l2).all()) or bool((l2 < 0).any()):
+                raise ValueError(
+                    f"`l2` must be a number or a ({self.numel},) tensor of finite values >= 0, got a tensor of shape"
+                    f" {tuple(l2.shape)}. HINT: `weight_decay_of(optimizers, module)` builds one from the optimizers."
+                )
+            exact = l2.detach().double().cpu()  # the metadata keeps the float64 coefficients
+            self._l2_names = {n: float(exact[s.start]) for n, s in self.layout.slices().items()}
+            uniform = bool((exact == exact[0]).all())
+            self.l2: float | Tensor = float(exact[0]) if uniform else l2.to(device=self.device, dtype=self.dtype)
+            return
+        if isinstance(l2, bool) or not (isinstance(l2, (int, float)) and math.isfinite(l2) and l2 >= 0):
+            raise ValueError(f"`l2` must be a finite number >= 0, got {l2!r}. HINT: 0 (no L2 term) or e.g. 5e-4.")
+        self.l2 = float(l2)
 
     def _spend(self, forward: int, backward: int = 0) -> None:
         self.passes["forward"] += forward
@@ -285,7 +312,11 @@ class Objective:
             "n_samples": sum(self.batch_sizes),
             "n_params": self.numel,
             "batching": self._method or self.batching,
+            "l2": self._l2_by_name(),
         }
+
+    def _l2_by_name(self) -> float | dict[str, float]:
+        return self._l2_names if isinstance(self.l2, Tensor) else self.l2
 
     def _cast(self, t: Tensor) -> Tensor:
         return t.to(self.dtype) if t.is_floating_point() else t
@@ -330,7 +361,10 @@ class Objective:
 
     def _batch_loss(self, theta: Tensor, index: int, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
         tensors = self._tensors(theta, buffers)
-        return functional_call(self._wrapper, tensors, (self.batches[index], index), strict=False)
+        loss = functional_call(self._wrapper, tensors, (self.batches[index], index), strict=False)
+        if isinstance(self.l2, Tensor) or self.l2:
+            loss = loss + 0.5 * (self.l2 * theta * theta).sum()
+        return loss
 
     def _point(self, theta: Tensor | None) -> Tensor:
         if theta is None:

@@ -17,7 +17,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +98,32 @@ class ParameterLayout:
             )
         parts = torch.split(theta, self.sizes, dim=-1)
         return {n: p.reshape(*theta.shape[:-1], *s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
+
+
+def weight_decay_of(optimizers: Sequence[torch.optim.Optimizer], module: nn.Module) -> Tensor:
+    """The weight decay of each trainable parameter entry of ``module`` under ``optimizers``, as a ``(P,)`` float64
+    vector in :class:`ParameterLayout` order (0 for parameters no optimizer holds).
+
+    Each parameter group's ``weight_decay`` is that group's L2 coefficient ``lambda``: SGD and Adam with
+    (coupled) weight decay descend ``L(theta) + lambda |theta|^2 / 2``; a decoupled one (AdamW) shrinks the
+    weights by the same ``lr lambda theta`` per step as SGD on that energy. Groups without weight decay (biases
+    and norms, often) keep 0.
+
+    Example::
+
+        >>> net = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD([{"params": [net.weight], "weight_decay": 1e-3}, {"params": [net.bias]}], lr=0.1)
+        >>> weight_decay_of([opt], net).tolist()
+        [0.001, 0.001, 0.0]
+    """
+    layout = ParameterLayout.from_module(module)
+    slices = layout.slices()
+    index = {id(p): slices[n] for n, p in module.named_parameters() if n in slices}
+    out = torch.zeros(layout.numel, dtype=torch.float64)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            decay = float(group.get("weight_decay", 0.0) or 0.0)
+            for p in group["params"]:
+                if id(p) in index:
+                    out[index[id(p)]] = decay
+    return out

@@ -1,12 +1,14 @@
 """Benchmark: the cost of one EnergyLandscape trigger against the training epoch it follows.
 
 On the quickstart model (Gaussian-mixture classifier, MLP 2-32-32-4, 2048 samples, batch 64 = 32 steps per
-epoch), in one run:
+epoch) trained as ``configs/energy.yaml`` trains it (weight decay 5e-4, the energy on all 2048 samples), in one run:
   * the epoch time without any callback (median over epochs);
   * one trigger at the default settings, and how it scales with the number of replicas (4, 8, 16): seconds per
     stage, batch passes spent, and the ratio trigger / epoch (the trigger after the first, warm);
   * per trigger: basins and minima found, the merge level (the replicas' noise level), whether training's basin
     stays the same, and the converged fractions of quenches and paths;
+  * the same trigger without weight decay (on data the network can fit, cross-entropy then has no minimum at
+    finite weights: the quenches cannot converge, and the callback says so);
   * 1 against 2 processes (DDP, gloo, one thread each) for the same trigger: replicas, quenches and paths
     are split over the ranks.
 
@@ -46,13 +48,18 @@ class EpochTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def trigger(replicas: int, epochs: int, root: str, devices: int = 1) -> dict:
+WEIGHT_DECAY, PROBE_SIZE = 5e-4, 2048  # as configs/energy.yaml
+
+
+def trigger(replicas: int, epochs: int, root: str, devices: int = 1, weight_decay: float = WEIGHT_DECAY) -> dict:
     """The last trigger's record (every epoch, warm after the first) and the median epoch time."""
     timer = EpochTimer()
-    energy = EnergyLandscape(every_n_epochs=1, at_fit_end=False, progress=False, sampling={"replicas": replicas})
-    trainer = fit_quickstart([timer, energy], epochs, root, devices)
+    energy = EnergyLandscape(
+        every_n_epochs=1, at_fit_end=False, progress=False, sampling={"replicas": replicas}, probe_size=PROBE_SIZE
+    )
+    trainer = fit_quickstart([timer, energy], epochs, root, devices, weight_decay)
     keys = ("n_minima", "n_basins", "current_basin", "merge_barrier", "quenches_run", "quenches_converged")
-    keys += ("linear_joins", "paths_run", "paths_converged")
+    keys += ("linear_joins", "paths_run", "paths_converged", "quench_grads", "path_grads")
     triggers = [{k: h.get(k) for k in ("step", *keys)} for h in energy.history]
     return {
         **energy.history[-1],
@@ -82,22 +89,24 @@ def main() -> None:
         return
     root = tempfile.mkdtemp(prefix="bench-energy-")
     timer = EpochTimer()
-    fit_quickstart([timer], args.epochs, root)
+    fit_quickstart([timer], args.epochs, root, weight_decay=WEIGHT_DECAY)
     epoch = statistics.median(timer.seconds)
     print(f"quickstart epoch without callbacks: {epoch:.3f} s (32 steps)")
     stages = ["basin_sampling", "minima", "paths", "basins", "markov_state_model"]
     print(f"{'replicas':>8} {'trigger s':>9} {'x epoch':>8} {'passes':>8} " + " ".join(f"{s:>18}" for s in stages))
-    for replicas in (4, 8, 16):
-        r = trigger(replicas, args.epochs, root)
+    for replicas, weight_decay in ((4, WEIGHT_DECAY), (8, WEIGHT_DECAY), (16, WEIGHT_DECAY), (8, 0.0)):
+        r = trigger(replicas, args.epochs, root, weight_decay=weight_decay)
         cells = " ".join(f"{r.get(f'seconds_{s}', float('nan')):>18.3f}" for s in stages)
         seconds = r["spent_seconds"]
-        print(f"{replicas:>8} {seconds:>9.2f} {seconds / epoch:>8.1f} {r['spent_passes']:>8} {cells}")
+        label = f"{replicas}" + ("" if weight_decay else " (no weight decay)")
+        print(f"{label:>8} {seconds:>9.2f} {seconds / epoch:>8.1f} {r['spent_passes']:>8} {cells}")
         for t in r["triggers"]:
             print(
                 f"{'':>8} step {t['step']}: {t['n_basins']} basins of {t['n_minima']} minima (merge_barrier"
                 f" {t['merge_barrier']:.4f}, training in basin {t['current_basin']}); quenches converged"
-                f" {t['quenches_converged']}/{t['quenches_run']}; joins: {t['linear_joins']} straight lines,"
-                f" paths converged {t['paths_converged']}/{t['paths_run']}"
+                f" {t['quenches_converged']}/{t['quenches_run']} ({t['quench_grads']} gradients);"
+                f" joins: {t['linear_joins']} straight lines, paths converged {t['paths_converged']}/{t['paths_run']}"
+                f" ({t['path_grads']} gradients)"
             )
     print("\n1 vs 2 processes (DDP gloo, 1 thread per process, 8 replicas, global batch 64):")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}

@@ -55,11 +55,12 @@ def side_by_side(data_dir: str, make_model, make_callbacks, epochs: int, repeats
     return min(plain), min(observed)
 
 
-def fit_quickstart(callbacks: list, epochs: int, root: str, devices: int = 1) -> pl.Trainer:
-    """The quickstart model (Gaussian-mixture classifier, MLP 2-32-32-4, global batch 64) trained with
-    ``callbacks`` (no validation, no logger, no checkpoints; DDP over ``devices`` CPU processes)."""
+def fit_quickstart(callbacks: list, epochs: int, root: str, devices: int = 1, weight_decay: float = 0.0) -> pl.Trainer:
+    """The quickstart model (Gaussian-mixture classifier, MLP 2-32-32-4, global batch 64; ``configs/energy.yaml``
+    trains it with ``weight_decay=5e-4``) trained with ``callbacks`` (no validation, no logger, no checkpoints; DDP
+    over ``devices`` CPU processes)."""
     pl.seed_everything(0)
-    model = Classifier(MLP(2, 4, [32, 32]), lr=0.1, momentum=0.9)
+    model = Classifier(MLP(2, 4, [32, 32]), lr=0.1, momentum=0.9, weight_decay=weight_decay)
     data = GaussianMixtureClassification(n_classes=4, separation=2.0, n_train=2048, n_val=512, batch_size=64 // devices)
     trainer = pl.Trainer(
         max_epochs=epochs,

@@ -8,7 +8,7 @@ from torch import nn
 from lightning_landscape import Objective
 from lightning_landscape.dynamics import MinimaDatabase, SparseProjection, quench, sample_basin
 from lightning_landscape.geometry.paths import minimum_energy_path
-from tests.test_paths import MIN_A, MIN_C, mueller_brown, point
+from tests.test_paths import MIN_A, MIN_C, kinked_well, mueller_brown, point
 
 
 def quadratic(A, targets):
@@ -94,6 +94,30 @@ def test_quench_reaches_the_exact_minimum(method):
     q = quench(obj, torch.zeros(5, dtype=torch.float64), method=method, max_iter=2000, rtol=1e-9, lr=0.2)
     torch.testing.assert_close(q.theta, torch.linalg.solve(A, t[0]), rtol=1e-6, atol=1e-7)
     assert q.converged and q.grad_norm < 1e-7 and q.grad_ratio <= 1e-9
+
+
+@pytest.mark.parametrize("start", [(0.7, 0.5), (1.4, -0.2), (-0.3, 0.1)])
+def test_quench_converges_to_the_energy_resolution_on_a_kinked_minimum(start):
+    well = Objective(nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)], kinked_well, dtype=torch.float64)
+    theta = torch.tensor(start, dtype=torch.float64)
+    plain = quench(well, theta, max_iter=300)
+    assert not plain.converged and plain.criterion == ""  # the gradient criterion cannot hold on the kink
+    q = quench(well, theta, max_iter=300, ftol=1e-6)
+    assert q.converged and q.criterion == "energy" and q.last_drop <= 1e-6
+    assert q.loss < 1e-5 and abs(abs(float(q.theta[0])) - 1) < 1e-3  # the exact minimum, loss 0 at x = +-1
+    assert q.grad_ratio > 1e-3  # while the gradient stayed large
+
+
+def test_quench_does_not_call_a_descent_that_keeps_falling_converged():
+    # exp(-x): no minimum at finite x, the loss keeps falling, as cross-entropy does on data a network can fit
+    runaway = Objective(
+        nn.Linear(1, 1, bias=False).double(),
+        [torch.zeros(1)],
+        lambda m, _: torch.exp(-m.weight[0, 0]),
+        dtype=torch.float64,
+    )
+    q = quench(runaway, torch.zeros(1, dtype=torch.float64), method="gd", lr=0.1, max_iter=100, ftol=1e-4)
+    assert not q.converged and q.last_drop > 1e-4
 
 
 def test_quench_maps_a_mueller_brown_basin_to_its_minimum():

@@ -297,3 +297,48 @@ def test_bad_settings_are_rejected_naming_the_stage_and_field():
         EnergyLandscape(sampling={"replica_steps": 5})
     with pytest.raises(ValueError, match=r"`paths` must be a PathConfig"):
         EnergyLandscape(paths=5)
+
+
+@pytest.mark.parametrize("weight_decay", [5e-4, 0.0])
+def test_the_energy_is_the_trained_loss_with_the_optimizers_weight_decay_and_its_quenches_converge(
+    tmp_path, weight_decay
+):
+    """A ReLU classifier on data it can fit: with the optimizer's weight decay in the energy, the quenches and paths
+    converge (to the energy resolution: ReLU minima sit on kinks); without it the quenches run off, and the
+    warning says why and what to set."""
+    from lightning_landscape.examples import MLP, Classifier, GaussianMixtureClassification
+
+    quench = {} if weight_decay else {"max_iter": 200}  # a quench that runs off takes all its iterations
+    energy = EnergyLandscape(
+        every_n_steps=16,
+        at_fit_end=False,
+        sampling={"replicas": 4, "steps": 50},
+        quench=quench,
+        probe_size=1024,
+        progress=False,
+    )
+    pl.seed_everything(0)
+    model = Classifier(MLP(2, 4, [32, 32]), lr=0.1, momentum=0.9, weight_decay=weight_decay)
+    data = GaussianMixtureClassification(n_classes=4, separation=2.0, n_train=1024, n_val=64, batch_size=64)
+    trainer = pl.Trainer(
+        max_steps=16,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        callbacks=[energy],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    if weight_decay:
+        trainer.fit(model, datamodule=data)
+    else:
+        with pytest.warns(RuntimeWarning, match="Without weight decay.*quenches run off"):
+            trainer.fit(model, datamodule=data)
+    run = energy.history[0]
+    assert energy.failures == 0 and run["quenches_run"] == 5
+    assert MinimaDatabase(energy.minima_dir).meta["l2"] == weight_decay
+    if weight_decay:
+        assert run["quenches_converged"] == 5 and run["paths_converged"] == run["paths_run"]
+    else:
+        assert run["quenches_converged"] <= 2

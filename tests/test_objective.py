@@ -5,6 +5,7 @@ from torch import nn
 
 from lightning_landscape import Objective, ParameterLayout
 from lightning_landscape.examples import MLP, Classifier
+from lightning_landscape.params import weight_decay_of
 from tests.helpers import blobs, tiny_module_class
 
 
@@ -44,6 +45,46 @@ def test_loss_grad_hvp_match_dense_autograd():
     hessian = torch.autograd.functional.hessian(f, theta)
     v = torch.randn_like(theta)
     torch.testing.assert_close(obj.hvp(theta, v), hessian @ v)
+
+
+@pytest.mark.parametrize("per_parameter", [False, True])
+def test_l2_term_adds_exactly_half_weight_decay_times_the_squared_norm(per_parameter):
+    net, batches = mlp_and_data()
+    f = exact_loss_fn(net.double(), batches)
+    # one coefficient for all, or SGD's usual groups: decay on the weights, none on the biases
+    groups = [
+        {"params": [p for n, p in net.named_parameters() if n.endswith("weight")], "weight_decay": 0.3},
+        {"params": [p for n, p in net.named_parameters() if n.endswith("bias")], "weight_decay": 0.0},
+    ]
+    l2 = weight_decay_of([torch.optim.SGD(groups, lr=0.1)], net) if per_parameter else 0.3
+    obj = Objective(net, batches, ce, dtype=torch.float64, l2=l2)
+    lam = l2 if per_parameter else torch.full((obj.numel,), 0.3, dtype=torch.float64)
+    if per_parameter:  # the biases of both layers keep no decay
+        slices = obj.layout.slices()
+        assert set(lam[slices["0.bias"]].tolist()) == {0.0} and set(lam[slices["2.weight"]].tolist()) == {0.3}
+
+    def energy(theta):
+        return f(theta) + 0.5 * (lam * theta * theta).sum()
+
+    theta = obj.theta0 + 0.1
+    v = torch.randn_like(theta)
+    torch.testing.assert_close(obj.loss(theta), energy(theta))
+    torch.testing.assert_close(obj.grad(theta), torch.autograd.functional.jacobian(energy, theta))
+    torch.testing.assert_close(obj.hvp(theta, v), torch.autograd.functional.hessian(f, theta) @ v + lam * v)
+    points = torch.stack([theta, theta + v])  # the batched evaluation too
+    torch.testing.assert_close(obj.losses(points), torch.stack([energy(p) for p in points]))
+    # the coefficients travel with the metadata (per parameter name) and rebuild the same energy
+    again = Objective(net, batches, ce, dtype=torch.float64)
+    again.set_l2(obj.metadata["l2"])
+    torch.testing.assert_close(again.loss(theta), obj.loss(theta))
+
+
+def test_bad_l2_names_the_parameter():
+    net, batches = mlp_and_data()
+    with pytest.raises(ValueError, match="`l2` must be a finite number >= 0, got -1"):
+        Objective(net, batches, ce, l2=-1.0)
+    with pytest.raises(ValueError, match=r"`l2` must be a number or a \(\d+,\) tensor"):
+        Objective(net, batches, ce, l2=torch.ones(3))
 
 
 def test_cached_graph_products_equal_fresh_products():

@@ -29,6 +29,13 @@ def mueller_brown(module, _batch):
     )
 
 
+def kinked_well(module, _batch):
+    """``(x^2 - 1)^2 + |y - 0.3 (1 - x^2)|``: minima (+-1, 0) at loss 0 on a kink of the loss (the gradient does
+    not vanish there, as at the minima of ReLU networks), the saddle (0, 0.3) at loss 1 on the kink too."""
+    x, y = module.weight[0, 0], module.weight[0, 1]
+    return (x**2 - 1) ** 2 + torch.abs(y - 0.3 * (1 - x**2))
+
+
 @pytest.fixture(scope="module")
 def potential():
     return Objective(nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)], mueller_brown, dtype=torch.float64)
@@ -81,3 +88,15 @@ def test_a_step_that_overflows_is_halved_instead_of_returning_nan(potential):
 def test_ends_without_a_finite_gradient_are_refused(potential):
     with pytest.raises(FloatingPointError, match="not finite"):
         minimum_energy_path(potential, point(MIN_A), torch.tensor([1e3, 1e3], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["string", "neb"])
+def test_path_on_a_kinked_valley_converges_to_the_energy_resolution_and_finds_the_exact_saddle(method):
+    well = Objective(nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)], kinked_well, dtype=torch.float64)
+    a, b = torch.tensor([-1.0, 0.0], dtype=torch.float64), torch.tensor([1.0, 0.0], dtype=torch.float64)
+    plain = minimum_energy_path(well, a, b, 15, method, n_steps=300)
+    assert not plain.converged and plain.criterion == ""  # the force jumps across the kink: it never vanishes
+    path = minimum_energy_path(well, a, b, 15, method, ftol=1e-4)
+    assert path.converged and path.criterion == "energy" and path.force_ratio > 0.1
+    assert path.saddle_loss == pytest.approx(1.0, abs=1e-3)  # the saddle (0, 0.3) at loss 1
+    torch.testing.assert_close(path.saddle, torch.tensor([0.0, 0.3], dtype=torch.float64), atol=2e-3, rtol=0)

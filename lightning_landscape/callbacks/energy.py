@@ -51,7 +51,7 @@ from typing_extensions import override
 
 from lightning_landscape import distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
-from lightning_landscape.checks import check_int
+from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.dynamics import (
     Excursions,
     MinimaDatabase,
@@ -85,7 +85,7 @@ from lightning_landscape.dynamics.pipeline import (
 )
 from lightning_landscape.geometry.paths import PathResult
 from lightning_landscape.objective import BNMode, LossFn, Objective
-from lightning_landscape.params import ParameterLayout
+from lightning_landscape.params import ParameterLayout, weight_decay_of
 from lightning_landscape.report.plots import free_energy_figure, paths_figure, timescales_figure
 
 if TYPE_CHECKING:
@@ -135,6 +135,11 @@ class EnergyLandscape(LandscapeCallback):
         paths: :class:`~lightning_landscape.dynamics.PathConfig`: images, FIRE iterations, method and ``max_paths``.
         msm: :class:`~lightning_landscape.dynamics.MSMConfig`: lag, states, features and PCCA+ sets.
         budget: :class:`~lightning_landscape.dynamics.Budget`: batch passes and seconds per trigger.
+        weight_decay: the L2 coefficient of the energy, ``E(theta) = L(theta) + weight_decay |theta|^2 / 2``, which the
+            replicas sample and the quenches and paths descend. ``None`` (default): the training optimizers' own,
+            per parameter group (:func:`~lightning_landscape.params.weight_decay_of`), read at every trigger, so the
+            replicas see the energy that training descends. A cross-entropy loss on a probe set that the network can
+            fit has no minimum at finite weights without it: its quenches run off without converging.
         probe_size, probe_seed, loss_fn, probe_batches, progress, dtype: as for every callback. With an iterable
             training dataset, the given ``probe_batches`` are also the replicas' minibatch pool.
         bn_mode: ``"train"`` (default): BatchNorm normalizes with the statistics of the probe batch, so the energy is a
@@ -163,6 +168,7 @@ class EnergyLandscape(LandscapeCallback):
         paths: PathConfig | None = None,
         msm: MSMConfig | None = None,
         budget: Budget | None = None,
+        weight_decay: float | None = None,
         probe_size: int = 256,
         probe_batch_size: int | None = None,
         probe_seed: int = 0,
@@ -193,6 +199,8 @@ class EnergyLandscape(LandscapeCallback):
         self.paths: PathConfig = as_config(PathConfig, paths, "paths")
         self.msm: MSMConfig = as_config(MSMConfig, msm, "msm")
         self.budget: Budget = as_config(Budget, budget, "budget")
+        check_float("weight_decay", weight_decay, strict=False, optional=True, hint="None takes the optimizer's.")
+        self.weight_decay = weight_decay
         if outputs_fn is not None and not callable(outputs_fn):
             raise ValueError(f"`outputs_fn` must be callable as `outputs_fn(module, batch)`, got {outputs_fn!r}.")
         self.outputs_fn = outputs_fn
@@ -207,6 +215,7 @@ class EnergyLandscape(LandscapeCallback):
         self._resumed = False
         self.history: list[dict[str, Any]] = []
         self._pool: list[Any] | None = None
+        self._warned_quenches = False
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -340,6 +349,9 @@ class EnergyLandscape(LandscapeCallback):
             pool = self._pool_objective(trainer, pl_module)
             spend = [(probe, _passes(probe)), (pool, _passes(pool))]
             lr = self.sampling.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
+            l2 = self.weight_decay if self.weight_decay is not None else weight_decay_of(trainer.optimizers, pl_module)
+            probe.set_l2(l2)
+            pool.set_l2(l2)
             x0 = probe.theta0
             sketch = self._projection(trainer, pl_module, x0)
 
@@ -361,25 +373,26 @@ class EnergyLandscape(LandscapeCallback):
                 excursions.save(self.reporter.run_dir / "excursions" / f"step-{step:09d}", store_meta)
         self.advance("basin sampling")
 
-        # 2. quench the current point (always) and the replicas' ends
+        # 2. quench the current point (always) and the replicas' ends, to a tenth of the merge level
+        merge_barrier = self.basins.merge_barrier
         with self.stage(trainer, "minima"):
             candidates = torch.cat([x0[None].cpu(), excursions.finals.to(x0.dtype)])
+            if merge_barrier is None and trainer.is_global_zero:
+                merge_barrier = noise_level(pool, x0, lr, self.sampling.temperature)
+        merge_barrier = float(distributed.broadcast(strategy, merge_barrier))
         quenched = self._rounds(
             trainer,
             len(candidates),
             "minima",
-            lambda i: quench_point(probe, candidates[i].to(x0), self.quench),
+            lambda i: quench_point(probe, candidates[i].to(x0), self.quench, merge_barrier),
             lambda first: first == 0 or self._may_continue(trainer, spend, start),
         )
         self.advance("minima")
 
         # 3. the database, basins and the paths that join them (rank 0 plans, whole paths split over ranks)
-        plan, new_minima, current, db, merge_barrier, linear_joins = None, 0, None, None, 0.0, 0
+        plan, new_minima, current, db, linear_joins = None, 0, None, None, 0
         with self.stage(trainer, "minima database"):
             if trainer.is_global_zero:
-                merge_barrier = self.basins.merge_barrier
-                if merge_barrier is None:
-                    merge_barrier = noise_level(pool, x0, lr, self.sampling.temperature)
                 db, current, new_minima, joins = self._database(probe, quenched, excursions, step, merge_barrier)
                 linear_joins = len(joins.linear)
                 plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in joins.paths]
@@ -387,7 +400,7 @@ class EnergyLandscape(LandscapeCallback):
 
         def path(k: int) -> tuple[int, int, PathResult]:
             i, j, a, b = plan[k]
-            return i, j, minimum_path(probe, a.to(x0), b.to(x0), self.paths)
+            return i, j, minimum_path(probe, a.to(x0), b.to(x0), self.paths, merge_barrier)
 
         found_paths = self._rounds(trainer, len(plan), "paths", path, budget_left)
         self.advance("paths")
@@ -402,16 +415,19 @@ class EnergyLandscape(LandscapeCallback):
             # a dip along the path deeper than the merge level: quench it, it may be a new minimum
             for theta in [found.images[k] for k in dips(found.losses, merge_barrier)[:2]]:
                 try:
-                    point = quench_point(probe, theta, self.quench, step=step, source=f"path {i}-{j}")
+                    point = quench_point(probe, theta, self.quench, merge_barrier, step=step, source=f"path {i}-{j}")
                     k, new = self._add_minimum(db, probe, point)
                 except ValueError:  # not finite
                     continue
                 scalars["new_minima"] += new
                 dipped.append(k)
         if dipped:  # join them to the others by straight lines; their paths wait for the next trigger
-            more = plan_joins(db, probe, dipped, merge_barrier, self.basins, replace(self.paths, max_paths=0))
+            more = plan_joins(
+                db, probe, dipped, merge_barrier, self.basins, replace(self.paths, max_paths=0), step=step
+            )
             linear_joins += len(more.linear)
         basins = basins_of(db, merge_barrier)
+        self._check_quenches(quenched, merge_barrier, probe, step)
         passes += _passes(probe) - local_mark
         if self.previous_minimum is not None and current is not None and current != self.previous_minimum:
             saddle = db.saddles.get((min(current, self.previous_minimum), max(current, self.previous_minimum)))
@@ -449,12 +465,45 @@ class EnergyLandscape(LandscapeCallback):
             replicas_run=len(excursions.replica_ids),
             quenches_run=len(quenched),
             quenches_converged=sum(q.converged for q in quenched),
+            quenches_stationary=sum(q.criterion == "gradient" for q in quenched),
+            quench_loss_drop=float(np.median([q.loss_drop for q in quenched])) if quenched else float("nan"),
+            quench_grads=sum(q.n_grad for q in quenched),
             linear_joins=linear_joins,
             paths_run=len(found_paths),
             paths_converged=sum(p.converged for _, _, p in found_paths),
+            path_grads=sum(p.n_grad for _, _, p in found_paths),
         )
         self.history.append({"step": step, **scalars})
         self._report(step, db, basins, found_paths, msm, tree, scalars, probe.metadata)
+
+    def _check_quenches(self, quenched: list[Minimum], level: float, probe: Objective, step: int) -> None:
+        """Warn once per run when most quenches do not converge: the minima, basins and barriers are then upper
+        bounds, and the warning says why it likely is so and what to change."""
+        if self._warned_quenches or not quenched or sum(q.converged for q in quenched) * 2 >= len(quenched):
+            return
+        self._warned_quenches = True
+        drop = float(np.median([q.loss_drop for q in quenched]))
+        ratio = float(np.median([q.grad_ratio for q in quenched]))
+        ftol = self.quench.ftol if self.quench.ftol is not None else level / 10
+        without_l2 = not isinstance(probe.l2, torch.Tensor) and probe.l2 == 0
+        why = (
+            " Without weight decay, a cross-entropy loss on a probe set the network can fit has no minimum at finite"
+            " weights: quenches run off towards |theta| -> infinity."
+            if without_l2
+            else ""
+        )
+        warnings.warn(
+            f"lightning-landscape: EnergyLandscape at step {step}: {len(quenched) - sum(q.converged for q in quenched)}"
+            f" of {len(quenched)} quenches did not converge in quench.max_iter={self.quench.max_iter} iterations"
+            f" (median gradient ratio {ratio:.2g}, against quench.rtol={self.quench.rtol:g}; the loss still falling"
+            f" by more than the energy resolution {ftol:.3g} per 20 iterations); they lowered the loss"
+            f" by a median {drop:.3g}. The replicas end far above the minima of the probe loss, so minima, barriers"
+            f" and basins are upper bounds.{why}"
+            " HINT: train with weight decay (or set `weight_decay=`), raise `quench.max_iter`, or take a larger"
+            " `probe_size` (harder to fit).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _database(self, probe: Objective, quenched: list[Minimum], excursions: Excursions, step: int, level: float):
         """Rank 0: the quenched points into the minima database, the straight-line joins, and the paths to compute:
@@ -462,12 +511,14 @@ class EnergyLandscape(LandscapeCallback):
         new_minima, current = 0, None
         meta = {**probe.metadata, **self.probe_metadata, "probe_batch_size": self.probe_batch_size}
         names = list(probe.layout.names)
+        exists = self.minima_dir is not None and Path(self.minima_dir).exists()
         changed = self.minima_names not in (None, names)
-        if changed and self.minima_dir is not None and Path(self.minima_dir).exists():
+        changed = changed or (exists and MinimaDatabase(self.minima_dir).meta.get("l2", 0.0) != meta["l2"])
+        if changed and exists:
             warnings.warn(
-                f"lightning-landscape: the trainable parameters changed before step {step} (e.g. layers unfrozen);"
-                " EnergyLandscape starts a new minima database, since minima of another parameter space cannot be"
-                " compared with the old ones.",
+                f"lightning-landscape: the trainable parameters or the weight decay changed before step {step} (e.g."
+                " layers unfrozen); EnergyLandscape starts a new minima database, since minima of another parameter"
+                " space or energy cannot be compared with the old ones.",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -501,7 +552,12 @@ class EnergyLandscape(LandscapeCallback):
         first = []
         if previous is not None and current is not None and previous != current and previous < len(db):
             first = [(min(previous, current), max(previous, current))]
-        return db, current, new_minima, plan_joins(db, probe, found, level, self.basins, self.paths, first=first)
+        return (
+            db,
+            current,
+            new_minima,
+            plan_joins(db, probe, found, level, self.basins, self.paths, first=first, step=step),
+        )
 
     @staticmethod
     def _add_minimum(db: MinimaDatabase, probe: Objective, point: Minimum, **info: Any) -> tuple[int, bool]:

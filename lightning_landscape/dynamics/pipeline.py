@@ -101,19 +101,29 @@ class SamplingConfig:
 class QuenchConfig:
     """Quenches (L-BFGS on the probe set) and the function-space dedup of their minima.
 
+    A quench stops, converged, when the gradient has fallen ``rtol``-fold or when its last 20 iterations lowered
+    the energy by at most ``ftol`` (:func:`~lightning_landscape.dynamics.minima.quench`). The default ``ftol`` is a
+    tenth of the merge level: a minimum located to a tenth of what separates basins cannot be put in the wrong
+    basin by its remaining descent, and ReLU networks, whose minima lie on kinks of the loss, need an energy
+    criterion (their gradient does not vanish at a minimum).
+
     Args:
-        max_iter: L-BFGS iterations per quench.
+        max_iter: L-BFGS iterations per quench at most.
         rtol: converged when the gradient norm falls to ``rtol`` times its value at the start.
+        ftol: converged when 20 iterations lowered the energy by at most this (loss units). None (default): a tenth
+            of the merge level (``BasinConfig.merge_barrier``, by default the replicas' noise level).
         dedup_tol: relative output distance under which two minima are one (the cheap first filter).
     """
 
-    max_iter: int = 100
+    max_iter: int = 1000
     rtol: float = 1e-3
+    ftol: float | None = None
     dedup_tol: float = 0.05
 
     def __post_init__(self) -> None:
         check_int("quench.max_iter", self.max_iter, example=100)
         check_float("quench.rtol", self.rtol, hint="e.g. 1e-3 (the gradient falls 1000-fold).")
+        check_float("quench.ftol", self.ftol, optional=True, strict=False, hint="None: a tenth of the merge level.")
         check_float("quench.dedup_tol", self.dedup_tol, hint="e.g. 0.05 (5% output distance).")
         if self.rtol >= 1:
             raise ValueError(f"`quench.rtol` must be below 1, got {self.rtol}. HINT: e.g. 1e-3.")
@@ -153,6 +163,8 @@ class PathConfig:
         method: ``"string"`` or ``"neb"``.
         step_size: FIRE's first time step (None: from the curvature at the path's ends).
         max_paths: paths per trigger at most.
+        ftol: converged also when 20 iterations changed no image's loss by more than this (loss units), as for
+            quenches (:class:`QuenchConfig`). None (default): a tenth of the merge level.
     """
 
     images: int = 9
@@ -160,12 +172,14 @@ class PathConfig:
     method: Literal["string", "neb"] = "string"
     step_size: float | None = None
     max_paths: int = 4
+    ftol: float | None = None
 
     def __post_init__(self) -> None:
         check_int("paths.images", self.images, minimum=3, example=9)
         check_int("paths.steps", self.steps, example=100)
         check_int("paths.max_paths", self.max_paths, minimum=0, example=4)
         check_float("paths.step_size", self.step_size, optional=True, hint="None takes it from the curvature.")
+        check_float("paths.ftol", self.ftol, optional=True, strict=False, hint="None: a tenth of the merge level.")
         if self.method not in ("string", "neb"):
             raise ValueError(f"`paths.method` must be 'string' or 'neb', got {self.method!r}. HINT: 'string'.")
 
@@ -275,14 +289,27 @@ class Minimum:
     n_grad: int
     outputs: np.ndarray
     info: dict[str, Any] = field(default_factory=dict)
+    loss_drop: float = float("nan")  # how far the quench lowered the loss
+    criterion: str = ""  # "gradient", "energy" or "" (not converged)
 
 
-def quench_point(objective: Any, theta: Tensor, config: QuenchConfig, **info: Any) -> Minimum:
-    """Quench ``theta`` on ``objective`` (L-BFGS, ``config.max_iter`` iterations, relative tolerance ``rtol``)."""
-    q = quench(objective, theta, max_iter=config.max_iter, rtol=config.rtol)
+def quench_point(objective: Any, theta: Tensor, config: QuenchConfig, level: float = 0.0, **info: Any) -> Minimum:
+    """Quench ``theta`` on ``objective`` (L-BFGS, at most ``config.max_iter`` iterations, to the gradient tolerance
+    ``rtol`` or the energy resolution ``ftol``, by default ``level / 10`` for the merge level ``level``)."""
+    ftol = config.ftol if config.ftol is not None else level / 10
+    q = quench(objective, theta, max_iter=config.max_iter, rtol=config.rtol, ftol=ftol)
     outputs = objective.outputs(q.theta).reshape(-1).double().cpu().numpy()
     return Minimum(
-        q.theta.double().cpu().numpy(), q.loss, q.grad_norm, q.grad_ratio, q.converged, q.n_grad, outputs, info
+        q.theta.double().cpu().numpy(),
+        q.loss,
+        q.grad_norm,
+        q.grad_ratio,
+        q.converged,
+        q.n_grad,
+        outputs,
+        info,
+        loss_drop=q.loss_drop,
+        criterion=q.criterion,
     )
 
 
@@ -296,6 +323,7 @@ def add_minimum(db: MinimaDatabase, point: Minimum, **info: Any) -> tuple[int, b
         "grad_norm": point.grad_norm,
         "grad_ratio": point.grad_ratio,
         "quench_converged": point.converged,
+        "quench_criterion": point.criterion,
         **point.info,
         **info,
     }
@@ -307,7 +335,14 @@ def record_path(db: MinimaDatabase, i: int, j: int, path: PathResult, **info: An
     """The saddle of ``path`` between minima ``i`` and ``j`` into the database, with both barriers, its
     convergence and cost; returns the saddle loss. The highest point counts the ends too: an end that is not
     quite a minimum can be the highest point."""
-    info = dict(method=path.method, length=path.length, converged=path.converged, force_ratio=path.force_ratio, **info)
+    info = dict(
+        method=path.method,
+        length=path.length,
+        converged=path.converged,
+        criterion=path.criterion,
+        force_ratio=path.force_ratio,
+        **info,
+    )
     return _set_saddle(db, i, j, float(path.losses.max()), n_grad=path.n_grad, **info)
 
 
@@ -367,8 +402,9 @@ def linear_saddle(objective: Any, a: Tensor, b: Tensor, images: int) -> float:
     return float(objective.losses(a + ts * (b - a)).max())
 
 
-def minimum_path(objective: Any, a: Tensor, b: Tensor, config: PathConfig) -> PathResult:
-    """The minimum-energy path between ``a`` and ``b`` with ``config``'s settings."""
+def minimum_path(objective: Any, a: Tensor, b: Tensor, config: PathConfig, level: float = 0.0) -> PathResult:
+    """The minimum-energy path between ``a`` and ``b`` with ``config``'s settings, resolved to ``config.ftol``
+    (default: a tenth of the merge level ``level``)."""
     return minimum_energy_path(
         objective,
         a,
@@ -378,6 +414,7 @@ def minimum_path(objective: Any, a: Tensor, b: Tensor, config: PathConfig) -> Pa
         step_size=config.step_size,
         n_steps=config.steps,
         quench_steps=0,
+        ftol=config.ftol if config.ftol is not None else level / 10,
     )
 
 
@@ -412,10 +449,12 @@ def plan_joins(
     basins: BasinConfig,
     paths: PathConfig,
     first: list[tuple[int, int]] = (),
+    **info: Any,
 ) -> Joining:
-    """Join what a straight line joins (recorded in ``db``) and plan minimum-energy paths for the rest: ``first``
-    (e.g. the current minimum and the previous trigger's), then the found minima's nearest neighbours in other
-    basins, then the spanning tree's gaps; at most ``paths.max_paths`` paths, never two in one basin."""
+    """Join what a straight line joins (recorded in ``db``, with ``info``, e.g. ``step``) and plan minimum-energy
+    paths for the rest: ``first`` (e.g. the current minimum and the previous trigger's), then the found minima's
+    nearest neighbours in other basins, then the spanning tree's gaps; at most ``paths.max_paths`` paths, never two
+    in one basin."""
     db.merge_barrier = merge_barrier
     labels = db.basins()
     linear, planned, checks = [], [], 0
@@ -427,7 +466,7 @@ def plan_joins(
             a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
             highest = linear_saddle(objective, a, b, paths.images)
             if highest - max(db.records[i]["loss"], db.records[j]["loss"]) <= merge_barrier:
-                _set_saddle(db, i, j, highest, method="linear", converged=False)
+                _set_saddle(db, i, j, highest, method="linear", converged=False, **info)
                 linear.append((i, j))
                 labels = db.basins()
                 continue
@@ -471,11 +510,11 @@ def join_basins(
     """The whole joining stage in one process: :func:`plan_joins`, the planned paths (:func:`minimum_path`,
     :func:`record_path`), and the resulting basins. ``info`` is stored with every path (e.g. ``step``). Returns
     ``(basins, the plan, the computed paths)``."""
-    plan = plan_joins(db, objective, found, merge_barrier, basins or BasinConfig(), paths)
+    plan = plan_joins(db, objective, found, merge_barrier, basins or BasinConfig(), paths, **info)
     computed = []
     for i, j in plan.paths:
         a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
-        computed.append((i, j, minimum_path(objective, a, b, paths)))
+        computed.append((i, j, minimum_path(objective, a, b, paths, merge_barrier)))
         record_path(db, i, j, computed[-1][2], **info)
     return basins_of(db, merge_barrier), plan, computed
 

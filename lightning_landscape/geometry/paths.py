@@ -58,6 +58,7 @@ class PathResult:
     converged: bool = False
     method: str = "string"
     force_ratio: float = float("nan")  # largest perpendicular force over the gradient scale (converged: <= tol)
+    criterion: str = ""  # what it converged on: "force", "energy", or "" (not converged)
 
 
 def dips(losses: np.ndarray, depth: float = 0.0) -> list[int]:
@@ -205,14 +206,19 @@ def minimum_energy_path(
     tol: float = 1e-3,
     spring: float | None = None,
     quench_steps: int = 500,
+    ftol: float = 0.0,
+    window: int = 20,
 ) -> PathResult:
     """The minimum-energy path from ``theta_a`` to ``theta_b`` (both should be minima).
 
     The images move by FIRE under the force perpendicular to the path (string: then redistributed to equal arc
     length; NEB: plus the spring force along it), starting from the straight line. The path has converged when
     the largest perpendicular force on an image is below ``tol`` times the gradient scale of the problem (the
-    largest gradient on the straight line between the ends), a criterion that does not depend on the step. A
-    step that gives a non-finite loss or gradient is taken back and halved.
+    largest gradient on the straight line between the ends), a criterion that does not depend on the step, or,
+    with ``ftol > 0``, when the last ``window`` iterations changed no image's loss by more than ``ftol``: the
+    profile, and so the barrier, is resolved to ``ftol`` (``criterion`` says which). ReLU networks need the second:
+    the perpendicular force does not vanish on the kinks of their loss. A step that gives a non-finite loss or
+    gradient is taken back and halved.
 
     Args:
         objective: an :class:`~lightning_landscape.Objective` (its ``loss``, ``grad`` and, for the default step,
@@ -229,6 +235,9 @@ def minimum_energy_path(
         spring: NEB spring constant. Default: ``0.1 lambda_max``, so that the springs hold the images apart at any
             scale of the loss without stiffening the band.
         quench_steps: FIRE iterations that refine each intermediate minimum.
+        ftol: the energy resolution (loss units) of the second criterion (also for the climbing image); 0
+            (default): the force criterion alone.
+        window: the iterations over which the losses must have settled to ``ftol``.
 
     Raises:
         ValueError: for fewer than 3 images or an unknown method.
@@ -267,10 +276,14 @@ def minimum_energy_path(
     max_move = 0.5 * float((b - a).norm()) / (n_images - 1)
     fire = _Fire(dt, max_move)
     force, perp, energies = forces(images)
-    converged = False
+    history = [energies]
+    criterion = ""
     for _ in range(n_steps):
         if float(perp.max()) <= tol * scale:
-            converged = True
+            criterion = "force"
+            break
+        if ftol > 0 and len(history) > window and float((history[-window - 1] - energies).abs().max()) <= ftol:
+            criterion = "energy"
             break
         moved = images.clone()
         moved[1:-1] = images[1:-1] + fire.step(force)
@@ -285,20 +298,25 @@ def minimum_energy_path(
             tau = _tangents(moved, new_energies)[1:-1]
             fire.v = fire.v - (fire.v * tau).sum(1, keepdim=True) * tau
         images, force, perp, energies = moved, new_force, new_perp, new_energies
+        history.append(energies)
+    converged = bool(criterion)
     losses = energies.clone()
     top = int(torch.argmax(losses[1:-1])) + 1
     if climbing and converged:  # on an unrelaxed path the climb can leave the path and overshoot
-        climber, saddle, climbed = _Fire(fire.dt0, max_move), images[top].clone(), False
+        climber, saddle, climbed, heights = _Fire(fire.dt0, max_move), images[top].clone(), False, []
         for _ in range(n_steps):
             local = torch.stack([images[top - 1], saddle, images[top + 1]])
-            tau = _tangents(local, torch.stack([losses[top - 1], objective.loss(saddle), losses[top + 1]]))[1]
+            height = objective.loss(saddle)
+            heights.append(float(height))
+            tau = _tangents(local, torch.stack([losses[top - 1], height, losses[top + 1]]))[1]
             grad = objective.grad(saddle)
             n_grad += 1
             if not torch.isfinite(grad).all():
                 climber.reject("the climbing image")
-                saddle = images[top].clone()
+                saddle, heights = images[top].clone(), []
                 continue
-            if float(grad.norm()) <= tol * scale:
+            settled = ftol > 0 and len(heights) > window and abs(heights[-window - 1] - heights[-1]) <= ftol
+            if float(grad.norm()) <= tol * scale or settled:
                 climbed = True
                 break
             saddle = saddle + climber.step(-(grad - 2 * torch.dot(grad, tau) * tau))
@@ -328,5 +346,6 @@ def minimum_energy_path(
         n_grad=n_grad,
         converged=converged,
         method=method,
+        criterion=criterion,
         force_ratio=float(perp.max()) / scale if scale > 0 else 0.0,
     )
