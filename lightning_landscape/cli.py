@@ -6,11 +6,13 @@ Usage::
     lightning-landscape fit --config configs/mnist.yaml --trainer.max_epochs 3 --data.data_dir /data
     lightning-landscape fit --print_config --config configs/quickstart.yaml   # the full resolved config
     lightning-landscape analyze runs/energy/seed-0 runs/energy/seed-1 --config configs/energy.yaml   # offline
+    lightning-landscape dashboard --entity me --project my-project   # a saved W&B workspace of our keys
 
 Models and data modules are chosen by ``class_path`` in the config (the reference examples live in
 ``lightning_landscape.examples``), callbacks by ``trainer.callbacks``. Unknown keys are errors.
 ``analyze`` rebuilds Markov state models, paths and disconnectivity graphs from recorded runs
-(:mod:`lightning_landscape.analysis`).
+(:mod:`lightning_landscape.analysis`); ``dashboard`` builds a W&B workspace with a section per analysis
+(:mod:`lightning_landscape.report.dashboard`).
 
 W&B: when no W&B login is configured (no ``WANDB_API_KEY``, no entry in ``~/.netrc``) and
 ``WANDB_MODE`` is not set, the command sets ``WANDB_MODE=offline``, so runs are written to
@@ -99,6 +101,10 @@ def main(args: list[str] | None = None) -> Any:
         from lightning_landscape.analysis import main as analyze
 
         return analyze(args[1:])
+    if args[:1] == ["dashboard"]:
+        from lightning_landscape.report.dashboard import main as dashboard
+
+        return dashboard(args[1:])
     cli = _cli_class()
     cli.wandb_offline = use_wandb_offline_without_login()
     argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments go in `args` only (LightningCLI warns about both)

@@ -95,8 +95,9 @@ class DisturbingAnalysis(LandscapeCallback):
             raise RuntimeError("analysis exploded on purpose")
 
 
-def offline_wandb_records(save_dir, marker: bytes, attempts: int = 40) -> bytes:
-    """The record log of the (finished) offline W&B run under ``save_dir``, once it contains ``marker``.
+def offline_wandb_records(save_dir, marker: bytes, attempts: int = 40, path: bool = False):
+    """The record log of the (finished) offline W&B run under ``save_dir``, once it contains ``marker`` (its file's
+    path with ``path=True``).
 
     The W&B service writes the log asynchronously; wait for it (up to ``attempts`` x 0.25 s) before reading.
     """
@@ -104,14 +105,27 @@ def offline_wandb_records(save_dir, marker: bytes, attempts: int = 40) -> bytes:
     import time
     from pathlib import Path
 
-    records = b""
+    records, files = b"", []
     for _ in range(attempts):
         files = glob.glob(str(Path(save_dir) / "wandb" / "offline-run-*" / "*.wandb"))
         records = Path(files[0]).read_bytes() if files else b""
         if marker in records:
             break
         time.sleep(0.25)
-    return records
+    return Path(files[0]) if path else records
+
+
+def assert_dashboard_covers(logged: set[str], sections: set[str]) -> None:
+    """The dashboard of a run's ``logged`` keys has a panel for each of our keys and for nothing else, in exactly
+    the W&B ``sections`` that the run's callbacks log to; no key is logged that a callback does not declare."""
+    from lightning_landscape.report.dashboard import dashboard_spec
+
+    ours = {k for k in logged if k.split("/")[0] in sections}
+    spec = dashboard_spec(logged)
+    assert not spec["undeclared"], spec["undeclared"]
+    panels = [k for s in spec["sections"] for p in s["panels"] for k in p["keys"]]
+    assert sorted(panels) == sorted(ours)  # every logged key once, and only those
+    assert {s["name"] for s in spec["sections"]} == sections
 
 
 class RunAtTrainStart:

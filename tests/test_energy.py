@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import EnergyLandscape
 from lightning_landscape.dynamics import MinimaDatabase, PathConfig, SamplingConfig
+from lightning_landscape.report.dashboard import run_keys
 from tests.ddp import run_script
-from tests.helpers import loader, tiny_module_class
+from tests.helpers import assert_dashboard_covers, loader, offline_wandb_records, tiny_module_class
 from tests.test_observer import assert_identical_runs, fit
 
 
@@ -150,8 +151,11 @@ def test_energy_landscape_on_a_network_logs_to_wandb_within_budget(tmp_path):
     assert energy.runs == 2 and energy.failures == 0  # epoch 1 and epoch 2 (= fit end, deduplicated)
     keys = set(logger.experiment.summary.keys())
     for key in ("minima", "barriers", "disconnectivity", "paths", "n_minima", "spent_passes", "barrier_previous"):
-        assert f"landscape/energy/{key}" in keys, key
+        assert f"landscape-energy/{key}" in keys, key
     wandb.finish()
+    # the dashboard has a panel for every key the run logged (read back from the offline run), and no other
+    logged = run_keys(offline_wandb_records(tmp_path, b"landscape-energy/barrier_previous", path=True))
+    assert_dashboard_covers(logged, {"landscape-energy"})
     first, second = energy.history
     assert second["n_minima"] >= first["n_minima"] >= 2 and second["paths_run"] >= 1
     assert first["spent_passes"] > 4 * 20  # at least the replicas' steps

@@ -1,5 +1,6 @@
 """The reference examples: data modules, networks, and every config through the CLI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from lightning_landscape.examples import (
     cifar_resnet,
 )
 from lightning_landscape.examples.fake_data import write_cifar10, write_mnist
-from tests.helpers import offline_wandb_records
+from lightning_landscape.report.dashboard import run_keys
+from tests.helpers import assert_dashboard_covers, offline_wandb_records
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -132,6 +134,23 @@ def test_quickstart_command_trains_and_logs_offline(tmp_path):
     assert len(runs) == 1
     records = offline_wandb_records(tmp_path / "runs" / "quickstart", b"val/acc")  # the offline run's record log
     assert b"val/acc" in records and b"train/loss_epoch" in records
+    # one W&B section per analysis, nothing under the user's keys; the dashboard has a panel for each of our keys
+    logged = run_keys(runs[0])
+    assert {"val/acc", "train/loss_epoch"} <= logged
+    sections = {"landscape-trajectory", "landscape-flatness", "landscape-slices"}
+    assert_dashboard_covers(logged, sections)
+    assert {k.split("/")[0] for k in logged} - sections <= {"train", "val", "epoch", "trainer"}
+    out = tmp_path / "dashboard.json"
+    spec = main(
+        ["dashboard", "--entity", "me", "--project", "p", "--from-run", str(runs[0]), "--offline", "--out", str(out)]
+    )
+    assert json.loads(out.read_text()) == spec
+    flatness = next(s for s in spec["sections"] if s["name"] == "landscape-flatness")
+    assert {
+        "kind": "line",
+        "title": "lambda_max",
+        "keys": [f"landscape-flatness/{k}" for k in ("lambda_max", "stability_limit")],
+    } in flatness["panels"]
 
 
 def test_no_wandb_message_for_a_run_without_a_wandb_logger(tmp_path, monkeypatch, capsys):

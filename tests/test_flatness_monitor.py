@@ -59,7 +59,7 @@ def test_monitor_logs_all_measures_and_matches_the_functional_core(tmp_path):
     ):
         assert key in last and np.isfinite(last[key]), key
     # the published metric, and the same numbers from the functional core on the same probe set
-    assert trainer.callback_metrics["landscape/flatness/lambda_max"] == pytest.approx(last["lambda_max"])
+    assert trainer.callback_metrics["landscape-flatness/lambda_max"] == pytest.approx(last["lambda_max"])
     objective = Objective(model, monitor.probe_set(trainer))
     exact = hessian_eigenvalues(objective, k=5, tol=1e-6).eigenvalues
     assert last["lambda_max"] == pytest.approx(float(exact[0]), rel=1e-4)
@@ -68,10 +68,10 @@ def test_monitor_logs_all_measures_and_matches_the_functional_core(tmp_path):
     assert last["trace"] == pytest.approx(hessian_trace(objective, 30).estimate, rel=1e-4)
     keys = set(wandb_logger.experiment.summary.keys())
     assert {
-        "landscape/flatness/lambda_max",
-        "landscape/flatness/top_eigenvalues",
-        "landscape/flatness/spectral_density",
-        "landscape/flatness/eigenvalues",
+        "landscape-flatness/lambda_max",
+        "landscape-flatness/top_eigenvalues",
+        "landscape-flatness/spectral_density",
+        "landscape-flatness/eigenvalues",
     } <= keys
     run_dir = monitor.reporter.run_dir
     wandb.finish()

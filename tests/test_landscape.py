@@ -192,7 +192,7 @@ def test_sampler_with_recorder_logs_every_picture_and_keeps_training_unchanged(t
         "pca_explained",
         "roughness",
     ):
-        assert f"landscape/landscape/{key}" in keys, key
+        assert f"landscape-slices/{key}" in keys, key
     wandb.finish()
     saved = np.load(sampler.reporter.run_dir / "landscape-step0000006.npz")
     assert saved["plane"].shape == (6, 6) and saved["pca_coords"].shape == (4, 2)  # snapshots 2, 4, 6 and current

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import plotly.graph_objects as go
+import pytest
 import wandb
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
@@ -50,7 +51,7 @@ def test_results_reach_wandb_every_logger_and_the_run_directory(tmp_path):
     run = wandb_logger.experiment
     keys = set(run.summary.keys())
     for key in ("probe_loss", "profile", "surface", "grid", "seconds"):
-        assert f"landscape/media/{key}" in keys
+        assert f"landscape-media/{key}" in keys
     assert callback.runs == 2  # steps 3 and 6; the end of training is step 6 again and runs once
     run_id = run.id
     wandb.finish()
@@ -58,9 +59,9 @@ def test_results_reach_wandb_every_logger_and_the_run_directory(tmp_path):
     offline = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}"))
     assert len(offline) == 1
     media = os.path.join(offline[0], "files", "media")
-    assert glob.glob(f"{media}/images/landscape/media/profile_*.png")
-    assert glob.glob(f"{media}/plotly/landscape/media/surface_*.plotly.json")
-    tables = glob.glob(f"{media}/table/landscape/media/grid_*.table.json")
+    assert glob.glob(f"{media}/images/landscape-media/profile_*.png")
+    assert glob.glob(f"{media}/plotly/landscape-media/surface_*.plotly.json")
+    tables = glob.glob(f"{media}/table/landscape-media/grid_*.table.json")
     assert tables and json.loads(Path(tables[0]).read_text())["columns"] == ["alpha", "loss"]
     assert b"grid-arrays" in offline_wandb_records(tmp_path, b"grid-arrays")  # the artifact was logged
 
@@ -75,7 +76,7 @@ def test_results_reach_wandb_every_logger_and_the_run_directory(tmp_path):
 
     with open(f"{csv_logger.log_dir}/metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
-    ours = [int(r["step"]) for r in rows if r.get("landscape/media/probe_loss")]
+    ours = [int(r["step"]) for r in rows if r.get("landscape-media/probe_loss")]
     user = {int(r["step"]) for r in rows if r.get("train_loss_step")}
     # the triggers after optimizer steps 3 and 6 sit where the user's values of those batches sit: steps 2 and 5
     assert ours == [2, 5] and set(ours) <= user
@@ -96,7 +97,7 @@ def test_figures_reach_tensorboard(tmp_path):
     trainer.fit(tiny_module_class()(), train_dataloaders=loader())
     logger.experiment.flush()
     events = b"".join(p.read_bytes() for p in Path(logger.log_dir).glob("events.out.tfevents.*"))
-    assert events.count(b"landscape/media/profile") == 2  # one image per trigger
+    assert events.count(b"landscape-media/profile") == 2  # one image per trigger
     assert b"\x89PNG" in events
     assert callback.reporter.run_dir == Path(logger.log_dir) / "landscape" / "media"
 
@@ -140,3 +141,36 @@ def test_progress_bar_only_on_rank_zero_and_when_asked(tmp_path):
     assert shown.pos in (2, -2) and shown.leave is False  # below Lightning's bars, removed when done
     for bar in [shown, *hidden]:
         bar.close()
+
+
+def test_dashboard_panels_come_from_the_declared_keys_only():
+    from lightning_landscape import FlatnessMonitor
+    from lightning_landscape.report.dashboard import dashboard_spec, workspace
+
+    logged = ["landscape-flatness/lambda_max", "landscape-flatness/lambda_3", "landscape-flatness/trace/first"]
+    logged += ["landscape-flatness/brand_new_measure", "train/loss", "landscape-energy/minima"]
+    spec = dashboard_spec(logged)
+    assert spec["undeclared"] == ["landscape-flatness/brand_new_measure"]  # logged, not declared: reported
+    by_section = {s["name"]: {p["title"]: p for p in s["panels"]} for s in spec["sections"]}
+    assert set(by_section) == {"landscape-flatness", "landscape-energy"}  # the user's train/loss is not ours
+    assert by_section["landscape-energy"]["minima"]["kind"] == "table"
+    assert set(by_section["landscape-flatness"]) == {"lambda_max", "lambda_3", "trace/first"}
+    # without a run: a panel for every declared pattern, under the chosen prefix
+    full = dashboard_spec(prefix="exp")
+    flatness = next(s for s in full["sections"] if s["name"] == "exp-flatness")
+    titles = {p["title"] for p in flatness["panels"]}
+    declared = FlatnessMonitor.logged
+    assert titles == (set(declared.scalars) | set(declared.media) | set(declared.tables)) - {"stability_limit"}
+    assert any(p.get("regex") for p in flatness["panels"])  # lambda_[0-9]*, per-layer keys: by regular expression
+    view = workspace(full, "me", "proj", run_filter="seed-.*")
+    assert [s.name for s in view.sections] == [s["name"] for s in full["sections"]]
+    assert view.runset_settings.query == "seed-.*"
+
+
+@pytest.mark.parametrize("prefix", ["a/b", 3, "with space"])
+def test_a_bad_key_prefix_is_refused_in_the_constructor(prefix):
+    from lightning_landscape import FlatnessMonitor, TrajectoryRecorder
+
+    for callback in (FlatnessMonitor, TrajectoryRecorder):
+        with pytest.raises(ValueError, match="`key_prefix` must be a string of letters"):
+            callback(key_prefix=prefix)

@@ -91,7 +91,7 @@ def test_statistics_equal_hand_computed_values(tmp_path):
     assert store.meta["names"][0] == "net.0.weight" and store.meta["k"] == 32
     # scalars every log_every_n_steps
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
-    assert "landscape/trajectory/update_norm" in metrics
+    assert "landscape-trajectory/update_norm" in metrics
 
 
 def test_sketch_preserves_distances_johnson_lindenstrauss():
@@ -156,7 +156,7 @@ def test_store_figure_and_artifact_reach_wandb(tmp_path):
     )
     trainer.fit(tiny_module_class()(), train_dataloaders=loader())
     keys = set(logger.experiment.summary.keys())
-    assert {"landscape/trajectory/trajectory", "landscape/trajectory/loss", "landscape/trajectory/disk_mb"} <= keys
+    assert {"landscape-trajectory/trajectory", "landscape-trajectory/loss", "landscape-trajectory/disk_mb"} <= keys
     wandb.finish()
     assert b"trajectory-store" in offline_wandb_records(tmp_path, b"trajectory-store")
     assert (recorder.reporter.run_dir / "trajectory-step0000006.png").exists()

@@ -55,7 +55,7 @@ def test_the_recorded_loss_under_gradient_accumulation_is_the_mean_batch_loss(tm
     expected = np.asarray(model.batch_losses).reshape(-1, 3).mean(1)  # 12 batches, 4 optimizer steps
     assert store.steps.tolist() == [1, 2, 3, 4]
     np.testing.assert_allclose(store.stats["loss"], expected, rtol=1e-6)
-    assert float(trainer.callback_metrics["landscape/trajectory/loss"]) == pytest.approx(expected[-1], rel=1e-6)
+    assert float(trainer.callback_metrics["landscape-trajectory/loss"]) == pytest.approx(expected[-1], rel=1e-6)
 
 
 def test_preserve_state_restores_thread_count_requires_grad_and_metric_states():
@@ -263,11 +263,11 @@ def test_other_callbacks_can_stop_or_checkpoint_on_any_of_our_measures(tmp_path)
     from lightning.pytorch.callbacks import EarlyStopping
 
     monitor = FlatnessMonitor(every_n_epochs=1, at_fit_end=False, probe_size=32, progress=False)
-    early = EarlyStopping(monitor="landscape/flatness/trace", mode="max", stopping_threshold=0.0)
+    early = EarlyStopping(monitor="landscape-flatness/trace", mode="max", stopping_threshold=0.0)
     trainer = trainer_for(tmp_path, [monitor, early], max_epochs=5)
     trainer.fit(tiny_module_class()(), loader())
     assert monitor.runs == 1 and trainer.current_epoch == 1  # stopped after the first trace, which is > 0
-    assert trainer.callback_metrics["landscape/flatness/trace"] == pytest.approx(monitor.history[0]["trace"])
+    assert trainer.callback_metrics["landscape-flatness/trace"] == pytest.approx(monitor.history[0]["trace"])
 
 
 def test_a_checkpoint_can_keep_the_lowest_barrier_to_the_previous_minimum(tmp_path):
@@ -279,7 +279,7 @@ def test_a_checkpoint_can_keep_the_lowest_barrier_to_the_previous_minimum(tmp_pa
         sampling={"replicas": 2, "steps": 5},
         paths={"steps": 30},
     )
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="landscape/energy/barrier_previous", mode="min")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="landscape-energy/barrier_previous", mode="min")
     trainer = trainer_for(tmp_path, [energy, checkpoint], max_epochs=3, enable_checkpointing=True)
     trainer.fit(tiny_module_class()(), loader())
     barriers = [h["barrier_previous"] for h in energy.history if "barrier_previous" in h]

@@ -13,7 +13,7 @@ Guarantees:
 * parameters, buffers, gradients, optimizer state, train/eval flags and RNG streams are exactly as
   before the analysis;
 * an exception inside an analysis never stops training: it is warned about, appended to
-  ``<run dir>/<name>/failures.jsonl`` and counted in the scalar ``landscape/<name>/failures``.
+  ``<run dir>/<name>/failures.jsonl`` and counted in the scalar ``<prefix>-<name>/failures``.
 
 The class derives from the ``Callback`` of every installed Lightning namespace, so the same callback
 object works in a ``lightning.pytorch.Trainer`` and in a ``pytorch_lightning.Trainer``.
@@ -45,13 +45,15 @@ from lightning_landscape.guard import preserve_state
 from lightning_landscape.objective import BNMode, LossFn, Objective, _batch_size
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report import Reporter
+from lightning_landscape.report.dashboard import Logged
+from lightning_landscape.report.reporter import check_prefix
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
 def record_failure(reporter: Reporter, owner: object, err: BaseException, step: int, count: int) -> None:
-    """Warn (rank 0), append to ``<run dir>/<name>/failures.jsonl`` and log ``landscape/<name>/failures``.
+    """Warn (rank 0), append to ``<run dir>/<name>/failures.jsonl`` and log ``<prefix>-<name>/failures``.
 
     Never raises: when the record itself cannot be written (a full disk, a logger that fails), that is warned about
     too, and training goes on. A failure with the same message as an earlier one is recorded without a new warning.
@@ -106,6 +108,8 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             block of them under DDP). Default: drawn from the training set. Required for iterable datasets.
         progress: show a progress bar for long analyses (rank 0).
         dtype: ``torch.float32`` or ``torch.float64`` for the analyses (autocast is always off).
+        key_prefix: the logged keys are ``<key_prefix>-<analysis>/<name>``, one W&B section per analysis; ``""``
+            gives ``<analysis>/<name>``.
 
     Raises:
         ValueError: for an invalid trigger, probe size or ``bn_mode`` (in the constructor), and for a
@@ -115,6 +119,17 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """
 
     name = "analysis"
+    #: the analysis' W&B section and run-directory folder (keys ``<key_prefix>-<section>/<name>``); a subclass that
+    #: does not set it gets its ``name``
+    section = "analysis"
+    #: what the analysis logs (:class:`~lightning_landscape.report.dashboard.Logged`), for the dashboard
+    logged = Logged(scalars=("seconds", "failures"))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "section" not in cls.__dict__:
+            cls.section = cls.name
+
     #: split the probe set over DDP ranks (True: curvature, products summed over ranks) or give every rank the
     #: whole probe set (False: work items such as grid points are split instead)
     shard_probe = True
@@ -132,8 +147,11 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
         probe_batches: list[Any] | None = None,
+        key_prefix: str = "landscape",
     ) -> None:
         super().__init__()
+        check_prefix(key_prefix)
+        self.key_prefix = key_prefix
         check_int("every_n_steps", every_n_steps, optional=True, example=100)
         check_int("every_n_epochs", every_n_epochs, optional=True, example=1)
         check_int("probe_batch_size", probe_batch_size, optional=True, example=64)
@@ -339,7 +357,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f" itself, so {type(self).__name__} cannot use it as the loss. HINT: pass the loss to analyze,"
                 f" e.g. `{type(self).__name__}(loss_fn=lambda module, batch: module.generator_loss(batch))`."
             )
-        self.reporter = Reporter.from_trainer(trainer, self.name, progress=self.progress)
+        self.reporter = Reporter.from_trainer(trainer, self.section, self.progress, self.key_prefix)
         self.reset()  # a checkpoint's state, loaded after setup, turns this into a resume
 
     def reset(self) -> None:
@@ -430,8 +448,8 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Every scalar this analysis logged goes to ``trainer.callback_metrics`` too, on every rank (rank 0's values,
-        broadcast), as tensors on the module's device: ``EarlyStopping(monitor="landscape/flatness/trace")`` or
-        ``ModelCheckpoint(monitor="landscape/energy/barrier_previous")`` work on any of our measures."""
+        broadcast), as tensors on the module's device: ``EarlyStopping(monitor="landscape-flatness/trace")`` or
+        ``ModelCheckpoint(monitor="landscape-energy/barrier_previous")`` work on any of our measures."""
         values = distributed.broadcast(trainer.strategy, self.reporter.take_published())
         device = pl_module.device
         for key, value in values.items():

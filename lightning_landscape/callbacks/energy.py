@@ -18,7 +18,7 @@ Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`) runs 
 5. **disconnectivity graph** of the basins.
 
 The work is done in that order, item by item, while the ``budget`` lasts (every rank follows rank 0's decision);
-what was spent is logged. Outputs, in ``<run dir>/landscape/energy/`` and W&B: figures ``disconnectivity``,
+what was spent is logged. Outputs, in ``<run dir>/energy/`` and W&B: figures ``disconnectivity``,
 ``timescales``, ``paths``, ``free_energy``; tables ``minima``, ``basins``, ``barriers`` (both directions),
 ``metastable``; scalars ``n_basins``, ``current_basin``, ``merge_barrier``, ``barrier_previous`` (saddle loss minus
 the current minimum's loss), ``slowest_timescale`` (in optimizer steps), ``metastable_states``, ``n_minima``,
@@ -86,6 +86,7 @@ from lightning_landscape.dynamics.pipeline import (
 from lightning_landscape.geometry.paths import PathResult
 from lightning_landscape.objective import BNMode, LossFn, Objective
 from lightning_landscape.params import ParameterLayout, weight_decay_of
+from lightning_landscape.report.dashboard import Logged
 from lightning_landscape.report.plots import free_energy_figure, paths_figure, timescales_figure
 
 if TYPE_CHECKING:
@@ -140,8 +141,8 @@ class EnergyLandscape(LandscapeCallback):
             per parameter group (:func:`~lightning_landscape.params.weight_decay_of`), read at every trigger, so the
             replicas see the energy that training descends. A cross-entropy loss on a probe set that the network can
             fit has no minimum at finite weights without it: its quenches run off without converging.
-        probe_size, probe_seed, loss_fn, probe_batches, progress, dtype: as for every callback. With an iterable
-            training dataset, the given ``probe_batches`` are also the replicas' minibatch pool.
+        probe_size, probe_seed, loss_fn, probe_batches, progress, dtype, key_prefix: as for every callback. With an
+            iterable training dataset, the given ``probe_batches`` are also the replicas' minibatch pool.
         bn_mode: ``"train"`` (default): BatchNorm normalizes with the statistics of the probe batch, so the energy is a
             function of the weights alone and a minimum has the same loss at every trigger. ``"eval"`` (running
             statistics) is refused for modules with BatchNorm, whose running statistics move between triggers.
@@ -155,6 +156,36 @@ class EnergyLandscape(LandscapeCallback):
     """
 
     name = "energy"
+    #: what it logs (the dashboard's panels); ``seconds_<stage>`` per stage
+    logged = Logged(
+        scalars=(
+            "n_minima",
+            "new_minima",
+            "n_basins",
+            "current_basin",
+            "merge_barrier",
+            "barrier_previous",
+            "slowest_timescale",
+            "metastable_states",
+            "spent_passes",
+            "spent_seconds",
+            "seconds_*",
+            "replicas_run",
+            "quenches_run",
+            "quenches_converged",
+            "quenches_stationary",
+            "quench_loss_drop",
+            "quench_grads",
+            "linear_joins",
+            "paths_run",
+            "paths_converged",
+            "path_grads",
+            "seconds",
+            "failures",
+        ),
+        media=("disconnectivity", "paths", "timescales", "free_energy"),
+        tables=("minima", "basins", "barriers", "metastable"),
+    )
     shard_probe = False  # every rank holds the whole probe set; replicas, quenches and paths are split instead
 
     def __init__(
@@ -178,6 +209,7 @@ class EnergyLandscape(LandscapeCallback):
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
         probe_batches: list[Any] | None = None,
+        key_prefix: str = "landscape",
     ) -> None:
         check_int("probe_size", probe_size, example=256)  # before it becomes the default probe_batch_size
         super().__init__(
@@ -192,6 +224,7 @@ class EnergyLandscape(LandscapeCallback):
             progress=progress,
             dtype=dtype,
             probe_batches=probe_batches,
+            key_prefix=key_prefix,
         )
         self.sampling: SamplingConfig = as_config(SamplingConfig, sampling, "sampling")
         self.quench: QuenchConfig = as_config(QuenchConfig, quench, "quench")

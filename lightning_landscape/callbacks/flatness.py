@@ -28,7 +28,7 @@ Measures (``measures=...``):
 ``gradient_noise``               ``tr(Sigma)``, ``B_simple`` and the SGD temperature ``lr tr(Sigma)/(2Bd)``
 ================================ =========================================================================
 
-Scalars go to every logger as ``landscape/flatness/<measure>``, and to ``trainer.callback_metrics`` on every
+Scalars go to every logger as ``landscape-flatness/<measure>``, and to ``trainer.callback_metrics`` on every
 rank (for EarlyStopping, ModelCheckpoint or other callbacks). Per-layer values of
 ``lambda_max`` and ``trace`` are logged as ``<measure>/<layer>`` for each entry of ``layers``.
 
@@ -55,6 +55,7 @@ from lightning_landscape import curvature, distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
 from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.objective import BNMode, LossFn
+from lightning_landscape.report.dashboard import Logged
 from lightning_landscape.report.plots import eigenvalue_figure, spectral_density_figure
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ class FlatnessMonitor(LandscapeCallback):
         probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, probe_batches, progress: see
             :class:`~lightning_landscape.callbacks.LandscapeCallback`.
         dtype: ``torch.float32`` or ``torch.float64``.
+        key_prefix: keys are ``<key_prefix>-flatness/<measure>`` (see :class:`LandscapeCallback`).
         seed: seed of the random vectors of the estimators.
 
     Raises:
@@ -103,6 +105,27 @@ class FlatnessMonitor(LandscapeCallback):
     """
 
     name = "flatness"
+    #: what it logs (the dashboard's panels); ``lambda_<i>`` for ``top_k``, ``<measure>/<layer>`` for ``layers``
+    logged = Logged(
+        scalars=(
+            *(m for m in MEASURES if m not in ("top_eigenvalues", "density", "gradient_noise")),
+            "lambda_[0-9]*",
+            "lambda_max/*",
+            "trace/*",
+            "stability_limit",
+            "trace_std_error",
+            "trace_ci95_low",
+            "trace_ci95_high",
+            "grad_noise_trace",
+            "b_simple",
+            "temperature",
+            "n_hvp",
+            "seconds",
+            "failures",
+        ),
+        media=("eigenvalues", "spectral_density"),
+        tables=("top_eigenvalues",),
+    )
 
     def __init__(
         self,
@@ -129,6 +152,7 @@ class FlatnessMonitor(LandscapeCallback):
         seed: int = 0,
         progress: bool = True,
         probe_batches: list[Any] | None = None,
+        key_prefix: str = "landscape",
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -142,6 +166,7 @@ class FlatnessMonitor(LandscapeCallback):
             progress=progress,
             dtype=dtype,
             probe_batches=probe_batches,
+            key_prefix=key_prefix,
         )
         if isinstance(measures, str):
             raise ValueError(f"`measures` must be a list of names, got the string {measures!r}. HINT: [{measures!r}].")
@@ -230,6 +255,8 @@ class FlatnessMonitor(LandscapeCallback):
                 s.update({f"lambda_{i + 1}": v for i, v in enumerate(out["top_eigenvalues"])})
             if "eos_ratio" in want and limit is not None:
                 s["eos_ratio"] = s["lambda_max"] / limit
+            if limit is not None:  # the reference line next to lambda_max: 2/lr for plain SGD
+                s["stability_limit"] = limit
             self.advance("eigenvalues")
         if "lambda_min" in want:
             res = curvature.hessian_eigenvalues(

@@ -11,7 +11,7 @@ DDP ranks and gathered, so 2 ranks compute the 1-process grid):
   each snapshot's distance off the plane, and each snapshot's true loss next to the loss at its projection;
 * the interpolation from the initial to the current parameters and its barrier.
 
-Scalars (``landscape/landscape/...``): ``center_loss``, ``barrier_init``, ``roughness`` (mean absolute
+Scalars (``landscape-slices/...``): ``center_loss``, ``barrier_init``, ``roughness`` (mean absolute
 second difference of the 1-D profile, relative to the loss), ``pca_explained``, ``pca_max_off_plane``.
 Every grid with its directions' seeds, ranges and BN mode goes to ``<run dir>/landscape/*.npz``.
 
@@ -43,6 +43,7 @@ from lightning_landscape.geometry import (
 )
 from lightning_landscape.objective import BNMode, LossFn
 from lightning_landscape.params import ParameterLayout
+from lightning_landscape.report.dashboard import Logged
 from lightning_landscape.report.plots import contour_figure, profile_figure, surface_figure
 
 if TYPE_CHECKING:
@@ -67,11 +68,26 @@ class LandscapeSampler(LandscapeCallback):
             of CPU memory, and of the checkpoint: they are part of the callback's state, so a resumed run keeps
             its initial point and path).
         memory_mb: memory for one chunk of parameter vectors.
-        probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, probe_batches, progress, dtype: as for every
-            callback.
+        probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, probe_batches, progress, dtype, key_prefix: as
+            for every callback.
     """
 
     name = "landscape"
+    section = "slices"  # keys landscape-slices/..., files in <run dir>/slices/
+    #: what it logs (the dashboard's panels)
+    logged = Logged(
+        scalars=(
+            "center_loss",
+            "barrier_init",
+            "roughness",
+            "pca_explained",
+            "pca_max_off_plane",
+            "seconds",
+            "failures",
+        ),
+        media=("profile", "slice", "surface", "pca_plane", "interpolation"),
+        tables=("grid", "pca_trajectory"),
+    )
     shard_probe = False  # the grid is split over ranks instead
 
     def __init__(
@@ -97,6 +113,7 @@ class LandscapeSampler(LandscapeCallback):
         progress: bool = True,
         dtype: torch.dtype = torch.float32,
         probe_batches: list[Any] | None = None,
+        key_prefix: str = "landscape",
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -110,6 +127,7 @@ class LandscapeSampler(LandscapeCallback):
             progress=progress,
             dtype=dtype,
             probe_batches=probe_batches,
+            key_prefix=key_prefix,
         )
         check_int("resolution", resolution, minimum=2, example=25)
         check_int("line_points", line_points, minimum=2, example=51)

@@ -55,7 +55,9 @@ from lightning_landscape.dynamics import SparseProjection, TrajectoryStore
 from lightning_landscape.objective import _batch_size
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report import Reporter
+from lightning_landscape.report.dashboard import Logged
 from lightning_landscape.report.plots import trajectory_figure
+from lightning_landscape.report.reporter import check_prefix
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -96,12 +98,34 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         store_dir: where the store goes (default ``<run dir>/trajectory/store``).
         noise_ema: EMA factor of the DDP noise-scale estimators.
         log_artifact: log the store to W&B as an artifact at the end of training.
+        key_prefix: keys are ``<key_prefix>-trajectory/<name>``, one W&B section; ``""`` gives ``trajectory/<name>``.
 
     Raises:
         ValueError: for non-positive sizes or intervals (in the constructor).
     """
 
     name = "trajectory"
+    section = "trajectory"
+    #: what it logs (the dashboard's panels): per-step statistics, the store's size, the end-of-training figure
+    logged = Logged(
+        scalars=(
+            "loss",
+            "grad_norm",
+            "update_norm",
+            "update_cosine",
+            "distance",
+            "relative_distance",
+            "lr",
+            "lr_over_batch",
+            "b_simple",
+            "grad_noise_trace",
+            "true_grad_sq",
+            "temperature",
+            "disk_mb",
+            "failures",
+        ),
+        media=("trajectory",),
+    )
 
     def __init__(
         self,
@@ -116,8 +140,11 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         store_dir: str | None = None,
         noise_ema: float = 0.95,
         log_artifact: bool = True,
+        key_prefix: str = "landscape",
     ) -> None:
         super().__init__()
+        check_prefix(key_prefix)
+        self.key_prefix = key_prefix
         check_int("sketch_dim", sketch_dim, example=256)
         check_int("sketch_every_n_steps", sketch_every_n_steps, example=50)
         check_int("vector_stats_every_n_steps", vector_stats_every_n_steps, example=100)
@@ -190,7 +217,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if stage == "fit":
             distributed.check_strategy(trainer.strategy, type(self).__name__)
             ParameterLayout.from_module(pl_module)  # raises early for a module without trainable parameters
-            self.reporter = Reporter.from_trainer(trainer, self.name)
+            self.reporter = Reporter.from_trainer(trainer, self.name, prefix=self.key_prefix)
             # a new fit starts a new store; a checkpoint's state (loaded after setup) turns it into a resume
             self.store_dir, self.store = self._given_store_dir, None
             self._last_step = self._resume_step = None

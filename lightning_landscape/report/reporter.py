@@ -11,8 +11,10 @@ A :class:`Reporter` is created once per callback in ``setup`` (on every rank, be
 * ``arrays``  -> an ``.npz`` file with the arrays and their metadata;
 * ``artifact``-> a W&B artifact of a file or directory (large arrays, stores).
 
-Each analysis has its own reporter: keys are ``"landscape/<analysis>/<name>"``, e.g.
-``landscape/flatness/lambda_max``, and files are ``<run dir>/<analysis>/<name>-step<step>.<ext>``, where the
+Each analysis has its own reporter: keys are ``"<prefix>-<analysis>/<name>"`` (``prefix`` default ``landscape``),
+e.g. ``landscape-flatness/lambda_max``, so that W&B's automatic workspace, which groups panels by the part of a key
+before its first ``/``, shows one section per analysis (``landscape-trajectory``, ``landscape-flatness``,
+``landscape-slices``, ``landscape-energy``); files are ``<run dir>/<analysis>/<name>-step<step>.<ext>``, where the
 run directory is ``<trainer.log_dir>/landscape`` for a versioned logger (TensorBoard, CSV), with W&B
 ``<save_dir>/landscape/<run id>``, and otherwise (``logger=False``, MLflow, ...) a new
 ``<log dir>/landscape/version_<n>`` per run, so that two runs never write into one folder.
@@ -82,6 +84,22 @@ def run_directory(trainer: pl.Trainer) -> Path:
     return run_dir
 
 
+def section(prefix: str, analysis: str) -> str:
+    """The key namespace (and W&B section) of an analysis: ``"<prefix>-<analysis>"``, or ``analysis`` alone for an
+    empty ``prefix``."""
+    return f"{prefix}-{analysis}" if prefix else analysis
+
+
+def check_prefix(value: Any) -> None:
+    """``key_prefix`` must be a string of letters, digits, ``_``, ``.`` or ``-`` (no ``/``: it would split W&B's
+    sections)."""
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]*", value):
+        raise ValueError(
+            f"`key_prefix` must be a string of letters, digits, '_', '.' or '-', got {value!r}. HINT: 'landscape'"
+            " (keys 'landscape-flatness/lambda_max', ...) or '' (keys 'flatness/lambda_max', ...)."
+        )
+
+
 def logger_step(trainer: pl.Trainer, step: int) -> int:
     """The step at which Lightning logs the user's ``self.log`` values at this moment (``step`` if unknown)."""
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
@@ -120,8 +138,9 @@ class Reporter:
         self.show_progress = progress
 
     @classmethod
-    def from_trainer(cls, trainer: pl.Trainer, name: str, progress: bool = True) -> Reporter:
-        """The reporter of analysis ``name``: keys ``landscape/<name>/...``, files in ``<run dir>/<name>/``.
+    def from_trainer(cls, trainer: pl.Trainer, name: str, progress: bool = True, prefix: str = "landscape") -> Reporter:
+        """The reporter of analysis ``name``: keys ``<prefix>-<name>/...`` (:func:`section`), files in
+        ``<run dir>/<name>/``.
 
         Call it on every rank (``trainer.log_dir`` is a collective).
         """
@@ -129,7 +148,7 @@ class Reporter:
             run_directory(trainer) / name,
             trainer.loggers,
             trainer.is_global_zero,
-            f"landscape/{name}",
+            section(prefix, name),
             progress,
             trainer=trainer,
         )

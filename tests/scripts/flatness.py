@@ -46,6 +46,6 @@ if __name__ == "__main__":
         top_k=3,
     )
     trainer = fit_one_step(devices, [monitor])
-    published = float(trainer.callback_metrics.get("landscape/flatness/lambda_max", float("nan")))
+    published = float(trainer.callback_metrics.get("landscape-flatness/lambda_max", float("nan")))
     result = {"history": monitor.history, "published": published, "world": trainer.world_size}
     finish_script(trainer, out, {**result, "failures": monitor.failures, "steps": trainer.global_step})
