@@ -50,6 +50,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten, tree_map
 
 from lightning_landscape.guard import _RNGState, is_metric
 from lightning_landscape.params import ParameterLayout
@@ -449,6 +450,88 @@ class Objective:
                 total += w * g
                 value += w * loss.detach()
         return value, total
+
+    def minibatch_losses_and_grads(
+        self, thetas: Tensor, batches: Sequence[int], with_grad: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(losses (R,), grads (R, P))``: the loss and gradient of row ``r`` of ``thetas`` on the one probe batch
+        ``batches[r]``, for every row: one SGD step of ``R`` replicas, each on its own minibatch (``with_grad=False``:
+        the losses only, and None).
+
+        The rows run under one ``vmap(grad)`` call (``chunk_size`` at a time, each row's batch gathered from the
+        stacked probe batches) when the batches stack (one pytree structure, tensors of one shape) and the batching
+        is ``"vmap"``, or ``"auto"`` and vmap was the faster of the two on the first call with two rows or more
+        (both timed once on those rows; the loop wins on large models, where vmap only adds memory); otherwise one
+        :meth:`loss_and_grad` per row. A row's result does not depend on the other rows, so a replica is the same
+        whichever replicas run beside it. Under ``vmap`` the ``batch_idx`` given to ``training_step`` is 0.
+        """
+        if len(thetas) != len(batches):
+            raise ValueError(f"`thetas` has {len(thetas)} rows but {len(batches)} `batches` were given.")
+        if not len(thetas):
+            return thetas.new_zeros((0,)), thetas.new_zeros((0, self.numel)) if with_grad else None
+        if self._minibatch_vmap(thetas, batches):
+            return self._minibatch_vmapped(thetas, batches, with_grad)
+        if not with_grad:
+            return torch.stack([self.loss(t, batch=b) for t, b in zip(thetas, batches, strict=True)]), None
+        pairs = [self.loss_and_grad(t, batch=b) for t, b in zip(thetas, batches, strict=True)]
+        return torch.stack([v for v, _ in pairs]), torch.stack([g for _, g in pairs])
+
+    def _minibatch_vmapped(self, thetas: Tensor, batches: Sequence[int], with_grad: bool) -> tuple[Tensor, Any]:
+        index = torch.as_tensor(list(batches), dtype=torch.long, device=self.device)
+        chosen = tree_map(lambda t: t[index], self._stacked)
+        thetas = thetas.to(device=self.device, dtype=self.dtype)
+        self._spend(len(thetas), len(thetas) if with_grad else 0)
+        with self._evaluation_mode():
+            if not with_grad:
+                with torch.no_grad():
+                    return vmap(self._minibatch_loss, chunk_size=self.chunk_size)(thetas, chosen), None
+            run = vmap(torch.func.grad_and_value(self._minibatch_loss), chunk_size=self.chunk_size)
+            grads, losses = run(thetas, chosen)
+        return losses.detach(), grads.detach()
+
+    def _minibatch_vmap(self, thetas: Tensor, batches: Sequence[int]) -> bool:
+        """Whether :meth:`minibatch_losses_and_grads` vmaps (see there); decides once, timing both ways."""
+        import time
+
+        if not hasattr(self, "_stacked"):
+            leaves = [tree_flatten(b) for b in self.batches]
+            same = all(spec == leaves[0][1] for _, spec in leaves) and all(
+                torch.is_tensor(x) and x.shape == y.shape and x.dtype == y.dtype
+                for flat, _ in leaves
+                for x, y in zip(flat, leaves[0][0], strict=True)
+            )
+            self._stacked = tree_map(lambda *ts: torch.stack(ts), *self.batches) if same else None
+            self._minibatch_method: str | None = None if self.batching == "auto" else self.batching
+        if self._stacked is None or self._minibatch_method == "loop":
+            return False
+        if self._minibatch_method is None:
+            if len(thetas) < 2:
+                return False
+            timings = {}
+            for method in ("loop", "vmap"):
+                self._minibatch_method = method
+                start = time.perf_counter()
+                try:
+                    self.minibatch_losses_and_grads(thetas, batches)
+                except Exception as err:  # vmap is an optimization: the loop is exact
+                    if method == "loop":
+                        self._minibatch_method = None
+                        raise
+                    warnings.warn(
+                        f"Objective: cannot vmap minibatch gradients of {type(self.module).__name__} ({err!s:.200});"
+                        " running the rows one by one.",
+                        stacklevel=3,
+                    )
+                    break
+                timings[method] = time.perf_counter() - start
+            self._minibatch_method = min(timings, key=timings.get)
+        return self._minibatch_method == "vmap"
+
+    def _minibatch_loss(self, theta: Tensor, batch: Any) -> Tensor:
+        loss = functional_call(self._wrapper, self._tensors(theta), (batch, 0), strict=False)
+        if isinstance(self.l2, Tensor) or self.l2:
+            loss = loss + 0.5 * (self.l2 * theta * theta).sum()
+        return loss
 
     def grad(self, theta: Tensor | None = None) -> Tensor:
         """``grad L(theta)``, accumulated batch by batch."""

@@ -10,7 +10,11 @@ epoch) trained as ``configs/energy.yaml`` trains it (weight decay 5e-4, the ener
   * the same trigger without weight decay (on data the network can fit, cross-entropy then has no minimum at
     finite weights: the quenches cannot converge, and the callback says so);
   * 1 against 2 processes (DDP, gloo, one thread each) for the same trigger: replicas, quenches and paths
-    are split over the ranks.
+    are split over the ranks;
+  * basin sampling alone, 16 SGD replicas of 200 steps from the trained point on the trigger's pool of 8 batches:
+    the replicas stepped one at a time (``batching="loop"``, the previous implementation) against all together in
+    one vmapped call (``"auto"``, which picks vmap here), side by side, in replica-steps per second, and whether
+    every replica is bit-identical both ways.
 
 Usage: python scripts/bench_energy.py [--epochs 3]
 """
@@ -69,6 +73,36 @@ def trigger(replicas: int, epochs: int, root: str, devices: int = 1, weight_deca
     }
 
 
+def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int = 3) -> None:
+    """Basin sampling alone: the loop against the vmapped replicas, best of ``repeats`` each, interleaved."""
+    import torch
+
+    from lightning_landscape import Objective
+    from lightning_landscape.dynamics import sample_basin
+
+    trainer = fit_quickstart([], 3, root, weight_decay=WEIGHT_DECAY)
+    model, data = trainer.lightning_module, trainer.datamodule
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randperm(len(data.train_set), generator=generator)[: 8 * 64].reshape(8, 64)
+    pool = [data.train_dataloader().collate_fn([data.train_set[int(i)] for i in chunk]) for chunk in index]
+    x0 = Objective(model, pool).theta0
+    best, runs = {}, {}
+    for _ in range(repeats):
+        for batching in ("loop", "auto"):
+            objective = Objective(model, pool, batching=batching, l2=WEIGHT_DECAY)
+            start = time.perf_counter()
+            runs[batching] = sample_basin(objective, x0, replicas, steps, lr=0.1, seed=0, record_every=5)
+            best[batching] = min(best.get(batching, float("inf")), time.perf_counter() - start)
+    same = all(torch.equal(runs["loop"].finals[r], runs["auto"].finals[r]) for r in range(replicas))
+    same = same and (runs["loop"].sketches == runs["auto"].sketches).all()
+    rate = {k: replicas * steps / v for k, v in best.items()}
+    print(
+        f"\nbasin sampling, {replicas} replicas x {steps} steps: one at a time {best['loop']:.2f} s"
+        f" ({rate['loop']:.0f} replica-steps/s), batched {best['auto']:.2f} s ({rate['auto']:.0f} replica-steps/s):"
+        f" {best['loop'] / best['auto']:.1f}x; every replica bit-identical both ways: {bool(same)}"
+    )
+
+
 def worker(out: str, devices: int, epochs: int) -> None:
     result = trigger(8, epochs, str(Path(out).parent / f"ddp-{devices}"), devices)
     if result["rank0"]:
@@ -83,11 +117,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--replicas-only", action="store_true", help="only the basin-sampling comparison")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.epochs)
         return
     root = tempfile.mkdtemp(prefix="bench-energy-")
+    if args.replicas_only:
+        replica_speed(root)
+        return
     timer = EpochTimer()
     fit_quickstart([timer], args.epochs, root, weight_decay=WEIGHT_DECAY)
     epoch = statistics.median(timer.seconds)
@@ -108,6 +146,7 @@ def main() -> None:
                 f" joins: {t['linear_joins']} straight lines, paths converged {t['paths_converged']}/{t['paths_run']}"
                 f" ({t['path_grads']} gradients)"
             )
+    replica_speed(root)
     print("\n1 vs 2 processes (DDP gloo, 1 thread per process, 8 replicas, global batch 64):")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     for devices in (1, 2):

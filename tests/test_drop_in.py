@@ -64,7 +64,7 @@ def run(shape, root, callbacks):
     )
     trainer.fit(model, train_dataloaders=shape.loader())
     with open(f"{trainer.logger.log_dir}/metrics.csv") as fh:
-        rows = [{k: v for k, v in r.items() if v and not k.startswith("landscape/")} for r in csv.DictReader(fh)]
+        rows = [{k: v for k, v in r.items() if v and not k.startswith("landscape-")} for r in csv.DictReader(fh)]
     return model, trainer, [r for r in rows if len(r) > 1], threads.counts
 
 

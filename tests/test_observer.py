@@ -56,7 +56,7 @@ def assert_identical_runs(a, b):
     assert len(losses_a) == 12 and losses_a == losses_b  # identical logged training losses
     assert rng_a[0] == rng_b[0] and np.array_equal(rng_a[1], rng_b[1]) and torch.equal(rng_a[2], rng_b[2])
     assert rng_a[3:] == rng_b[3:]  # thread count and requires_grad flags
-    assert "landscape/disturb/probe_loss" not in trainer_a.callback_metrics
+    assert "landscape-disturb/probe_loss" not in trainer_a.callback_metrics
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
@@ -69,7 +69,7 @@ def test_heavy_analyses_every_step_leave_training_bit_identical(tmp_path, namesp
     # it really ran: before each of the 12 optimizer steps, after each step, and at the end (deduplicated)
     assert callback.runs == 12 + 1 and callback.failures == 0
     with open(f"{observed[1].logger.log_dir}/metrics.csv") as fh:
-        assert "landscape/disturb/probe_loss" in next(csv.reader(fh))
+        assert "landscape-disturb/probe_loss" in next(csv.reader(fh))
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)

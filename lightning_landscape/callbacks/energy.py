@@ -372,6 +372,33 @@ class EnergyLandscape(LandscapeCallback):
             results += [r for r in distributed.gather_objects(trainer.strategy, mine) if r is not None]
         return results
 
+    def _replica_rounds(self, trainer: pl.Trainer, spend: list, start: float, run: Any) -> list[Excursions]:
+        """The replicas in rounds while the budget lasts, each rank running its share of a round together
+        (:func:`sample_basin` steps them in one vmapped call): one replica per rank first, then as many per rank as
+        the budget left is estimated to allow from what the first cost (all the rest, without a budget)."""
+        rank, world = distributed.world(trainer.strategy)
+        total, done, per_rank, results = self.sampling.replicas, 0, 1, []
+        while done < total and self._may_continue(trainer, spend, start):
+            ids = list(range(done, min(total, done + per_rank * world)))
+            clock, passes = time.perf_counter(), self._passes(trainer, spend)
+            mine = None
+            with self.stage(trainer, "basin sampling"):
+                if ids[rank::world]:
+                    mine = run(ids[rank::world])
+            results += [r for r in distributed.gather_objects(trainer.strategy, mine) if r is not None]
+            done += len(ids)
+            affordable = float(total - done)  # replicas the budget left allows, at the cost of this round's
+            seconds, spent = (
+                (time.perf_counter() - clock) / len(ids),
+                (self._passes(trainer, spend) - passes) / len(ids),
+            )
+            if self.budget.seconds is not None:
+                affordable = min(affordable, (self.budget.seconds - (time.perf_counter() - start)) / max(seconds, 1e-9))
+            if self.budget.passes is not None:
+                affordable = min(affordable, (self.budget.passes - self._passes(trainer, spend)) / max(spent, 1.0))
+            per_rank = int(distributed.broadcast(trainer.strategy, max(1, int(affordable // world))))
+        return results
+
     @override
     def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         start = self._mark = time.perf_counter()
@@ -397,7 +424,7 @@ class EnergyLandscape(LandscapeCallback):
             run.finals = run.finals.cpu()  # gathered between ranks: no device indices
             return run
 
-        runs = self._rounds(trainer, self.sampling.replicas, "basin sampling", lambda r: replicas([r]), budget_left)
+        runs = self._replica_rounds(trainer, spend, start, replicas)
         with self.stage(trainer, "basin sampling"):
             excursions = Excursions.concatenate(runs) if runs else replicas([])
             if trainer.is_global_zero and len(excursions.replica_ids):
@@ -640,6 +667,7 @@ class EnergyLandscape(LandscapeCallback):
                 "grad_norm",
                 "grad_ratio",
                 "quench_converged",
+                "quench_criterion",
                 "accuracy",
                 "visits",
                 "step",
@@ -653,6 +681,7 @@ class EnergyLandscape(LandscapeCallback):
                     r.get("grad_norm", np.nan),
                     r.get("grad_ratio", np.nan),
                     bool(r.get("quench_converged", False)),
+                    r.get("quench_criterion", ""),
                     r.get("accuracy", np.nan),
                     r.get("visits", 1),
                     r.get("step", -1),

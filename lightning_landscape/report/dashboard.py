@@ -88,12 +88,15 @@ def _panels(analysis: str, logged: Logged, names: list[str] | None) -> list[dict
                     panels.append({"kind": kind, "title": p, "names": [p, *companions.get(p, [])]})
         return panels
     shown = {c for name in names for c in companions.get(name, [])}
-    for name in names:
-        kind = logged.kind(name)
-        if kind is None or (name in shown and kind == "line"):
-            continue
-        extra = [c for c in companions.get(name, []) if c in names]
-        panels.append({"kind": kind, "title": name, "names": [name, *extra]})
+    placed: set[str] = set()
+    for kind, patterns in (("line", logged.scalars), ("media", logged.media), ("table", logged.tables)):
+        for p in patterns:  # in the order of the declaration: the main measures first
+            for name in names:
+                if name in placed or not fnmatch.fnmatchcase(name, p) or (kind == "line" and name in shown):
+                    continue
+                placed.add(name)
+                extra = [c for c in companions.get(name, []) if c in names]
+                panels.append({"kind": kind, "title": name, "names": [name, *extra]})
     return panels
 
 
