@@ -323,8 +323,22 @@ class Objective:
         return t.to(self.dtype) if t.is_floating_point() else t
 
     @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Hold the module in the objective's evaluation mode (below) across many calls, e.g. the steps of
+        :func:`~lightning_landscape.dynamics.sample_basin`: the calls inside skip setting and undoing it."""
+        with self._evaluation_mode():
+            self._held = True
+            try:
+                yield
+            finally:
+                self._held = False
+
+    @contextmanager
     def _evaluation_mode(self) -> Iterator[None]:
         """Set train/eval flags for the declared mode, mute Lightning logging, turn autocast off; undo all."""
+        if getattr(self, "_held", False):  # inside evaluating(): already set
+            yield
+            return
         modules = list(self.module.modules())
         saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in modules]
         muted = []

@@ -36,6 +36,7 @@ import lightning_landscape  # noqa: F401  (first)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lightning.pytorch as pl
+import numpy as np
 
 from lightning_landscape import EnergyLandscape
 from scripts.common import fit_quickstart
@@ -73,12 +74,33 @@ def trigger(replicas: int, epochs: int, root: str, devices: int = 1, weight_deca
     }
 
 
+def previous_sample_basin(objective, theta, replica: int, steps: int, lr: float, seed: int, sketch, record_every: int):
+    """The implementation before replicas were batched (what EnergyLandscape ran, one replica per call): every step
+    one ``loss_and_grad``, which sets and undoes the objective's evaluation mode each time. SGD, no probe outputs."""
+    import torch
+
+    from lightning_landscape.dynamics.excursions import replica_seed
+
+    generator = torch.Generator().manual_seed(replica_seed(seed, replica))
+    x, rows = theta.clone(), []
+    for s in range(steps + 1):
+        batch = int(torch.randint(len(objective.batches), (1,), generator=generator))
+        record = s % record_every == 0 or s == steps
+        loss, g = objective.loss_and_grad(x, batch=batch) if s < steps else (objective.loss(x, batch=batch), None)
+        if record:
+            rows.append((sketch(x).double().cpu().numpy(), float(loss)))
+        if s < steps:
+            x = x - lr * g
+    return x, rows
+
+
 def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int = 3) -> None:
-    """Basin sampling alone: the loop against the vmapped replicas, best of ``repeats`` each, interleaved."""
+    """Basin sampling alone: the previous per-replica loop, today's loop and the batched replicas, best of
+    ``repeats`` each, interleaved so that drift hits all alike."""
     import torch
 
     from lightning_landscape import Objective
-    from lightning_landscape.dynamics import sample_basin
+    from lightning_landscape.dynamics import SparseProjection, sample_basin
 
     trainer = fit_quickstart([], 3, root, weight_decay=WEIGHT_DECAY)
     model, data = trainer.lightning_module, trainer.datamodule
@@ -86,21 +108,27 @@ def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int 
     index = torch.randperm(len(data.train_set), generator=generator)[: 8 * 64].reshape(8, 64)
     pool = [data.train_dataloader().collate_fn([data.train_set[int(i)] for i in chunk]) for chunk in index]
     x0 = Objective(model, pool).theta0
-    best, runs = {}, {}
+    sketch = SparseProjection(x0.numel(), 256, seed=0)
+    best, runs, previous = {}, {}, []
     for _ in range(repeats):
+        objective = Objective(model, pool, l2=WEIGHT_DECAY)
+        start = time.perf_counter()
+        previous = [previous_sample_basin(objective, x0, r, steps, 0.1, 0, sketch, 5) for r in range(replicas)]
+        best["previous"] = min(best.get("previous", float("inf")), time.perf_counter() - start)
         for batching in ("loop", "auto"):
             objective = Objective(model, pool, batching=batching, l2=WEIGHT_DECAY)
             start = time.perf_counter()
-            runs[batching] = sample_basin(objective, x0, replicas, steps, lr=0.1, seed=0, record_every=5)
+            runs[batching] = sample_basin(objective, x0, replicas, steps, 0.1, seed=0, sketch=sketch, record_every=5)
             best[batching] = min(best.get(batching, float("inf")), time.perf_counter() - start)
-    same = all(torch.equal(runs["loop"].finals[r], runs["auto"].finals[r]) for r in range(replicas))
-    same = same and (runs["loop"].sketches == runs["auto"].sketches).all()
-    rate = {k: replicas * steps / v for k, v in best.items()}
-    print(
-        f"\nbasin sampling, {replicas} replicas x {steps} steps: one at a time {best['loop']:.2f} s"
-        f" ({rate['loop']:.0f} replica-steps/s), batched {best['auto']:.2f} s ({rate['auto']:.0f} replica-steps/s):"
-        f" {best['loop'] / best['auto']:.1f}x; every replica bit-identical both ways: {bool(same)}"
+    same = all(torch.equal(runs[b].finals[r], previous[r][0]) for b in runs for r in range(replicas))
+    same = same and all(
+        (runs[b].sketches[r] == np.stack([p for p, _ in previous[r][1]])).all() for b in runs for r in range(replicas)
     )
+    rate = {k: replicas * steps / v for k, v in best.items()}
+    print(f"\nbasin sampling, {replicas} replicas x {steps} steps (replica-steps per second):")
+    for key, label in (("previous", "previous loop, one replica per call"), ("loop", "loop"), ("auto", "batched")):
+        print(f"  {label:>36}: {best[key]:.2f} s, {rate[key]:.0f}/s, {best['previous'] / best[key]:.1f}x the previous")
+    print(f"  every replica bit-identical in all three: {bool(same)}")
 
 
 def worker(out: str, devices: int, epochs: int) -> None:

@@ -51,6 +51,54 @@ def test_sgd_replicas_follow_the_hand_computed_minibatch_steps():
     np.testing.assert_array_equal(alone.sketches[0], runs.sketches[2])
 
 
+def replica_pool(seed: int = 0):
+    """A small ReLU classifier and a pool of 6 minibatches (tuples of tensors, as a DataLoader gives them)."""
+    from tests.helpers import blobs
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = blobs(96, seed=seed).tensors
+    return net, [(x[i : i + 16], y[i : i + 16]) for i in range(0, 96, 16)]
+
+
+def ce_loss(module, batch):
+    return torch.nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.05])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_replicas_stepped_together_equal_each_replica_alone_and_the_one_by_one_loop(temperature, seed):
+    net, pool = replica_pool(seed)
+    batched = Objective(net, pool, ce_loss, batching="vmap")
+    x0 = batched.theta0
+    kwargs = dict(steps=30, lr=0.2, temperature=temperature, seed=seed, record_every=4)
+    together = sample_basin(batched, x0, replicas=6, **kwargs)
+    assert batched._minibatch_method == "vmap"  # one vmapped call per step for all replicas
+    for r in (0, 3, 5):  # a replica is the same whichever replicas run beside it (DDP ranks split them)
+        alone = sample_basin(Objective(net, pool, ce_loss, batching="vmap"), x0, replicas=[r], **kwargs)
+        np.testing.assert_array_equal(alone.sketches[0], together.sketches[r])
+        assert torch.equal(alone.finals[0], together.finals[r])
+    looped = sample_basin(Objective(net, pool, ce_loss, batching="loop"), x0, replicas=6, **kwargs)
+    np.testing.assert_allclose(together.sketches, looped.sketches, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(together.losses, looped.losses, rtol=1e-5, atol=1e-6)
+    assert together.n_grad == looped.n_grad == 6 * 30
+
+
+def test_replicas_fall_back_to_the_loop_when_the_loss_cannot_be_vmapped():
+    net, pool = replica_pool()
+
+    def stepwise(module, batch):  # .item() cannot run under vmap
+        loss = ce_loss(module, batch)
+        return loss * (1.0 if loss.item() > -1 else 0.0)
+
+    objective = Objective(net, pool, stepwise)
+    with pytest.warns(UserWarning, match="cannot vmap minibatch gradients"):
+        runs = sample_basin(objective, objective.theta0, replicas=3, steps=5, lr=0.1)
+    assert objective._minibatch_method == "loop"
+    exact = sample_basin(Objective(net, pool, ce_loss, batching="loop"), objective.theta0, replicas=3, steps=5, lr=0.1)
+    np.testing.assert_allclose(runs.sketches, exact.sketches, rtol=1e-6)
+
+
 def test_sgld_samples_the_boltzmann_distribution_of_a_harmonic_well():
     """L = 0.5 k x^2 with SGLD at temperature T: stationary density exp(-L/T), variance T/k (to O(lr k))."""
     k, T, lr = 2.0, 0.05, 0.01

@@ -37,6 +37,7 @@ Example (a 1-D double well: SGLD started in the well at ``x = -1`` also visits t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,21 +161,22 @@ def sample_basin(
     rows: list[list[np.ndarray]] = [[] for _ in ids]
     values: list[list[float]] = [[] for _ in ids]
     outs: list[list[np.ndarray]] = [[] for _ in ids]
-    for s in range(steps + 1):
-        batches = [int(torch.randint(n_batches, (1,), generator=gen)) for gen in generators]
-        if s < steps or s in recorded:  # the last point needs only its loss
-            loss, g = objective.minibatch_losses_and_grads(x, batches, with_grad=s < steps)
-        if s in recorded:
-            for i in range(len(ids)):
-                rows[i].append((sketch(x[i]) if sketch is not None else x[i]).double().cpu().numpy())
-                values[i].append(float(loss[i]))
-                if probe is not None:
-                    outs[i].append(probe.outputs(x[i]).reshape(-1).double().cpu().numpy())
-        if s < steps:
-            x = x - lr * g
-            if noise:
-                xi = torch.stack([torch.randn(x.shape[1:], generator=gen, dtype=x.dtype) for gen in generators])
-                x = x + noise * xi.to(x.device)
+    with objective.evaluating() if hasattr(objective, "evaluating") else nullcontext():  # once, not every step
+        for s in range(steps + 1):
+            batches = [int(torch.randint(n_batches, (1,), generator=gen)) for gen in generators]
+            if s < steps or s in recorded:  # the last point needs only its loss
+                loss, g = objective.minibatch_losses_and_grads(x, batches, with_grad=s < steps)
+            if s in recorded:
+                for i in range(len(ids)):
+                    rows[i].append((sketch(x[i]) if sketch is not None else x[i]).double().cpu().numpy())
+                    values[i].append(float(loss[i]))
+                    if probe is not None:
+                        outs[i].append(probe.outputs(x[i]).reshape(-1).double().cpu().numpy())
+            if s < steps:
+                x = x - lr * g
+                if noise:
+                    xi = torch.stack([torch.randn(x.shape[1:], generator=gen, dtype=x.dtype) for gen in generators])
+                    x = x + noise * xi.to(x.device)
     sketches = [np.stack(r) for r in rows]
     losses = values
     finals = list(x)
