@@ -50,6 +50,7 @@ def test_analyze_merges_runs_and_finds_the_saddle_between_their_minima(two_runs)
     assert saved["saddles"][0, 1] == pytest.approx(0.5, rel=1e-3)  # the saddle of the double well, from analyze
     np.testing.assert_allclose(saved["minima_losses"], 0.0, atol=1e-8)
     assert summary["metastable_states"] >= 2 and summary["active_points"] > 0
+    assert "transition" in summary  # TPT of the training paths, or why there is none
     for name in ("disconnectivity", "timescales", "paths", "free_energy"):
         assert (out / f"{name}.png").exists(), name
     runs = {line.split(",")[3] for line in (out / "minima.csv").read_text().splitlines()[1:]}
@@ -132,3 +133,43 @@ def test_a_config_of_another_model_is_one_clear_line(two_runs, tmp_path, capsys)
         main(["analyze", str(tmp_path / "run-0"), str(tmp_path / "run-1"), "--config", str(config)])
     err = capsys.readouterr().err
     assert "builds a model with" in err and "HINT: pass the config the runs were trained with" in err
+
+
+def test_analyze_reports_the_training_transition_of_a_known_chain(tmp_path):
+    """Stores whose sketches follow a known 3-state chain (wells at x = 0, 5, 10): the training path goes from the
+    first well to the last, the replicas sample all three. The MFPT from the first set to the last is the exact
+    mean hitting time of the chain (a linear solve), within the sampling error."""
+    from lightning_landscape.dynamics import TrajectoryStore
+
+    T = np.array([[0.96, 0.04, 0.0], [0.04, 0.92, 0.04], [0.0, 0.04, 0.96]])
+    rng = np.random.default_rng(0)
+    meta = {"k": 2, "projection_seed": 0, "nnz": 1, "n_params": 2}
+
+    def write(path, states):
+        store = TrajectoryStore.create(path, meta)
+        for step, s in enumerate(states):
+            store.append(step, {"loss": float(s)}, sketch=np.array([5.0 * s, 0.0]) + 0.3 * rng.standard_normal(2))
+        store.flush()
+
+    def chain(start, n):
+        states = [start]
+        for _ in range(n - 1):
+            states.append(int(rng.choice(3, p=T[states[-1]])))
+        return states
+
+    training = chain(0, 400)
+    while training[-1] != 2:  # a training path that ends in the last well
+        training.append(int(rng.choice(3, p=T[training[-1]])))
+    write(tmp_path / "run" / "trajectory", training)
+    for r in range(12):
+        write(tmp_path / "run" / "energy" / "excursions" / "step-1" / f"replica-{r:03d}", chain(r % 3, 2000))
+    summary = main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--clusters", "6"])
+    transition = summary["transition"]
+    assert summary["metastable_states"] == 3
+    assert transition["source_set"] != transition["target_set"]
+    hitting = np.linalg.solve(np.eye(2) - T[:2, :2], np.ones(2))[0]  # m = 1 + T m off the last state
+    assert transition["mfpt_steps"] == pytest.approx(hitting, rel=0.25)
+    top = transition["pathways"][0]
+    assert top["sets"][0] == transition["source_set"] and top["sets"][-1] == transition["target_set"]
+    assert len(top["sets"]) == 3 and top["share"] == pytest.approx(1.0, abs=0.02)  # one channel, through the middle
+    assert (tmp_path / "out" / "path_atlas.png").stat().st_size > 1000

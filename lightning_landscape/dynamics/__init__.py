@@ -1,5 +1,5 @@
 """SGD as a dynamical system: sketches, the trajectory store, trajectory PCA, basin sampling, minima,
-Markov state models, disconnectivity graphs."""
+Markov state models, transition path theory, disconnectivity graphs."""
 
 from lightning_landscape.dynamics.disconnectivity import (
     DisconnectivityTree,
@@ -31,9 +31,11 @@ from lightning_landscape.dynamics.pipeline import (
     markov_model,
     noise_level,
     quench_point,
+    training_transition,
 )
 from lightning_landscape.dynamics.sketch import SparseProjection
 from lightning_landscape.dynamics.store import TrajectoryStore
+from lightning_landscape.dynamics.tpt import TransitionPaths, transition_paths
 
 __all__ = [
     "BasinConfig",
@@ -51,6 +53,7 @@ __all__ = [
     "SparseProjection",
     "StreamingPCA",
     "TrajectoryStore",
+    "TransitionPaths",
     "basins_of",
     "clustered_msm",
     "common_projection",
@@ -68,4 +71,6 @@ __all__ = [
     "quench_point",
     "sample_basin",
     "states_on_plane",
+    "training_transition",
+    "transition_paths",
 ]

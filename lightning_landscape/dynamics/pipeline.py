@@ -58,6 +58,7 @@ from lightning_landscape.dynamics.excursions import Excursions, sample_basin
 from lightning_landscape.dynamics.minima import MinimaDatabase, quench
 from lightning_landscape.dynamics.msm import MarkovStateModel, clustered_msm, metastable_summary, states_on_plane
 from lightning_landscape.dynamics.sketch import SparseProjection
+from lightning_landscape.dynamics.tpt import TransitionPaths, transition_paths
 from lightning_landscape.geometry.paths import PathResult, dips, minimum_energy_path
 
 
@@ -550,6 +551,33 @@ def markov_model(
     return MarkovModel(msm, dtrajs, sets, states_on_plane(plane_points or features, dtrajs, msm.active_set))
 
 
+def training_transition(model: MarkovModel, trajectory: int, step: float = 1.0) -> TransitionPaths | str:
+    """Transition path theory of the MSM from the metastable set holding the first point of trajectory
+    ``trajectory`` (e.g. the training path) to the set holding its last point: committors, rate, mean first-passage
+    time (``step``: steps per lag) and the dominant pathways
+    (:func:`~lightning_landscape.dynamics.tpt.transition_paths`). A string saying why when there is no such
+    transition (one metastable set, an end outside the largest connected set, both ends in one set)."""
+    msm, dtraj = model.msm, model.dtrajs[trajectory]
+    if msm.metastable_assignment is None or len(dtraj) < 2:
+        return "the chain has a single metastable set"
+    index = {int(s): k for k, s in enumerate(msm.active_set)}
+    first, last = index.get(int(dtraj[0])), index.get(int(dtraj[-1]))
+    if first is None or last is None:
+        return "an end of the trajectory lies outside the chain's largest connected set"
+    start, end = int(msm.metastable_assignment[first]), int(msm.metastable_assignment[last])
+    if start == end:
+        return f"the trajectory starts and ends in metastable set {start}"
+    source = np.flatnonzero(msm.metastable_assignment == start)
+    target = np.flatnonzero(msm.metastable_assignment == end)
+    return transition_paths(msm.transition_matrix, source, target, msm.stationary_distribution, step=step)
+
+
+def set_sequence(path: list[int], assignment: np.ndarray) -> list[int]:
+    """A pathway of states as the sequence of metastable sets it crosses (repeats collapsed)."""
+    sets = [int(assignment[s]) for s in path]
+    return [k for i, k in enumerate(sets) if i == 0 or k != sets[i - 1]]
+
+
 __all__ = [
     "BARRIER_COLUMNS",
     "BasinConfig",
@@ -576,4 +604,6 @@ __all__ = [
     "quench_point",
     "record_path",
     "sample",
+    "set_sequence",
+    "training_transition",
 ]

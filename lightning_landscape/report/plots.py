@@ -212,3 +212,39 @@ def free_energy_figure(
     ax.set_title("free energy of the MSM states")
     ax.legend(fontsize=8, loc="upper right")
     return fig
+
+
+def path_atlas_figure(
+    positions: np.ndarray,
+    populations: np.ndarray,
+    losses: np.ndarray,
+    flux: np.ndarray,
+    source: int,
+    target: int,
+    points: np.ndarray | None = None,
+) -> Figure:
+    """The path atlas: metastable sets at ``positions`` (2-D) sized by population and coloured by mean loss, with an
+    arrow for every net reactive flux between two sets (width by its share of the total), from ``source`` (the
+    initial point's set) to ``target`` (the current one's); the sampled ``points`` in grey."""
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    if points is not None:
+        ax.scatter(points[:, 0], points[:, 1], s=2, color="0.82")
+    total = float(flux[source].sum()) or 1.0
+    for i, j in zip(*np.nonzero(flux > 1e-3 * total), strict=True):
+        (x0, y0), (x1, y1) = positions[i], positions[j]
+        share = float(flux[i, j]) / total
+        ax.annotate(
+            "", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "-|>", "lw": 0.5 + 4 * share, "color": "C3"}, zorder=2
+        )
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2, f"{100 * share:.0f}%", fontsize=8, color="C3")
+    sizes = 80 + 1500 * np.asarray(populations) / max(float(np.max(populations)), 1e-12)
+    scatter = ax.scatter(positions[:, 0], positions[:, 1], s=sizes, c=losses, cmap="viridis", edgecolors="k", zorder=3)
+    for k, (x, y) in enumerate(positions):
+        label = " (start)" if k == source else " (now)" if k == target else ""
+        ax.text(x, y, f"  {k}{label}", fontsize=9, va="center", zorder=4)
+    fig.colorbar(scatter, ax=ax, label="mean loss of the set")
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
+    ax.set_title("path atlas: reactive flux from the start to now")
+    return fig
