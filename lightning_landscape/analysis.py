@@ -56,8 +56,8 @@ from lightning_landscape.dynamics.pipeline import (
     basins_of,
     join_basins,
     markov_model,
-    set_sequence,
-    training_transition,
+    transition_between,
+    transition_summary,
 )
 from lightning_landscape.report.plots import free_energy_figure, path_atlas_figure, paths_figure, timescales_figure
 
@@ -235,7 +235,7 @@ def _msm_stage(stores, msm_config: MSMConfig, seed, out: Path, summary: dict, ar
             if training:  # the longest training path: how it went from its first metastable set to its last
                 k = max(training, key=lambda i: len(sketches[i]))
                 spacing = float(np.median(np.diff(group[k][1].sketch_steps))) if len(sketches[k]) > 1 else 1.0
-                summary["transition"] = _transition(fitted, k, msm_config.lag * spacing, centers, points, out, arrays)
+                summary["transition"] = _transition(fitted, k, msm_config.lag * spacing, points, out, arrays)
             arrays.update(
                 transition_matrix=msm.transition_matrix,
                 stationary=msm.stationary_distribution,
@@ -247,39 +247,26 @@ def _msm_stage(stores, msm_config: MSMConfig, seed, out: Path, summary: dict, ar
             )
 
 
-def _transition(fitted, k: int, step: float, centers, points, out: Path, arrays: dict) -> dict[str, Any]:
+def _transition(fitted, k: int, step: float, points, out: Path, arrays: dict) -> dict[str, Any]:
     """TPT from the set of trajectory ``k``'s first point to the set of its last (``step``: its steps per lag):
     the summary entry, the arrays, and the path atlas figure."""
-    found = training_transition(fitted, k, step)
+    found = transition_between(fitted, (k, 0), (k, len(fitted.dtrajs[k]) - 1), step)
     if isinstance(found, str):
         return {"none": found}
-    msm = fitted.msm
-    assignment = msm.metastable_assignment
-    source, target = int(assignment[found.source[0]]), int(assignment[found.target[0]])
-    n_sets = int(assignment.max()) + 1
-    coarse = np.zeros((n_sets, n_sets))  # net flux between sets
-    for i, j in zip(*np.nonzero(found.net_flux), strict=True):
-        if assignment[i] != assignment[j]:
-            coarse[assignment[i], assignment[j]] += found.net_flux[i, j]
-    coarse = np.maximum(coarse - coarse.T, 0)
-    weights = msm.stationary_distribution
-    positions = np.stack([np.average(centers[assignment == s], 0, weights[assignment == s]) for s in range(n_sets)])
+    summary = transition_summary(fitted, found)
     losses = np.asarray([row.get("mean_loss", np.nan) for row in fitted.sets])
-    path_atlas_figure(positions, msm.metastable_populations, losses, coarse, source, target, points).savefig(
-        out / "path_atlas.png"
+    figure = path_atlas_figure(
+        summary["positions"],
+        fitted.msm.metastable_populations,
+        losses,
+        summary["set_flux"],
+        summary["source_set"],
+        summary["target_set"],
+        points,
     )
-    arrays.update(forward_committor=found.forward_committor, net_flux=found.net_flux, set_flux=coarse)
-    channels: dict[tuple[int, ...], float] = defaultdict(float)  # pathways of states, summed by the sets they cross
-    for path, share in zip(found.pathways, found.shares, strict=True):
-        channels[tuple(set_sequence(path, assignment))] += share
-    pathways = [{"sets": list(k), "share": v} for k, v in sorted(channels.items(), key=lambda kv: -kv[1])]
-    return {
-        "source_set": source,
-        "target_set": target,
-        "rate_per_step": found.rate,
-        "mfpt_steps": found.mfpt,
-        "pathways": pathways[:10],
-    }
+    figure.savefig(out / "path_atlas.png")
+    arrays.update(forward_committor=found.forward_committor, net_flux=found.net_flux, set_flux=summary["set_flux"])
+    return {key: summary[key] for key in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")}
 
 
 def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, options: tuple) -> None:

@@ -346,3 +346,42 @@ def test_the_energy_is_the_trained_loss_with_the_optimizers_weight_decay_and_its
         assert run["quenches_converged"] == 5 and run["paths_converged"] == run["paths_run"]
     else:
         assert run["quenches_converged"] <= 2
+
+
+class JumpingWell(DoubleWell):
+    """The double well trained from x = -1.7 at lr 0.3: the first step jumps over the barrier into the right well,
+    so training goes from the left well's set to the right one's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w.data = torch.tensor([-1.7, 0.0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.3)
+
+
+def test_one_chain_of_all_triggers_gives_the_transition_from_the_initial_to_the_current_set(tmp_path):
+    from lightning_landscape import TrajectoryStore
+    from tests.test_tpt import smoluchowski_tpt_mfpt
+
+    sampling = SamplingConfig(replicas=16, steps=1000, lr=0.01, temperature=0.25, record_every=5)
+    energy = well_energy(every_n_steps=2, at_fit_end=False, sampling=sampling, paths={"max_paths": 0}, msm={"lag": 4})
+    train([energy], tmp_path, model=JumpingWell(), max_steps=6)
+    assert energy.failures == 0 and len(energy.history) == 3
+    points = [h["chain_points"] for h in energy.history]
+    assert points == [points[0] * k for k in (1, 2, 3)]  # every trigger's replicas join the one chain
+    assert all(h["chain_connected"] > 0.99 for h in energy.history)
+    assert [h["chain_restarts"] for h in energy.history] == [0, 4, 4]  # a quarter from earlier ends after the first
+    # a restarted replica starts where a replica of the trigger before ended
+    folder = energy.reporter.run_dir / "excursions"
+    ends = [TrajectoryStore.open(f).sketches[-1] for f in sorted((folder / "step-000000002").glob("replica-*"))]
+    start = TrajectoryStore.open(folder / "step-000000004" / "replica-015").sketches[0]
+    assert any(np.array_equal(start, end) for end in ends)
+    # training went from the left well's set to the right well's: a transition with a rate, in replica steps of the
+    # chain, of the order of the exact mean first-passage time between the wells' cores (|x| > 0.5)
+    last = energy.history[-1]
+    exact = smoluchowski_tpt_mfpt(lambda x: 0.5 * (x**2 - 1) ** 2, 0.25, core=0.5) / 0.01
+    assert exact / 2 < last["chain_mfpt"] < 2 * exact
+    assert (energy.reporter.run_dir / "path_atlas-step0000006.png").exists()
+    rows = (energy.reporter.run_dir / "pathways-step0000006.csv").read_text().splitlines()
+    assert rows[0] == "sets,share" and float(rows[1].split(",")[1]) > 0.9  # one channel, over the barrier

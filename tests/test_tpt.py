@@ -98,6 +98,28 @@ def smoluchowski_timescale(potential, temperature: float, lo: float = -2.2, hi: 
     return -1.0 / eigenvalues[1]
 
 
+def smoluchowski_tpt_mfpt(potential, temperature: float, core: float, lo: float = -2.2, hi: float = 2.2) -> float:
+    """The TPT mean first-passage time (1 / k_AB) of the same generator from the core x < -core to x > core."""
+    x = np.linspace(lo, hi, 1500)
+    h = x[1] - x[0]
+    log_pi = -potential(x) / temperature
+    n = len(x)
+    q = np.zeros((n, n))
+    for i in range(n - 1):
+        q[i, i + 1] = temperature / h**2 * np.exp(0.5 * (log_pi[i + 1] - log_pi[i]))
+        q[i + 1, i] = temperature / h**2 * np.exp(0.5 * (log_pi[i] - log_pi[i + 1]))
+    q -= np.diag(q.sum(1))
+    pi = np.exp(log_pi - log_pi.max())
+    pi /= pi.sum()
+    a, b = x < -core, x > core
+    inner = ~(a | b)
+    plus = np.zeros(n)
+    plus[b] = 1.0
+    plus[inner] = np.linalg.solve(q[np.ix_(inner, inner)], -q[np.ix_(inner, b)].sum(1))
+    flux = (pi[a][:, None] * q[np.ix_(a, ~a)] * plus[~a][None, :]).sum()
+    return float((pi * (1 - plus)).sum() / flux)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sgld_double_well_slowest_timescale_matches_the_smoluchowski_generator(seed):
     lr, temperature = 0.01, 1 / 3

@@ -56,6 +56,7 @@ from lightning_landscape.dynamics import (
     Excursions,
     MinimaDatabase,
     SparseProjection,
+    TrajectoryStore,
     disconnectivity_figure,
     disconnectivity_tree,
 )
@@ -74,6 +75,7 @@ from lightning_landscape.dynamics.pipeline import (
     as_config,
     barrier_rows,
     basins_of,
+    chain_of,
     dips,
     markov_model,
     minimum_path,
@@ -81,13 +83,15 @@ from lightning_landscape.dynamics.pipeline import (
     plan_joins,
     quench_point,
     record_path,
+    restart_points,
     sample,
+    transition_summary,
 )
 from lightning_landscape.geometry.paths import PathResult
 from lightning_landscape.objective import BNMode, LossFn, Objective
 from lightning_landscape.params import ParameterLayout, weight_decay_of
 from lightning_landscape.report.dashboard import Logged
-from lightning_landscape.report.plots import free_energy_figure, paths_figure, timescales_figure
+from lightning_landscape.report.plots import free_energy_figure, path_atlas_figure, paths_figure, timescales_figure
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -180,11 +184,17 @@ class EnergyLandscape(LandscapeCallback):
             "paths_run",
             "paths_converged",
             "path_grads",
+            "chain_points",
+            "chain_connected",
+            "chain_restarts",
+            "chain_sets",
+            "chain_mfpt",
+            "chain_rate",
             "seconds",
             "failures",
         ),
-        media=("disconnectivity", "paths", "timescales", "free_energy"),
-        tables=("minima", "basins", "barriers", "metastable"),
+        media=("disconnectivity", "paths", "timescales", "free_energy", "path_atlas"),
+        tables=("minima", "basins", "barriers", "metastable", "pathways"),
     )
     shard_probe = False  # every rank holds the whole probe set; replicas, quenches and paths are split instead
 
@@ -249,6 +259,11 @@ class EnergyLandscape(LandscapeCallback):
         self.history: list[dict[str, Any]] = []
         self._pool: list[Any] | None = None
         self._warned_quenches = False
+        self._warned_chain = False
+        self._candidates: list[torch.Tensor] = []  # the last trigger's replica ends: where restarts may start
+        self._candidate_keys: list[tuple[int, int]] = []  # (step, replica) of each
+        self._visits: list[float] = []  # rank 0: the chain's points in each candidate's state
+        self._initial_sketch: np.ndarray | None = None  # the sketch of the initial weights (the chain's start)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -266,6 +281,9 @@ class EnergyLandscape(LandscapeCallback):
         super().on_train_start(trainer, pl_module)
         if self._resumed and trainer.is_global_zero:
             self._carry_minima(trainer.global_step)
+        if not self._resumed:  # the chain's start: the initial weights (a resumed run keeps its sketch)
+            layout = ParameterLayout.from_module(pl_module)
+            self._initial_theta = layout.flatten(dict(pl_module.named_parameters())).detach().cpu()
         self._resumed = False
 
     def _carry_minima(self, step: int) -> None:
@@ -418,9 +436,23 @@ class EnergyLandscape(LandscapeCallback):
         def budget_left(first: int) -> bool:
             return self._may_continue(trainer, spend, start)
 
-        # 1. basin sampling, replicas in rounds of one per rank
+        # 1. basin sampling: some replicas from earlier triggers' ends (least-visited first), the rest from x0
+        restarts: dict[int, int] = {}
+        if self._candidates:
+            with self.stage(trainer, "basin sampling"):
+                if trainer.is_global_zero:
+                    restarts = restart_points(self.sampling.replicas, self.sampling.restarts, self._visits)
+            restarts = distributed.broadcast(strategy, restarts)
+        starts = None
+        if restarts:
+            starts = x0.detach().cpu().expand(self.sampling.replicas, -1).clone()
+            for replica, candidate in restarts.items():
+                starts[replica] = self._candidates[candidate]
+
         def replicas(ids: list[int]) -> Excursions:
-            run = sample(pool, x0, self.sampling, lr, replicas=ids, seed_offset=step, sketch=sketch, probe=probe)
+            run = sample(
+                pool, x0, self.sampling, lr, replicas=ids, seed_offset=step, sketch=sketch, probe=probe, starts=starts
+            )
             run.finals = run.finals.cpu()  # gathered between ranks: no device indices
             return run
 
@@ -507,6 +539,17 @@ class EnergyLandscape(LandscapeCallback):
             )
             self.reporter.event("failures", {"step": step, "stage": "markov state model", "error": message})
             msm = None
+        try:
+            self._chain(trainer, step, excursions, sketch, scalars, len(restarts))
+        except Exception as err:  # the chain is a view over all triggers: this trigger still stands
+            message = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"lightning-landscape: EnergyLandscape could not fit the chain of all triggers at step {step}"
+                f" ({message}); this trigger's results are still reported.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.reporter.event("failures", {"step": step, "stage": "chain", "error": message})
         self.advance("Markov state model")
         tree = None
         if basins.n_basins > 1:
@@ -618,6 +661,70 @@ class EnergyLandscape(LandscapeCallback):
             new_minima,
             plan_joins(db, probe, found, level, self.basins, self.paths, first=first, step=step),
         )
+
+    def _chain(
+        self, trainer: pl.Trainer, step: int, excursions: Excursions, sketch: Any, scalars: dict, restarted: int
+    ) -> None:
+        """Rank 0: one Markov chain of every replica of every trigger so far (read back from the run directory),
+        the transition from the initial weights' metastable set to the current weights' (TPT: pathways, rate,
+        MFPT in replica steps), the path atlas; and the chain's visits of this trigger's ends, for the next
+        trigger's restarts."""
+        self._candidates = [excursions.finals[i] for i in range(len(excursions.replica_ids))]
+        self._candidate_keys = [(step, int(r)) for r in excursions.replica_ids]
+        self._visits = [float("nan")] * len(self._candidates)
+        if not trainer.is_global_zero or not len(excursions.replica_ids):
+            return
+        if self._initial_sketch is None:  # the initial weights, in the replicas' sketch (else this first x0)
+            initial = getattr(self, "_initial_theta", None)
+            same = initial is not None and initial.numel() == sketch.dim
+            self._initial_sketch = (
+                sketch(initial.to(sketch.rows)).cpu().double().numpy() if same else excursions.sketches[0][0]
+            )
+        folders = sorted((self.reporter.run_dir / "excursions").glob("step-*/replica-*"))
+        stores = [TrajectoryStore.open(f) for f in folders]
+        keys = {(int(f.parent.name[5:]), int(f.name[8:])): k for k, f in enumerate(folders)}
+        chain = chain_of(
+            [st.sketches.astype(np.float64) for st in stores],
+            [st.stats["loss"] for st in stores],
+            np.asarray(self._initial_sketch, dtype=np.float64),
+            keys[(step, 0)],
+            self.msm,
+            self.sampling.seed,
+            step=self.msm.lag * self.sampling.record_every,
+        )
+        scalars.update(chain_points=chain.points, chain_connected=chain.connected, chain_restarts=restarted)
+        if chain.model is None:
+            return
+        counts = np.bincount(np.concatenate(chain.model.dtrajs))
+        self._visits = [float(counts[chain.model.dtrajs[keys[key]][-1]]) for key in self._candidate_keys]
+        scalars["chain_sets"] = len(chain.model.sets) or 1
+        if chain.connected < 0.9 and not self._warned_chain:
+            self._warned_chain = True
+            warnings.warn(
+                f"lightning-landscape: EnergyLandscape at step {step}: the chain of all triggers is disconnected, only"
+                f" {100 * chain.connected:.0f}% of its {chain.points} points lie in its largest connected set: the"
+                " replicas of different triggers do not meet, so rates and pathways between them are unknown."
+                " HINT: raise `sampling.restarts` (replicas from earlier ends), `sampling.steps`, or trigger more"
+                " often.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if isinstance(chain.transition, str):
+            return
+        summary = transition_summary(chain.model, chain.transition)
+        scalars.update(chain_mfpt=summary["mfpt_steps"], chain_rate=summary["rate_per_step"])
+        rows = [[" -> ".join(map(str, p["sets"])), p["share"]] for p in summary["pathways"]]
+        self.reporter.table("pathways", ["sets", "share"], rows, step)
+        losses = np.asarray([row.get("mean_loss", np.nan) for row in chain.model.sets])
+        figure = path_atlas_figure(
+            summary["positions"],
+            chain.model.msm.metastable_populations,
+            losses,
+            summary["set_flux"],
+            summary["source_set"],
+            summary["target_set"],
+        )
+        self.reporter.figure("path_atlas", figure, step)
 
     @staticmethod
     def _add_minimum(db: MinimaDatabase, probe: Objective, point: Minimum, **info: Any) -> tuple[int, bool]:
@@ -757,6 +864,7 @@ class EnergyLandscape(LandscapeCallback):
             "previous_minimum": self.previous_minimum,
             "minima_dir": self.minima_dir,
             "minima_names": self.minima_names,
+            "initial_sketch": None if self._initial_sketch is None else self._initial_sketch.tolist(),
         }
 
     @override
@@ -767,3 +875,5 @@ class EnergyLandscape(LandscapeCallback):
         self.minima_dir = state_dict.get("minima_dir", self.minima_dir)
         self._resumed = True
         self.minima_names = state_dict.get("minima_names", self.minima_names)
+        initial = state_dict.get("initial_sketch")
+        self._initial_sketch = None if initial is None else np.asarray(initial, dtype=np.float64)

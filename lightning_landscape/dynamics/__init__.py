@@ -31,7 +31,7 @@ from lightning_landscape.dynamics.pipeline import (
     markov_model,
     noise_level,
     quench_point,
-    training_transition,
+    transition_between,
 )
 from lightning_landscape.dynamics.sketch import SparseProjection
 from lightning_landscape.dynamics.store import TrajectoryStore
@@ -71,6 +71,6 @@ __all__ = [
     "quench_point",
     "sample_basin",
     "states_on_plane",
-    "training_transition",
+    "transition_between",
     "transition_paths",
 ]

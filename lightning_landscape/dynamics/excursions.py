@@ -126,7 +126,7 @@ def sample_basin(
 
     Args:
         objective: an :class:`~lightning_landscape.Objective` whose batches are the minibatch pool.
-        theta: the starting point ``(P,)``.
+        theta: the starting point ``(P,)``, or one per replica ``(R, P)`` (rows in the order of ``replicas``).
         replicas: how many (ids ``0..R-1``), or the ids to run (a DDP rank's share).
         steps: steps per replica.
         lr: the constant learning rate ``eta``.
@@ -151,13 +151,16 @@ def sample_basin(
         raise ValueError(f"`temperature` must be >= 0, got {temperature}. HINT: 0 is plain SGD, > 0 SGLD.")
     ids = list(range(replicas)) if isinstance(replicas, int) else [int(r) for r in replicas]
     theta = theta.detach().to(device=objective.device, dtype=objective.dtype)
+    if theta.ndim == 2 and len(theta) != len(ids):
+        raise ValueError(f"`theta` has {len(theta)} rows for {len(ids)} replicas. HINT: one row per replica, or (P,).")
+    x = theta.expand(len(ids), -1).clone()  # all replicas, one row each, stepped together
+    theta = theta if theta.ndim == 1 else theta[0] if len(theta) else x.new_zeros(theta.shape[1])
     if sketch is None and theta.numel() > 256:
         sketch = SparseProjection(theta.numel(), 256, seed=seed, device=theta.device)
     recorded = [s for s in range(steps + 1) if s % record_every == 0 or s == steps]
     n_batches = len(objective.batches)
     noise = (2.0 * lr * temperature) ** 0.5
     generators = [torch.Generator().manual_seed(replica_seed(seed, r)) for r in ids]
-    x = theta.expand(len(ids), -1).clone()  # all replicas, one row each, stepped together
     rows: list[list[np.ndarray]] = [[] for _ in ids]
     values: list[list[float]] = [[] for _ in ids]
     outs: list[list[np.ndarray]] = [[] for _ in ids]

@@ -51,6 +51,7 @@ class MarkovStateModel:
     ck_error: np.ndarray = field(default_factory=lambda: np.zeros(0))
     metastable_assignment: np.ndarray | None = None
     metastable_populations: np.ndarray | None = None
+    metastable_memberships: np.ndarray | None = None  # (states, sets): PCCA+'s fuzzy membership of each state
 
 
 def _fit(dtrajs: Sequence[np.ndarray], lag: int):
@@ -111,11 +112,12 @@ def markov_state_model(
             continue  # a different connected set: not comparable
         steps.append(m)
         errors.append(float(np.abs(np.linalg.matrix_power(T, m) - np.asarray(direct.transition_matrix)).max()))
-    assignment = populations = None
+    assignment = populations = memberships = None
     if n_metastable is not None and 1 < n_metastable <= msm.n_states:
         pcca = msm.pcca(n_metastable)
         assignment = np.asarray(pcca.assignments)
         populations = np.asarray(pcca.coarse_grained_stationary_probability)
+        memberships = np.asarray(pcca.memberships)
     return MarkovStateModel(
         lag=lag,
         transition_matrix=T,
@@ -129,6 +131,7 @@ def markov_state_model(
         ck_error=np.asarray(errors),
         metastable_assignment=assignment,
         metastable_populations=populations,
+        metastable_memberships=memberships,
     )
 
 

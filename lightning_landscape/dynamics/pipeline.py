@@ -46,6 +46,7 @@ Example (the double well ``(x^2 - 1)^2``, barrier 1: two basins at ``merge_barri
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -76,6 +77,10 @@ class SamplingConfig:
         pool_batches: training batches (of the training batch size) the replicas draw their minibatches from.
         seed: seed of the replicas and of the pool.
         sketch_dim, projection_seed: the replicas' sketch (with a TrajectoryRecorder, its projection instead).
+        restarts: the fraction of replicas that start from an earlier trigger's replica ends instead of the current
+            point, the least-visited in the chain of all triggers first (:func:`restart_points`), so that the clouds
+            of consecutive triggers overlap and one chain connects them; 0: every replica starts at the current
+            point.
     """
 
     replicas: int = 8
@@ -87,6 +92,7 @@ class SamplingConfig:
     seed: int = 0
     sketch_dim: int = 256
     projection_seed: int = 0
+    restarts: float = 0.25
 
     def __post_init__(self) -> None:
         for key, example in (("replicas", 8), ("steps", 200), ("record_every", 5), ("pool_batches", 16)):
@@ -96,6 +102,9 @@ class SamplingConfig:
         check_int("sampling.projection_seed", self.projection_seed, minimum=0, example=0)
         check_float("sampling.lr", self.lr, optional=True, hint="None uses the optimizer's lr.")
         check_float("sampling.temperature", self.temperature, strict=False, hint="0 is plain SGD, > 0 SGLD.")
+        check_float("sampling.restarts", self.restarts, strict=False, hint="a fraction in [0, 1), e.g. 0.25.")
+        if self.restarts >= 1:
+            raise ValueError(f"`sampling.restarts` must be below 1, got {self.restarts}. HINT: e.g. 0.25.")
 
 
 @dataclass
@@ -249,13 +258,15 @@ def sample(
     seed_offset: int = 0,
     sketch: SparseProjection | None = None,
     probe: Any = None,
+    starts: Tensor | None = None,
 ) -> Excursions:
     """Replicas ``replicas`` (default: all of ``config.replicas``) from ``theta`` on the minibatch pool ``pool``, seeded
-    ``config.seed + seed_offset`` (e.g. the step, so that triggers differ), with probe outputs when ``probe``."""
+    ``config.seed + seed_offset`` (e.g. the step, so that triggers differ), with probe outputs when ``probe``;
+    ``starts`` ``(config.replicas, P)``: a start per replica id instead (:func:`restart_points`)."""
     ids = list(range(config.replicas)) if replicas is None else replicas
     return sample_basin(
         pool,
-        theta,
+        theta if starts is None else starts[ids].to(theta),
         ids,
         config.steps,
         lr,
@@ -551,31 +562,110 @@ def markov_model(
     return MarkovModel(msm, dtrajs, sets, states_on_plane(plane_points or features, dtrajs, msm.active_set))
 
 
-def training_transition(model: MarkovModel, trajectory: int, step: float = 1.0) -> TransitionPaths | str:
-    """Transition path theory of the MSM from the metastable set holding the first point of trajectory
-    ``trajectory`` (e.g. the training path) to the set holding its last point: committors, rate, mean first-passage
-    time (``step``: steps per lag) and the dominant pathways
+def transition_between(
+    model: MarkovModel, first: tuple[int, int], last: tuple[int, int], step: float = 1.0, core: float = 0.75
+) -> TransitionPaths | str:
+    """Transition path theory of the MSM from the metastable set holding point ``first`` (``(trajectory, index)``,
+    e.g. the training path's first point) to the set holding point ``last`` (e.g. the current point): committors,
+    rate, mean first-passage time (``step``: steps per lag) and the dominant pathways
     (:func:`~lightning_landscape.dynamics.tpt.transition_paths`). A string saying why when there is no such
-    transition (one metastable set, an end outside the largest connected set, both ends in one set)."""
-    msm, dtraj = model.msm, model.dtrajs[trajectory]
-    if msm.metastable_assignment is None or len(dtraj) < 2:
+    transition (one metastable set, a point outside the largest connected set, both points in one set).
+
+    The source and target are the sets' *cores*, the states whose PCCA+ membership in the set is at least
+    ``core`` (the most certain state when none is): states on the barrier between two sets belong to neither, so
+    recrossings of the boundary do not count as transitions (core-set MSMs; Buchete & Hummer 2008)."""
+    msm = model.msm
+    if msm.metastable_assignment is None:
         return "the chain has a single metastable set"
     index = {int(s): k for k, s in enumerate(msm.active_set)}
-    first, last = index.get(int(dtraj[0])), index.get(int(dtraj[-1]))
-    if first is None or last is None:
-        return "an end of the trajectory lies outside the chain's largest connected set"
-    start, end = int(msm.metastable_assignment[first]), int(msm.metastable_assignment[last])
+    a, b = (index.get(int(model.dtrajs[t][i])) for t, i in (first, last))
+    if a is None or b is None:
+        return "the initial or the current point lies outside the chain's largest connected set"
+    start, end = int(msm.metastable_assignment[a]), int(msm.metastable_assignment[b])
     if start == end:
-        return f"the trajectory starts and ends in metastable set {start}"
-    source = np.flatnonzero(msm.metastable_assignment == start)
-    target = np.flatnonzero(msm.metastable_assignment == end)
+        return f"the initial and the current point are in one metastable set ({start})"
+    members = msm.metastable_memberships
+    if members is None:  # no fuzzy memberships: the whole sets
+        source, target = (np.flatnonzero(msm.metastable_assignment == k) for k in (start, end))
+    else:
+        source, target = (np.flatnonzero(members[:, k] >= min(core, members[:, k].max())) for k in (start, end))
     return transition_paths(msm.transition_matrix, source, target, msm.stationary_distribution, step=step)
 
 
-def set_sequence(path: list[int], assignment: np.ndarray) -> list[int]:
-    """A pathway of states as the sequence of metastable sets it crosses (repeats collapsed)."""
-    sets = [int(assignment[s]) for s in path]
-    return [k for i, k in enumerate(sets) if i == 0 or k != sets[i - 1]]
+def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, Any]:
+    """What a transition says at the level of metastable sets: ``source_set``, ``target_set``, ``rate_per_step``,
+    ``mfpt_steps``, ``pathways`` (state pathways summed by the sets they cross: ``{"sets", "share"}``, largest
+    first), ``set_flux`` (net reactive flux between sets) and ``positions`` (each set's stationary-weighted mean
+    position on the MSM's plane), for reports and the path atlas."""
+    msm = model.msm
+    assignment = msm.metastable_assignment
+    n_sets = int(assignment.max()) + 1
+    flux = np.zeros((n_sets, n_sets))
+    for i, j in zip(*np.nonzero(found.net_flux), strict=True):
+        if assignment[i] != assignment[j]:
+            flux[assignment[i], assignment[j]] += found.net_flux[i, j]
+    channels: dict[tuple[int, ...], float] = {}
+    for path, share in zip(found.pathways, found.shares, strict=True):
+        sets = [int(assignment[s]) for s in path]
+        key = tuple(k for n, k in enumerate(sets) if n == 0 or k != sets[n - 1])
+        channels[key] = channels.get(key, 0.0) + share
+    centers, weights = model.plane[0], msm.stationary_distribution
+    return {
+        "source_set": int(assignment[found.source[0]]),
+        "target_set": int(assignment[found.target[0]]),
+        "rate_per_step": found.rate,
+        "mfpt_steps": found.mfpt,
+        "pathways": [{"sets": list(k), "share": v} for k, v in sorted(channels.items(), key=lambda kv: -kv[1])],
+        "set_flux": np.maximum(flux - flux.T, 0),
+        "positions": np.stack(
+            [np.average(centers[assignment == k], 0, weights[assignment == k]) for k in range(n_sets)]
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- 5. the chain
+def restart_points(replicas: int, fraction: float, visits: Sequence[float]) -> dict[int, int]:
+    """Which replicas start from an earlier point (overlapping swarms), and from which candidate: the last
+    ``round(fraction * replicas)`` replicas (replica 0 always starts at the current point) take the candidates of
+    the fewest visits in the chain so far, least-visited first (adaptive sampling: where the chain is least
+    certain). ``visits``: one count per candidate (NaN: unknown, taken last). Returns ``{replica: candidate}``."""
+    n = min(round(fraction * replicas), replicas - 1, len(visits))
+    order = np.argsort(np.nan_to_num(np.asarray(visits, dtype=float), nan=np.inf), kind="stable")
+    return {replicas - 1 - k: int(order[k]) for k in range(n)}
+
+
+@dataclass
+class Chain:
+    """One Markov chain of every replica recorded so far (all triggers): the fitted model (None while there are
+    too few points), how many points it has and which fraction lies in its largest connected set, and the
+    transition from the initial point's set to the current point's (or why there is none)."""
+
+    model: MarkovModel | None
+    points: int
+    connected: float
+    transition: TransitionPaths | str
+
+
+def chain_of(
+    trajectories: list[np.ndarray],
+    losses: list[np.ndarray],
+    initial: np.ndarray,
+    current: int,
+    config: MSMConfig,
+    seed: int = 0,
+    step: float = 1.0,
+) -> Chain:
+    """The chain of ``trajectories`` (sketches ``(n_t, k)``, e.g. every replica of every trigger), with the
+    ``initial`` point (a sketch ``(k,)``, e.g. of the initial weights) located in it as a one-point trajectory, and
+    the transition from its set to the set of trajectory ``current``'s first point (the current weights)."""
+    features = [*trajectories, initial[None]]
+    model = markov_model(features, config, {"loss": [*losses, np.full(1, np.nan)]}, seed)
+    points = int(sum(len(t) for t in trajectories))
+    if model is None:
+        return Chain(None, points, 0.0, "too few points for a chain")
+    active = np.isin(np.concatenate(model.dtrajs[:-1]), model.msm.active_set)
+    transition = transition_between(model, (len(trajectories), 0), (current, 0), step)
+    return Chain(model, points, float(active.mean()), transition)
 
 
 __all__ = [
@@ -583,6 +673,7 @@ __all__ = [
     "BasinConfig",
     "BasinsResult",
     "Budget",
+    "Chain",
     "Joining",
     "MSMConfig",
     "MarkovModel",
@@ -594,6 +685,7 @@ __all__ = [
     "as_config",
     "barrier_rows",
     "basins_of",
+    "chain_of",
     "dips",
     "join_basins",
     "linear_saddle",
@@ -603,7 +695,8 @@ __all__ = [
     "plan_joins",
     "quench_point",
     "record_path",
+    "restart_points",
     "sample",
-    "set_sequence",
-    "training_transition",
+    "transition_between",
+    "transition_summary",
 ]
