@@ -279,7 +279,13 @@ def test_two_ranks_sample_the_single_process_replicas_minima_and_paths(tmp_path)
     np.testing.assert_allclose(ddp["sketches"], single["sketches"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ddp["minima"], single["minima"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ddp["saddles"], single["saddles"], rtol=1e-4)
-    assert ddp["history"]["replicas_run"] == single["history"]["replicas_run"] == 3
+    assert ddp["history"]["replicas_run"] == single["history"]["replicas_run"] == 4
+    # a second trigger after the first step: its chain holds both triggers, a restarted replica on either rank
+    # (the last, on rank 1 under DDP) starts where a replica of the first trigger ended, on every rank count alike
+    for run in (run_script("energy", tmp_path, 1, "chain"), run_script("energy", tmp_path, 2, "chain")):
+        assert run["chain"]["chain_restarts"] == 1 and run["chain"]["chain_points"] == 8 * 6
+        ends = [np.asarray(s[-1]) for s in run["sketches"][:4]]
+        assert any(np.array_equal(np.asarray(run["sketches"][7][0]), end) for end in ends)
 
 
 def test_bad_settings_are_rejected_naming_the_stage_and_field():

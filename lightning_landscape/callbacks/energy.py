@@ -438,7 +438,7 @@ class EnergyLandscape(LandscapeCallback):
 
         # 1. basin sampling: some replicas from earlier triggers' ends (least-visited first), the rest from x0
         restarts: dict[int, int] = {}
-        if self._candidates:
+        if self._candidates and self.sampling.restarts > 0:  # the same on every rank: a collective follows
             with self.stage(trainer, "basin sampling"):
                 if trainer.is_global_zero:
                     restarts = restart_points(self.sampling.replicas, self.sampling.restarts, self._visits)
@@ -459,6 +459,10 @@ class EnergyLandscape(LandscapeCallback):
         runs = self._replica_rounds(trainer, spend, start, replicas)
         with self.stage(trainer, "basin sampling"):
             excursions = Excursions.concatenate(runs) if runs else replicas([])
+            # this trigger's ends, on every rank (gathered): where the next trigger's restarts may start
+            self._candidates = [excursions.finals[i] for i in range(len(excursions.replica_ids))]
+            self._candidate_keys = [(step, int(r)) for r in excursions.replica_ids]
+            self._visits = [float("nan")] * len(self._candidates)  # rank 0 counts them in the chain
             if trainer.is_global_zero and len(excursions.replica_ids):
                 layout = {"names": list(probe.layout.names), "shapes": [list(s) for s in probe.layout.shapes]}
                 store_meta = {"k": sketch.k, "projection_seed": sketch.seed, "nnz": sketch.nnz, "step": step, **layout}
@@ -669,10 +673,7 @@ class EnergyLandscape(LandscapeCallback):
         the transition from the initial weights' metastable set to the current weights' (TPT: pathways, rate,
         MFPT in replica steps), the path atlas; and the chain's visits of this trigger's ends, for the next
         trigger's restarts."""
-        self._candidates = [excursions.finals[i] for i in range(len(excursions.replica_ids))]
-        self._candidate_keys = [(step, int(r)) for r in excursions.replica_ids]
-        self._visits = [float("nan")] * len(self._candidates)
-        if not trainer.is_global_zero or not len(excursions.replica_ids):
+        if not len(excursions.replica_ids):
             return
         if self._initial_sketch is None:  # the initial weights, in the replicas' sketch (else this first x0)
             initial = getattr(self, "_initial_theta", None)

@@ -1,7 +1,8 @@
-"""EnergyLandscape under DDP: replicas and path images split over ranks give the 1-process result.
+"""EnergyLandscape under DDP: replicas and path images split over ranks give the 1-process result. With ``chain``, a
+second trigger after the first step, whose restarted replicas start from the first trigger's ends (the chain).
 
 Both runs have the same global batch size (32 = 1 x 32 = 2 x 16), so the replicas' minibatches are the same.
-Usage: python energy.py OUT.json DEVICES
+Usage: python energy.py OUT.json DEVICES [chain]
 """
 
 import sys
@@ -24,10 +25,12 @@ class AtStart(RunAtTrainStart, EnergyLandscape):
 
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])
+    chain = sys.argv[3:] == ["chain"]
     energy = AtStart(
+        every_n_steps=1 if chain else None,
         at_fit_end=False,
         probe_size=48,
-        sampling={"replicas": 3, "steps": 10, "record_every": 2},
+        sampling={"replicas": 4, "steps": 10, "record_every": 2},
         paths={"steps": 10, "max_paths": 2},
     )
     root = str(Path(out).parent / f"root-{devices}")
@@ -35,7 +38,7 @@ if __name__ == "__main__":
     result = {}
     if trainer.is_global_zero:
         run_dir = energy.reporter.run_dir
-        stores = sorted((run_dir / "excursions" / "step-000000000").glob("replica-*"))
+        stores = sorted((run_dir / "excursions").glob("step-*/replica-*" if chain else "step-000000000/replica-*"))
         db = MinimaDatabase(run_dir / "minima")
         saddles = db.saddle_matrix()
         result = {
@@ -43,5 +46,6 @@ if __name__ == "__main__":
             "minima": db.losses.tolist(),
             "saddles": np.where(np.isfinite(saddles), saddles, -1.0).tolist(),
             "history": energy.history[0],
+            "chain": {k: v for k, v in energy.history[-1].items() if k.startswith("chain")},
         }
     finish_script(trainer, out, result)
