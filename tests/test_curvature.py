@@ -329,3 +329,18 @@ def test_the_data_parallel_noise_estimators_are_unbiased_with_unequal_rank_batch
     g2, trace = np.mean(estimates, axis=0)
     assert g2 == pytest.approx(float(G.pow(2).sum()), rel=0.05)
     assert trace == pytest.approx(float(s.double().pow(2).sum()), rel=0.03)
+
+
+def test_lanczos_basis_stops_at_the_memory_cap_and_says_so():
+    from lightning_landscape.curvature.lanczos import lanczos_tridiagonal
+
+    H = torch.diag(torch.linspace(1.0, 100.0, 100, dtype=torch.float64))
+    info: dict = {}
+    alpha, beta, basis = lanczos_tridiagonal(
+        lambda v: H @ v, torch.ones(100, dtype=torch.float64), 60, max_vectors=10, info=info
+    )
+    assert info["stopped"] == "memory" and len(alpha) == 10 and len(beta) == 9 and basis.shape == (100, 10)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(10, dtype=torch.float64))  # still orthonormal
+    info = {}
+    lanczos_tridiagonal(lambda v: H @ v, torch.ones(100, dtype=torch.float64), 60, max_vectors=1000, info=info)
+    assert info["stopped"] == "steps"

@@ -5,6 +5,7 @@ import json
 import lightning.pytorch as pl
 import numpy as np
 import pytest
+import torch
 import wandb
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -104,3 +105,27 @@ def test_monitor_every_step_does_not_disturb_training(tmp_path):
     observed = fit("lightning.pytorch", [monitor], tmp_path / "observed")
     assert_identical_runs(plain, observed)
     assert monitor.runs == 12 and monitor.failures == 0
+
+
+def test_a_20m_parameter_model_keeps_the_lanczos_basis_within_the_memory_cap(tmp_path):
+    """20M parameters, free memory reported as room for 24 parameter vectors in half of it: the basis stops at that
+    cap (without it, 30 steps), and the analysis holds at most the cap plus 16 vectors of working set (the probe
+    objective's copy of the parameters, the gradient graph of the Hessian-vector product, the Ritz vector)."""
+    from tests.ddp import run_script
+
+    result = run_script("memory", tmp_path, 24, timeout=300)
+    assert result["n_params"] == 4472 * 4473
+    assert result["n_hvp"] <= 24 and result["lambda_max"] > 0  # capped, still a (lower-bound) estimate
+    assert result["extra_vectors"] <= 24 + 16
+
+
+def test_a_basis_that_cannot_fit_is_refused_before_training(monkeypatch):
+    import lightning_landscape.curvature.memory as memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 10 * 64 * 4)  # 5 vectors of 64 floats in half
+    monitor = FlatnessMonitor(every_n_steps=1, measures=["lambda_max", "top_eigenvalues"], top_k=3)
+    with pytest.raises(MemoryError, match=r"eigen_method='lanczos' with top_k=3.*needs at least 18 vectors.*HINT"):
+        monitor.check_memory(64, torch.device("cpu"))
+    FlatnessMonitor(every_n_steps=1, measures=["lambda_max"], eigen_method="power").check_memory(
+        64, torch.device("cpu")
+    )

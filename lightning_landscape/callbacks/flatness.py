@@ -55,6 +55,7 @@ from lightning_landscape import curvature, distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
 from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.objective import BNMode, LossFn
+from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report.dashboard import Logged
 from lightning_landscape.report.plots import eigenvalue_figure, spectral_density_figure
 
@@ -208,6 +209,36 @@ class FlatnessMonitor(LandscapeCallback):
         self.history: list[dict[str, Any]] = []
         self._eigenvalues: list[tuple[int, list[float]]] = []
         self._densities: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.check_memory(ParameterLayout.from_module(pl_module).numel, pl_module.device)
+
+    def check_memory(self, n_params: int, device: torch.device) -> None:
+        """Refuse, before training starts, measures whose smallest basis cannot fit in half the free memory
+        (:mod:`~lightning_landscape.curvature.memory`): Lanczos needs ``max(2k + 8, 12)`` vectors of ``P`` entries for
+        ``k`` eigenvalues, SLQ ``density_steps``, ARPACK ``max(2k + 1, 20)`` float64 ones, power iteration ``k``."""
+        want = set(self.measures)
+        k = self.top_k if "top_eigenvalues" in want else 1
+        needs = []
+        if want & {"lambda_max", "top_eigenvalues", "eos_ratio", "lambda_min"} or self.layers:
+            sizes = {"lanczos": (max(2 * k + 8, 12), self.dtype), "arpack": (max(2 * k + 1, 20), torch.float64)}
+            vectors, dtype = sizes.get(self.eigen_method, (k, self.dtype))
+            needs.append((vectors, dtype, f"eigen_method={self.eigen_method!r} with top_k={k}"))
+        if "density" in want:
+            needs.append((self.density_steps, self.dtype, f"density with density_steps={self.density_steps}"))
+        for vectors, dtype, what in needs:
+            curvature.check_vectors(
+                vectors + 4,  # and the working vectors of a Hessian-vector product
+                n_params,
+                dtype,
+                device,
+                f"FlatnessMonitor ({what}) on {n_params:,} parameters",
+                "eigen_method='power' (top_k vectors), a smaller top_k or density_steps, dtype=torch.float32,"
+                " or a model part via `layers`.",
+            )
 
     # ------------------------------------------------------------------ the measurements
     @override

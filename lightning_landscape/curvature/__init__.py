@@ -2,11 +2,13 @@
 
 One estimator per module: :mod:`.eigenvalues` (ARPACK / Lanczos / power iteration), :mod:`.trace`
 (Hutchinson, Hutch++), :mod:`.slq` (spectral density), :mod:`.sharpness` (epsilon, adaptive, SAM,
-PAC-Bayes), :mod:`.noise` (gradient noise, SGD temperature, edge of stability). Every estimator takes an
+PAC-Bayes), :mod:`.noise` (gradient noise, SGD temperature, edge of stability); :mod:`.memory` says what they
+hold and caps the Lanczos basis. Every estimator takes an
 :class:`~lightning_landscape.Objective` (or a :class:`~lightning_landscape.distributed.ShardedObjective`).
 """
 
 from lightning_landscape.curvature.eigenvalues import EigenResult, hessian_eigenvalues
+from lightning_landscape.curvature.memory import check_vectors, free_bytes, vectors_that_fit
 from lightning_landscape.curvature.noise import (
     GradientNoise,
     edge_of_stability_ratio,
@@ -35,8 +37,10 @@ __all__ = [
     "SpectralDensity",
     "TraceResult",
     "adaptive_sharpness",
+    "check_vectors",
     "edge_of_stability_ratio",
     "epsilon_sharpness",
+    "free_bytes",
     "gradient_moments",
     "gradient_noise",
     "gradient_norm",
@@ -48,4 +52,5 @@ __all__ = [
     "spectral_density",
     "stability_limit",
     "two_batch_noise",
+    "vectors_that_fit",
 ]

@@ -94,9 +94,10 @@ def _lanczos(op: HessianOperator, k: int, which: str, tol: float, max_iter: int 
 
     steps = min(op.dim, max_iter or 300)
     v0 = _start_vector(op.dim, seed, op.theta)
-    alpha, beta, basis = lanczos_tridiagonal(op.matvec, v0, steps, stop=converged, check_every=1)
+    info: dict = {}
+    alpha, beta, basis = lanczos_tridiagonal(op.matvec, v0, steps, stop=converged, check_every=1, info=info)
     ritz, vecs = wanted(alpha, beta)
-    ok = len(alpha) < steps or steps == op.dim
+    ok = info["stopped"] in ("stop", "exhausted") or len(alpha) == op.dim  # not at the step or memory cap
     return ritz.cpu().double(), (basis @ vecs).cpu().double(), ok
 
 

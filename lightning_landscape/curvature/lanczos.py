@@ -31,6 +31,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_landscape.curvature.memory import vectors_that_fit
+
 
 def lanczos_tridiagonal(
     matvec: Callable[[Tensor], Tensor],
@@ -39,22 +41,35 @@ def lanczos_tridiagonal(
     reorthogonalize: bool = True,
     stop: Callable[[Tensor, Tensor, Tensor], bool] | None = None,
     check_every: int = 5,
+    max_vectors: int | None = None,
+    info: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Up to ``steps`` Lanczos steps from ``v0``: returns ``alpha`` (m,), ``beta`` (m-1,) and the basis (dim, m).
 
-    Stops early when the Krylov space is exhausted (``beta ~ 0``) or when ``stop(alpha, beta, beta_next)`` (asked
+    Stops early when the Krylov space is exhausted (``beta ~ 0``), when ``stop(alpha, beta, beta_next)`` (asked
     every ``check_every`` steps with the current tridiagonal and the norm of the next Lanczos vector, which gives
-    the Ritz residuals ``|H Q y - theta Q y| = beta_next |y_m|``) returns True.
+    the Ritz residuals ``|H Q y - theta Q y| = beta_next |y_m|``) returns True, or when the basis, with the copy
+    that growing it takes, would hold more than ``max_vectors`` vectors (default: half of the free memory,
+    :func:`~lightning_landscape.curvature.memory.vectors_that_fit`). ``info``, when given, gets ``"stopped"``:
+    ``"stop"``, ``"exhausted"``, ``"memory"`` or ``"steps"``.
     """
+    info = {} if info is None else info
+    info["stopped"] = "steps"
     dim = v0.numel()
     steps = min(steps, dim)
-    rows = torch.empty(min(steps, 32), dim, dtype=v0.dtype, device=v0.device)  # q_j as rows; grown by doubling
+    budget = max_vectors if max_vectors is not None else vectors_that_fit(dim, v0.dtype, v0.device)
+    rows = torch.empty(max(1, min(steps, 32, budget)), dim, dtype=v0.dtype, device=v0.device)  # q_j; grown by doubling
     alphas, betas = [], []
     q = v0 / v0.norm()
     beta = torch.zeros((), dtype=v0.dtype, device=v0.device)
     for j in range(steps):
         if j == rows.shape[0]:
-            rows = torch.cat([rows, torch.empty_like(rows[: min(j, steps - j)])])
+            grow = min(j, steps - j, budget - 2 * j)  # the copy holds old and new rows at once
+            if grow < 1:  # the memory cap: an unconverged result, not a failed allocation
+                betas.pop()  # the next vector is not kept
+                info["stopped"] = "memory"
+                break
+            rows = torch.cat([rows, torch.empty_like(rows[:grow])])
         rows[j] = q
         w = matvec(q)
         if j > 0:
@@ -69,8 +84,10 @@ def lanczos_tridiagonal(
             break
         beta = w.norm()
         if stop is not None and (j + 1) % check_every == 0 and stop(torch.stack(alphas), _stack(betas, v0), beta):
+            info["stopped"] = "stop"
             break
         if beta <= 1e-10 * max(1.0, float(alpha.abs())):
+            info["stopped"] = "exhausted"
             break
         betas.append(beta)
         q = w / beta

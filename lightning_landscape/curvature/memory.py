@@ -1,0 +1,64 @@
+"""What the curvature estimators hold in memory, and how much of it there is.
+
+For ``P`` parameters in ``b`` bytes each (4 for float32, 8 for float64), an analysis holds:
+
+* the objective: the flat parameter vector and one gradient, ``2 P b``, plus the graph of a Hessian-vector product
+  (activations of the probe batch and a few ``P``-vectors);
+* Lanczos (``lambda_max``, ``top_eigenvalues``, ``lambda_min``): its basis, one ``P``-vector per step, ``m P b``
+  for ``m`` steps (at least ``max(2k + 8, 12)`` for ``k`` eigenvalues; it stops when the Ritz residuals are below
+  ``tol``); SLQ (``density``): ``density_steps`` vectors the same way; ARPACK: ``max(2k + 1, 20)`` float64 vectors;
+  power iteration: ``k`` vectors;
+* Hutch++ (``trace``): its sketch, ``trace_samples / 3`` vectors.
+
+The Lanczos basis is the only part that grows with the problem's difficulty. It is capped by
+:func:`vectors_that_fit` (half of the memory free on the device when it starts): a Lanczos run that reaches the cap
+stops there and reports that it did not converge, instead of failing an allocation (on CPU, the operating system
+kills a process that runs out of memory; on a GPU, the allocation fails). :func:`check_vectors` refuses, before
+anything is allocated, an estimator whose minimum does not fit.
+
+Example::
+
+    >>> vectors_that_fit(1000, torch.float32, torch.device("cpu"), free=4_000_000)  # half of 4 MB, in 4 kB vectors
+    500
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free on ``device``: ``torch.cuda.mem_get_info`` on a GPU, ``MemAvailable`` of ``/proc/meminfo`` on
+    CPU (the physical memory when that cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def vectors_that_fit(dim: int, dtype: torch.dtype, device: torch.device, free: int | None = None) -> int:
+    """How many vectors of ``dim`` entries of ``dtype`` fit in half of the ``free`` memory (default:
+    :func:`free_bytes` of ``device``): the cap of a Lanczos basis."""
+    free = free_bytes(device) if free is None else free
+    return int(0.5 * free // (dim * torch.empty((), dtype=dtype).element_size()))
+
+
+def check_vectors(needed: int, dim: int, dtype: torch.dtype, device: torch.device, what: str, hint: str) -> None:
+    """Raise a ``MemoryError`` naming ``what`` and ``hint`` when ``needed`` vectors of ``dim`` entries do not fit
+    (:func:`vectors_that_fit`)."""
+    fit = vectors_that_fit(dim, dtype, device)
+    if needed > fit:
+        size = torch.empty((), dtype=dtype).element_size()
+        raise MemoryError(
+            f"{what} needs at least {needed} vectors of {dim:,} {str(dtype).replace('torch.', '')} entries"
+            f" ({needed * dim * size / 2**30:.2f} GiB), but only {fit} fit in half of the"
+            f" {free_bytes(device) / 2**30:.2f} GiB free on {device}. HINT: {hint}"
+        )
