@@ -7,8 +7,8 @@ Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`) runs 
    training learning rate and batch size (constant ``lr/B``), on a fixed pool of training batches; never touching
    the module or the optimizer. Replicas are split over DDP ranks.
 2. **minima** (``quench``): the current point and every replica's end are quenched (L-BFGS on the probe set, a
-   relative gradient tolerance, or to the energy resolution) and added to a persistent :class:`~lightning_landscape.dynamics.MinimaDatabase`,
-   deduplicated in function space (outputs on the probe set).
+   relative gradient tolerance, or to the energy resolution) and added to a persistent
+   :class:`~lightning_landscape.dynamics.MinimaDatabase`, deduplicated in function space (outputs on the probe set).
 3. **basins** (``basins``, ``paths``): minima joined by a path whose lower barrier is below ``merge_barrier``
    (default: the replicas' noise level) are one basin. A straight line joins what it can; minimum-energy paths
    (string or NEB, FIRE, climbing image) the rest, split over DDP ranks: the current minimum to the previous
@@ -22,8 +22,9 @@ Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`) runs 
 The work is done in that order, item by item, while the ``budget`` lasts (every rank follows rank 0's decision);
 what was spent is logged. Outputs, in ``<run dir>/energy/`` and W&B: figures ``disconnectivity``,
 ``timescales``, ``paths``, ``free_energy``, ``path_atlas``; tables ``minima``, ``basins``, ``barriers`` (both
-directions), ``metastable``, ``pathways``; scalars ``n_basins``, ``current_basin``, ``merge_barrier``, ``barrier_previous`` (saddle loss minus
-the current minimum's loss), ``slowest_timescale`` (in optimizer steps), ``metastable_states``, ``n_minima``,
+directions), ``metastable``, ``pathways``; scalars ``n_basins``, ``current_basin``, ``merge_barrier``,
+``barrier_previous`` (saddle loss minus the current minimum's loss), ``slowest_timescale`` (in optimizer steps),
+``metastable_states``, ``n_minima``, ``chain_mfpt``, ``chain_connected``,
 ``new_minima``, ``quenches_converged``, ``paths_converged``, ``linear_joins``, ``spent_passes``, ``spent_seconds``;
 the minima database (with its basins) in ``minima/`` and every replica as a trajectory store in
 ``excursions/step-<n>/``.
