@@ -388,6 +388,7 @@ def test_one_chain_of_all_triggers_gives_the_transition_from_the_initial_to_the_
     last = energy.history[-1]
     exact = smoluchowski_tpt_mfpt(lambda x: 0.5 * (x**2 - 1) ** 2, 0.25, core=0.5) / 0.01
     assert exact / 2 < last["chain_mfpt"] < 2 * exact
+    assert energy.chain_transition["mfpt_steps"] == last["chain_mfpt"]
     assert (energy.reporter.run_dir / "path_atlas-step0000006.png").exists()
     rows = (energy.reporter.run_dir / "pathways-step0000006.csv").read_text().splitlines()
     assert rows[0] == "sets,share" and float(rows[1].split(",")[1]) > 0.9  # one channel, over the barrier

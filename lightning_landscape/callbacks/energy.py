@@ -266,7 +266,9 @@ class EnergyLandscape(LandscapeCallback):
         self._candidates: list[torch.Tensor] = []  # the last trigger's replica ends: where restarts may start
         self._candidate_keys: list[tuple[int, int]] = []  # (step, replica) of each
         self._visits: list[float] = []  # rank 0: the chain's points in each candidate's state
-        self._initial_sketch: np.ndarray | None = None  # the sketch of the initial weights (the chain's start)
+        self._initial_features: np.ndarray | None = None  # the initial weights' chain features (its start)
+        #: the last trigger's transition in the chain of all triggers (sets, MFPT, pathways), or ``{"none": why}``
+        self.chain_transition: dict[str, Any] = {}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -547,7 +549,7 @@ class EnergyLandscape(LandscapeCallback):
             self.reporter.event("failures", {"step": step, "stage": "markov state model", "error": message})
             msm = None
         try:
-            self._chain(trainer, step, excursions, sketch, scalars, len(restarts))
+            self._chain(trainer, step, excursions, probe, scalars, len(restarts))
         except Exception as err:  # the chain is a view over all triggers: this trigger still stands
             message = f"{type(err).__name__}: {err}"
             warnings.warn(
@@ -670,7 +672,7 @@ class EnergyLandscape(LandscapeCallback):
         )
 
     def _chain(
-        self, trainer: pl.Trainer, step: int, excursions: Excursions, sketch: Any, scalars: dict, restarted: int
+        self, trainer: pl.Trainer, step: int, excursions: Excursions, probe: Objective, scalars: dict, restarted: int
     ) -> None:
         """Rank 0: one Markov chain of every replica of every trigger so far (read back from the run directory),
         the transition from the initial weights' metastable set to the current weights' (TPT: pathways, rate,
@@ -678,19 +680,28 @@ class EnergyLandscape(LandscapeCallback):
         trigger's restarts."""
         if not len(excursions.replica_ids):
             return
-        if self._initial_sketch is None:  # the initial weights, in the replicas' sketch (else this first x0)
+        columns = self._chain_columns(excursions)
+        if self._initial_features is None:  # the initial weights' outputs (else this first trigger's start)
             initial = getattr(self, "_initial_theta", None)
-            same = initial is not None and initial.numel() == sketch.dim
-            self._initial_sketch = (
-                sketch(initial.to(sketch.rows)).cpu().double().numpy() if same else excursions.sketches[0][0]
-            )
-        folders = sorted((self.reporter.run_dir / "excursions").glob("step-*/replica-*"))
-        stores = [TrajectoryStore.open(f) for f in folders]
-        keys = {(int(f.parent.name[5:]), int(f.name[8:])): k for k, f in enumerate(folders)}
+            same = initial is not None and initial.numel() == probe.numel and columns is not None
+            first = probe.outputs(initial.to(probe.theta0)).reshape(-1).double().cpu().numpy() if same else None
+            self._initial_features = first[columns] if same else self._features(excursions, columns)[0][0]
+        folders = sorted((self.reporter.run_dir / "excursions").glob("step-*"))
+        features, losses, keys = [], [], {}
+        for folder in folders:
+            replicas = sorted(folder.glob("replica-*"))
+            stores = [TrajectoryStore.open(f) for f in replicas]
+            outputs = np.load(folder / "outputs.npy", mmap_mode="r") if columns is not None else None
+            for k, (path, store) in enumerate(zip(replicas, stores, strict=True)):
+                keys[(int(folder.name[5:]), int(path.name[8:]))] = len(features)
+                features.append(
+                    np.asarray(outputs[k][:, columns], dtype=np.float64) if outputs is not None else store.sketches
+                )
+                losses.append(store.stats["loss"])
         chain = chain_of(
-            [st.sketches.astype(np.float64) for st in stores],
-            [st.stats["loss"] for st in stores],
-            np.asarray(self._initial_sketch, dtype=np.float64),
+            features,
+            losses,
+            np.asarray(self._initial_features, dtype=np.float64),
             keys[(step, 0)],
             self.msm,
             self.sampling.seed,
@@ -698,6 +709,7 @@ class EnergyLandscape(LandscapeCallback):
         )
         scalars.update(chain_points=chain.points, chain_connected=chain.connected, chain_restarts=restarted)
         if chain.model is None:
+            self.chain_transition = {"none": str(chain.transition)}
             return
         counts = np.bincount(np.concatenate(chain.model.dtrajs))
         self._visits = [float(counts[chain.model.dtrajs[keys[key]][-1]]) for key in self._candidate_keys]
@@ -714,8 +726,10 @@ class EnergyLandscape(LandscapeCallback):
                 stacklevel=2,
             )
         if isinstance(chain.transition, str):
+            self.chain_transition = {"none": chain.transition}
             return
         summary = transition_summary(chain.model, chain.transition)
+        self.chain_transition = {k: summary[k] for k in ("source_set", "target_set", "mfpt_steps", "pathways")}
         scalars.update(chain_mfpt=summary["mfpt_steps"], chain_rate=summary["rate_per_step"])
         rows = [[" -> ".join(map(str, p["sets"])), p["share"]] for p in summary["pathways"]]
         self.reporter.table("pathways", ["sets", "share"], rows, step)
@@ -729,6 +743,21 @@ class EnergyLandscape(LandscapeCallback):
             summary["target_set"],
         )
         self.reporter.figure("path_atlas", figure, step)
+
+    def _chain_columns(self, excursions: Excursions) -> np.ndarray | None:
+        """The chain's features: a seeded subset of at most 2048 output coordinates (outputs on the probe set), the
+        same at every trigger; None without recorded outputs (the sketches then)."""
+        if excursions.outputs is None:
+            return None
+        width = excursions.outputs.shape[-1]
+        rng = np.random.default_rng(self.sampling.seed)
+        return np.sort(rng.choice(width, min(width, 2048), replace=False))
+
+    @staticmethod
+    def _features(excursions: Excursions, columns: np.ndarray | None) -> list[np.ndarray]:
+        if columns is None:
+            return list(excursions.sketches)
+        return [np.asarray(o[:, columns], dtype=np.float64) for o in excursions.outputs]
 
     @staticmethod
     def _add_minimum(db: MinimaDatabase, probe: Objective, point: Minimum, **info: Any) -> tuple[int, bool]:
@@ -868,7 +897,7 @@ class EnergyLandscape(LandscapeCallback):
             "previous_minimum": self.previous_minimum,
             "minima_dir": self.minima_dir,
             "minima_names": self.minima_names,
-            "initial_sketch": None if self._initial_sketch is None else self._initial_sketch.tolist(),
+            "initial_features": None if self._initial_features is None else self._initial_features.tolist(),
         }
 
     @override
@@ -879,5 +908,5 @@ class EnergyLandscape(LandscapeCallback):
         self.minima_dir = state_dict.get("minima_dir", self.minima_dir)
         self._resumed = True
         self.minima_names = state_dict.get("minima_names", self.minima_names)
-        initial = state_dict.get("initial_sketch")
-        self._initial_sketch = None if initial is None else np.asarray(initial, dtype=np.float64)
+        initial = state_dict.get("initial_features")
+        self._initial_features = None if initial is None else np.asarray(initial, dtype=np.float64)

@@ -654,11 +654,24 @@ def chain_of(
     config: MSMConfig,
     seed: int = 0,
     step: float = 1.0,
+    dim: int | None = 5,
 ) -> Chain:
-    """The chain of ``trajectories`` (sketches ``(n_t, k)``, e.g. every replica of every trigger), with the
-    ``initial`` point (a sketch ``(k,)``, e.g. of the initial weights) located in it as a one-point trajectory, and
-    the transition from its set to the set of trajectory ``current``'s first point (the current weights)."""
+    """The chain of ``trajectories`` (features ``(n_t, d)`` of every recorded point, e.g. every replica of every
+    trigger), with the ``initial`` point (``(d,)``, e.g. of the initial weights) located in it as a one-point
+    trajectory, and the transition from its set to the set of trajectory ``current``'s first point (the current
+    weights). The features are reduced to their first ``dim`` principal components, refitted on all points at every
+    call (None: as they are).
+
+    Outputs on the probe set are the features to use: invariant to permutations of hidden units, and blind to the
+    weights' drift along flat directions, so replicas of different triggers meet in them where their sketches do
+    not (measured on the digits study: 37% of the points in the largest connected set with outputs, 5% with
+    sketches)."""
     features = [*trajectories, initial[None]]
+    if dim is not None:
+        stacked = np.concatenate(features)
+        mean = stacked.mean(0)
+        _, _, vt = np.linalg.svd(stacked - mean, full_matrices=False)
+        features = [(f - mean) @ vt[:dim].T for f in features]
     model = markov_model(features, config, {"loss": [*losses, np.full(1, np.nan)]}, seed)
     points = int(sum(len(t) for t in trajectories))
     if model is None:
