@@ -254,17 +254,7 @@ def _transition(fitted, k: int, step: float, points, out: Path, arrays: dict) ->
     if isinstance(found, str):
         return {"none": found}
     summary = transition_summary(fitted, found)
-    losses = np.asarray([row.get("mean_loss", np.nan) for row in fitted.sets])
-    figure = path_atlas_figure(
-        summary["positions"],
-        fitted.msm.metastable_populations,
-        losses,
-        summary["set_flux"],
-        summary["source_set"],
-        summary["target_set"],
-        points,
-    )
-    figure.savefig(out / "path_atlas.png")
+    path_atlas_figure(summary, points).savefig(out / "path_atlas.png")
     arrays.update(forward_committor=found.forward_committor, net_flux=found.net_flux, set_flux=summary["set_flux"])
     return {key: summary[key] for key in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")}
 

@@ -375,8 +375,13 @@ class Objective:
         return out
 
     def _batch_loss(self, theta: Tensor, index: int, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
-        tensors = self._tensors(theta, buffers)
-        loss = functional_call(self._wrapper, tensors, (self.batches[index], index), strict=False)
+        return self._loss_on(theta, self.batches[index], index, buffers)
+
+    def _loss_on(
+        self, theta: Tensor, batch: Any, batch_idx: int, buffers: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """The loss of ``batch`` at ``theta``, with the L2 term."""
+        loss = functional_call(self._wrapper, self._tensors(theta, buffers), (batch, batch_idx), strict=False)
         if isinstance(self.l2, Tensor) or self.l2:
             loss = loss + 0.5 * (self.l2 * theta * theta).sum()
         return loss
@@ -542,10 +547,7 @@ class Objective:
         return self._minibatch_method == "vmap"
 
     def _minibatch_loss(self, theta: Tensor, batch: Any) -> Tensor:
-        loss = functional_call(self._wrapper, self._tensors(theta), (batch, 0), strict=False)
-        if isinstance(self.l2, Tensor) or self.l2:
-            loss = loss + 0.5 * (self.l2 * theta * theta).sum()
-        return loss
+        return self._loss_on(theta, batch, 0)
 
     def grad(self, theta: Tensor | None = None) -> Tensor:
         """``grad L(theta)``, accumulated batch by batch."""

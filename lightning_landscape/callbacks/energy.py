@@ -80,6 +80,7 @@ from lightning_landscape.dynamics.pipeline import (
     basins_of,
     chain_of,
     dips,
+    energy_resolution,
     markov_model,
     minimum_path,
     noise_level,
@@ -596,7 +597,7 @@ class EnergyLandscape(LandscapeCallback):
         self._warned_quenches = True
         drop = float(np.median([q.loss_drop for q in quenched]))
         ratio = float(np.median([q.grad_ratio for q in quenched]))
-        ftol = self.quench.ftol if self.quench.ftol is not None else level / 10
+        ftol = energy_resolution(self.quench.ftol, level)
         without_l2 = not isinstance(probe.l2, torch.Tensor) and probe.l2 == 0
         why = (
             " Without weight decay, a cross-entropy loss on a probe set the network can fit has no minimum at finite"
@@ -683,9 +684,11 @@ class EnergyLandscape(LandscapeCallback):
         columns = self._chain_columns(excursions)
         if self._initial_features is None:  # the initial weights' outputs (else this first trigger's start)
             initial = getattr(self, "_initial_theta", None)
-            same = initial is not None and initial.numel() == probe.numel and columns is not None
-            first = probe.outputs(initial.to(probe.theta0)).reshape(-1).double().cpu().numpy() if same else None
-            self._initial_features = first[columns] if same else self._features(excursions, columns)[0][0]
+            if columns is not None and initial is not None and initial.numel() == probe.numel:
+                outputs = probe.outputs(initial.to(probe.theta0)).reshape(-1).double().cpu().numpy()
+                self._initial_features = outputs[columns]
+            else:
+                self._initial_features = self._features(excursions, columns)[0][0]
         folders = sorted((self.reporter.run_dir / "excursions").glob("step-*"))
         features, losses, keys = [], [], {}
         for folder in folders:
@@ -733,16 +736,7 @@ class EnergyLandscape(LandscapeCallback):
         scalars.update(chain_mfpt=summary["mfpt_steps"], chain_rate=summary["rate_per_step"])
         rows = [[" -> ".join(map(str, p["sets"])), p["share"]] for p in summary["pathways"]]
         self.reporter.table("pathways", ["sets", "share"], rows, step)
-        losses = np.asarray([row.get("mean_loss", np.nan) for row in chain.model.sets])
-        figure = path_atlas_figure(
-            summary["positions"],
-            chain.model.msm.metastable_populations,
-            losses,
-            summary["set_flux"],
-            summary["source_set"],
-            summary["target_set"],
-        )
-        self.reporter.figure("path_atlas", figure, step)
+        self.reporter.figure("path_atlas", path_atlas_figure(summary), step)
 
     def _chain_columns(self, excursions: Excursions) -> np.ndarray | None:
         """The chain's features: a seeded subset of at most 2048 output coordinates (outputs on the probe set), the

@@ -305,10 +305,16 @@ class Minimum:
     criterion: str = ""  # "gradient", "energy" or "" (not converged)
 
 
+def energy_resolution(ftol: float | None, level: float) -> float:
+    """The energy resolution of quenches and paths: ``ftol`` when given, else a tenth of the merge level ``level``
+    (see :class:`QuenchConfig`)."""
+    return ftol if ftol is not None else level / 10
+
+
 def quench_point(objective: Any, theta: Tensor, config: QuenchConfig, level: float = 0.0, **info: Any) -> Minimum:
     """Quench ``theta`` on ``objective`` (L-BFGS, at most ``config.max_iter`` iterations, to the gradient tolerance
-    ``rtol`` or the energy resolution ``ftol``, by default ``level / 10`` for the merge level ``level``)."""
-    ftol = config.ftol if config.ftol is not None else level / 10
+    ``rtol`` or the :func:`energy_resolution` for the merge level ``level``)."""
+    ftol = energy_resolution(config.ftol, level)
     q = quench(objective, theta, max_iter=config.max_iter, rtol=config.rtol, ftol=ftol)
     outputs = objective.outputs(q.theta).reshape(-1).double().cpu().numpy()
     return Minimum(
@@ -428,7 +434,7 @@ def minimum_path(objective: Any, a: Tensor, b: Tensor, config: PathConfig, level
         step_size=config.step_size,
         n_steps=config.steps,
         quench_steps=0,
-        ftol=config.ftol if config.ftol is not None else level / 10,
+        ftol=energy_resolution(config.ftol, level),
     )
 
 
@@ -595,8 +601,9 @@ def transition_between(
 def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, Any]:
     """What a transition says at the level of metastable sets: ``source_set``, ``target_set``, ``rate_per_step``,
     ``mfpt_steps``, ``pathways`` (state pathways summed by the sets they cross: ``{"sets", "share"}``, largest
-    first), ``set_flux`` (net reactive flux between sets) and ``positions`` (each set's stationary-weighted mean
-    position on the MSM's plane), for reports and the path atlas."""
+    first), ``set_flux`` (net reactive flux between sets), ``positions`` (each set's stationary-weighted mean
+    position on the MSM's plane), ``populations`` and ``set_losses`` (each set's mean loss), for reports and the
+    path atlas (:func:`~lightning_landscape.report.plots.path_atlas_figure`)."""
     msm = model.msm
     assignment = msm.metastable_assignment
     n_sets = int(assignment.max()) + 1
@@ -611,6 +618,8 @@ def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, 
         channels[key] = channels.get(key, 0.0) + share
     centers, weights = model.plane[0], msm.stationary_distribution
     return {
+        "populations": msm.metastable_populations,
+        "set_losses": np.asarray([row.get("mean_loss", np.nan) for row in model.sets]),
         "source_set": int(assignment[found.source[0]]),
         "target_set": int(assignment[found.target[0]]),
         "rate_per_step": found.rate,
@@ -700,6 +709,7 @@ __all__ = [
     "basins_of",
     "chain_of",
     "dips",
+    "energy_resolution",
     "join_basins",
     "linear_saddle",
     "markov_model",

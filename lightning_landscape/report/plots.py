@@ -10,7 +10,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -214,18 +214,14 @@ def free_energy_figure(
     return fig
 
 
-def path_atlas_figure(
-    positions: np.ndarray,
-    populations: np.ndarray,
-    losses: np.ndarray,
-    flux: np.ndarray,
-    source: int,
-    target: int,
-    points: np.ndarray | None = None,
-) -> Figure:
-    """The path atlas: metastable sets at ``positions`` (2-D) sized by population and coloured by mean loss, with an
-    arrow for every net reactive flux between two sets (width by its share of the total), from ``source`` (the
-    initial point's set) to ``target`` (the current one's); the sampled ``points`` in grey."""
+def path_atlas_figure(summary: Mapping[str, Any], points: np.ndarray | None = None) -> Figure:
+    """The path atlas of a transition's ``summary``
+    (:func:`~lightning_landscape.dynamics.pipeline.transition_summary`): metastable sets at their ``positions``
+    (2-D), sized by population and coloured by mean loss, with an arrow for every net reactive flux between two sets
+    (width by its share of the total), from the ``source_set`` (the initial point's) to the ``target_set`` (the
+    current one's); the sampled ``points`` in grey."""
+    positions, populations, losses = summary["positions"], summary["populations"], summary["set_losses"]
+    flux, source, target = summary["set_flux"], summary["source_set"], summary["target_set"]
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
     if points is not None:
