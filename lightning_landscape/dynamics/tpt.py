@@ -25,6 +25,7 @@ Example (a 4-state chain A=0 -> {1 or 2} -> B=3; the upper channel carries twice
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ def transition_paths(
     stationary_distribution: np.ndarray | None = None,
     step: float = 1.0,
     fraction: float = 0.99,
+    max_pathways: int = 20,
 ) -> TransitionPaths:
     """Committors, reactive flux, rate, mean first-passage time and dominant pathways from ``source`` to ``target``.
 
@@ -62,7 +64,9 @@ def transition_paths(
         source, target: disjoint, non-empty sets of state indices.
         stationary_distribution: ``pi`` (default: computed by deeptime).
         step: steps per lag, to give the rate per step and the MFPT in steps (e.g. ``lag * record_every``).
-        fraction: decompose the flux into pathways until they carry this fraction of it.
+        fraction: decompose the flux into pathways until they carry this fraction of it, or
+        max_pathways: until there are this many (each costs a search over the whole network; on a fine
+            discretization thousands of small pathways may be needed to reach ``fraction``).
 
     Raises:
         ValueError: for empty or overlapping sets, or indices outside the matrix.
@@ -77,7 +81,9 @@ def transition_paths(
             " metastable set of the initial point and that of the current one, when they differ."
         )
     flux = reactive_flux(transition_matrix, a, b, stationary_distribution=stationary_distribution)
-    pathways, capacities = flux.pathways(fraction=fraction)
+    with warnings.catch_warnings():  # "Maximum number of iterations reached": max_pathways, by design
+        warnings.filterwarnings("ignore", "Maximum number of iterations", RuntimeWarning)
+        pathways, capacities = flux.pathways(fraction=fraction, maxiter=max_pathways)
     total = float(flux.total_flux)
     order = np.argsort(capacities)[::-1]
     return TransitionPaths(
