@@ -283,7 +283,8 @@ def test_two_ranks_sample_the_single_process_replicas_minima_and_paths(tmp_path)
     # a second trigger after the first step: its chain holds both triggers, a restarted replica on either rank
     # (the last, on rank 1 under DDP) starts where a replica of the first trigger ended, on every rank count alike
     for run in (run_script("energy", tmp_path, 1, "chain"), run_script("energy", tmp_path, 2, "chain")):
-        assert run["chain"]["chain_restarts"] == 1 and run["chain"]["chain_points"] == 8 * 6
+        # 2 triggers of 4 replicas of 6 points, and the training path's one point so far (the initial weights)
+        assert run["chain"]["chain_restarts"] == 1 and run["chain"]["chain_points"] == 8 * 6 + 1
         ends = [np.asarray(s[-1]) for s in run["sketches"][:4]]
         assert any(np.array_equal(np.asarray(run["sketches"][7][0]), end) for end in ends)
 
@@ -375,7 +376,9 @@ def test_one_chain_of_all_triggers_gives_the_transition_from_the_initial_to_the_
     train([energy], tmp_path, model=JumpingWell(), max_steps=6)
     assert energy.failures == 0 and len(energy.history) == 3
     points = [h["chain_points"] for h in energy.history]
-    assert points == [points[0] * k for k in (1, 2, 3)]  # every trigger's replicas join the one chain
+    # every trigger's replicas (16 of 201 points) join the one chain, and the training path's points so far (steps
+    # 0 and 5, every record_every=5 steps; located, not counted: training steps at lr 0.3, the replicas at 0.01)
+    assert points == [16 * 201 * k + n for k, n in ((1, 1), (2, 1), (3, 2))]
     assert all(h["chain_connected"] > 0.99 for h in energy.history)
     assert [h["chain_restarts"] for h in energy.history] == [0, 4, 4]  # a quarter from earlier ends after the first
     # a restarted replica starts where a replica of the trigger before ended
@@ -389,6 +392,54 @@ def test_one_chain_of_all_triggers_gives_the_transition_from_the_initial_to_the_
     exact = smoluchowski_tpt_mfpt(lambda x: 0.5 * (x**2 - 1) ** 2, 0.25, core=0.5) / 0.01
     assert exact / 2 < last["chain_mfpt"] < 2 * exact
     assert energy.chain_transition["mfpt_steps"] == last["chain_mfpt"]
+    # the training path's stages: the left well's set at step 0, the right well's from step 5 on
+    stages = [(s["set"], s["first_step"]) for s in energy.chain_stages]
+    assert stages == [(energy.chain_transition["source_set"], 0), (energy.chain_transition["target_set"], 5)]
+    assert last["chain_stages"] == 2
     assert (energy.reporter.run_dir / "path_atlas-step0000006.png").exists()
     rows = (energy.reporter.run_dir / "pathways-step0000006.csv").read_text().splitlines()
     assert rows[0] == "sets,share" and float(rows[1].split(",")[1]) > 0.9  # one channel, over the barrier
+
+
+class SlidingWell(DoubleWell):
+    """The double well trained from (-0.3, 0.5) at the replicas' lr: training slides down into the left well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w.data = torch.tensor([-0.3, 0.5])
+
+
+class Weights(pl.Callback):
+    def __init__(self) -> None:
+        self.at: dict[int, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.at[0] = pl_module.w.detach().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.at[trainer.global_step] = pl_module.w.detach().clone()
+
+
+def test_the_training_path_joins_the_chain_every_record_every_steps(tmp_path):
+    sampling = SamplingConfig(replicas=4, steps=100, lr=0.01, temperature=0.05, record_every=5)
+    energy = well_energy(every_n_steps=20, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})
+    weights = Weights()
+    trainer = train([weights, energy], tmp_path, model=SlidingWell(), max_steps=40)
+    assert energy.failures == 0 and len(energy.history) == 2
+    steps = list(range(0, 41, 5))
+    assert energy._path_steps == steps
+    # the path's features are its outputs on the probe set (here the weights, one row per probe sample) at the
+    # chain's coordinates, recorded at the weights of that step, before the trigger of that step
+    for step, features in zip(steps, energy._path_features, strict=True):
+        outputs = weights.at[step].expand(16, 2).reshape(-1).numpy()
+        np.testing.assert_allclose(features, outputs[energy._columns], rtol=1e-6)
+    saved = np.load(energy.reporter.run_dir / "excursions" / "training-path.npz")
+    assert saved["steps"].tolist() == steps and saved["features"].shape == (9, 32)
+    # plain SGD at the replicas' lr: one trajectory whose transitions count; its stages cover all its points
+    assert energy._path_fragments(trainer) == [list(range(9))]
+    assert energy.history[-1]["chain_points"] == 2 * 4 * 21 + 9
+    stages = energy.chain_stages
+    assert stages[0]["first_step"] == 0 and stages[-1]["last_step"] == 40 and sum(s["points"] for s in stages) == 9
+    # another learning rate: its points are located in the chain, one by one, not counted
+    energy.sampling.lr = 0.02
+    assert energy._path_fragments(trainer) == [[i] for i in range(9)]

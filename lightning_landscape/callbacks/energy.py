@@ -15,19 +15,20 @@ Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`) runs 
    trigger's, each new minimum to its nearest ones in other basins, then the spanning tree's gaps.
 4. **Markov state model** (``msm``) of this trigger's replicas: k-means, a reversible MSM at ``lag``, implied
    timescales, Chapman-Kolmogorov test, PCCA+ sets; then the **chain of all triggers** (every replica so far, a
-   fraction ``sampling.restarts`` of them restarted from the previous trigger's ends): transition path theory from
-   the initial weights' metastable set to the current weights' (pathways, rate, MFPT, the path atlas).
+   fraction ``sampling.restarts`` of them restarted from the previous trigger's ends, and the training path,
+   recorded every ``sampling.record_every`` steps): the training path's metastable stages, and transition path
+   theory from the initial weights' metastable set to the current weights' (pathways, rate, MFPT, the path atlas).
 5. **disconnectivity graph** of the basins.
 
 The work is done in that order, item by item, while the ``budget`` lasts (every rank follows rank 0's decision);
 what was spent is logged. Outputs, in ``<run dir>/energy/`` and W&B: figures ``disconnectivity``,
 ``timescales``, ``paths``, ``free_energy``, ``path_atlas``; tables ``minima``, ``basins``, ``barriers`` (both
-directions), ``metastable``, ``pathways``; scalars ``n_basins``, ``current_basin``, ``merge_barrier``,
+directions), ``metastable``, ``pathways``, ``stages``; scalars ``n_basins``, ``current_basin``, ``merge_barrier``,
 ``barrier_previous`` (saddle loss minus the current minimum's loss), ``slowest_timescale`` (in optimizer steps),
-``metastable_states``, ``n_minima``, ``chain_mfpt``, ``chain_connected``,
+``metastable_states``, ``n_minima``, ``chain_mfpt``, ``chain_connected``, ``chain_stages``,
 ``new_minima``, ``quenches_converged``, ``paths_converged``, ``linear_joins``, ``spent_passes``, ``spent_seconds``;
-the minima database (with its basins) in ``minima/`` and every replica as a trajectory store in
-``excursions/step-<n>/``.
+the minima database (with its basins) in ``minima/``, every replica as a trajectory store in
+``excursions/step-<n>/`` and the training path's chain features in ``excursions/training-path.npz``.
 
 Example::
 
@@ -78,6 +79,7 @@ from lightning_landscape.dynamics.pipeline import (
     as_config,
     barrier_rows,
     basins_of,
+    chain_columns,
     chain_of,
     dips,
     energy_resolution,
@@ -89,9 +91,11 @@ from lightning_landscape.dynamics.pipeline import (
     record_path,
     restart_points,
     sample,
+    training_stages,
     transition_summary,
 )
 from lightning_landscape.geometry.paths import PathResult
+from lightning_landscape.guard import preserve_state
 from lightning_landscape.objective import BNMode, LossFn, Objective
 from lightning_landscape.params import ParameterLayout, weight_decay_of
 from lightning_landscape.report.dashboard import Logged
@@ -192,13 +196,14 @@ class EnergyLandscape(LandscapeCallback):
             "chain_connected",
             "chain_restarts",
             "chain_sets",
+            "chain_stages",
             "chain_mfpt",
             "chain_rate",
             "seconds",
             "failures",
         ),
         media=("disconnectivity", "paths", "timescales", "free_energy", "path_atlas"),
-        tables=("minima", "basins", "barriers", "metastable", "pathways"),
+        tables=("minima", "basins", "barriers", "metastable", "pathways", "stages"),
     )
     shard_probe = False  # every rank holds the whole probe set; replicas, quenches and paths are split instead
 
@@ -267,7 +272,15 @@ class EnergyLandscape(LandscapeCallback):
         self._candidates: list[torch.Tensor] = []  # the last trigger's replica ends: where restarts may start
         self._candidate_keys: list[tuple[int, int]] = []  # (step, replica) of each
         self._visits: list[float] = []  # rank 0: the chain's points in each candidate's state
-        self._initial_features: np.ndarray | None = None  # the initial weights' chain features (its start)
+        # rank 0: the training path in the chain's features, every `sampling.record_every` optimizer steps from the
+        # initial weights (step 0) on; with its probe accuracy
+        self._path_steps: list[int] = []
+        self._path_features: list[np.ndarray] = []
+        self._path_accuracy: list[float] = []
+        self._path_failed = False
+        self._columns: np.ndarray | None = None  # the output coordinates that are the chain's features
+        #: the training path's metastable stages in the last chain: ``{"set", "first_step", "last_step", "points"}``
+        self.chain_stages: list[dict[str, int]] = []
         #: the last trigger's transition in the chain of all triggers (sets, MFPT, pathways), or ``{"none": why}``
         self.chain_transition: dict[str, Any] = {}
 
@@ -287,10 +300,48 @@ class EnergyLandscape(LandscapeCallback):
         super().on_train_start(trainer, pl_module)
         if self._resumed and trainer.is_global_zero:
             self._carry_minima(trainer.global_step)
-        if not self._resumed:  # the chain's start: the initial weights (a resumed run keeps its sketch)
-            layout = ParameterLayout.from_module(pl_module)
-            self._initial_theta = layout.flatten(dict(pl_module.named_parameters())).detach().cpu()
         self._resumed = False
+        self._record_path(trainer, pl_module, always=True)  # the chain's start (a resumed run: where it resumes)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._record_path(trainer, pl_module)  # before a trigger at this step, which starts from this point
+        super().on_train_batch_end(trainer, pl_module, *args)
+
+    def _record_path(self, trainer: pl.Trainer, pl_module: pl.LightningModule, always: bool = False) -> None:
+        """Rank 0: the training path's point at this optimizer step, every ``sampling.record_every`` steps (with
+        ``sampling.training_path``; ``always``: now): the outputs on the probe set at the chain's coordinates, and
+        the probe accuracy. One forward pass of the probe set, with the module's state and the RNG streams restored;
+        a failure warns once and stops the recording, never the training."""
+        step = trainer.global_step
+        if not trainer.is_global_zero or self._path_failed or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        due = self.sampling.training_path and step % self.sampling.record_every == 0
+        if not (always or due) or (self._path_steps and self._path_steps[-1] == step):
+            return
+        try:
+            with preserve_state(pl_module, ()), torch.inference_mode(False):
+                probe = self._objective
+                if probe is None or probe.module is not pl_module or probe.layout != ParameterLayout.from_module(
+                    pl_module
+                ):
+                    probe = self.objective(trainer, pl_module)
+                outputs = probe.outputs(probe.theta0).reshape(1, -1).double().cpu().numpy()
+            if self._columns is None:
+                self._columns = chain_columns(outputs.shape[1], self.sampling.seed)
+            self._path_features.append(outputs[0, self._columns].astype(np.float32))
+            self._path_accuracy.append(float(probe_accuracy(outputs, probe.batches)[0]))
+            self._path_steps.append(step)
+        except Exception as err:
+            self._path_failed = True
+            message = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"lightning-landscape: EnergyLandscape could not record the training path at step {step} ({message});"
+                " the chain of all triggers goes on without it. Training is not affected.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.reporter.event("failures", {"step": step, "stage": "training path", "error": message})
 
     def _carry_minima(self, step: int) -> None:
         """A resumed run continues the checkpoint's minima database in its own folder, rolled back to the
@@ -675,37 +726,39 @@ class EnergyLandscape(LandscapeCallback):
     def _chain(
         self, trainer: pl.Trainer, step: int, excursions: Excursions, probe: Objective, scalars: dict, restarted: int
     ) -> None:
-        """Rank 0: one Markov chain of every replica of every trigger so far (read back from the run directory),
-        the transition from the initial weights' metastable set to the current weights' (TPT: pathways, rate,
-        MFPT in replica steps), the path atlas; and the chain's visits of this trigger's ends, for the next
-        trigger's restarts."""
+        """Rank 0: one Markov chain of every replica of every trigger so far (read back from the run directory) and
+        of the training path; the training path's metastable stages; the transition from the initial weights' set
+        to the current weights' (TPT: pathways, rate, MFPT in replica steps), the path atlas; and the chain's visits
+        of this trigger's ends, for the next trigger's restarts."""
         if not len(excursions.replica_ids):
             return
-        columns = self._chain_columns(excursions)
-        if self._initial_features is None:  # the initial weights' outputs (else this first trigger's start)
-            initial = getattr(self, "_initial_theta", None)
-            if columns is not None and initial is not None and initial.numel() == probe.numel:
-                outputs = probe.outputs(initial.to(probe.theta0)).reshape(-1).double().cpu().numpy()
-                self._initial_features = outputs[columns]
-            else:
-                self._initial_features = self._features(excursions, columns)[0][0]
-        folders = sorted((self.reporter.run_dir / "excursions").glob("step-*"))
-        features, losses, keys = [], [], {}
-        for folder in folders:
-            replicas = sorted(folder.glob("replica-*"))
-            stores = [TrajectoryStore.open(f) for f in replicas]
-            outputs = np.load(folder / "outputs.npy", mmap_mode="r") if columns is not None else None
-            for k, (path, store) in enumerate(zip(replicas, stores, strict=True)):
-                keys[(int(folder.name[5:]), int(path.name[8:]))] = len(features)
-                features.append(
-                    np.asarray(outputs[k][:, columns], dtype=np.float64) if outputs is not None else store.sketches
-                )
-                losses.append(store.stats["loss"])
+        if self._columns is None:
+            self._columns = chain_columns(excursions.outputs.shape[-1], self.sampling.seed)
+        if not self._path_steps:  # the path could not be recorded: this trigger's start stands for it
+            self._path_steps, self._path_accuracy = [step], [float("nan")]
+            self._path_features = [np.asarray(excursions.outputs[0][0, self._columns], dtype=np.float32)]
+        folder = self.reporter.run_dir / "excursions"
+        features, losses, accuracy, keys = [], [], [], {}
+        for trigger in sorted(folder.glob("step-*")):
+            replicas = sorted(trigger.glob("replica-*"))
+            outputs = np.load(trigger / "outputs.npy", mmap_mode="r")
+            for k, path in enumerate(replicas):
+                keys[(int(trigger.name[5:]), int(path.name[8:]))] = len(features)
+                features.append(np.asarray(outputs[k][:, self._columns], dtype=np.float64))
+                losses.append(TrajectoryStore.open(path).stats["loss"])
+                accuracy.append(probe_accuracy(np.asarray(outputs[k]), self._probe))
+        fragments = self._path_fragments(trainer)
+        first, steps = len(features), np.asarray(self._path_steps)
+        np.savez(folder / "training-path.npz", steps=steps, features=np.stack(self._path_features))
+        for piece in fragments:
+            features.append(np.stack([self._path_features[i] for i in piece]).astype(np.float64))
+            losses.append(np.full(len(piece), np.nan))  # the replicas' losses are minibatch energies; no such here
+            accuracy.append(np.asarray([self._path_accuracy[i] for i in piece]))
         chain = chain_of(
             features,
-            losses,
-            np.asarray(self._initial_features, dtype=np.float64),
-            keys[(step, 0)],
+            {"loss": losses, "accuracy": accuracy},
+            (first, 0),
+            (keys[(step, 0)], 0),
             self.msm,
             self.sampling.seed,
             step=self.msm.lag * self.sampling.record_every,
@@ -717,6 +770,10 @@ class EnergyLandscape(LandscapeCallback):
         counts = np.bincount(np.concatenate(chain.model.dtrajs))
         self._visits = [float(counts[chain.model.dtrajs[keys[key]][-1]]) for key in self._candidate_keys]
         scalars["chain_sets"] = len(chain.model.sets) or 1
+        self.chain_stages = training_stages(chain.model, chain.model.dtrajs[first:], [steps[p] for p in fragments])
+        scalars["chain_stages"] = len(self.chain_stages)
+        columns = ["set", "first_step", "last_step", "points"]
+        self.reporter.table("stages", columns, [[row[c] for c in columns] for row in self.chain_stages], step)
         if chain.connected < 0.9 and not self._warned_chain:
             self._warned_chain = True
             warnings.warn(
@@ -738,20 +795,23 @@ class EnergyLandscape(LandscapeCallback):
         self.reporter.table("pathways", ["sets", "share"], rows, step)
         self.reporter.figure("path_atlas", path_atlas_figure(summary), step)
 
-    def _chain_columns(self, excursions: Excursions) -> np.ndarray | None:
-        """The chain's features: a seeded subset of at most 2048 output coordinates (outputs on the probe set), the
-        same at every trigger; None without recorded outputs (the sketches then)."""
-        if excursions.outputs is None:
-            return None
-        width = excursions.outputs.shape[-1]
-        rng = np.random.default_rng(self.sampling.seed)
-        return np.sort(rng.choice(width, min(width, 2048), replace=False))
-
-    @staticmethod
-    def _features(excursions: Excursions, columns: np.ndarray | None) -> list[np.ndarray]:
-        if columns is None:
-            return list(excursions.sketches)
-        return [np.asarray(o[:, columns], dtype=np.float64) for o in excursions.outputs]
+    def _path_fragments(self, trainer: pl.Trainer) -> list[list[int]]:
+        """The training path's points (indices) as the chain's trajectories: runs of consecutive recordings, one
+        ``record_every`` apart (a resume or ``training_path=False`` breaks them), whose transitions count like a
+        replica's when training steps as the replicas do (plain SGD without momentum at their learning rate);
+        single points otherwise, located in the chain but not counted: a step of Adam or of momentum SGD is not a
+        replica's step, and counting it would mix two dynamics in one transition matrix."""
+        counted = False
+        if len(trainer.optimizers) == 1 and type(trainer.optimizers[0]) is torch.optim.SGD:  # the replicas' rule
+            group = trainer.optimizers[0].param_groups[0]
+            counted = not group["momentum"] and self.sampling.lr in (None, group["lr"])
+        fragments: list[list[int]] = []
+        for i, step in enumerate(self._path_steps):
+            if counted and fragments and step - self._path_steps[i - 1] == self.sampling.record_every:
+                fragments[-1].append(i)
+            else:
+                fragments.append([i])
+        return fragments
 
     @staticmethod
     def _add_minimum(db: MinimaDatabase, probe: Objective, point: Minimum, **info: Any) -> tuple[int, bool]:
@@ -891,7 +951,10 @@ class EnergyLandscape(LandscapeCallback):
             "previous_minimum": self.previous_minimum,
             "minima_dir": self.minima_dir,
             "minima_names": self.minima_names,
-            "initial_features": None if self._initial_features is None else self._initial_features.tolist(),
+            # the training path's first point, the chain's start: a resumed run keeps it (the rest is in the run dir)
+            "path_start": [self._path_steps[0], self._path_features[0].tolist(), self._path_accuracy[0]]
+            if self._path_steps
+            else None,
         }
 
     @override
@@ -902,5 +965,7 @@ class EnergyLandscape(LandscapeCallback):
         self.minima_dir = state_dict.get("minima_dir", self.minima_dir)
         self._resumed = True
         self.minima_names = state_dict.get("minima_names", self.minima_names)
-        initial = state_dict.get("initial_features")
-        self._initial_features = None if initial is None else np.asarray(initial, dtype=np.float64)
+        start = state_dict.get("path_start")
+        if start is not None:
+            self._path_steps, self._path_accuracy = [int(start[0])], [float(start[2])]
+            self._path_features = [np.asarray(start[1], dtype=np.float32)]

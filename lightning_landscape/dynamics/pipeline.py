@@ -46,6 +46,7 @@ Example (the double well ``(x^2 - 1)^2``, barrier 1: two basins at ``merge_barri
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -81,6 +82,10 @@ class SamplingConfig:
             point, the least-visited in the chain of all triggers first (:func:`restart_points`), so that the clouds
             of consecutive triggers overlap and one chain connects them; 0: every replica starts at the current
             point.
+        training_path: record the training path itself into the chain of all triggers: the outputs on the probe
+            set every ``record_every`` optimizer steps (one forward pass of the probe set on rank 0, the observer's
+            only cost between triggers). It is the chain's one trajectory that runs from the initial weights
+            through every trigger's start; False: only the initial weights are recorded.
     """
 
     replicas: int = 8
@@ -93,6 +98,7 @@ class SamplingConfig:
     sketch_dim: int = 256
     projection_seed: int = 0
     restarts: float = 0.25
+    training_path: bool = True
 
     def __post_init__(self) -> None:
         for key, example in (("replicas", 8), ("steps", 200), ("record_every", 5), ("pool_batches", 16)):
@@ -105,6 +111,8 @@ class SamplingConfig:
         check_float("sampling.restarts", self.restarts, strict=False, hint="a fraction in [0, 1), e.g. 0.25.")
         if self.restarts >= 1:
             raise ValueError(f"`sampling.restarts` must be below 1, got {self.restarts}. HINT: e.g. 0.25.")
+        if not isinstance(self.training_path, bool):
+            raise ValueError(f"`sampling.training_path` must be True or False, got {self.training_path!r}.")
 
 
 @dataclass
@@ -600,10 +608,15 @@ def transition_between(
 
 def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, Any]:
     """What a transition says at the level of metastable sets: ``source_set``, ``target_set``, ``rate_per_step``,
-    ``mfpt_steps``, ``pathways`` (state pathways summed by the sets they cross: ``{"sets", "share"}``, largest
-    first), ``set_flux`` (net reactive flux between sets), ``positions`` (each set's stationary-weighted mean
-    position on the MSM's plane), ``populations`` and ``set_losses`` (each set's mean loss), for reports and the
-    path atlas (:func:`~lightning_landscape.report.plots.path_atlas_figure`)."""
+    ``mfpt_steps``, ``set_flux`` (the net reactive flux between sets: the states' net flux summed over set
+    boundaries, which keeps flux conservation), ``pathways`` (that network decomposed into set sequences by
+    the largest bottleneck, as the state pathways are: ``{"sets", "share"}``, largest first, shares of the total
+    flux), ``positions`` (each set's stationary-weighted mean position on the MSM's plane), ``populations`` and
+    ``set_losses`` (each set's mean loss), for reports and the path atlas
+    (:func:`~lightning_landscape.report.plots.path_atlas_figure`)."""
+    from deeptime.markov.tools.flux.api import pathways
+    from scipy.sparse import csr_matrix
+
     msm = model.msm
     assignment = msm.metastable_assignment
     n_sets = int(assignment.max()) + 1
@@ -611,21 +624,26 @@ def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, 
     for i, j in zip(*np.nonzero(found.net_flux), strict=True):
         if assignment[i] != assignment[j]:
             flux[assignment[i], assignment[j]] += found.net_flux[i, j]
-    channels: dict[tuple[int, ...], float] = {}
-    for path, share in zip(found.pathways, found.shares, strict=True):
-        sets = [int(assignment[s]) for s in path]
-        key = tuple(k for n, k in enumerate(sets) if n == 0 or k != sets[n - 1])
-        channels[key] = channels.get(key, 0.0) + share
+    net = np.maximum(flux - flux.T, 0)
+    source, target = int(assignment[found.source[0]]), int(assignment[found.target[0]])
+    with warnings.catch_warnings():  # a handful of sets: the decomposition ends long before its limit
+        warnings.filterwarnings("ignore", "Maximum number of iterations", RuntimeWarning)
+        channels, capacities = pathways(csr_matrix(net), [source], [target], fraction=0.999, maxiter=100)
+    total = net[source].sum()
+    order = np.argsort(capacities)[::-1]
     centers, weights = model.plane[0], msm.stationary_distribution
     return {
         "populations": msm.metastable_populations,
         "set_losses": np.asarray([row.get("mean_loss", np.nan) for row in model.sets]),
-        "source_set": int(assignment[found.source[0]]),
-        "target_set": int(assignment[found.target[0]]),
+        "source_set": source,
+        "target_set": target,
         "rate_per_step": found.rate,
         "mfpt_steps": found.mfpt,
-        "pathways": [{"sets": list(k), "share": v} for k, v in sorted(channels.items(), key=lambda kv: -kv[1])],
-        "set_flux": np.maximum(flux - flux.T, 0),
+        "pathways": [
+            {"sets": [int(k) for k in channels[n]], "share": float(capacities[n] / total) if total > 0 else 0.0}
+            for n in order
+        ],
+        "set_flux": net,
         "positions": np.stack(
             [np.average(centers[assignment == k], 0, weights[assignment == k]) for k in range(n_sets)]
         ),
@@ -655,39 +673,69 @@ class Chain:
     transition: TransitionPaths | str
 
 
+def chain_columns(width: int, seed: int = 0, size: int = 2048) -> np.ndarray:
+    """The chain's features: a seeded subset of at most ``size`` of the ``width`` output coordinates (outputs on the
+    probe set, flattened), sorted; the same for the same ``(width, seed)``."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(width, min(width, size), replace=False))
+
+
 def chain_of(
     trajectories: list[np.ndarray],
-    losses: list[np.ndarray],
-    initial: np.ndarray,
-    current: int,
+    values: dict[str, list[np.ndarray]],
+    source: tuple[int, int],
+    current: tuple[int, int],
     config: MSMConfig,
     seed: int = 0,
     step: float = 1.0,
     dim: int | None = 5,
 ) -> Chain:
     """The chain of ``trajectories`` (features ``(n_t, d)`` of every recorded point, e.g. every replica of every
-    trigger), with the ``initial`` point (``(d,)``, e.g. of the initial weights) located in it as a one-point
-    trajectory, and the transition from its set to the set of trajectory ``current``'s first point (the current
-    weights). The features are reduced to their first ``dim`` principal components, refitted on all points at every
-    call (None: as they are).
+    trigger and the training path) with per-point ``values`` (e.g. ``{"loss": [...], "accuracy": [...]}``, one
+    array per trajectory, NaN where unknown), and the transition from the metastable set of point ``source``
+    (``(trajectory, index)``, e.g. the initial weights) to that of point ``current`` (the current weights). The
+    features are reduced to their first ``dim`` principal components, refitted on all points at every call (None:
+    as they are).
 
     Outputs on the probe set are the features to use: invariant to permutations of hidden units, and blind to the
     weights' drift along flat directions, so replicas of different triggers meet in them where their sketches do
     not (measured on the digits study: 37% of the points in the largest connected set with outputs, 5% with
     sketches)."""
-    features = [*trajectories, initial[None]]
+    features = list(trajectories)
     if dim is not None:
         stacked = np.concatenate(features)
         mean = stacked.mean(0)
         _, _, vt = np.linalg.svd(stacked - mean, full_matrices=False)
         features = [(f - mean) @ vt[:dim].T for f in features]
-    model = markov_model(features, config, {"loss": [*losses, np.full(1, np.nan)]}, seed)
+    model = markov_model(features, config, values, seed)
     points = int(sum(len(t) for t in trajectories))
     if model is None:
         return Chain(None, points, 0.0, "too few points for a chain")
-    active = np.isin(np.concatenate(model.dtrajs[:-1]), model.msm.active_set)
-    transition = transition_between(model, (len(trajectories), 0), (current, 0), step)
+    active = np.isin(np.concatenate(model.dtrajs), model.msm.active_set)
+    transition = transition_between(model, source, current, step)
     return Chain(model, points, float(active.mean()), transition)
+
+
+def training_stages(
+    model: MarkovModel, dtrajs: Sequence[np.ndarray], steps: Sequence[np.ndarray]
+) -> list[dict[str, int]]:
+    """The metastable stages of training: the training path's points (``dtrajs``, the chain's states of its pieces,
+    with their optimizer ``steps``) by the metastable set they lie in, merged into runs of one set, in order:
+    ``{"set", "first_step", "last_step", "points"}``; ``set`` -1 for points outside the largest connected set.
+    Without metastable sets (one set), a single stage 0 while the path is inside the connected set."""
+    msm = model.msm
+    index = {int(s): k for k, s in enumerate(msm.active_set)}
+    labels = np.asarray(msm.metastable_assignment) if msm.metastable_assignment is not None else None
+    stages: list[dict[str, int]] = []
+    for states, times in zip(dtrajs, steps, strict=True):
+        for state, time in zip(states, times, strict=True):
+            k = index.get(int(state))
+            label = -1 if k is None else int(labels[k]) if labels is not None else 0
+            if stages and stages[-1]["set"] == label:
+                stages[-1].update(last_step=int(time), points=stages[-1]["points"] + 1)
+            else:
+                stages.append({"set": label, "first_step": int(time), "last_step": int(time), "points": 1})
+    return stages
 
 
 __all__ = [
@@ -707,6 +755,7 @@ __all__ = [
     "as_config",
     "barrier_rows",
     "basins_of",
+    "chain_columns",
     "chain_of",
     "dips",
     "energy_resolution",
@@ -720,6 +769,7 @@ __all__ = [
     "record_path",
     "restart_points",
     "sample",
+    "training_stages",
     "transition_between",
     "transition_summary",
 ]
