@@ -241,3 +241,32 @@ def test_sgld_three_hole_flux_shares_and_populations_match_the_fine_grid(seed):
     pi = msm.stationary_distribution
     assert pi[x < 0].sum() == pytest.approx(exact["left"], rel=0.05)
     assert pi[y > 1.0].sum() == pytest.approx(exact["top"], rel=0.15)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_chain_starts_from_the_first_training_point_inside_its_connected_set(seed):
+    from lightning_landscape.dynamics.pipeline import MSMConfig, chain_of
+
+    # replicas of a known 2-state chain (stay 0.95), each state a cloud of features; the "training path" starts
+    # far from every cloud (no replica comes near: outside the connected set), then enters state 0, then 1
+    rng = np.random.default_rng(seed)
+    P = np.array([[0.95, 0.05], [0.05, 0.95]])
+    centers = np.array([[0.0, 0.0], [10.0, 0.0]])
+    replicas, states = [], []
+    for _ in range(20):
+        s = [int(rng.integers(2))]
+        for _ in range(199):
+            s.append(int(rng.choice(2, p=P[s[-1]])))
+        replicas.append(centers[s] + 0.1 * rng.standard_normal((200, 2)))
+        states.append(np.asarray(s))
+    path = [np.array([[100.0, 100.0]]), centers[[0]] + 0.05, centers[[1]] + 0.05]  # located, one point each
+    trajectories = replicas + path
+    values = {"loss": [np.zeros(len(t)) for t in trajectories]}
+    sources = [(20, 0), (21, 0), (22, 0)]
+    chain = chain_of(trajectories, values, sources, (22, 0), MSMConfig(n_clusters=6), seed=seed)
+    assert chain.source == (21, 0)  # the initial point is outside; the first stage inside is state 0's set
+    assert chain.points == 20 * 200 + 3 and chain.connected == pytest.approx((chain.points - 1) / chain.points)
+    # from the set of state 0 to that of state 1: the mean hitting time of the sampled 2-state chain, 1 / (its
+    # observed 0 -> 1 jump frequency), about 1 / 0.05 lags
+    jumps = sum(((t[:-1] == 0) & (t[1:] == 1)).sum() for t in states) / sum((t[:-1] == 0).sum() for t in states)
+    assert chain.transition.mfpt == pytest.approx(1 / jumps, rel=0.05)

@@ -727,9 +727,10 @@ class EnergyLandscape(LandscapeCallback):
         self, trainer: pl.Trainer, step: int, excursions: Excursions, probe: Objective, scalars: dict, restarted: int
     ) -> None:
         """Rank 0: one Markov chain of every replica of every trigger so far (read back from the run directory) and
-        of the training path; the training path's metastable stages; the transition from the initial weights' set
-        to the current weights' (TPT: pathways, rate, MFPT in replica steps), the path atlas; and the chain's visits
-        of this trigger's ends, for the next trigger's restarts."""
+        of the training path; the training path's metastable stages; the transition to the current weights' set
+        from the initial weights' (or, when they lie outside the connected set, from the first set the path enters:
+        ``chain_transition["source_step"]``), by TPT: pathways, rate, MFPT in replica steps; the path atlas; and the
+        chain's visits of this trigger's ends, for the next trigger's restarts."""
         if not len(excursions.replica_ids):
             return
         if self._columns is None:
@@ -757,7 +758,7 @@ class EnergyLandscape(LandscapeCallback):
         chain = chain_of(
             features,
             {"loss": losses, "accuracy": accuracy},
-            (first, 0),
+            [(first + f, i) for f, piece in enumerate(fragments) for i in range(len(piece))],
             (keys[(step, 0)], 0),
             self.msm,
             self.sampling.seed,
@@ -790,6 +791,7 @@ class EnergyLandscape(LandscapeCallback):
             return
         summary = transition_summary(chain.model, chain.transition)
         self.chain_transition = {k: summary[k] for k in ("source_set", "target_set", "mfpt_steps", "pathways")}
+        self.chain_transition["source_step"] = int(steps[fragments[chain.source[0] - first][chain.source[1]]])
         scalars.update(chain_mfpt=summary["mfpt_steps"], chain_rate=summary["rate_per_step"])
         rows = [[" -> ".join(map(str, p["sets"])), p["share"]] for p in summary["pathways"]]
         self.reporter.table("pathways", ["sets", "share"], rows, step)
