@@ -55,7 +55,9 @@ from lightning_landscape.dynamics.pipeline import (
     barrier_rows,
     basins_of,
     join_basins,
+    chain_of,
     markov_model,
+    training_stages,
     transition_between,
     transition_summary,
 )
@@ -187,6 +189,7 @@ def analyze(
 
     msm_config = MSMConfig(lag=lag, n_clusters=n_clusters, max_metastable=max_metastable)
     stage("markov state model", _msm_stage, stores, msm_config, seed, out, summary, arrays)
+    stage("chain", _chain_stage, runs, msm_config, seed, out, summary)
     if databases:
         paths = PathConfig(images=path_images, steps=path_steps, step_size=path_lr, max_paths=max_paths)
         options = (dedup_tol, config, paths, merge_barrier)
@@ -257,6 +260,68 @@ def _transition(fitted, k: int, step: float, points, out: Path, arrays: dict) ->
     path_atlas_figure(summary, points).savefig(out / "path_atlas.png")
     arrays.update(forward_committor=found.forward_committor, net_flux=found.net_flux, set_flux=summary["set_flux"])
     return {key: summary[key] for key in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")}
+
+
+def _chain_stage(runs: list[Path], msm_config: MSMConfig, seed: int, out: Path, summary: dict) -> None:
+    """One chain of every run's EnergyLandscape replicas and training paths on their outputs on the probe set (the
+    callback's chain features, so runs of different seeds meet where their weights never do), for the largest group
+    of runs with one probe set and the same output coordinates: the fraction of points in its largest connected
+    set, each run's metastable stages of training, and the transition of the first run's path (from the first set
+    it enters to its last point's; rate and MFPT in replica steps): ``summary["chain"]``, ``chain_path_atlas.png``."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        for saved in sorted(run.rglob("excursions/training-path.npz")):
+            if saved.resolve().is_relative_to(out.resolve()):
+                continue
+            data = np.load(saved)
+            columns = data["columns"]
+            record: dict[str, Any] = {"run": str(run), "replicas": [], "losses": [], "accuracy": []}
+            for trigger in sorted(saved.parent.glob("step-*")):
+                outputs = np.load(trigger / "outputs.npy", mmap_mode="r")
+                for k, replica in enumerate(sorted(trigger.glob("replica-*"))):
+                    store = TrajectoryStore.open(replica)
+                    record["replicas"].append(np.asarray(outputs[k][:, columns], dtype=np.float64))
+                    record["losses"].append(store.stats["loss"])
+                    record["every"] = int(store.meta.get("record_every", 1))
+            fragment = data["fragment"]
+            record["pieces"] = [np.flatnonzero(fragment == f) for f in np.unique(fragment)]
+            record["path"], record["steps"] = data["features"].astype(np.float64), data["steps"]
+            groups[(tuple(data["probe"].tolist()), columns.tobytes())].append(record)
+    if not groups:
+        return
+    group = max(groups.values(), key=lambda g: sum(len(r["replicas"]) for r in g))
+    features, losses, first = [], [], []
+    for record in group:
+        features += record["replicas"]
+        losses += record["losses"]
+    for record in group:
+        first.append(len(features))
+        features += [record["path"][piece] for piece in record["pieces"]]
+        losses += [np.full(len(piece), np.nan) for piece in record["pieces"]]
+    head = group[0]
+    path = [(first[0] + f, i) for f, piece in enumerate(head["pieces"]) for i in range(len(piece))]
+    step = msm_config.lag * head.get("every", 1)  # replica steps per lag
+    chain = chain_of(features, {"loss": losses}, path, path, msm_config, seed, step=step)
+    result: dict[str, Any] = {"runs": [r["run"] for r in group], "points": chain.points, "connected": chain.connected}
+    summary["chain"] = result
+    if chain.model is None:
+        result["transition"] = {"none": str(chain.transition)}
+        return
+    result["sets"] = len(chain.model.sets) or 1
+    result["stages"] = {
+        record["run"]: training_stages(
+            chain.model,
+            chain.model.dtrajs[start : start + len(record["pieces"])],
+            [record["steps"][piece] for piece in record["pieces"]],
+        )
+        for record, start in zip(group, first, strict=True)
+    }
+    if isinstance(chain.transition, str):
+        result["transition"] = {"none": chain.transition}
+        return
+    found = transition_summary(chain.model, chain.transition)
+    path_atlas_figure(found).savefig(out / "chain_path_atlas.png")
+    result["transition"] = {k: found[k] for k in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")}
 
 
 def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, options: tuple) -> None:

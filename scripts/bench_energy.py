@@ -14,7 +14,8 @@ epoch) trained as ``configs/energy.yaml`` trains it (weight decay 5e-4, the ener
   * basin sampling alone, 16 SGD replicas of 200 steps from the trained point on the trigger's pool of 8 batches:
     the replicas stepped one at a time (``batching="loop"``, the previous implementation) against all together in
     one vmapped call (``"auto"``, which picks vmap here), side by side, in replica-steps per second, and whether
-    every replica is bit-identical both ways.
+    every replica is bit-identical both ways;
+  * the training path's recording between triggers (probe outputs every 5 steps): the epoch against one without.
 
 Usage: python scripts/bench_energy.py [--epochs 3]
 """
@@ -131,6 +132,37 @@ def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int 
     print(f"  every replica bit-identical in all three: {bool(same)}")
 
 
+def path_overhead(root: str, epochs: int) -> None:
+    """What recording the training path costs between triggers: the median epoch with EnergyLandscape (no trigger
+    in the run) recording the path every 5 steps (the default) against not recording it and against no callback,
+    for the default probe set (256) and energy.yaml's (2048), each configuration twice, interleaved."""
+    print("\ntraining path (probe outputs every sampling.record_every=5 steps), median epoch of 32 steps:")
+    runs: dict[str, list[float]] = {}
+    for _ in range(2):
+        for label, probe, path in (
+            ("no callback", 0, False),
+            *[(f"probe {n}, path {p}", n, p) for n in (256, 2048) for p in (False, True)],
+        ):
+            timer = EpochTimer()
+            callbacks: list = [timer]
+            if probe:
+                callbacks.append(
+                    EnergyLandscape(
+                        every_n_epochs=10**6,
+                        at_fit_end=False,
+                        progress=False,
+                        probe_size=probe,
+                        sampling={"training_path": path},
+                    )
+                )
+            fit_quickstart(callbacks, epochs, root, weight_decay=WEIGHT_DECAY)
+            runs.setdefault(label, []).append(statistics.median(timer.seconds))
+    base = statistics.median(runs["no callback"])
+    for label, seconds in runs.items():
+        value = statistics.median(seconds)
+        print(f"  {label:>22}: {value:.3f} s ({value / base:.2f}x the plain epoch)")
+
+
 def worker(out: str, devices: int, epochs: int) -> None:
     result = trigger(8, epochs, str(Path(out).parent / f"ddp-{devices}"), devices)
     if result["rank0"]:
@@ -146,6 +178,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--replicas-only", action="store_true", help="only the basin-sampling comparison")
+    parser.add_argument("--path-only", action="store_true", help="only the training path's cost")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.epochs)
@@ -153,6 +186,9 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="bench-energy-")
     if args.replicas_only:
         replica_speed(root)
+        return
+    if args.path_only:
+        path_overhead(root, args.epochs)
         return
     timer = EpochTimer()
     fit_quickstart([timer], args.epochs, root, weight_decay=WEIGHT_DECAY)
@@ -175,6 +211,7 @@ def main() -> None:
                 f" ({t['path_grads']} gradients)"
             )
     replica_speed(root)
+    path_overhead(root, args.epochs)
     print("\n1 vs 2 processes (DDP gloo, 1 thread per process, 8 replicas, global batch 64):")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     for devices in (1, 2):

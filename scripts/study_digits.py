@@ -4,8 +4,9 @@ Each seed trains the digits classifier of ``configs/digits.yaml`` (MLP 64-64-10,
 10 epochs) with TrajectoryRecorder and EnergyLandscape (a trigger every 2 epochs, 8 replicas); then
 ``lightning-landscape analyze`` takes the 4 runs together (with the config, so paths join the seeds' minima).
 Prints, per seed: the wall time against a plain fit, the validation accuracy, the chain of all triggers at the end
-(points, connected fraction, metastable sets, the transition from the initial weights' set to the final one's:
-MFPT in replica steps and the dominant pathway), basins and the slowest timescale; and for the 4 runs together:
+(points, connected fraction, metastable sets, the training path's metastable stages, the transition to the final
+set from the first one training enters: MFPT in replica steps and the dominant pathway), basins and the slowest
+timescale; and for the 4 runs together:
 the MSM's metastable sets and the training path's transition, basins, minima, and the barriers between the seeds'
 basins. Copies the analysis' path atlas to ``docs/digits-path-atlas.png``.
 
@@ -83,11 +84,13 @@ def main() -> None:
         accuracy = float(
             trainer.validate(trainer.lightning_module, datamodule=trainer.datamodule, verbose=False)[0]["val/acc"]
         )
-        tables = sorted(energy.reporter.run_dir.glob("pathways-step*.csv"))
-        pathway = energy.chain_transition.get("none", "-")
-        if tables and "none" not in energy.chain_transition:
-            rows = list(csv.reader(tables[-1].open()))[1:]
-            pathway = f"{rows[0][0]} ({100 * float(rows[0][1]):.0f}%)" if rows else "-"
+        found = energy.chain_transition
+        pathway = found.get("none", "-")
+        if found.get("pathways"):
+            top = found["pathways"][0]
+            sets = " -> ".join(map(str, top["sets"]))
+            pathway = f"steps {found['source_step']} to {found['target_step']}: {sets} ({100 * top['share']:.0f}%)"
+        stages = " ".join(f"{s['set']}@{s['first_step']}" for s in energy.chain_stages)  # set@first step
         mfpt = last.get("chain_mfpt")
         mfpt = "-" if mfpt is None else f"{mfpt:.0f}"
         slowest = last.get("slowest_timescale")
@@ -97,13 +100,14 @@ def main() -> None:
             f" {last.get('chain_connected', float('nan')):>5.2f} {last.get('chain_sets', 1):>4} {mfpt:>20}"
             f" {last['n_basins']:>6} {slowest:>15}  {pathway}"
         )
+        print(f"     training stages (metastable set @ first step, -1: outside the connected set): {stages}")
     start = time.perf_counter()
     summary = analyze(
         [out / f"seed-{s}" for s in range(args.seeds)], out / "analysis", config=ROOT / "configs" / "digits.yaml"
     )
     print(f"\nanalyze of the {args.seeds} runs together: {time.perf_counter() - start:.1f} s")
     keys = ("trajectories", "points", "active_points", "metastable_states", "slowest_timescale", "minima", "basins")
-    keys += ("merge_barrier", "known_saddles", "paths_computed", "linear_joins", "transition", "errors")
+    keys += ("merge_barrier", "known_saddles", "paths_computed", "linear_joins", "transition", "chain", "errors")
     print(json.dumps({k: summary.get(k) for k in keys}, indent=1, default=str))
     rows = (
         list(csv.reader((out / "analysis" / "barriers.csv").open()))
@@ -114,7 +118,7 @@ def main() -> None:
         print("barriers between minima (i, j, saddle, barrier_ij, barrier_ji, method, converged):")
         for row in rows[1:11]:
             print("  " + ", ".join(row[:7]))
-    atlas = out / "analysis" / "path_atlas.png"
+    atlas = out / "analysis" / "chain_path_atlas.png"
     if atlas.exists():
         shutil.copy(atlas, ROOT / "docs" / "digits-path-atlas.png")
         print(f"path atlas: {ROOT / 'docs' / 'digits-path-atlas.png'}")

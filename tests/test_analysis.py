@@ -51,6 +51,12 @@ def test_analyze_merges_runs_and_finds_the_saddle_between_their_minima(two_runs)
     np.testing.assert_allclose(saved["minima_losses"], 0.0, atol=1e-8)
     assert summary["metastable_states"] >= 2 and summary["active_points"] > 0
     assert "transition" in summary  # TPT of the training paths, or why there is none
+    # one chain of both runs on the probe outputs: 4 replicas of 61 points and the training path (steps 0, 5) each;
+    # the runs' replicas meet in function space (their clouds hop between the same two wells)
+    chain = summary["chain"]
+    assert chain["points"] == 2 * (4 * 61 + 2) and chain["connected"] > 0.9 and chain["sets"] >= 2
+    assert sorted(Path(run).name for run in chain["stages"]) == ["run-0", "run-1"]
+    assert all(stages[0]["first_step"] == 0 and stages[-1]["last_step"] == 5 for stages in chain["stages"].values())
     for name in ("disconnectivity", "timescales", "paths", "free_energy"):
         assert (out / f"{name}.png").exists(), name
     runs = {line.split(",")[3] for line in (out / "minima.csv").read_text().splitlines()[1:]}

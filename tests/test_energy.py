@@ -393,6 +393,7 @@ def test_one_chain_of_all_triggers_gives_the_transition_from_the_initial_to_the_
     assert exact / 2 < last["chain_mfpt"] < 2 * exact
     assert energy.chain_transition["mfpt_steps"] == last["chain_mfpt"]
     assert energy.chain_transition["source_step"] == 0  # the initial weights lie in the left well's set
+    assert energy.chain_transition["target_step"] == 6  # the current weights in the right one's
     # the training path's stages: the left well's set at step 0, the right well's from step 5 on
     stages = [(s["set"], s["first_step"]) for s in energy.chain_stages]
     assert stages == [(energy.chain_transition["source_set"], 0), (energy.chain_transition["target_set"], 5)]

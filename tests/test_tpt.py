@@ -248,7 +248,8 @@ def test_the_chain_starts_from_the_first_training_point_inside_its_connected_set
     from lightning_landscape.dynamics.pipeline import MSMConfig, chain_of
 
     # replicas of a known 2-state chain (stay 0.95), each state a cloud of features; the "training path" starts
-    # far from every cloud (no replica comes near: outside the connected set), then enters state 0, then 1
+    # far from every cloud (no replica comes near: outside the connected set), enters state 0, then 1, and ends far
+    # again (as the current point does while the loss still falls); located, one point each
     rng = np.random.default_rng(seed)
     P = np.array([[0.95, 0.05], [0.05, 0.95]])
     centers = np.array([[0.0, 0.0], [10.0, 0.0]])
@@ -259,13 +260,14 @@ def test_the_chain_starts_from_the_first_training_point_inside_its_connected_set
             s.append(int(rng.choice(2, p=P[s[-1]])))
         replicas.append(centers[s] + 0.1 * rng.standard_normal((200, 2)))
         states.append(np.asarray(s))
-    path = [np.array([[100.0, 100.0]]), centers[[0]] + 0.05, centers[[1]] + 0.05]  # located, one point each
+    path = [np.array([[100.0, 100.0]]), centers[[0]] + 0.05, centers[[1]] + 0.05, np.array([[-100.0, 100.0]])]
     trajectories = replicas + path
     values = {"loss": [np.zeros(len(t)) for t in trajectories]}
     sources = [(20, 0), (21, 0), (22, 0)]
-    chain = chain_of(trajectories, values, sources, (22, 0), MSMConfig(n_clusters=6), seed=seed)
+    chain = chain_of(trajectories, values, sources, [*sources, (23, 0)], MSMConfig(n_clusters=7), seed=seed)
     assert chain.source == (21, 0)  # the initial point is outside; the first stage inside is state 0's set
-    assert chain.points == 20 * 200 + 3 and chain.connected == pytest.approx((chain.points - 1) / chain.points)
+    assert chain.target == (22, 0)  # the "current" point (23: far again) is outside; the last one inside
+    assert chain.points == 20 * 200 + 4 and chain.connected == pytest.approx((chain.points - 2) / chain.points)
     # from the set of state 0 to that of state 1: the mean hitting time of the sampled 2-state chain, 1 / (its
     # observed 0 -> 1 jump frequency), about 1 / 0.05 lags
     jumps = sum(((t[:-1] == 0) & (t[1:] == 1)).sum() for t in states) / sum((t[:-1] == 0).sum() for t in states)

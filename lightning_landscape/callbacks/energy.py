@@ -727,10 +727,10 @@ class EnergyLandscape(LandscapeCallback):
         self, trainer: pl.Trainer, step: int, excursions: Excursions, probe: Objective, scalars: dict, restarted: int
     ) -> None:
         """Rank 0: one Markov chain of every replica of every trigger so far (read back from the run directory) and
-        of the training path; the training path's metastable stages; the transition to the current weights' set
-        from the initial weights' (or, when they lie outside the connected set, from the first set the path enters:
-        ``chain_transition["source_step"]``), by TPT: pathways, rate, MFPT in replica steps; the path atlas; and the
-        chain's visits of this trigger's ends, for the next trigger's restarts."""
+        of the training path; the training path's metastable stages; the transition from the initial weights' set to
+        the current weights' (where they lie outside the connected set: from the first set the path entered, to the
+        last, ``chain_transition["source_step"]`` and ``["target_step"]``), by TPT: pathways, rate, MFPT in replica
+        steps; the path atlas; and the chain's visits of this trigger's ends, for the next trigger's restarts."""
         if not len(excursions.replica_ids):
             return
         if self._columns is None:
@@ -750,16 +750,25 @@ class EnergyLandscape(LandscapeCallback):
                 accuracy.append(probe_accuracy(np.asarray(outputs[k]), self._probe))
         fragments = self._path_fragments(trainer)
         first, steps = len(features), np.asarray(self._path_steps)
-        np.savez(folder / "training-path.npz", steps=steps, features=np.stack(self._path_features))
+        np.savez(
+            folder / "training-path.npz",
+            steps=steps,
+            features=np.stack(self._path_features),
+            accuracy=np.asarray(self._path_accuracy),
+            columns=self._columns,
+            fragment=np.concatenate([np.full(len(piece), k) for k, piece in enumerate(fragments)]),
+            probe=[self.probe_metadata["probe_size"], self.probe_seed],  # analyze joins runs of one probe set only
+        )
         for piece in fragments:
             features.append(np.stack([self._path_features[i] for i in piece]).astype(np.float64))
             losses.append(np.full(len(piece), np.nan))  # the replicas' losses are minibatch energies; no such here
             accuracy.append(np.asarray([self._path_accuracy[i] for i in piece]))
+        path = [(first + f, i) for f, piece in enumerate(fragments) for i in range(len(piece))]
         chain = chain_of(
             features,
             {"loss": losses, "accuracy": accuracy},
-            [(first + f, i) for f, piece in enumerate(fragments) for i in range(len(piece))],
-            (keys[(step, 0)], 0),
+            path,
+            [*path, (keys[(step, 0)], 0)],  # the current point last: the target when it is in the connected set
             self.msm,
             self.sampling.seed,
             step=self.msm.lag * self.sampling.record_every,
@@ -791,7 +800,8 @@ class EnergyLandscape(LandscapeCallback):
             return
         summary = transition_summary(chain.model, chain.transition)
         self.chain_transition = {k: summary[k] for k in ("source_set", "target_set", "mfpt_steps", "pathways")}
-        self.chain_transition["source_step"] = int(steps[fragments[chain.source[0] - first][chain.source[1]]])
+        for end, (t, i) in (("source_step", chain.source), ("target_step", chain.target)):
+            self.chain_transition[end] = int(steps[fragments[t - first][i]]) if t >= first else step
         scalars.update(chain_mfpt=summary["mfpt_steps"], chain_rate=summary["rate_per_step"])
         rows = [[" -> ".join(map(str, p["sets"])), p["share"]] for p in summary["pathways"]]
         self.reporter.table("pathways", ["sets", "share"], rows, step)

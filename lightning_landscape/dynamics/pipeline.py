@@ -665,13 +665,14 @@ def restart_points(replicas: int, fraction: float, visits: Sequence[float]) -> d
 class Chain:
     """One Markov chain of every replica recorded so far (all triggers): the fitted model (None while there are
     too few points), how many points it has and which fraction lies in its largest connected set, and the
-    transition from the source point's set to the current point's (or why there is none)."""
+    transition from the source point's set to the target point's (or why there is none)."""
 
     model: MarkovModel | None
     points: int
     connected: float
     transition: TransitionPaths | str
     source: tuple[int, int] | None = None  # the point whose set the transition starts from
+    target: tuple[int, int] | None = None  # the point whose set it ends in
 
 
 def chain_columns(width: int, seed: int = 0, size: int = 2048) -> np.ndarray:
@@ -685,7 +686,7 @@ def chain_of(
     trajectories: list[np.ndarray],
     values: dict[str, list[np.ndarray]],
     sources: Sequence[tuple[int, int]],
-    current: tuple[int, int],
+    targets: Sequence[tuple[int, int]],
     config: MSMConfig,
     seed: int = 0,
     step: float = 1.0,
@@ -693,12 +694,13 @@ def chain_of(
 ) -> Chain:
     """The chain of ``trajectories`` (features ``(n_t, d)`` of every recorded point, e.g. every replica of every
     trigger and the training path) with per-point ``values`` (e.g. ``{"loss": [...], "accuracy": [...]}``, one
-    array per trajectory, NaN where unknown), and the transition to the metastable set of point ``current`` (the
-    current weights) from that of the first of ``sources`` (``(trajectory, index)`` points, e.g. the training path
-    in order) that lies in the largest connected set. The initial weights, where SGD runs downhill and no replica
-    comes back, are often outside it: there is no metastable set there, and the transition starts from the first
-    one that training enters. The features are reduced to their first ``dim`` principal components, refitted on
-    all points at every call (None: as they are).
+    array per trajectory, NaN where unknown), and the transition from the metastable set of the first of
+    ``sources`` that lies in the largest connected set to that of the last of ``targets`` that does (both
+    ``(trajectory, index)`` points in order, e.g. the training path). The initial weights, where SGD runs downhill
+    and no replica comes back, are often outside it, and so is the current point while the loss still falls: there
+    is no metastable set there, and the transition runs from the first set that training entered to the last. The
+    features are reduced to their first ``dim`` principal components, refitted on all points at every call (None:
+    as they are).
 
     Outputs on the probe set are the features to use: invariant to permutations of hidden units, and blind to the
     weights' drift along flat directions, so replicas of different triggers meet in them where their sketches do
@@ -715,11 +717,15 @@ def chain_of(
     if model is None:
         return Chain(None, points, 0.0, "too few points for a chain")
     active = np.isin(np.concatenate(model.dtrajs), model.msm.active_set)
-    inside = (p for p in sources if np.isin(model.dtrajs[p[0]][p[1]], model.msm.active_set))
-    source = next(inside, sources[0] if len(sources) else None)
-    if source is None:
-        return Chain(model, points, float(active.mean()), "no source point")
-    return Chain(model, points, float(active.mean()), transition_between(model, source, current, step), source)
+    def first_inside(candidates: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+        inside = (p for p in candidates if np.isin(model.dtrajs[p[0]][p[1]], model.msm.active_set))
+        return next(inside, candidates[0] if len(candidates) else None)
+
+    source, target = first_inside(sources), first_inside(list(targets)[::-1])
+    if source is None or target is None:
+        return Chain(model, points, float(active.mean()), "no source or target point")
+    transition = transition_between(model, source, target, step)
+    return Chain(model, points, float(active.mean()), transition, source, target)
 
 
 def training_stages(
