@@ -603,7 +603,9 @@ def transition_between(
         source, target = (np.flatnonzero(msm.metastable_assignment == k) for k in (start, end))
     else:
         source, target = (np.flatnonzero(members[:, k] >= min(core, members[:, k].max())) for k in (start, end))
-    return transition_paths(msm.transition_matrix, source, target, msm.stationary_distribution, step=step)
+    found = transition_paths(msm.transition_matrix, source, target, msm.stationary_distribution, step=step)
+    found.sets = (start, end)  # a core taken as the most certain state may be assigned to another set
+    return found
 
 
 def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, Any]:
@@ -625,7 +627,7 @@ def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, 
         if assignment[i] != assignment[j]:
             flux[assignment[i], assignment[j]] += found.net_flux[i, j]
     net = np.maximum(flux - flux.T, 0)
-    source, target = int(assignment[found.source[0]]), int(assignment[found.target[0]])
+    source, target = found.sets or (int(assignment[found.source[0]]), int(assignment[found.target[0]]))
     with warnings.catch_warnings():  # a handful of sets: the decomposition ends long before its limit
         warnings.filterwarnings("ignore", "Maximum number of iterations", RuntimeWarning)
         channels, capacities = pathways(csr_matrix(net), [source], [target], fraction=0.999, maxiter=100)

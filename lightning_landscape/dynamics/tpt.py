@@ -46,6 +46,7 @@ class TransitionPaths:
     mfpt: float  # 1 / k_AB, in steps
     pathways: list[list[int]]  # A -> B state sequences, largest flux first
     shares: list[float]  # each pathway's share of the total flux
+    sets: tuple[int, int] | None = None  # the metastable sets whose cores are source and target, when known
 
 
 def transition_paths(
