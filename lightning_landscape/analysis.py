@@ -54,8 +54,8 @@ from lightning_landscape.dynamics.pipeline import (
     PathConfig,
     barrier_rows,
     basins_of,
-    join_basins,
     chain_of,
+    join_basins,
     markov_model,
     training_stages,
     transition_between,
@@ -321,7 +321,9 @@ def _chain_stage(runs: list[Path], msm_config: MSMConfig, seed: int, out: Path, 
         return
     found = transition_summary(chain.model, chain.transition)
     path_atlas_figure(found).savefig(out / "chain_path_atlas.png")
-    result["transition"] = {k: found[k] for k in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")}
+    result["transition"] = {
+        k: found[k] for k in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")
+    }
 
 
 def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, options: tuple) -> None:

@@ -322,8 +322,10 @@ class EnergyLandscape(LandscapeCallback):
         try:
             with preserve_state(pl_module, ()), torch.inference_mode(False):
                 probe = self._objective
-                if probe is None or probe.module is not pl_module or probe.layout != ParameterLayout.from_module(
-                    pl_module
+                if (
+                    probe is None
+                    or probe.module is not pl_module
+                    or probe.layout != ParameterLayout.from_module(pl_module)
                 ):
                     probe = self.objective(trainer, pl_module)
                 outputs = probe.outputs(probe.theta0).reshape(1, -1).double().cpu().numpy()

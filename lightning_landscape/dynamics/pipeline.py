@@ -719,6 +719,7 @@ def chain_of(
     if model is None:
         return Chain(None, points, 0.0, "too few points for a chain")
     active = np.isin(np.concatenate(model.dtrajs), model.msm.active_set)
+
     def first_inside(candidates: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         inside = (p for p in candidates if np.isin(model.dtrajs[p[0]][p[1]], model.msm.active_set))
         return next(inside, candidates[0] if len(candidates) else None)
