@@ -273,20 +273,12 @@ def _chain_stage(runs: list[Path], msm_config: MSMConfig, seed: int, out: Path, 
         for saved in sorted(run.rglob("excursions/training-path.npz")):
             if saved.resolve().is_relative_to(out.resolve()):
                 continue
-            data = np.load(saved)
-            columns = data["columns"]
-            record: dict[str, Any] = {"run": str(run), "replicas": [], "losses": [], "accuracy": []}
-            for trigger in sorted(saved.parent.glob("step-*")):
-                outputs = np.load(trigger / "outputs.npy", mmap_mode="r")
-                for k, replica in enumerate(sorted(trigger.glob("replica-*"))):
-                    store = TrajectoryStore.open(replica)
-                    record["replicas"].append(np.asarray(outputs[k][:, columns], dtype=np.float64))
-                    record["losses"].append(store.stats["loss"])
-                    record["every"] = int(store.meta.get("record_every", 1))
-            fragment = data["fragment"]
-            record["pieces"] = [np.flatnonzero(fragment == f) for f in np.unique(fragment)]
-            record["path"], record["steps"] = data["features"].astype(np.float64), data["steps"]
-            groups[(tuple(data["probe"].tolist()), columns.tobytes())].append(record)
+            try:
+                record = _chain_record(run, saved, summary)
+            except (OSError, ValueError, KeyError) as err:  # an unreadable path or outputs file: this run is left out
+                summary["skipped"].append({"path": str(saved), "reason": f"{type(err).__name__}: {err}"})
+                continue
+            groups[record.pop("key")].append(record)
     if not groups:
         return
     group = max(groups.values(), key=lambda g: sum(len(r["replicas"]) for r in g))
@@ -300,7 +292,7 @@ def _chain_stage(runs: list[Path], msm_config: MSMConfig, seed: int, out: Path, 
         losses += [np.full(len(piece), np.nan) for piece in record["pieces"]]
     head = group[0]
     path = [(first[0] + f, i) for f, piece in enumerate(head["pieces"]) for i in range(len(piece))]
-    step = msm_config.lag * head.get("every", 1)  # replica steps per lag
+    step = msm_config.lag * head["every"]  # replica steps per lag
     chain = chain_of(features, {"loss": losses}, path, path, msm_config, seed, step=step)
     result: dict[str, Any] = {"runs": [r["run"] for r in group], "points": chain.points, "connected": chain.connected}
     summary["chain"] = result
@@ -324,6 +316,38 @@ def _chain_stage(runs: list[Path], msm_config: MSMConfig, seed: int, out: Path, 
     result["transition"] = {
         k: found[k] for k in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")
     }
+
+
+def _chain_record(run: Path, saved: Path, summary: dict) -> dict[str, Any]:
+    """One run's saved training path (its pieces, features, steps) and replicas (outputs at the chain's coordinates,
+    losses) from the excursions beside it, with the key of runs that can share a chain (probe set, coordinates); a
+    replica whose store cannot be read keeps its outputs, with NaN losses, and is listed as skipped."""
+    data = np.load(saved)
+    columns, fragment = data["columns"], data["fragment"]
+    record: dict[str, Any] = {
+        "run": str(run),
+        "key": (tuple(data["probe"].tolist()), columns.tobytes()),
+        "pieces": [np.flatnonzero(fragment == f) for f in np.unique(fragment)],
+        "path": data["features"].astype(np.float64),
+        "steps": data["steps"],
+        "replicas": [],
+        "losses": [],
+        "every": 1,
+    }
+    listed = {entry["path"] for entry in summary["skipped"]}
+    for trigger in sorted(saved.parent.glob("step-*")):
+        outputs = np.load(trigger / "outputs.npy", mmap_mode="r")
+        for k, replica in enumerate(sorted(trigger.glob("replica-*"))):
+            record["replicas"].append(np.asarray(outputs[k][:, columns], dtype=np.float64))
+            try:
+                store = TrajectoryStore.open(replica)
+                record["losses"].append(store.stats["loss"])
+                record["every"] = int(store.meta.get("record_every", 1))
+            except (OSError, ValueError) as err:
+                record["losses"].append(np.full(len(record["replicas"][-1]), np.nan))
+                if not any(str(replica) in path for path in listed):
+                    summary["skipped"].append({"path": str(replica), "reason": str(err)})
+    return record
 
 
 def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, options: tuple) -> None:

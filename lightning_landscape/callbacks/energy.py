@@ -336,14 +336,24 @@ class EnergyLandscape(LandscapeCallback):
             self._path_steps.append(step)
         except Exception as err:
             self._path_failed = True
-            message = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"lightning-landscape: EnergyLandscape could not record the training path at step {step} ({message});"
-                " the chain of all triggers goes on without it. Training is not affected.",
-                RuntimeWarning,
-                stacklevel=2,
+            self._part_failed(
+                step,
+                "training path",
+                "record the training path",
+                err,
+                "the chain of all triggers goes on without it. Training is not affected.",
             )
-            self.reporter.event("failures", {"step": step, "stage": "training path", "error": message})
+
+    def _part_failed(self, step: int, stage: str, action: str, err: BaseException, standing: str) -> None:
+        """A part of the analysis failed and the rest stands: warn (what still stands, what to do) and record it in
+        the run's ``failures`` events under ``stage``."""
+        message = f"{type(err).__name__}: {err}"
+        warnings.warn(
+            f"lightning-landscape: EnergyLandscape could not {action} at step {step} ({message}); {standing}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.reporter.event("failures", {"step": step, "stage": stage, "error": message})
 
     def _carry_minima(self, step: int) -> None:
         """A resumed run continues the checkpoint's minima database in its own folder, rolled back to the
@@ -593,26 +603,20 @@ class EnergyLandscape(LandscapeCallback):
         try:
             msm = self._markov_state_model(excursions, scalars)
         except Exception as err:  # too little or disconnected data: the rest of the trigger still stands
-            message = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"lightning-landscape: EnergyLandscape could not fit the Markov state model at step {step} ({message});"
-                " minima, basins and graph are still reported. HINT: raise `sampling.replicas` or `sampling.steps`.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.reporter.event("failures", {"step": step, "stage": "markov state model", "error": message})
             msm = None
+            self._part_failed(
+                step,
+                "markov state model",
+                "fit the Markov state model",
+                err,
+                "minima, basins and graph are still reported. HINT: raise `sampling.replicas` or `sampling.steps`.",
+            )
         try:
             self._chain(trainer, step, excursions, probe, scalars, len(restarts))
         except Exception as err:  # the chain is a view over all triggers: this trigger still stands
-            message = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                f"lightning-landscape: EnergyLandscape could not fit the chain of all triggers at step {step}"
-                f" ({message}); this trigger's results are still reported.",
-                RuntimeWarning,
-                stacklevel=2,
+            self._part_failed(
+                step, "chain", "fit the chain of all triggers", err, "this trigger's results are still reported."
             )
-            self.reporter.event("failures", {"step": step, "stage": "chain", "error": message})
         self.advance("Markov state model")
         tree = None
         if basins.n_basins > 1:
