@@ -48,6 +48,7 @@ from lightning_landscape.dynamics import (
     disconnectivity_figure,
     disconnectivity_tree,
 )
+from lightning_landscape.dynamics.excursions import saved_replicas
 from lightning_landscape.dynamics.pipeline import (
     BARRIER_COLUMNS,
     MSMConfig,
@@ -335,18 +336,16 @@ def _chain_record(run: Path, saved: Path, summary: dict) -> dict[str, Any]:
         "every": 1,
     }
     listed = {entry["path"] for entry in summary["skipped"]}
-    for trigger in sorted(saved.parent.glob("step-*")):
-        outputs = np.load(trigger / "outputs.npy", mmap_mode="r")
-        for k, replica in enumerate(sorted(trigger.glob("replica-*"))):
-            record["replicas"].append(np.asarray(outputs[k][:, columns], dtype=np.float64))
-            try:
-                store = TrajectoryStore.open(replica)
-                record["losses"].append(store.stats["loss"])
-                record["every"] = int(store.meta.get("record_every", 1))
-            except (OSError, ValueError) as err:
-                record["losses"].append(np.full(len(record["replicas"][-1]), np.nan))
-                if not any(str(replica) in path for path in listed):
-                    summary["skipped"].append({"path": str(replica), "reason": str(err)})
+    for _, _, outputs, replica in saved_replicas(saved.parent):
+        record["replicas"].append(np.asarray(outputs[:, columns], dtype=np.float64))
+        try:
+            store = TrajectoryStore.open(replica)
+            record["losses"].append(store.stats["loss"])
+            record["every"] = int(store.meta.get("record_every", 1))
+        except (OSError, ValueError) as err:
+            record["losses"].append(np.full(len(record["replicas"][-1]), np.nan))
+            if not any(str(replica) in path for path in listed):
+                summary["skipped"].append({"path": str(replica), "reason": str(err)})
     return record
 
 

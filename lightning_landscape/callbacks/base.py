@@ -314,13 +314,19 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             )
         return [trainer.strategy.batch_to_device(loader.collate_fn([dataset[i] for i in chunks[j]])) for j in mine]
 
+    def _stale(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the objective must be (re)built: none yet, another module, or other trainable parameters."""
+        objective = self._objective
+        return (
+            objective is None
+            or objective.module is not pl_module
+            or objective.layout != ParameterLayout.from_module(pl_module)
+        )
+
     def objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Objective:
         """The :class:`Objective` of ``pl_module`` on this rank's probe batches (built once, and again when the set of
         trainable parameters changes, e.g. layers unfrozen by ``BaseFinetuning``)."""
-        stale = self._objective is None or self._objective.module is not pl_module
-        if not stale and self._objective.layout != ParameterLayout.from_module(pl_module):
-            stale = True
-        if stale:
+        if self._stale(pl_module):
             self._objective = Objective(
                 pl_module,
                 self.probe_set(trainer),

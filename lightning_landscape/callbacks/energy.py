@@ -64,6 +64,7 @@ from lightning_landscape.dynamics import (
     disconnectivity_figure,
     disconnectivity_tree,
 )
+from lightning_landscape.dynamics.excursions import saved_replicas
 from lightning_landscape.dynamics.pipeline import (
     BARRIER_COLUMNS,
     BasinConfig,
@@ -321,13 +322,7 @@ class EnergyLandscape(LandscapeCallback):
             return
         try:
             with preserve_state(pl_module, ()), torch.inference_mode(False):
-                probe = self._objective
-                if (
-                    probe is None
-                    or probe.module is not pl_module
-                    or probe.layout != ParameterLayout.from_module(pl_module)
-                ):
-                    probe = self.objective(trainer, pl_module)
+                probe = self.objective(trainer, pl_module) if self._stale(pl_module) else self._objective
                 outputs = probe.outputs(probe.theta0).reshape(1, -1).double().cpu().numpy()
             if self._columns is None:
                 self._columns = chain_columns(outputs.shape[1], self.sampling.seed)
@@ -746,14 +741,12 @@ class EnergyLandscape(LandscapeCallback):
             self._path_features = [np.asarray(excursions.outputs[0][0, self._columns], dtype=np.float32)]
         folder = self.reporter.run_dir / "excursions"
         features, losses, accuracy, keys = [], [], [], {}
-        for trigger in sorted(folder.glob("step-*")):
-            replicas = sorted(trigger.glob("replica-*"))
-            outputs = np.load(trigger / "outputs.npy", mmap_mode="r")
-            for k, path in enumerate(replicas):
-                keys[(int(trigger.name[5:]), int(path.name[8:]))] = len(features)
-                features.append(np.asarray(outputs[k][:, self._columns], dtype=np.float64))
-                losses.append(TrajectoryStore.open(path).stats["loss"])
-                accuracy.append(probe_accuracy(np.asarray(outputs[k]), self._probe))
+        for trigger, replica, outputs, path in saved_replicas(folder):
+            keys[(trigger, replica)] = len(features)
+            outputs = np.asarray(outputs)
+            features.append(outputs[:, self._columns].astype(np.float64))
+            losses.append(TrajectoryStore.open(path).stats["loss"])
+            accuracy.append(probe_accuracy(outputs, self._probe))
         fragments = self._path_fragments(trainer)
         first, steps = len(features), np.asarray(self._path_steps)
         np.savez(

@@ -36,7 +36,7 @@ Example (a 1-D double well: SGLD started in the well at ``x = -1`` also visits t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +99,16 @@ class Excursions:
         if self.outputs is not None:
             np.save(folder / "outputs.npy", self.outputs)
         return paths
+
+
+def saved_replicas(folder: str | Path) -> Iterator[tuple[int, int, np.ndarray, Path]]:
+    """Every replica that :meth:`Excursions.save` wrote under ``folder`` (``<folder>/step-<n>/`` per trigger), in
+    order of trigger and replica: ``(trigger step, replica id, its probe outputs (n, D), read lazily from the
+    trigger's ``outputs.npy``, its trajectory store's path)``."""
+    for trigger in sorted(Path(folder).glob("step-*")):
+        outputs = np.load(trigger / "outputs.npy", mmap_mode="r")
+        for k, replica in enumerate(sorted(trigger.glob("replica-*"))):
+            yield int(trigger.name[5:]), int(replica.name[8:]), outputs[k], replica
 
 
 def _stack_outputs(outputs: list[np.ndarray], probe: Any, theta: Tensor, n: int) -> np.ndarray | None:
