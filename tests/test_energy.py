@@ -280,13 +280,19 @@ def test_two_ranks_sample_the_single_process_replicas_minima_and_paths(tmp_path)
     np.testing.assert_allclose(ddp["minima"], single["minima"], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ddp["saddles"], single["saddles"], rtol=1e-4)
     assert ddp["history"]["replicas_run"] == single["history"]["replicas_run"] == 4
-    # a second trigger after the first step: its chain holds both triggers, a restarted replica on either rank
-    # (the last, on rank 1 under DDP) starts where a replica of the first trigger ended, on every rank count alike
-    for run in (run_script("energy", tmp_path, 1, "chain"), run_script("energy", tmp_path, 2, "chain")):
+    # a second trigger after the first step: its chain holds both triggers; its restarted replica (the last, on rank 1
+    # under DDP) starts at its origin, a replica's end of the first trigger or the recorder's snapshot of the initial
+    # weights (where the first trigger started), chosen and broadcast alike on 1 and 2 ranks
+    runs = [run_script("energy", tmp_path, 1, "chain"), run_script("energy", tmp_path, 2, "chain")]
+    for run in runs:
         # 2 triggers of 4 replicas of 6 points, and the training path's one point so far (the initial weights)
         assert run["chain"]["chain_restarts"] == 1 and run["chain"]["chain_points"] == 8 * 6 + 1
-        ends = [np.asarray(s[-1]) for s in run["sketches"][:4]]
-        assert any(np.array_equal(np.asarray(run["sketches"][7][0]), end) for end in ends)
+        [(replica, step, origin)] = run["restarted_from"]
+        assert (replica, step) == (3, 0)
+        expected = run["sketches"][origin][-1] if origin >= 0 else run["sketches"][0][0]
+        np.testing.assert_allclose(run["sketches"][7][0], expected, rtol=1e-6)
+    assert runs[0]["restarted_from"] == runs[1]["restarted_from"]
+    np.testing.assert_allclose(runs[1]["sketches"][7], runs[0]["sketches"][7], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_settings_are_rejected_naming_the_stage_and_field():
@@ -401,6 +407,28 @@ def test_one_chain_of_all_triggers_gives_the_transition_from_the_initial_to_the_
     assert (energy.reporter.run_dir / "path_atlas-step0000006.png").exists()
     rows = (energy.reporter.run_dir / "pathways-step0000006.csv").read_text().splitlines()
     assert rows[0] == "sets,share" and float(rows[1].split(",")[1]) > 0.9  # one channel, over the barrier
+
+
+def test_replicas_restart_from_the_recorders_snapshots_least_visited_first(tmp_path):
+    from lightning_landscape import TrajectoryRecorder
+
+    sampling = SamplingConfig(replicas=8, steps=200, lr=0.01, temperature=0.25, record_every=5, restarts=0.25)
+    energy = well_energy(every_n_steps=2, at_fit_end=False, sampling=sampling, paths={"max_paths": 0}, msm={"lag": 4})
+    recorder = TrajectoryRecorder(sketch_dim=2, snapshot_every_n_steps=2)
+    train([recorder, energy], tmp_path, model=JumpingWell(), max_steps=4)
+    assert energy.failures == 0 and len(energy.history) == 2
+    first, second = energy.history
+    # the first trigger (step 2) has no earlier ends; the one snapshot before it is the initial weights (step 0)
+    assert first["restarted_from"] == [[7, 0, -1]] and first["chain_restarts_snapshots"] == 1
+    outputs = np.load(energy.reporter.run_dir / "excursions" / "step-000000002" / "outputs.npy")
+    np.testing.assert_allclose(outputs[7, 0, :2], [-1.7, 0.0], rtol=1e-6)  # outputs are the weights themselves
+    np.testing.assert_allclose(outputs[0, 0, :2], recorder.store.snapshot(2)[:2], rtol=1e-6)  # the rest at x0
+    # the second (step 4): candidates are the 8 ends and the snapshots at steps 0 and 2; the initial weights, on the
+    # left well's wall where training passed once and the replica restarted there slid down, are the least visited
+    # (the last replica takes the least visited), an end of the trigger before comes next
+    assert second["chain_restarts"] == 2 and second["restarted_from"][-1] == [7, 0, -1]
+    assert second["restarted_from"][0][:2] == [6, 2] and second["restarted_from"][0][2] >= 0
+    assert second["chain_restarts_snapshots"] == 1
 
 
 class SlidingWell(DoubleWell):

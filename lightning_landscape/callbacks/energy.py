@@ -15,7 +15,8 @@ Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`) runs 
    trigger's, each new minimum to its nearest ones in other basins, then the spanning tree's gaps.
 4. **Markov state model** (``msm``) of this trigger's replicas: k-means, a reversible MSM at ``lag``, implied
    timescales, Chapman-Kolmogorov test, PCCA+ sets; then the **chain of all triggers** (every replica so far, a
-   fraction ``sampling.restarts`` of them restarted from the previous trigger's ends, and the training path,
+   fraction ``sampling.restarts`` of them restarted from the previous trigger's ends or a TrajectoryRecorder's
+   snapshots, the least-visited first, and the training path,
    recorded every ``sampling.record_every`` steps): the training path's metastable stages, and transition path
    theory from the initial weights' metastable set to the current weights' (pathways, rate, MFPT, the path atlas).
 5. **disconnectivity graph** of the basins.
@@ -196,6 +197,7 @@ class EnergyLandscape(LandscapeCallback):
             "chain_points",
             "chain_connected",
             "chain_restarts",
+            "chain_restarts_snapshots",
             "chain_sets",
             "chain_stages",
             "chain_mfpt",
@@ -273,6 +275,7 @@ class EnergyLandscape(LandscapeCallback):
         self._candidates: list[torch.Tensor] = []  # the last trigger's replica ends: where restarts may start
         self._candidate_keys: list[tuple[int, int]] = []  # (step, replica) of each
         self._visits: list[float] = []  # rank 0: the chain's points in each candidate's state
+        self._path_visits: dict[int, float] = {}  # rank 0: the chain's points in the state of each path point's step
         # rank 0: the training path in the chain's features, every `sampling.record_every` optimizer steps from the
         # initial weights (step 0) on; with its probe accuracy
         self._path_steps: list[int] = []
@@ -500,18 +503,25 @@ class EnergyLandscape(LandscapeCallback):
         def budget_left(first: int) -> bool:
             return self._may_continue(trainer, spend, start)
 
-        # 1. basin sampling: some replicas from earlier triggers' ends (least-visited first), the rest from x0
-        restarts: dict[int, int] = {}
-        if self._candidates and self.sampling.restarts > 0:  # the same on every rank: a collective follows
+        # 1. basin sampling: some replicas from earlier points (previous ends, the recorder's snapshots; least-visited
+        # first), the rest from x0
+        restarts: dict[int, Any] = {}
+        if self.sampling.restarts > 0:  # the same on every rank: a collective follows
             with self.stage(trainer, "basin sampling"):
                 if trainer.is_global_zero:
-                    restarts = restart_points(self.sampling.replicas, self.sampling.restarts, self._visits)
+                    restarts = self._restarts(trainer, pl_module, step)
             restarts = distributed.broadcast(strategy, restarts)
+        # where each restarted replica starts: [replica, step, replica there (-1: the recorder's snapshot)]
+        restarted_from = [
+            [k, *map(int, self._candidate_keys[o] if isinstance(o, int) else (o[0], -1))]
+            for k, o in sorted(restarts.items())
+        ]
         starts = None
         if restarts:
             starts = x0.detach().cpu().expand(self.sampling.replicas, -1).clone()
-            for replica, candidate in restarts.items():
-                starts[replica] = self._candidates[candidate]
+            for replica, origin in restarts.items():
+                point = self._candidates[origin] if isinstance(origin, int) else torch.from_numpy(origin[1])
+                starts[replica] = point.to(starts.dtype)
 
         def replicas(ids: list[int]) -> Excursions:
             run = sample(
@@ -607,7 +617,7 @@ class EnergyLandscape(LandscapeCallback):
                 "minima, basins and graph are still reported. HINT: raise `sampling.replicas` or `sampling.steps`.",
             )
         try:
-            self._chain(trainer, step, excursions, probe, scalars, len(restarts))
+            self._chain(trainer, step, excursions, probe, scalars, restarts)
         except Exception as err:  # the chain is a view over all triggers: this trigger still stands
             self._part_failed(
                 step, "chain", "fit the chain of all triggers", err, "this trigger's results are still reported."
@@ -639,6 +649,7 @@ class EnergyLandscape(LandscapeCallback):
             path_grads=sum(p.n_grad for _, _, p in found_paths),
         )
         self.history.append({"step": step, **scalars})
+        self.history[-1]["restarted_from"] = restarted_from
         self._report(step, db, basins, found_paths, msm, tree, scalars, probe.metadata)
 
     def _check_quenches(self, quenched: list[Minimum], level: float, probe: Objective, step: int) -> None:
@@ -724,8 +735,44 @@ class EnergyLandscape(LandscapeCallback):
             plan_joins(db, probe, found, level, self.basins, self.paths, first=first, step=step),
         )
 
+    def _restarts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[int, Any]:
+        """Rank 0: which replicas restart, and where (:func:`restart_points` over the candidates, least-visited
+        first): ``{replica: k}`` for the previous trigger's end ``k``, ``{replica: (snapshot step, trainable
+        parameters)}`` for a TrajectoryRecorder snapshot taken before ``step`` (visits: the chain's points in the
+        state of the training path's point at that step; unknown, and so taken last, where the path has none)."""
+        from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
+
+        recorder = TrajectoryRecorder.find(trainer)
+        store = recorder.store if recorder is not None else None
+        snapshots: list[int] = []
+        if store is not None:
+            snapshots = [s for s in store.snapshot_steps if s < step]
+            if 0 not in snapshots and (store.path / "snapshots" / "init.npy").exists():
+                snapshots.insert(0, 0)
+        visits = [*self._visits, *(self._path_visits.get(s, float("nan")) for s in snapshots)]
+        chosen = restart_points(self.sampling.replicas, self.sampling.restarts, visits)
+        restarts: dict[int, Any] = {}
+        if chosen and snapshots:
+            everything = ParameterLayout.from_module(pl_module, trainable_only=False)
+            trainable = [everything.slices()[n] for n in ParameterLayout.from_module(pl_module).names]
+        for replica, k in chosen.items():
+            if k < len(self._visits):
+                restarts[replica] = k
+                continue
+            at = snapshots[k - len(self._visits)]
+            flat = np.asarray(store.snapshot(at if at in store.snapshot_steps else "init"))
+            if flat.shape == (everything.numel,):  # else the module has changed since: that replica starts at x0
+                restarts[replica] = (at, np.concatenate([flat[s] for s in trainable]))
+        return restarts
+
     def _chain(
-        self, trainer: pl.Trainer, step: int, excursions: Excursions, probe: Objective, scalars: dict, restarted: int
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        excursions: Excursions,
+        probe: Objective,
+        scalars: dict,
+        restarts: dict[int, Any],
     ) -> None:
         """Rank 0: one Markov chain of every replica of every trigger so far (read back from the run directory) and
         of the training path; the training path's metastable stages; the transition from the initial weights' set to
@@ -772,12 +819,22 @@ class EnergyLandscape(LandscapeCallback):
             self.sampling.seed,
             step=self.msm.lag * self.sampling.record_every,
         )
-        scalars.update(chain_points=chain.points, chain_connected=chain.connected, chain_restarts=restarted)
+        scalars.update(
+            chain_points=chain.points,
+            chain_connected=chain.connected,
+            chain_restarts=len(restarts),
+            chain_restarts_snapshots=sum(not isinstance(origin, int) for origin in restarts.values()),
+        )
         if chain.model is None:
             self.chain_transition = {"none": str(chain.transition)}
             return
         counts = np.bincount(np.concatenate(chain.model.dtrajs))
         self._visits = [float(counts[chain.model.dtrajs[keys[key]][-1]]) for key in self._candidate_keys]
+        self._path_visits = {
+            int(steps[i]): float(counts[state])
+            for piece, dtraj in zip(fragments, chain.model.dtrajs[first:], strict=True)
+            for i, state in zip(piece, dtraj, strict=True)
+        }
         scalars["chain_sets"] = len(chain.model.sets) or 1
         self.chain_stages = training_stages(chain.model, chain.model.dtrajs[first:], [steps[p] for p in fragments])
         scalars["chain_stages"] = len(self.chain_stages)

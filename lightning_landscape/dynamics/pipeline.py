@@ -78,10 +78,11 @@ class SamplingConfig:
         pool_batches: training batches (of the training batch size) the replicas draw their minibatches from.
         seed: seed of the replicas and of the pool.
         sketch_dim, projection_seed: the replicas' sketch (with a TrajectoryRecorder, its projection instead).
-        restarts: the fraction of replicas that start from an earlier trigger's replica ends instead of the current
-            point, the least-visited in the chain of all triggers first (:func:`restart_points`), so that the clouds
-            of consecutive triggers overlap and one chain connects them; 0: every replica starts at the current
-            point.
+        restarts: the fraction of replicas that start from an earlier point instead of the current one (the
+            previous trigger's replica ends, and a TrajectoryRecorder's parameter snapshots of the path so far when
+            one runs), the least-visited in the chain of all triggers first (:func:`restart_points`), so that the
+            clouds of consecutive triggers, and of the training path, overlap and one chain connects them; 0: every
+            replica starts at the current point.
         training_path: record the training path itself into the chain of all triggers: the outputs on the probe
             set every ``record_every`` optimizer steps (one forward pass of the probe set on rank 0, the observer's
             only cost between triggers). It is the chain's one trajectory that runs from the initial weights
@@ -186,7 +187,7 @@ class PathConfig:
     """
 
     images: int = 9
-    steps: int = 100
+    steps: int = 200
     method: Literal["string", "neb"] = "string"
     step_size: float | None = None
     max_paths: int = 4
@@ -194,7 +195,7 @@ class PathConfig:
 
     def __post_init__(self) -> None:
         check_int("paths.images", self.images, minimum=3, example=9)
-        check_int("paths.steps", self.steps, example=100)
+        check_int("paths.steps", self.steps, example=200)
         check_int("paths.max_paths", self.max_paths, minimum=0, example=4)
         check_float("paths.step_size", self.step_size, optional=True, hint="None takes it from the curvature.")
         check_float("paths.ftol", self.ftol, optional=True, strict=False, hint="None: a tenth of the merge level.")
