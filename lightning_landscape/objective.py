@@ -43,7 +43,8 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from types import MethodType
 from typing import Any, Literal
 
 import torch
@@ -134,7 +135,24 @@ def _nan_like_call(*args: Any, **kwargs: Any) -> Tensor:
 
 
 @contextmanager
-def neutralized_metrics(module: nn.Module) -> Iterator[None]:
+def _overridden(overrides: Sequence[tuple[nn.Module, dict[str, Any]]]) -> Iterator[None]:
+    """Within the block, each module's attributes are the given instance attributes; afterwards, what it had."""
+    saved = [(m, {n: vars(m)[n] for n in attrs if n in vars(m)}) for m, attrs in overrides]
+    try:
+        for m, attrs in overrides:
+            for name, value in attrs.items():
+                object.__setattr__(m, name, value)
+        yield
+    finally:
+        for (m, own), (_, attrs) in zip(saved, overrides, strict=True):
+            for name in attrs:
+                if name in own:
+                    object.__setattr__(m, name, own[name])
+                elif name in vars(m):
+                    object.__delattr__(m, name)
+
+
+def neutralized_metrics(module: nn.Module) -> AbstractContextManager[None]:
     """Within the block, every torchmetrics ``Metric`` in ``module`` ignores ``update`` and returns NaN when called.
 
     A user's ``training_step`` typically updates metrics (``self.train_acc(preds, y)``) and logs them; an analysis
@@ -142,19 +160,19 @@ def neutralized_metrics(module: nn.Module) -> Iterator[None]:
     would store batched tensors that escape the transform.
     """
     metrics = [m for m in module.modules() if is_metric(m)]
-    saved = [(m, {n: vars(m)[n] for n in ("update", "forward") if n in vars(m)}) for m in metrics]
-    try:
-        for m in metrics:
-            object.__setattr__(m, "update", lambda *a, **k: None)
-            object.__setattr__(m, "forward", _nan_like_call)
-        yield
-    finally:
-        for m, own in saved:
-            for name in ("update", "forward"):
-                if name in own:
-                    object.__setattr__(m, name, own[name])
-                elif name in vars(m):
-                    object.__delattr__(m, name)
+    return _overridden([(m, {"update": lambda *a, **k: None, "forward": _nan_like_call}) for m in metrics])
+
+
+def local_batchnorm(module: nn.Module) -> AbstractContextManager[None]:
+    """Within the block, every ``SyncBatchNorm`` in ``module`` normalizes with the statistics of its own batch, as
+    ``BatchNorm`` does, instead of all-reducing them over the process group.
+
+    The energy of a probe batch is a function of the weights and that batch alone; and the ranks evaluate different
+    numbers of forward passes (replicas, quenches and the training path are split, or run on rank 0 only), so a
+    collective inside the forward would pair unrelated calls, or hang.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.SyncBatchNorm)]
+    return _overridden([(m, {"forward": MethodType(nn.modules.batchnorm._BatchNorm.forward, m)}) for m in norms])
 
 
 class _Evaluated(nn.Module):
@@ -357,6 +375,7 @@ class Objective:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             stack.enter_context(neutralized_metrics(self.module))
+            stack.enter_context(local_batchnorm(self.module))
             try:
                 yield
             finally:

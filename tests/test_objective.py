@@ -161,6 +161,47 @@ def test_bn_mode_selects_running_or_batch_statistics():
     assert not torch.isclose(eval_loss, train_loss)
 
 
+def test_syncbatchnorm_uses_its_own_batch_statistics_without_a_collective(tmp_path):
+    """Under a process group, SyncBatchNorm in training mode all-reduces its batch statistics (on CPU it refuses:
+    GPU only), which would pair unrelated forward passes of different ranks, or hang; the objective normalizes each
+    batch by its own statistics instead, as BatchNorm does, for losses, gradients, HVPs, vmapped rows and outputs."""
+    import copy
+
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 1))
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    batches = [torch.randn(16, 3), torch.randn(16, 3)]
+
+    def mse(module, batch):
+        return module(batch).pow(2).mean()
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="SyncBatchNorm"):  # the synchronizing path is the one taken
+            sync.train()(batches[0])
+        ours, reference = (
+            Objective(sync, batches, mse, bn_mode="train"),
+            Objective(plain, batches, mse, bn_mode="train"),
+        )
+        theta = ours.theta0 + 0.1
+        torch.testing.assert_close(ours.loss(theta), reference.loss(theta), rtol=0, atol=0)
+        torch.testing.assert_close(ours.grad(theta), reference.grad(theta), rtol=0, atol=0)
+        v = torch.randn(ours.numel)
+        torch.testing.assert_close(ours.hvp(theta, v), reference.hvp(theta, v), rtol=0, atol=0)
+        rows = torch.stack([theta, ours.theta0])
+        for objective in (ours, reference):
+            objective.batching = "vmap"
+        torch.testing.assert_close(
+            ours.minibatch_losses_and_grads(rows, [0, 1]), reference.minibatch_losses_and_grads(rows, [0, 1])
+        )
+        torch.testing.assert_close(ours.outputs(theta), reference.outputs(theta), rtol=0, atol=0)
+        assert "forward" not in vars(sync[1])  # restored afterwards
+    finally:
+        dist.destroy_process_group()
+
+
 def test_dropout_is_off_unless_asked():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 64), nn.Dropout(0.5), nn.Linear(64, 1)).train()
