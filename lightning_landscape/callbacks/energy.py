@@ -738,8 +738,8 @@ class EnergyLandscape(LandscapeCallback):
     def _restarts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[int, Any]:
         """Rank 0: which replicas restart, and where (:func:`restart_points` over the candidates, least-visited
         first): ``{replica: k}`` for the previous trigger's end ``k``, ``{replica: (snapshot step, trainable
-        parameters)}`` for a TrajectoryRecorder snapshot taken before ``step`` (visits: :meth:`_path_visit`; unknown,
-        and so taken last, where the path has no point near it)."""
+        parameters)}`` for a TrajectoryRecorder snapshot taken before ``step`` (visits: the chain's points in the
+        state of the training path's point at that step; unknown, and so taken last, where the path has none)."""
         from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
         recorder = TrajectoryRecorder.find(trainer)
@@ -749,7 +749,7 @@ class EnergyLandscape(LandscapeCallback):
             snapshots = [s for s in store.snapshot_steps if s < step]
             if 0 not in snapshots and (store.path / "snapshots" / "init.npy").exists():
                 snapshots.insert(0, 0)
-        visits = [*self._visits, *(self._path_visit(s) for s in snapshots)]
+        visits = [*self._visits, *(self._path_visits.get(s, float("nan")) for s in snapshots)]
         chosen = restart_points(self.sampling.replicas, self.sampling.restarts, visits)
         restarts: dict[int, Any] = {}
         if chosen and snapshots:
@@ -764,14 +764,6 @@ class EnergyLandscape(LandscapeCallback):
             if flat.shape == (everything.numel,):  # else the module has changed since: that replica starts at x0
                 restarts[replica] = (at, np.concatenate([flat[s] for s in trainable]))
         return restarts
-
-    def _path_visit(self, step: int) -> float:
-        """The chain's points in the state of the training path's point nearest ``step`` (NaN where none lies within
-        ``sampling.record_every`` steps, or no chain was fitted yet)."""
-        if not self._path_visits:
-            return float("nan")
-        nearest = min(self._path_visits, key=lambda s: (abs(s - step), s))
-        return self._path_visits[nearest] if abs(nearest - step) <= self.sampling.record_every else float("nan")
 
     def _chain(
         self,
