@@ -14,7 +14,7 @@ epoch) trained as ``configs/energy.yaml`` trains it (weight decay 5e-4, the ener
   * basin sampling alone, 16 SGD replicas of 200 steps from the trained point on the trigger's pool of 8 batches:
     the replicas stepped one at a time (``batching="loop"``, the previous implementation) against all together in
     one vmapped call (``"auto"``, which picks vmap here), side by side, in replica-steps per second, and whether
-    every replica is bit-identical both ways;
+    every replica is bit-identical both ways; and the floor of any vmapped step here, the bare network's;
   * the training path's recording between triggers (probe outputs every 5 steps): the epoch against one without.
 
 Usage: python scripts/bench_energy.py [--epochs 3]
@@ -95,6 +95,37 @@ def previous_sample_basin(objective, theta, replica: int, steps: int, lr: float,
     return x, rows
 
 
+def vmapped_floor(model, pool, x0, replicas: int, steps: int, repeats: int) -> float:
+    """The least a vmapped SGD step of these replicas can cost: the bare network (no ``training_step``, no
+    Objective) under ``vmap(grad)`` of its cross-entropy, each replica on its own batch, nothing recorded; best of
+    ``repeats`` runs of ``steps`` steps, in seconds."""
+    import torch
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, vmap
+
+    from lightning_landscape import ParameterLayout
+
+    network, layout = model.network, ParameterLayout.from_module(model.network)
+    inputs, labels = torch.stack([b[0] for b in pool]), torch.stack([b[1] for b in pool])
+    index = torch.arange(replicas) % len(pool)
+
+    def loss(theta, x, y):
+        return (
+            F.cross_entropy(functional_call(network, layout.unflatten(theta), (x,)), y)
+            + 0.5 * WEIGHT_DECAY * (theta * theta).sum()
+        )
+
+    step = vmap(grad(loss))
+    best = float("inf")
+    for _ in range(repeats):
+        x = x0.expand(replicas, -1).clone()
+        start = time.perf_counter()
+        for _ in range(steps):
+            x = x - 0.1 * step(x, inputs[index], labels[index])
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int = 3) -> None:
     """Basin sampling alone: the previous per-replica loop, today's loop and the batched replicas, best of
     ``repeats`` each, interleaved so that drift hits all alike."""
@@ -121,13 +152,16 @@ def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int 
             start = time.perf_counter()
             runs[batching] = sample_basin(objective, x0, replicas, steps, 0.1, seed=0, sketch=sketch, record_every=5)
             best[batching] = min(best.get(batching, float("inf")), time.perf_counter() - start)
+    best["floor"] = vmapped_floor(model, pool, x0, replicas, steps, repeats)
     same = all(torch.equal(runs[b].finals[r], previous[r][0]) for b in runs for r in range(replicas))
     same = same and all(
         (runs[b].sketches[r] == np.stack([p for p, _ in previous[r][1]])).all() for b in runs for r in range(replicas)
     )
     rate = {k: replicas * steps / v for k, v in best.items()}
     print(f"\nbasin sampling, {replicas} replicas x {steps} steps (replica-steps per second):")
-    for key, label in (("previous", "previous loop, one replica per call"), ("loop", "loop"), ("auto", "batched")):
+    labels = [("previous", "previous loop, one replica per call"), ("loop", "loop"), ("auto", "batched")]
+    labels.append(("floor", "floor: bare network, vmapped step only"))
+    for key, label in labels:
         print(f"  {label:>36}: {best[key]:.2f} s, {rate[key]:.0f}/s, {best['previous'] / best[key]:.1f}x the previous")
     print(f"  every replica bit-identical in all three: {bool(same)}")
 

@@ -127,18 +127,30 @@ def test_noise_level_is_the_temperature_plus_sgds_excess_loss():
     assert noise_level(pool, theta, lr=0.1, temperature=0.2) == pytest.approx(0.2 + 0.1 * spread / 4, rel=1e-12)
 
 
+@pytest.mark.parametrize(("lr", "beta"), [(0.05, 0.0), (0.005, 0.9)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sgds_excess_loss_is_the_noise_level(seed):
-    """The meaning of the default: SGD at step ``lr`` on ``L_b = |theta - c_b|^2 / 2`` holds the full loss at
-    ``lr tr(Sigma_B) / (2 (2 - lr))`` above its minimum (exact for H = I), ``lr tr(Sigma_B) / 4`` to first order."""
+def test_sgds_excess_loss_is_the_noise_level(seed, lr, beta):
+    """The meaning of the default: SGD at step ``lr`` with heavy-ball momentum ``beta`` on ``L_b = |theta - c_b|^2 / 2``
+    holds the full loss at ``lr tr(Sigma_B) (1 + beta) / (2 (1 - beta) (2 (1 + beta) - lr))`` above its minimum (the
+    stationary variance of the AR(2) recursion, exact for H = I), ``lr tr(Sigma_B) / (4 (1 - beta))`` to first
+    order, which :func:`noise_level` gives."""
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(8, 3, generator=g, dtype=torch.float64)
     mean = centers.mean(0)
     trace = float(((centers - mean) ** 2).sum(1).mean())  # the population variance SGD sees
-    lr, theta, excess = 0.05, mean.clone(), []
+    theta, velocity, excess = mean.clone(), torch.zeros(3, dtype=torch.float64), []
     for step in range(60_000):
-        theta -= lr * (theta - centers[int(torch.randint(8, (1,), generator=g))])
+        velocity = beta * velocity + (theta - centers[int(torch.randint(8, (1,), generator=g))])
+        theta -= lr * velocity
         if step > 1000:
             excess.append(0.5 * float(((theta - mean) ** 2).sum()))
-    assert np.mean(excess) == pytest.approx(lr * trace / (2 * (2 - lr)), rel=0.1)
-    assert lr * trace / 4 == pytest.approx(lr * trace / (2 * (2 - lr)), rel=0.03)
+    exact = lr * trace * (1 + beta) / (2 * (1 - beta) * (2 * (1 + beta) - lr))
+    assert np.mean(excess) == pytest.approx(exact, rel=0.1)
+    pool = Objective(
+        nn.Linear(3, 1, bias=False).double(),
+        [(c[None],) for c in centers],
+        loss_fn=lambda m, b: 0.5 * ((m.weight[0] - b[0][0]) ** 2).sum(),
+        dtype=torch.float64,
+    )
+    level = noise_level(pool, mean, lr=lr, temperature=0.0, momentum=beta)  # the unbiased spread over 8 batches
+    assert level * 7 / 8 == pytest.approx(exact, rel=0.03)

@@ -51,6 +51,41 @@ def test_sgd_replicas_follow_the_hand_computed_minibatch_steps():
     np.testing.assert_array_equal(alone.sketches[0], runs.sketches[2])
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_heavy_ball_replicas_equal_torch_sgd_with_momentum_on_the_same_minibatches(seed):
+    """A replica with ``momentum`` takes the steps ``torch.optim.SGD(lr, momentum)`` takes on the minibatches its
+    generator picks (from rest: the first step is a plain gradient step)."""
+    from lightning_landscape.dynamics.excursions import replica_seed
+
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    A = M @ M.T / 4 + torch.eye(4, dtype=torch.float64)
+    targets = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    obj = quadratic(A, targets)
+    x0 = torch.randn(4, generator=g, dtype=torch.float64)
+    runs = sample_basin(obj, x0, replicas=3, steps=20, lr=0.05, seed=seed, record_every=5, momentum=0.9)
+    assert runs.meta["momentum"] == 0.9
+    for row, r in enumerate(runs.replica_ids):
+        gen = torch.Generator().manual_seed(replica_seed(seed, int(r)))
+        x = torch.nn.Parameter(x0.clone())
+        optimizer = torch.optim.SGD([x], lr=0.05, momentum=0.9)
+        path = []
+        for s in range(21):
+            b = int(torch.randint(3, (1,), generator=gen))
+            if s % 5 == 0:
+                path.append(x.detach().clone())
+            if s < 20:
+                optimizer.zero_grad()
+                (0.5 * x @ A @ x - targets[b] @ x).backward()
+                optimizer.step()
+        np.testing.assert_allclose(runs.sketches[row], torch.stack(path).numpy(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(runs.finals[row], x.detach(), rtol=1e-12, atol=1e-12)
+    plain = sample_basin(obj, x0, replicas=3, steps=20, lr=0.05, seed=seed, record_every=5)
+    assert not np.allclose(plain.sketches[:, -1], runs.sketches[:, -1])  # momentum changed the path
+    with pytest.raises(ValueError, match="`momentum` must be in"):
+        sample_basin(obj, x0, replicas=1, steps=2, lr=0.05, momentum=1.0)
+
+
 def replica_pool(seed: int = 0):
     """A small ReLU classifier and a pool of 6 minibatches (tuples of tensors, as a DataLoader gives them)."""
     from tests.helpers import blobs
@@ -112,6 +147,23 @@ def test_sgld_samples_the_boltzmann_distribution_of_a_harmonic_well():
     n_eff = samples.size / (2 / (lr * k * 5))  # samples per integrated autocorrelation time
     assert samples.var() == pytest.approx(exact, rel=4 * np.sqrt(2 / n_eff))
     assert abs(samples.mean()) < 4 * np.sqrt(exact / n_eff)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sgld_with_momentum_samples_the_same_boltzmann_distribution(seed):
+    """Heavy-ball SGLD (momentum 0.9, the noise entering with the gradient) on L = 0.5 k x^2: variance T/k, as plain
+    SGLD (the recursion's exact stationary variance is 1.0005 T/k here; the same noise added to x instead would
+    give 1.19 T/k, outside the tolerance)."""
+    k, T, lr, beta = 2.0, 0.05, 0.001, 0.9  # effective rate lr / (1 - beta) = 0.01, as the plain test
+    obj = Objective(
+        nn.Linear(1, 1, bias=False).double(), [torch.zeros(1)], lambda m, _: 0.5 * k * m.weight[0, 0] ** 2,
+        dtype=torch.float64,
+    )  # fmt: skip
+    runs = sample_basin(obj, torch.zeros(1, dtype=torch.float64), 32, 4000, lr, T, seed=seed, record_every=5,
+                        momentum=beta)  # fmt: skip
+    samples = runs.sketches[:, 100:, 0].ravel()  # after 500 steps (5 relaxation times (1 - beta) / (lr k))
+    n_eff = samples.size / (2 * (1 - beta) / (lr * k * 5))
+    assert samples.var() == pytest.approx(T / k, rel=4 * np.sqrt(2 / n_eff) + 0.02)  # + O(lr k / (1 - beta))
 
 
 def test_sketched_replicas_preserve_distances():

@@ -326,10 +326,13 @@ def test_the_energy_is_the_trained_loss_with_the_optimizers_weight_decay_and_its
     from lightning_landscape.examples import MLP, Classifier, GaussianMixtureClassification
 
     quench = {} if weight_decay else {"max_iter": 200}  # a quench that runs off takes all its iterations
+    # without weight decay, replicas at plain lr 0.1: with training's momentum 0.9 the noise level is 10x, and the
+    # quenches' energy resolution (a tenth of it) with it, at which this slow run-off already counts as converged
+    sampling = {"replicas": 4, "steps": 50} if weight_decay else {"replicas": 4, "steps": 50, "momentum": 0.0}
     energy = EnergyLandscape(
         every_n_steps=16,
         at_fit_end=False,
-        sampling={"replicas": 4, "steps": 50},
+        sampling=sampling,
         quench=quench,
         probe_size=1024,
         progress=False,
@@ -473,3 +476,31 @@ def test_the_training_path_joins_the_chain_every_record_every_steps(tmp_path):
     # another learning rate: its points are located in the chain, one by one, not counted
     energy.sampling.lr = 0.02
     assert energy._path_fragments(trainer) == [[i] for i in range(9)]
+    # the replicas take training's heavy-ball momentum by default, so momentum SGD's path counts too; another
+    # momentum, or another optimizer, does not
+    energy.sampling.lr = None
+    group = trainer.optimizers[0].param_groups[0]
+    group["momentum"] = 0.9
+    assert energy._replica_rule(trainer) == (0.01, 0.9) and energy._path_fragments(trainer) == [list(range(9))]
+    energy.sampling.momentum = 0.0
+    assert energy._replica_rule(trainer) == (0.01, 0.0) and energy._path_fragments(trainer) == [[i] for i in range(9)]
+    energy.sampling.momentum, group["nesterov"] = None, True
+    assert energy._replica_rule(trainer) == (0.01, 0.0)  # Nesterov is not a replica's rule: plain SGD replicas
+    trainer.strategy._optimizers = [torch.optim.Adam(trainer.lightning_module.parameters(), lr=0.01)]
+    assert energy._replica_rule(trainer) == (0.01, 0.0) and len(energy._path_fragments(trainer)) == 9
+
+
+class MomentumWell(SlidingWell):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+def test_replicas_step_with_trainings_momentum(tmp_path):
+    from lightning_landscape import TrajectoryStore
+
+    sampling = SamplingConfig(replicas=2, steps=20, record_every=5)
+    energy = well_energy(every_n_steps=10, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})
+    train([energy], tmp_path, model=MomentumWell(), max_steps=10)
+    assert energy.failures == 0 and len(energy.history) == 1
+    store = TrajectoryStore.open(energy.reporter.run_dir / "excursions" / "step-000000010" / "replica-000")
+    assert (store.meta["lr"], store.meta["momentum"]) == (0.01, 0.9)

@@ -131,6 +131,16 @@ def _map_style(trainer: pl.Trainer) -> bool:
     return hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
 
 
+def _sgd_rule(trainer: pl.Trainer) -> tuple[float, float] | None:
+    """``(lr, momentum)`` of training's step when it is a replica's: one ``torch.optim.SGD`` whose parameter groups
+    share one lr and heavy-ball momentum, without dampening or Nesterov; None otherwise (Adam, several optimizers)."""
+    if len(trainer.optimizers) != 1 or type(trainer.optimizers[0]) is not torch.optim.SGD:
+        return None
+    rules = {(float(g["lr"]), float(g["momentum"])) for g in trainer.optimizers[0].param_groups if g["params"]}
+    plain = all(not g["nesterov"] and not g["dampening"] for g in trainer.optimizers[0].param_groups)
+    return rules.pop() if len(rules) == 1 and plain else None
+
+
 class EnergyLandscape(LandscapeCallback):
     """Basin sampling, quenched minima joined into basins, minimum-energy paths, a Markov state model and the
     disconnectivity graph of the basins, every trigger.
@@ -493,7 +503,7 @@ class EnergyLandscape(LandscapeCallback):
             probe = self.objective(trainer, pl_module)
             pool = self._pool_objective(trainer, pl_module)
             spend = [(probe, _passes(probe)), (pool, _passes(pool))]
-            lr = self.sampling.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
+            lr, momentum = self._replica_rule(trainer)
             l2 = self.weight_decay if self.weight_decay is not None else weight_decay_of(trainer.optimizers, pl_module)
             probe.set_l2(l2)
             pool.set_l2(l2)
@@ -525,7 +535,16 @@ class EnergyLandscape(LandscapeCallback):
 
         def replicas(ids: list[int]) -> Excursions:
             run = sample(
-                pool, x0, self.sampling, lr, replicas=ids, seed_offset=step, sketch=sketch, probe=probe, starts=starts
+                pool,
+                x0,
+                self.sampling,
+                lr,
+                replicas=ids,
+                seed_offset=step,
+                sketch=sketch,
+                probe=probe,
+                starts=starts,
+                momentum=momentum,
             )
             run.finals = run.finals.cpu()  # gathered between ranks: no device indices
             return run
@@ -548,7 +567,7 @@ class EnergyLandscape(LandscapeCallback):
         with self.stage(trainer, "minima"):
             candidates = torch.cat([x0[None].cpu(), excursions.finals.to(x0.dtype)])
             if merge_barrier is None and trainer.is_global_zero:
-                merge_barrier = noise_level(pool, x0, lr, self.sampling.temperature)
+                merge_barrier = noise_level(pool, x0, lr, self.sampling.temperature, momentum)
         merge_barrier = float(distributed.broadcast(strategy, merge_barrier))
         quenched = self._rounds(
             trainer,
@@ -863,16 +882,21 @@ class EnergyLandscape(LandscapeCallback):
         self.reporter.table("pathways", ["sets", "share"], rows, step)
         self.reporter.figure("path_atlas", path_atlas_figure(summary), step)
 
+    def _replica_rule(self, trainer: pl.Trainer) -> tuple[float, float]:
+        """The replicas' ``(lr, momentum)``: ``sampling.lr`` and ``sampling.momentum``, each None taken from
+        training (the first optimizer's lr; the momentum of :func:`_sgd_rule`, 0 for another optimizer)."""
+        rule = _sgd_rule(trainer)
+        lr = self.sampling.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
+        momentum = self.sampling.momentum if self.sampling.momentum is not None else rule[1] if rule else 0.0
+        return lr, float(momentum)
+
     def _path_fragments(self, trainer: pl.Trainer) -> list[list[int]]:
         """The training path's points (indices) as the chain's trajectories: runs of consecutive recordings, one
         ``record_every`` apart (a resume or ``training_path=False`` breaks them), whose transitions count like a
-        replica's when training steps as the replicas do (plain SGD without momentum at their learning rate);
-        single points otherwise, located in the chain but not counted: a step of Adam or of momentum SGD is not a
-        replica's step, and counting it would mix two dynamics in one transition matrix."""
-        counted = False
-        if len(trainer.optimizers) == 1 and type(trainer.optimizers[0]) is torch.optim.SGD:  # the replicas' rule
-            group = trainer.optimizers[0].param_groups[0]
-            counted = not group["momentum"] and self.sampling.lr in (None, group["lr"])
+        replica's when training steps as the replicas do (:meth:`_replica_rule`: one SGD at their learning rate and
+        momentum); single points otherwise, located in the chain but not counted: a step of Adam, or of SGD at
+        another rate, is not a replica's step, and counting it would mix two dynamics in one transition matrix."""
+        counted = _sgd_rule(trainer) == self._replica_rule(trainer)
         fragments: list[list[int]] = []
         for i, step in enumerate(self._path_steps):
             if counted and fragments and step - self._path_steps[i - 1] == self.sampling.record_every:

@@ -11,16 +11,18 @@ Markov model on recorded runs. The science lives here, so both give the same num
 whose lower barrier is at most ``merge_barrier`` (:meth:`MinimaDatabase.basins`). The default is the noise level
 of the replicas, in loss units:
 
-    merge_barrier = T + lr tr(Sigma_B) / 4,
+    merge_barrier = T + lr tr(Sigma_B) / (4 (1 - beta)),
 
-with ``T`` the SGLD temperature and ``tr(Sigma_B) = E|g_B - g|^2`` the variance of the minibatch gradient at the
+with ``T`` the SGLD temperature, ``beta`` the replicas' heavy-ball momentum (0 for plain SGD) and
+``tr(Sigma_B) = E|g_B - g|^2`` the variance of the minibatch gradient at the
 replicas' batch size (measured on the pool of batches at the current point). The first term is the energy unit of
 SGLD's stationary distribution ``exp(-L / T)``: a barrier ``dE`` is crossed at a rate ``~ exp(-dE / T)``, so barriers
 below ``T`` are crossed as fast as the replicas relax. The second is the mean excess loss that SGD's own noise
 holds it at above a minimum: for a quadratic basin ``H`` with noise covariance ``Sigma_B``, the stationary covariance
 ``C`` of SGD at step ``lr`` solves ``HC + CH = lr Sigma_B`` (Mandt, Hoffman & Blei 2017), so
-``E[L - L_min] = tr(HC) / 2 = lr tr(Sigma_B) / 4``. A barrier below that level separates no states at the noise
-the replicas (and training, at the same ``lr/B``) run at. Pass ``BasinConfig(merge_barrier=...)`` to fix it.
+``E[L - L_min] = tr(HC) / 2 = lr tr(Sigma_B) / 4``; heavy-ball momentum ``beta`` runs, to first order in ``lr``, as
+SGD at ``lr / (1 - beta)``. A barrier below that level separates no states at the noise the replicas (and
+training, at the same ``lr/B`` and momentum) run at. Pass ``BasinConfig(merge_barrier=...)`` to fix it.
 
 **Joining.** A straight line between two minima bounds their saddle from above, at the cost of ``images``
 forward passes: when its lower barrier is already below ``merge_barrier``, the two minima are one basin without a
@@ -73,6 +75,8 @@ class SamplingConfig:
         replicas: replicas per trigger.
         steps: steps per replica.
         lr: their learning rate (None: the first optimizer's current one, so ``lr/B`` is training's).
+        momentum: their heavy-ball momentum (None: training's when it runs one ``torch.optim.SGD`` without
+            dampening or Nesterov, else 0), so the replicas step as training does; each starts at rest.
         temperature: SGLD temperature (0: plain SGD, whose noise is the minibatch noise).
         record_every: record a replica's point every this many steps.
         pool_batches: training batches (of the training batch size) the replicas draw their minibatches from.
@@ -92,6 +96,7 @@ class SamplingConfig:
     replicas: int = 8
     steps: int = 200
     lr: float | None = None
+    momentum: float | None = None
     temperature: float = 0.0
     record_every: int = 5
     pool_batches: int = 16
@@ -109,6 +114,9 @@ class SamplingConfig:
         check_int("sampling.projection_seed", self.projection_seed, minimum=0, example=0)
         check_float("sampling.lr", self.lr, optional=True, hint="None uses the optimizer's lr.")
         check_float("sampling.temperature", self.temperature, strict=False, hint="0 is plain SGD, > 0 SGLD.")
+        check_float("sampling.momentum", self.momentum, strict=False, optional=True, hint="None takes training's.")
+        if self.momentum is not None and self.momentum >= 1:
+            raise ValueError(f"`sampling.momentum` must be below 1, got {self.momentum}. HINT: e.g. 0.9, or None.")
         check_float("sampling.restarts", self.restarts, strict=False, hint="a fraction in [0, 1), e.g. 0.25.")
         if self.restarts >= 1:
             raise ValueError(f"`sampling.restarts` must be below 1, got {self.restarts}. HINT: e.g. 0.25.")
@@ -268,10 +276,12 @@ def sample(
     sketch: SparseProjection | None = None,
     probe: Any = None,
     starts: Tensor | None = None,
+    momentum: float = 0.0,
 ) -> Excursions:
     """Replicas ``replicas`` (default: all of ``config.replicas``) from ``theta`` on the minibatch pool ``pool``, seeded
     ``config.seed + seed_offset`` (e.g. the step, so that triggers differ), with probe outputs when ``probe``;
-    ``starts`` ``(config.replicas, P)``: a start per replica id instead (:func:`restart_points`)."""
+    ``starts`` ``(config.replicas, P)``: a start per replica id instead (:func:`restart_points`); ``lr`` and
+    ``momentum``: the step rule (``config``'s, resolved against training's)."""
     ids = list(range(config.replicas)) if replicas is None else replicas
     return sample_basin(
         pool,
@@ -284,17 +294,18 @@ def sample(
         sketch=sketch,
         record_every=config.record_every,
         probe=probe,
+        momentum=momentum,
     )
 
 
-def noise_level(pool: Any, theta: Tensor, lr: float, temperature: float) -> float:
-    """``T + lr tr(Sigma_B) / 4``, the replicas' noise level in loss units (see the module docstring);
-    ``tr(Sigma_B)`` from the gradients of the pool's batches at ``theta`` (unbiased over batches)."""
+def noise_level(pool: Any, theta: Tensor, lr: float, temperature: float, momentum: float = 0.0) -> float:
+    """``T + lr tr(Sigma_B) / (4 (1 - momentum))``, the replicas' noise level in loss units (see the module
+    docstring); ``tr(Sigma_B)`` from the gradients of the pool's batches at ``theta`` (unbiased over batches)."""
     if len(pool.batches) < 2:
         return float(temperature)
     grads = torch.stack([pool.loss_and_grad(theta, batch=b)[1] for b in range(len(pool.batches))])
     spread = float(((grads - grads.mean(0)) ** 2).sum(1).sum()) / (len(grads) - 1)
-    return float(temperature) + lr * spread / 4
+    return float(temperature) + lr * spread / (4 * (1 - momentum))
 
 
 # ----------------------------------------------------------------------------------------------- 2. quench
