@@ -165,7 +165,7 @@ def test_sgld_with_momentum_samples_the_same_boltzmann_distribution(seed):
         nn.Linear(1, 1, bias=False).double(), [torch.zeros(1)], lambda m, _: 0.5 * k * m.weight[0, 0] ** 2,
         dtype=torch.float64,
     )  # fmt: skip
-    runs = sample_basin(obj, torch.zeros(1, dtype=torch.float64), 32, 4000, lr, T, seed=seed, record_every=5,
+    runs = sample_basin(obj, torch.zeros(1, dtype=torch.float64), 16, 4000, lr, T, seed=seed, record_every=5,
                         momentum=beta)  # fmt: skip
     samples = runs.sketches[:, 100:, 0].ravel()  # after 500 steps (5 relaxation times (1 - beta) / (lr k))
     n_eff = samples.size / (2 * (1 - beta) / (lr * k * 5))
