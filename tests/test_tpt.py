@@ -74,6 +74,33 @@ def test_two_channels_share_the_flux_as_their_conductances():
     assert paths.shares[0] == pytest.approx(0.75, abs=0.01)  # equal jump weights per channel: k_up / (k_up + k_low)
 
 
+def test_a_set_that_owns_no_state_still_gets_a_place_and_its_flux_row():
+    """PCCA+ can return a set that is no state's most likely one (seen on the digits study): the set-level summary
+    keeps all sets, placing each at its membership- and stationary-weighted mean position."""
+    from types import SimpleNamespace
+
+    from lightning_landscape.dynamics.pipeline import transition_summary
+
+    T, pi = reversible_chain(4, 0)
+    found = transition_paths(T, [0], [3], pi)
+    found.sets = (0, 1)
+    memberships = np.array([[0.7, 0.0, 0.3], [0.6, 0.1, 0.3], [0.1, 0.6, 0.3], [0.0, 0.7, 0.3]])
+    msm = SimpleNamespace(
+        metastable_assignment=memberships.argmax(1),  # set 2 is nowhere the largest
+        metastable_memberships=memberships,
+        metastable_populations=memberships.T @ pi,
+        stationary_distribution=pi,
+    )
+    centers = np.arange(8.0).reshape(4, 2)
+    model = SimpleNamespace(msm=msm, plane=(centers,), sets=[{"mean_loss": 1.0}] * 3)
+    summary = transition_summary(model, found)
+    assert summary["set_flux"].shape == (3, 3) and summary["positions"].shape == (3, 2)
+    weights = pi[:, None] * memberships
+    np.testing.assert_allclose(summary["positions"], weights.T @ centers / weights.sum(0)[:, None], rtol=1e-12)
+    np.testing.assert_allclose(summary["positions"][2], pi @ centers, rtol=1e-12)  # uniform membership: the mean
+    assert summary["pathways"][0]["sets"] == [0, 1]
+
+
 def test_bad_sets_are_refused_naming_both():
     T, _ = reversible_chain(4, 0)
     with pytest.raises(ValueError, match="`source` \\[0, 1\\] and `target` \\[1\\] must be disjoint"):

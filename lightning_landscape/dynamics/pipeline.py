@@ -625,7 +625,8 @@ def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, 
     ``mfpt_steps``, ``set_flux`` (the net reactive flux between sets: the states' net flux summed over set
     boundaries, which keeps flux conservation), ``pathways`` (that network decomposed into set sequences by
     the largest bottleneck, as the state pathways are: ``{"sets", "share"}``, largest first, shares of the total
-    flux), ``positions`` (each set's stationary-weighted mean position on the MSM's plane), ``populations`` and
+    flux), ``positions`` (each set's mean position on the MSM's plane, weighted by stationary probability and PCCA+
+    membership), ``populations`` and
     ``set_losses`` (each set's mean loss), for reports and the path atlas
     (:func:`~lightning_landscape.report.plots.path_atlas_figure`)."""
     from deeptime.markov.tools.flux.api import pathways
@@ -633,7 +634,8 @@ def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, 
 
     msm = model.msm
     assignment = msm.metastable_assignment
-    n_sets = int(assignment.max()) + 1
+    memberships = msm.metastable_memberships
+    n_sets = memberships.shape[1] if memberships is not None else int(assignment.max()) + 1  # a set may own no state
     flux = np.zeros((n_sets, n_sets))
     for i, j in zip(*np.nonzero(found.net_flux), strict=True):
         if assignment[i] != assignment[j]:
@@ -645,7 +647,11 @@ def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, 
         channels, capacities = pathways(csr_matrix(net), [source], [target], fraction=0.999, maxiter=100)
     total = net[source].sum()
     order = np.argsort(capacities)[::-1]
-    centers, weights = model.plane[0], msm.stationary_distribution
+    # membership-weighted: a PCCA+ set that is no state's most likely set still has a place
+    centers = model.plane[0]
+    weights = msm.stationary_distribution[:, None] * (
+        memberships if memberships is not None else np.eye(n_sets)[assignment]
+    )
     return {
         "populations": msm.metastable_populations,
         "set_losses": np.asarray([row.get("mean_loss", np.nan) for row in model.sets]),
@@ -658,9 +664,7 @@ def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, 
             for n in order
         ],
         "set_flux": net,
-        "positions": np.stack(
-            [np.average(centers[assignment == k], 0, weights[assignment == k]) for k in range(n_sets)]
-        ),
+        "positions": (weights.T @ centers) / np.maximum(weights.sum(0), np.finfo(float).tiny)[:, None],
     }
 
 
