@@ -8,7 +8,8 @@ Prints, per seed: the wall time against a plain fit, the validation accuracy, th
 set from the first one training enters: MFPT in replica steps and the dominant pathway), basins and the slowest
 timescale; and for the 4 runs together:
 the MSM's metastable sets and the training path's transition, basins, minima, and the barriers between the seeds'
-basins. Copies the analysis' path atlas to ``docs/digits-path-atlas.png``.
+basins. Copies the analysis' path atlas (or, where the runs together show no transition, seed 0's at its last
+trigger) to ``docs/digits-path-atlas.png``.
 
 Usage: python scripts/study_digits.py [--seeds 4] [--out runs/study-digits]
 """
@@ -118,10 +119,13 @@ def main() -> None:
         print("barriers between minima (i, j, saddle, barrier_ij, barrier_ji, method, converged):")
         for row in rows[1:11]:
             print("  " + ", ".join(row[:7]))
+    # analyze's atlas of the runs together when its chain has a transition, else seed 0's at its last trigger
     atlas = out / "analysis" / "chain_path_atlas.png"
+    if not atlas.exists():
+        atlas = max((out / "seed-0").rglob("path_atlas-step*.png"), default=atlas)
     if atlas.exists():
         shutil.copy(atlas, ROOT / "docs" / "digits-path-atlas.png")
-        print(f"path atlas: {ROOT / 'docs' / 'digits-path-atlas.png'}")
+        print(f"path atlas ({atlas.relative_to(out)}): {ROOT / 'docs' / 'digits-path-atlas.png'}")
 
 
 if __name__ == "__main__":
