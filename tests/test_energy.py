@@ -434,6 +434,30 @@ def test_replicas_restart_from_the_recorders_snapshots_least_visited_first(tmp_p
     assert second["chain_restarts_snapshots"] == 1
 
 
+class CorruptSnapshots(pl.Callback):
+    """Overwrites the recorder's snapshots with garbage at step 2, before EnergyLandscape's trigger there."""
+
+    def __init__(self, recorder) -> None:
+        self.recorder = recorder
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == 2:
+            for snapshot in (self.recorder.store.path / "snapshots").glob("*.npy"):
+                snapshot.write_bytes(b"not an array")
+
+
+def test_an_unreadable_snapshot_leaves_its_replica_at_the_current_point_and_the_trigger_standing(tmp_path):
+    from lightning_landscape import TrajectoryRecorder
+
+    sampling = SamplingConfig(replicas=8, steps=20, lr=0.01, temperature=0.25, record_every=5, restarts=0.25)
+    energy = well_energy(every_n_steps=2, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})
+    recorder = TrajectoryRecorder(sketch_dim=2, snapshot_every_n_steps=2)
+    with pytest.warns(RuntimeWarning, match="could not read the snapshot of step 0"):
+        train([recorder, CorruptSnapshots(recorder), energy], tmp_path, model=JumpingWell(), max_steps=2)
+    assert energy.failures == 0 and energy.runs == 1
+    assert energy.history[0]["restarted_from"] == [] and energy.history[0]["chain_restarts"] == 0
+
+
 class SlidingWell(DoubleWell):
     """The double well trained from (-0.3, 0.5) at the replicas' lr: training slides down into the left well."""
 

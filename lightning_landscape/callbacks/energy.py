@@ -779,7 +779,13 @@ class EnergyLandscape(LandscapeCallback):
                 restarts[replica] = k
                 continue
             at = snapshots[k - len(self._visits)]
-            flat = np.asarray(store.snapshot(at if at in store.snapshot_steps else "init"))
+            try:
+                flat = np.asarray(store.snapshot(at if at in store.snapshot_steps else "init"))
+            except Exception as err:  # a snapshot is one candidate: the trigger stands without it
+                self._part_failed(
+                    step, "restarts", f"read the snapshot of step {at}", err, "that replica starts at x0."
+                )
+                continue
             if flat.shape == (everything.numel,):  # else the module has changed since: that replica starts at x0
                 restarts[replica] = (at, np.concatenate([flat[s] for s in trainable]))
         return restarts
