@@ -300,6 +300,9 @@ def test_bad_settings_are_rejected_naming_the_stage_and_field():
         EnergyLandscape(sampling={"replicas": 0})
     with pytest.raises(ValueError, match=r"`sampling\.temperature`"):
         EnergyLandscape(sampling=SamplingConfig(temperature=-0.1))
+    for momentum in (1.0, -0.5):
+        with pytest.raises(ValueError, match=r"`sampling\.momentum`"):
+            EnergyLandscape(sampling={"momentum": momentum})
     with pytest.raises(ValueError, match=r"`msm\.features`"):
         EnergyLandscape(msm={"features": "weights"})
     with pytest.raises(ValueError, match=r"`budget\.seconds`"):
