@@ -503,18 +503,18 @@ def test_the_training_path_joins_the_chain_every_record_every_steps(tmp_path):
     # another learning rate: its points are located in the chain, one by one, not counted
     energy.sampling.lr = 0.02
     assert energy._path_fragments(trainer) == [[i] for i in range(9)]
-    # the replicas take training's heavy-ball momentum by default, so momentum SGD's path counts too; another
-    # momentum, or another optimizer, does not
+    # the replicas take training's heavy-ball momentum by default; the path's points keep the rule training stepped
+    # with when they were recorded (plain SGD at 0.01), so they link only while the replicas step that way too
     energy.sampling.lr = None
     group = trainer.optimizers[0].param_groups[0]
     group["momentum"] = 0.9
-    assert energy._replica_rule(trainer) == (0.01, 0.9) and energy._path_fragments(trainer) == [list(range(9))]
+    assert energy._replica_rule(trainer) == (0.01, 0.9) and energy._path_fragments(trainer) == [[i] for i in range(9)]
     energy.sampling.momentum = 0.0
-    assert energy._replica_rule(trainer) == (0.01, 0.0) and energy._path_fragments(trainer) == [[i] for i in range(9)]
+    assert energy._replica_rule(trainer) == (0.01, 0.0) and energy._path_fragments(trainer) == [list(range(9))]
     energy.sampling.momentum, group["nesterov"] = None, True
     assert energy._replica_rule(trainer) == (0.01, 0.0)  # Nesterov is not a replica's rule: plain SGD replicas
     trainer.strategy._optimizers = [torch.optim.Adam(trainer.lightning_module.parameters(), lr=0.01)]
-    assert energy._replica_rule(trainer) == (0.01, 0.0) and len(energy._path_fragments(trainer)) == 9
+    assert energy._replica_rule(trainer) == (0.01, 0.0)  # another optimizer: plain SGD at its lr
 
 
 class MomentumWell(SlidingWell):
@@ -527,7 +527,28 @@ def test_replicas_step_with_trainings_momentum(tmp_path):
 
     sampling = SamplingConfig(replicas=2, steps=20, record_every=5)
     energy = well_energy(every_n_steps=10, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})
-    train([energy], tmp_path, model=MomentumWell(), max_steps=10)
+    trainer = train([energy], tmp_path, model=MomentumWell(), max_steps=10)
     assert energy.failures == 0 and len(energy.history) == 1
     store = TrajectoryStore.open(energy.reporter.run_dir / "excursions" / "step-000000010" / "replica-000")
     assert (store.meta["lr"], store.meta["momentum"]) == (0.01, 0.9)
+    assert energy._path_fragments(trainer) == [[0, 1, 2]]  # steps 0, 5, 10: momentum SGD's path counts
+
+
+class ScheduledWell(SlidingWell):
+    """Plain SGD whose lr halves after step 10 (a per-step schedule)."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < 10 else 0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_a_learning_rate_schedule_breaks_the_counted_path_where_the_rule_changed(tmp_path):
+    sampling = SamplingConfig(replicas=2, steps=20, record_every=5)
+    energy = well_energy(every_n_steps=20, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})
+    trainer = train([energy], tmp_path, model=ScheduledWell(), max_steps=20)
+    assert energy.failures == 0 and energy._path_steps == [0, 5, 10, 15, 20]
+    # the replicas step at the current lr 0.005; the points from step 10 on were recorded at it (the lr of the step
+    # after them), the earlier ones at 0.01: located, not counted
+    assert energy._replica_rule(trainer) == (0.005, 0.0)
+    assert energy._path_fragments(trainer) == [[0], [1], [2, 3, 4]]

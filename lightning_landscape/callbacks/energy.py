@@ -289,6 +289,7 @@ class EnergyLandscape(LandscapeCallback):
         # rank 0: the training path in the chain's features, every `sampling.record_every` optimizer steps from the
         # initial weights (step 0) on; with its probe accuracy
         self._path_steps: list[int] = []
+        self._path_rules: list[tuple[float, float] | None] = []  # training's step rule (_sgd_rule) at each point
         self._path_features: list[np.ndarray] = []
         self._path_accuracy: list[float] = []
         self._path_failed = False
@@ -341,6 +342,7 @@ class EnergyLandscape(LandscapeCallback):
                 self._columns = chain_columns(outputs.shape[1], self.sampling.seed)
             self._path_features.append(outputs[0, self._columns].astype(np.float32))
             self._path_accuracy.append(float(probe_accuracy(outputs, probe.batches)[0]))
+            self._path_rules.append(_sgd_rule(trainer))
             self._path_steps.append(step)
         except Exception as err:
             self._path_failed = True
@@ -809,7 +811,7 @@ class EnergyLandscape(LandscapeCallback):
         if self._columns is None:
             self._columns = chain_columns(excursions.outputs.shape[-1], self.sampling.seed)
         if not self._path_steps:  # the path could not be recorded: this trigger's start stands for it
-            self._path_steps, self._path_accuracy = [step], [float("nan")]
+            self._path_steps, self._path_accuracy, self._path_rules = [step], [float("nan")], [None]
             self._path_features = [np.asarray(excursions.outputs[0][0, self._columns], dtype=np.float32)]
         folder = self.reporter.run_dir / "excursions"
         features, losses, accuracy, keys = [], [], [], {}
@@ -898,14 +900,16 @@ class EnergyLandscape(LandscapeCallback):
 
     def _path_fragments(self, trainer: pl.Trainer) -> list[list[int]]:
         """The training path's points (indices) as the chain's trajectories: runs of consecutive recordings, one
-        ``record_every`` apart (a resume or ``training_path=False`` breaks them), whose transitions count like a
-        replica's when training steps as the replicas do (:meth:`_replica_rule`: one SGD at their learning rate and
-        momentum); single points otherwise, located in the chain but not counted: a step of Adam, or of SGD at
-        another rate, is not a replica's step, and counting it would mix two dynamics in one transition matrix."""
-        counted = _sgd_rule(trainer) == self._replica_rule(trainer)
+        ``record_every`` apart (a resume or ``training_path=False`` breaks them), linked where training stepped as
+        the replicas do (:meth:`_replica_rule`: one SGD at their learning rate and momentum, at both points, so a
+        learning-rate schedule breaks the path where the rule changed); single points otherwise, located in the
+        chain but not counted: a step of Adam, or of SGD at another rate, is not a replica's step, and counting it
+        would mix two dynamics in one transition matrix."""
+        rule = self._replica_rule(trainer)
         fragments: list[list[int]] = []
         for i, step in enumerate(self._path_steps):
-            if counted and fragments and step - self._path_steps[i - 1] == self.sampling.record_every:
+            follows = i > 0 and step - self._path_steps[i - 1] == self.sampling.record_every
+            if follows and self._path_rules[i - 1] == self._path_rules[i] == rule:
                 fragments[-1].append(i)
             else:
                 fragments.append([i])
@@ -1065,5 +1069,5 @@ class EnergyLandscape(LandscapeCallback):
         self.minima_names = state_dict.get("minima_names", self.minima_names)
         start = state_dict.get("path_start")
         if start is not None:
-            self._path_steps, self._path_accuracy = [int(start[0])], [float(start[2])]
+            self._path_steps, self._path_accuracy, self._path_rules = [int(start[0])], [float(start[2])], [None]
             self._path_features = [np.asarray(start[1], dtype=np.float32)]
