@@ -552,3 +552,18 @@ def test_a_learning_rate_schedule_breaks_the_counted_path_where_the_rule_changed
     # after them), the earlier ones at 0.01: located, not counted
     assert energy._replica_rule(trainer) == (0.005, 0.0)
     assert energy._path_fragments(trainer) == [[0], [1], [2, 3, 4]]
+
+
+def test_a_chain_of_replicas_at_two_learning_rates_says_it_mixes_dynamics(tmp_path):
+    sampling = SamplingConfig(replicas=2, steps=20, record_every=5)
+    energy = well_energy(every_n_steps=8, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})
+    with pytest.warns(RuntimeWarning, match=r"mixes replicas of 2 step rules \(\(lr, momentum\) first seen at steps"):
+        train([energy], tmp_path, model=ScheduledWell(), max_steps=16)  # triggers at lr 0.01 (step 8), 0.005 (16)
+    assert energy.failures == 0 and len(energy.history) == 2
+    import warnings
+
+    constant = well_energy(every_n_steps=8, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train([constant], tmp_path / "constant", model=SlidingWell(), max_steps=16)
+    assert len(constant.history) == 2 and not any("mixes replicas" in str(w.message) for w in caught)

@@ -282,6 +282,7 @@ class EnergyLandscape(LandscapeCallback):
         self._pool: list[Any] | None = None
         self._warned_quenches = False
         self._warned_chain = False
+        self._warned_rules = False
         self._candidates: list[torch.Tensor] = []  # the last trigger's replica ends: where restarts may start
         self._candidate_keys: list[tuple[int, int]] = []  # (step, replica) of each
         self._visits: list[float] = []  # rank 0: the chain's points in each candidate's state
@@ -814,13 +815,26 @@ class EnergyLandscape(LandscapeCallback):
             self._path_steps, self._path_accuracy, self._path_rules = [step], [float("nan")], [None]
             self._path_features = [np.asarray(excursions.outputs[0][0, self._columns], dtype=np.float32)]
         folder = self.reporter.run_dir / "excursions"
-        features, losses, accuracy, keys = [], [], [], {}
+        features, losses, accuracy, keys, rules = [], [], [], {}, {}
         for trigger, replica, outputs, path in saved_replicas(folder):
             keys[(trigger, replica)] = len(features)
             outputs = np.asarray(outputs)
             features.append(outputs[:, self._columns].astype(np.float64))
-            losses.append(TrajectoryStore.open(path).stats["loss"])
+            store = TrajectoryStore.open(path)
+            losses.append(store.stats["loss"])
             accuracy.append(probe_accuracy(outputs, self._probe))
+            rules.setdefault((store.meta.get("lr"), store.meta.get("momentum", 0.0)), trigger)
+        if len(rules) > 1 and not self._warned_rules:
+            self._warned_rules = True
+            warnings.warn(
+                f"lightning-landscape: EnergyLandscape at step {step}: the chain of all triggers mixes replicas of"
+                f" {len(rules)} step rules ((lr, momentum) first seen at steps "
+                + ", ".join(f"{rule} at {at}" for rule, at in rules.items())
+                + "), e.g. under a learning-rate schedule: its transition matrix, rates and first-passage times are"
+                " of that mixture. HINT: fix `sampling.lr` (and `sampling.momentum`) for one dynamics.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         fragments = self._path_fragments(trainer)
         first, steps = len(features), np.asarray(self._path_steps)
         np.savez(
