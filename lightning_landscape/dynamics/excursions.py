@@ -186,11 +186,11 @@ def sample_basin(
     noise = (2.0 * lr * temperature) ** 0.5  # per step, on theta (plain SGLD)
     kick = (2.0 * temperature * (1.0 - momentum) / lr) ** 0.5  # per step, on the gradient (heavy-ball SGLD)
     velocity = torch.zeros_like(x) if momentum else None
+    generators = [torch.Generator().manual_seed(replica_seed(seed, r)) for r in ids]
 
-    def draws() -> Tensor:
+    def draws() -> Tensor:  # one standard normal vector per replica, from its own stream
         return torch.stack([torch.randn(x.shape[1:], generator=gen, dtype=x.dtype) for gen in generators]).to(x.device)
 
-    generators = [torch.Generator().manual_seed(replica_seed(seed, r)) for r in ids]
     rows: list[list[np.ndarray]] = [[] for _ in ids]
     values: list[list[float]] = [[] for _ in ids]
     outs: list[list[np.ndarray]] = [[] for _ in ids]
