@@ -296,6 +296,8 @@ def _chain_stage(runs: list[Path], msm_config: MSMConfig, seed: int, out: Path, 
     step = msm_config.lag * head["every"]  # replica steps per lag
     chain = chain_of(features, {"loss": losses}, path, path, msm_config, seed, step=step)
     result: dict[str, Any] = {"runs": [r["run"] for r in group], "points": chain.points, "connected": chain.connected}
+    # the replicas' step rules (lr, momentum): more than one makes the chain one of a mixture of dynamics
+    result["step_rules"] = sorted({rule for record in group for rule in record["rules"]}, key=str)
     summary["chain"] = result
     if chain.model is None:
         result["transition"] = {"none": str(chain.transition)}
@@ -334,6 +336,7 @@ def _chain_record(run: Path, saved: Path, summary: dict) -> dict[str, Any]:
         "replicas": [],
         "losses": [],
         "every": 1,
+        "rules": set(),
     }
     listed = {entry["path"] for entry in summary["skipped"]}
     for _, _, outputs, replica in saved_replicas(saved.parent):
@@ -342,6 +345,7 @@ def _chain_record(run: Path, saved: Path, summary: dict) -> dict[str, Any]:
             store = TrajectoryStore.open(replica)
             record["losses"].append(store.stats["loss"])
             record["every"] = int(store.meta.get("record_every", 1))
+            record["rules"].add((store.meta.get("lr"), store.meta.get("momentum", 0.0)))
         except (OSError, ValueError) as err:
             record["losses"].append(np.full(len(record["replicas"][-1]), np.nan))
             if not any(str(replica) in path for path in listed):

@@ -57,6 +57,7 @@ def test_analyze_merges_runs_and_finds_the_saddle_between_their_minima(two_runs)
     assert chain["points"] == 2 * (4 * 61 + 2) and chain["connected"] > 0.9 and chain["sets"] >= 2
     assert sorted(Path(run).name for run in chain["stages"]) == ["run-0", "run-1"]
     assert all(stages[0]["first_step"] == 0 and stages[-1]["last_step"] == 5 for stages in chain["stages"].values())
+    assert chain["step_rules"] == [[0.01, 0.0]]  # both runs' replicas step alike: one dynamics
     for name in ("disconnectivity", "timescales", "paths", "free_energy"):
         assert (out / f"{name}.png").exists(), name
     runs = {line.split(",")[3] for line in (out / "minima.csv").read_text().splitlines()[1:]}
@@ -139,6 +140,16 @@ def test_a_config_of_another_model_is_one_clear_line(two_runs, tmp_path, capsys)
         main(["analyze", str(tmp_path / "run-0"), str(tmp_path / "run-1"), "--config", str(config)])
     err = capsys.readouterr().err
     assert "builds a model with" in err and "HINT: pass the config the runs were trained with" in err
+
+
+def test_analyzes_chain_lists_the_step_rules_of_runs_at_two_learning_rates(two_runs, tmp_path):
+    from lightning_landscape.analysis import analyze
+
+    root, _ = two_runs
+    sampling = SamplingConfig(replicas=4, steps=50, lr=0.02, temperature=0.5, record_every=5)
+    train([well_energy(sampling=sampling, paths={"max_paths": 0})], tmp_path / "fast", max_steps=8)
+    summary = analyze([root / "run-0", tmp_path / "fast"], tmp_path / "analysis")
+    assert summary["chain"]["step_rules"] == [(0.01, 0.0), (0.02, 0.0)]  # a chain of a mixture of two dynamics
 
 
 def test_analyze_reports_the_training_transition_of_a_known_chain(tmp_path):
