@@ -48,7 +48,7 @@ from lightning_landscape.dynamics import (
     disconnectivity_figure,
     disconnectivity_tree,
 )
-from lightning_landscape.dynamics.excursions import saved_replicas
+from lightning_landscape.dynamics.excursions import saved_replicas, step_rule
 from lightning_landscape.dynamics.pipeline import (
     BARRIER_COLUMNS,
     MSMConfig,
@@ -345,7 +345,7 @@ def _chain_record(run: Path, saved: Path, summary: dict) -> dict[str, Any]:
             store = TrajectoryStore.open(replica)
             record["losses"].append(store.stats["loss"])
             record["every"] = int(store.meta.get("record_every", 1))
-            record["rules"].add((store.meta.get("lr"), store.meta.get("momentum", 0.0)))
+            record["rules"].add(step_rule(store.meta))
         except (OSError, ValueError) as err:
             record["losses"].append(np.full(len(record["replicas"][-1]), np.nan))
             if not any(str(replica) in path for path in listed):

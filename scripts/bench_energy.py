@@ -159,9 +159,13 @@ def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int 
     )
     rate = {k: replicas * steps / v for k, v in best.items()}
     print(f"\nbasin sampling, {replicas} replicas x {steps} steps (replica-steps per second):")
-    labels = [("previous", "previous loop, one replica per call"), ("loop", "loop"), ("auto", "batched")]
-    labels.append(("floor", "floor: bare network, vmapped step only"))
-    for key, label in labels:
+    labels = {
+        "previous": "previous loop, one replica per call",
+        "loop": "loop",
+        "auto": "batched",
+        "floor": "floor: bare network, vmapped step only",
+    }
+    for key, label in labels.items():
         print(f"  {label:>36}: {best[key]:.2f} s, {rate[key]:.0f}/s, {best['previous'] / best[key]:.1f}x the previous")
     print(f"  every replica bit-identical in all three: {bool(same)}")
 

@@ -65,7 +65,7 @@ from lightning_landscape.dynamics import (
     disconnectivity_figure,
     disconnectivity_tree,
 )
-from lightning_landscape.dynamics.excursions import saved_replicas
+from lightning_landscape.dynamics.excursions import saved_replicas, step_rule
 from lightning_landscape.dynamics.pipeline import (
     BARRIER_COLUMNS,
     BasinConfig,
@@ -766,12 +766,12 @@ class EnergyLandscape(LandscapeCallback):
 
         recorder = TrajectoryRecorder.find(trainer)
         store = recorder.store if recorder is not None else None
-        snapshots: list[int] = []
+        snapshots: list[tuple[int, int | str]] = []  # (step, the store's name of the snapshot)
         if store is not None:
-            snapshots = [s for s in store.snapshot_steps if s < step]
-            if 0 not in snapshots and (store.path / "snapshots" / "init.npy").exists():
-                snapshots.insert(0, 0)
-        visits = [*self._visits, *(self._path_visits.get(s, float("nan")) for s in snapshots)]
+            snapshots = [(s, s) for s in store.snapshot_steps if s < step]
+            if not (snapshots and snapshots[0][0] == 0) and (store.path / "snapshots" / "init.npy").exists():
+                snapshots.insert(0, (0, "init"))
+        visits = [*self._visits, *(self._path_visits.get(s, float("nan")) for s, _ in snapshots)]
         chosen = restart_points(self.sampling.replicas, self.sampling.restarts, visits)
         restarts: dict[int, Any] = {}
         if chosen and snapshots:
@@ -781,9 +781,9 @@ class EnergyLandscape(LandscapeCallback):
             if k < len(self._visits):
                 restarts[replica] = k
                 continue
-            at = snapshots[k - len(self._visits)]
+            at, name = snapshots[k - len(self._visits)]
             try:
-                flat = np.asarray(store.snapshot(at if at in store.snapshot_steps else "init"))
+                flat = np.asarray(store.snapshot(name))
             except Exception as err:  # a snapshot is one candidate: the trigger stands without it
                 self._part_failed(
                     step, "restarts", f"read the snapshot of step {at}", err, "that replica starts at x0."
@@ -823,7 +823,7 @@ class EnergyLandscape(LandscapeCallback):
             store = TrajectoryStore.open(path)
             losses.append(store.stats["loss"])
             accuracy.append(probe_accuracy(outputs, self._probe))
-            rules.setdefault((store.meta.get("lr"), store.meta.get("momentum", 0.0)), trigger)
+            rules.setdefault(step_rule(store.meta), trigger)
         if len(rules) > 1 and not self._warned_rules:
             self._warned_rules = True
             warnings.warn(

@@ -120,6 +120,12 @@ def saved_replicas(folder: str | Path) -> Iterator[tuple[int, int, np.ndarray, P
             yield int(trigger.name[5:]), int(replica.name[8:]), outputs[k], replica
 
 
+def step_rule(meta: dict[str, Any]) -> tuple[float | None, float]:
+    """``(lr, momentum)`` of a saved replica, from the meta :meth:`Excursions.save` wrote (momentum 0 in stores
+    written before replicas had one)."""
+    return meta.get("lr"), meta.get("momentum", 0.0)
+
+
 def _stack_outputs(outputs: list[np.ndarray], probe: Any, theta: Tensor, n: int) -> np.ndarray | None:
     if probe is None:
         return None
