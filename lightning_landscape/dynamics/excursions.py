@@ -29,7 +29,7 @@ beside it. All replicas step together: one call of
 :meth:`~lightning_landscape.Objective.minibatch_losses_and_grads` per step, which ``vmap``s the replicas' gradients
 (each on its own minibatch) where that is faster, so ``R`` replicas of a small network cost about one step's
 Python overhead instead of ``R`` (``scripts/bench_energy.py --replicas-only``: 16 replicas of the quickstart MLP
-5x faster than one at a time, bit-identical, and as fast as the bare network's vmapped step).
+5-6x faster than one at a time, bit-identical, at about 1.4x the cost of the bare network's vmapped step).
 
 Example (a 1-D double well: SGLD started in the well at ``x = -1`` also visits the one at ``x = 1``)::
 
