@@ -269,6 +269,11 @@ class Objective:
         self.batch_sizes = [_batch_size(b) for b in self.batches]
         self.weights = [n / sum(self.batch_sizes) for n in self.batch_sizes]
         self._method: str | None = None  # how `losses` batches parameter vectors, once decided
+        self._held, self._fixed = False, None  # inside `evaluating()`, and the fixed tensors it holds
+        tensors = [t for _, t in module.named_parameters(remove_duplicate=False)]
+        tensors += [t for _, t in module.named_buffers(remove_duplicate=False)]
+        #: whether a tensor of the module has two names (tied weights), which `functional_call` must then tie
+        self._tie_weights = len({id(t) for t in tensors}) < len(tensors)
         #: batch passes spent so far (one batch through the network forward, or backward): the unit of budgets
         self.passes = {"forward": 0, "backward": 0}
         rng = _RNGState()  # the check below must not consume the caller's random numbers
@@ -344,17 +349,20 @@ class Objective:
     def evaluating(self) -> Iterator[None]:
         """Hold the module in the objective's evaluation mode (below) across many calls, e.g. the steps of
         :func:`~lightning_landscape.dynamics.sample_basin`: the calls inside skip setting and undoing it."""
+        if self._held:
+            yield
+            return
         with self._evaluation_mode():
-            self._held = True
+            self._held, self._fixed = True, self._fixed_tensors()  # the module's tensors stay put meanwhile
             try:
                 yield
             finally:
-                self._held = False
+                self._held, self._fixed = False, None
 
     @contextmanager
     def _evaluation_mode(self) -> Iterator[None]:
         """Set train/eval flags for the declared mode, mute Lightning logging, turn autocast off; undo all."""
-        if getattr(self, "_held", False):  # inside evaluating(): already set
+        if self._held:  # inside evaluating(): already set
             yield
             return
         modules = list(self.module.modules())
@@ -386,12 +394,30 @@ class Objective:
                     if track is not None:
                         m.track_running_stats = track
 
-    def _tensors(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def _fixed_tensors(self, buffers: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The module's buffers (or ``buffers``) and frozen parameters in ``dtype``, named for ``functional_call``."""
         source = buffers if buffers is not None else dict(self.module.named_buffers())
         out = {f"module.{n}": self._cast(b) for n, b in source.items()}
         out.update({f"module.{n}": self._cast(p) for n, p in self.module.named_parameters() if not p.requires_grad})
-        out.update({f"module.{n}": t for n, t in self.layout.unflatten(theta).items()})
         return out
+
+    def _tensors(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        return self._named(self.layout.unflatten(theta), buffers)
+
+    def _named(
+        self, parameters: Mapping[str, Tensor], buffers: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Every tensor ``functional_call`` swaps in: the trainable ``parameters`` (as ``layout.unflatten`` gives
+        them) and the fixed ones."""
+        fixed = self._fixed if buffers is None and self._fixed is not None else self._fixed_tensors(buffers)
+        return {**fixed, **{f"module.{n}": t for n, t in parameters.items()}}
+
+    def _call(self, tensors: dict[str, Tensor], batch: Any, batch_idx: int, outputs: bool = False) -> Tensor:
+        """The wrapper's forward (the loss of ``batch``, or the outputs) with the module's tensors swapped for
+        ``tensors``."""
+        kwargs = {"outputs": True} if outputs else None
+        args = (batch, batch_idx)
+        return functional_call(self._wrapper, tensors, args, kwargs, strict=False, tie_weights=self._tie_weights)
 
     def _batch_loss(self, theta: Tensor, index: int, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
         return self._loss_on(theta, self.batches[index], index, buffers)
@@ -400,7 +426,7 @@ class Objective:
         self, theta: Tensor, batch: Any, batch_idx: int, buffers: Mapping[str, Tensor] | None = None
     ) -> Tensor:
         """The loss of ``batch`` at ``theta``, with the L2 term."""
-        loss = functional_call(self._wrapper, self._tensors(theta, buffers), (batch, batch_idx), strict=False)
+        loss = self._call(self._tensors(theta, buffers), batch, batch_idx)
         if isinstance(self.l2, Tensor) or self.l2:
             loss = loss + 0.5 * (self.l2 * theta * theta).sum()
         return loss
@@ -441,9 +467,7 @@ class Objective:
         self._spend(len(self.batches))
         with self._evaluation_mode(), torch.no_grad():
             tensors = self._tensors(theta)
-            return torch.cat(
-                [functional_call(self._wrapper, tensors, (b, i), {"outputs": True}) for i, b in enumerate(self.batches)]
-            )
+            return torch.cat([self._call(tensors, b, i, outputs=True) for i, b in enumerate(self.batches)])
 
     def batchnorm_statistics(self, theta: Tensor) -> dict[str, Tensor]:
         """The module's buffers with BatchNorm running statistics recomputed at ``theta`` on the probe set.
@@ -496,12 +520,16 @@ class Objective:
         ``batches[r]``, for every row: one SGD step of ``R`` replicas, each on its own minibatch (``with_grad=False``:
         the losses only, and None).
 
-        The rows run under one ``vmap(grad)`` call (``chunk_size`` at a time, each row's batch gathered from the
-        stacked probe batches) when the batches stack (one pytree structure, tensors of one shape) and the batching
-        is ``"vmap"``, or ``"auto"`` and vmap was the faster of the two on the first call with two rows or more
-        (both timed once on those rows; the loop wins on large models, where vmap only adds memory); otherwise one
-        :meth:`loss_and_grad` per row. A row's result does not depend on the other rows, so a replica is the same
-        whichever replicas run beside it. Under ``vmap`` the ``batch_idx`` given to ``training_step`` is 0.
+        The rows run batched, ``chunk_size`` at a time, each row's batch gathered from the stacked probe batches:
+        one vmapped forward ``l = vmap(L_b)(thetas)`` and one ordinary backward of ``sum_r l_r``, whose gradient
+        with respect to row ``r`` is ``grad L_{b_r}(theta_r)`` as the rows do not interact (cheaper than
+        ``vmap(grad(L_b))``, which also wraps the backward's every operator). That is done when the batches stack
+        (one pytree structure, tensors of one shape) and the batching is ``"vmap"``, or ``"auto"`` and vmap was the
+        faster of the two on the first call with two rows or more (both timed once on those rows; the loop wins on
+        large models, where vmap only adds memory); otherwise one :meth:`loss_and_grad` per row. A row's result
+        does not depend on the other rows, so a replica is the same whichever replicas run beside it (to the bit
+        on the networks tested; the batched and the per-row kernels round differently, by about one float32 ulp).
+        Under ``vmap`` the ``batch_idx`` given to ``training_step`` is 0.
         """
         if len(thetas) != len(batches):
             raise ValueError(f"`thetas` has {len(thetas)} rows but {len(batches)} `batches` were given.")
@@ -515,17 +543,28 @@ class Objective:
         return torch.stack([v for v, _ in pairs]), torch.stack([g for _, g in pairs])
 
     def _minibatch_vmapped(self, thetas: Tensor, batches: Sequence[int], with_grad: bool) -> tuple[Tensor, Any]:
-        index = torch.as_tensor(list(batches), dtype=torch.long, device=self.device)
+        device = self.device
+        index = torch.as_tensor(list(batches), dtype=torch.long, device=device)
         chosen = tree_map(lambda t: t[index], self._stacked)
-        thetas = thetas.to(device=self.device, dtype=self.dtype)
+        thetas = thetas.to(device=device, dtype=self.dtype).detach()
         self._spend(len(thetas), len(thetas) if with_grad else 0)
-        with self._evaluation_mode():
-            if not with_grad:
-                with torch.no_grad():
-                    return vmap(self._minibatch_loss, chunk_size=self.chunk_size)(thetas, chosen), None
-            run = vmap(torch.func.grad_and_value(self._minibatch_loss), chunk_size=self.chunk_size)
-            grads, losses = run(thetas, chosen)
-        return losses.detach(), grads.detach()
+        losses, grads = [], []
+        with self._evaluation_mode(), torch.set_grad_enabled(with_grad):
+            for start in range(0, len(thetas), self.chunk_size):
+                rows = slice(start, start + self.chunk_size)
+                theta = thetas[rows].requires_grad_(with_grad)
+                # the parameters shaped before vmap and the L2 term added after it: fewer batched operators
+                loss = vmap(self._minibatch_loss)(
+                    self.layout.unflatten(theta), tree_map(lambda t, rows=rows: t[rows], chosen)
+                )
+                if with_grad:
+                    grads.append(torch.autograd.grad(loss.sum(), theta)[0])
+                losses.append(loss.detach())
+        losses, grads = torch.cat(losses), torch.cat(grads) if with_grad else None
+        if isinstance(self.l2, Tensor) or self.l2:
+            losses = losses + 0.5 * (self.l2 * thetas * thetas).sum(-1)
+            grads = grads + self.l2 * thetas if with_grad else None
+        return losses, grads
 
     def _minibatch_vmap(self, thetas: Tensor, batches: Sequence[int]) -> bool:
         """Whether :meth:`minibatch_losses_and_grads` vmaps (see there); decides once, timing both ways."""
@@ -565,8 +604,8 @@ class Objective:
             self._minibatch_method = min(timings, key=timings.get)
         return self._minibatch_method == "vmap"
 
-    def _minibatch_loss(self, theta: Tensor, batch: Any) -> Tensor:
-        return self._loss_on(theta, batch, 0)
+    def _minibatch_loss(self, parameters: dict[str, Tensor], batch: Any) -> Tensor:
+        return self._call(self._named(parameters), batch, 0)  # without the L2 term
 
     def grad(self, theta: Tensor | None = None) -> Tensor:
         """``grad L(theta)``, accumulated batch by batch."""

@@ -206,9 +206,10 @@ def sample_basin(
             if s < steps or s in recorded:  # the last point needs only its loss
                 loss, g = objective.minibatch_losses_and_grads(x, batches, with_grad=s < steps)
             if s in recorded:
-                for i in range(len(ids)):
-                    rows[i].append((sketch(x[i]) if sketch is not None else x[i]).double().cpu().numpy())
-                    values[i].append(float(loss[i]))
+                points = (sketch(x) if sketch is not None else x).double().cpu().numpy()
+                for i, value in enumerate(loss.tolist()):
+                    rows[i].append(points[i])
+                    values[i].append(value)
                     if probe is not None:
                         outs[i].append(probe.outputs(x[i]).reshape(-1).double().cpu().numpy())
             if s < steps and velocity is not None:
