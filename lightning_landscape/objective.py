@@ -175,6 +175,24 @@ def local_batchnorm(module: nn.Module) -> AbstractContextManager[None]:
     return _overridden([(m, {"forward": MethodType(nn.modules.batchnorm._BatchNorm.forward, m)}) for m in norms])
 
 
+def _tied_names(module: nn.Module) -> dict[str, list[str]]:
+    """For every tensor that more than one submodule of ``module`` holds (tied weights), its first name (the one
+    ``named_parameters`` gives) -> the names under which the other submodules hold it. A submodule used at two
+    paths holds its tensors once: swapping them under both names would restore one of them wrongly."""
+    first: dict[int, str] = {}
+    slots: set[tuple[int, str]] = set()
+    tied: dict[str, list[str]] = {}
+    for path, sub in module.named_modules(remove_duplicate=False):
+        for attr, t in [*sub._parameters.items(), *sub._buffers.items()]:
+            if t is None or (id(sub), attr) in slots:
+                continue
+            slots.add((id(sub), attr))
+            name = f"{path}.{attr}" if path else attr
+            if first.setdefault(id(t), name) != name:
+                tied.setdefault(first[id(t)], []).append(name)
+    return tied
+
+
 class _Evaluated(nn.Module):
     """Calls the loss of ``module`` on a batch as ``forward``, so that ``functional_call`` can swap its tensors."""
 
@@ -270,10 +288,7 @@ class Objective:
         self.weights = [n / sum(self.batch_sizes) for n in self.batch_sizes]
         self._method: str | None = None  # how `losses` batches parameter vectors, once decided
         self._held, self._fixed = False, None  # inside `evaluating()`, and the fixed tensors it holds
-        tensors = [t for _, t in module.named_parameters(remove_duplicate=False)]
-        tensors += [t for _, t in module.named_buffers(remove_duplicate=False)]
-        #: whether a tensor of the module has two names (tied weights), which `functional_call` must then tie
-        self._tie_weights = len({id(t) for t in tensors}) < len(tensors)
+        self._aliases = _tied_names(self._wrapper)
         #: batch passes spent so far (one batch through the network forward, or backward): the unit of budgets
         self.passes = {"forward": 0, "backward": 0}
         rng = _RNGState()  # the check below must not consume the caller's random numbers
@@ -414,10 +429,12 @@ class Objective:
 
     def _call(self, tensors: dict[str, Tensor], batch: Any, batch_idx: int, outputs: bool = False) -> Tensor:
         """The wrapper's forward (the loss of ``batch``, or the outputs) with the module's tensors swapped for
-        ``tensors``."""
+        ``tensors`` (named as :meth:`_named` names them; a tied tensor also under its other names)."""
+        for name, others in self._aliases.items():
+            if name in tensors:
+                tensors = {**tensors, **dict.fromkeys(others, tensors[name])}
         kwargs = {"outputs": True} if outputs else None
-        args = (batch, batch_idx)
-        return functional_call(self._wrapper, tensors, args, kwargs, strict=False, tie_weights=self._tie_weights)
+        return functional_call(self._wrapper, tensors, (batch, batch_idx), kwargs, strict=False, tie_weights=False)
 
     def _batch_loss(self, theta: Tensor, index: int, buffers: Mapping[str, Tensor] | None = None) -> Tensor:
         return self._loss_on(theta, self.batches[index], index, buffers)

@@ -8,6 +8,8 @@ for it (``None`` where a callback cannot work with its defaults, which must then
 * ``gan``: manual optimization with two optimizers, ``toggle_optimizer`` and ``manual_backward``;
 * ``autoencoder``: ``forward`` needs flattened input, the batch holds images;
 * ``transformer``: dict batches, a tiny ``nn.TransformerEncoder`` (SDPA attention) and a metric;
+* ``tied weights``: a causal language model whose output head shares the embedding's Parameter, and whose one
+  block sits at two depths;
 * ``finetuning``: ``BaseFinetuning`` keeps a backbone frozen for the first epoch, then unfreezes it;
 * ``accumulation``: gradient accumulation over 2 batches with gradient clipping;
 * ``batchnorm``: a BatchNorm network, the energy landscape triggered several times.
@@ -173,6 +175,37 @@ class TextClassifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=0.01)
 
 
+class TiedLanguageModel(pl.LightningModule):
+    """Next-token prediction with the output head tied to the embedding (``head.weight = embed.weight``, as GPT-2
+    and most language models tie them: one Parameter held by two modules) and one block shared by two depths
+    (``nn.ModuleList([block] * 2)``, universal-transformer style: one module at two paths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        block = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.blocks = nn.ModuleList([block] * 2)
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(input_ids.shape[1])
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = block(h, src_mask=mask, is_causal=True)
+        return self.head(h)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        ids = batch["input_ids"]
+        logits = self(ids[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+
 class FinetunedNet(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
@@ -242,6 +275,7 @@ SHAPES = {
     "gan": Shape(GAN, loss_fn=discriminator_loss, outputs_fn=lambda m, b: m.discriminator(b[0])),
     "autoencoder": Shape(AutoEncoder, loader=image_loader, outputs_fn=lambda m, b: m(b[0].flatten(1))),
     "transformer": Shape(TextClassifier, loader=lambda: DataLoader(TokenDataset(), batch_size=16, shuffle=True)),
+    "tied weights": Shape(TiedLanguageModel, loader=lambda: DataLoader(TokenDataset(), batch_size=16, shuffle=True)),
     "finetuning": Shape(FinetunedNet, callbacks=lambda: [UnfreezeBackbone(at_epoch=1)]),
     "accumulation": Shape(TemplateModule, trainer={"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}),
     "batchnorm": Shape(BatchNormNet),

@@ -79,6 +79,62 @@ def test_l2_term_adds_exactly_half_weight_decay_times_the_squared_norm(per_param
     torch.testing.assert_close(again.loss(theta), obj.loss(theta))
 
 
+@pytest.mark.parametrize("per_parameter", [False, True])
+def test_vmapped_minibatch_losses_and_grads_equal_each_minibatch_energy(per_parameter):
+    """The replicas' path (one vmapped forward, one backward, the L2 term added outside vmap, in chunks)."""
+    net, _ = mlp_and_data()
+    x, y = blobs(40, seed=1).tensors
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]  # batches of one shape stack, so the rows are vmapped
+    l2 = torch.linspace(0.0, 0.5, sum(p.numel() for p in net.parameters()), dtype=torch.float64)
+    l2 = l2 if per_parameter else 0.3
+    obj = Objective(net, batches, ce, dtype=torch.float64, l2=l2, chunk_size=2, batching="vmap")
+    g = torch.Generator().manual_seed(0)
+    rows = obj.theta0 + 0.3 * torch.randn(5, obj.numel, generator=g, dtype=torch.float64)
+    chosen = [1, 0, 1, 1, 0]
+    losses, grads = obj.minibatch_losses_and_grads(rows, chosen)
+    assert obj._minibatch_method == "vmap"
+    values, none = obj.minibatch_losses_and_grads(rows, chosen, with_grad=False)
+    assert none is None
+    for row, b, loss, value, grad in zip(rows, chosen, losses, values, grads, strict=True):
+        f = exact_loss_fn(net.double(), [batches[b]])
+
+        def energy(theta, f=f):
+            return f(theta) + 0.5 * (l2 * theta * theta).sum()
+
+        torch.testing.assert_close(loss, energy(row))
+        torch.testing.assert_close(value, energy(row))
+        torch.testing.assert_close(grad, torch.autograd.functional.jacobian(energy, row))
+
+
+@pytest.mark.parametrize("tie", ["one module at two paths", "two modules sharing a weight"])
+def test_tied_weights_stay_tied_and_the_module_keeps_its_parameters(tie):
+    torch.manual_seed(0)
+    first = nn.Linear(3, 3)
+    second = first if tie == "one module at two paths" else nn.Linear(3, 3)
+    second.weight = first.weight  # (a no-op for one module)
+    net = nn.Sequential(first, nn.Tanh(), second)
+    before = {n: (p, p.detach().clone()) for n, p in net.named_parameters(remove_duplicate=False)}
+    x, y = blobs(40, seed=0).tensors
+    batches = [(x[:20], y[:20]), (x[20:], y[20:])]
+    obj = Objective(net, batches, ce, dtype=torch.float64, batching="vmap")
+    assert obj.numel == (12 if tie == "one module at two paths" else 15)
+
+    def f(theta, rows=slice(None)):
+        w, b1 = theta[:9].reshape(3, 3), theta[9:12]
+        b2 = b1 if tie == "one module at two paths" else theta[12:]
+        return F.cross_entropy(F.linear(torch.tanh(F.linear(x[rows].double(), w, b1)), w, b2), y[rows])
+
+    theta = obj.theta0 + 0.2
+    torch.testing.assert_close(obj.loss(theta), f(theta))
+    torch.testing.assert_close(obj.grad(theta), torch.autograd.functional.jacobian(f, theta))
+    losses, grads = obj.minibatch_losses_and_grads(torch.stack([theta, theta]), [0, 1])
+    for b, rows in enumerate((slice(0, 20), slice(20, 40))):
+        torch.testing.assert_close(losses[b], f(theta, rows))
+        torch.testing.assert_close(grads[b], torch.autograd.functional.jacobian(lambda t, r=rows: f(t, r), theta))
+    for name, p in net.named_parameters(remove_duplicate=False):  # the same Parameter objects, unchanged
+        assert p is before[name][0] and isinstance(p, nn.Parameter) and torch.equal(p, before[name][1])
+
+
 def test_bad_l2_names_the_parameter():
     net, batches = mlp_and_data()
     with pytest.raises(ValueError, match="`l2` must be a finite number >= 0, got -1"):

@@ -66,7 +66,7 @@ def gradient_moments(objective: Any, theta: Tensor | None = None, chunk_size: in
 
     def sample_loss(t: Tensor, sample: Any) -> Tensor:
         one = _map_tensors(sample, lambda x: x.unsqueeze(0))
-        return torch.func.functional_call(objective._wrapper, objective._tensors(t), (one, 0), strict=False)
+        return objective._call(objective._tensors(t), one, 0)
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0), chunk_size=chunk_size)
     grad_sum = torch.zeros_like(theta)

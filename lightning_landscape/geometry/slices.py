@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 
 def evaluate_slice(
@@ -228,7 +228,7 @@ class AffineInputLayers:
                 tensors = obj._tensors(torch.addmv(self.center, self.directions.T, s))
             total = 0.0
             for i, w in enumerate(obj.weights):
-                total = total + w * functional_call(obj._wrapper, tensors, (obj.batches[i], i), strict=False)
+                total = total + w * obj._call(tensors, obj.batches[i], i)
             return total
 
         try:
