@@ -230,6 +230,15 @@ def _msm_stage(stores, msm_config: MSMConfig, seed, out: Path, summary: dict, ar
                 # points in the largest connected set: runs or triggers that never meet in sketch space are apart
                 active_points=int(sum(np.isin(d, msm.active_set).sum() for d in dtrajs)),
             )
+            summary["connected"] = summary["active_points"] / summary["points"]
+            if summary["connected"] < 0.9:
+                summary["disconnected"] = (
+                    f"only {summary['connected']:.0%} of the points lie in the largest connected set of this MSM (on"
+                    " the parameter sketches): trajectories that never meet in parameter space (other seeds, the"
+                    " replicas of other triggers) stay apart, so its sets, timescales and transition describe that set"
+                    " alone. summary['chain'] (runs with EnergyLandscape) joins them on their probe outputs, where"
+                    " permuted copies of one function meet."
+                )
             columns = ["set", "population", "mean_loss", "points"]
             _write_csv(out / "metastable.csv", columns, [[row[c] for c in columns] for row in sets])
             timescales_figure(msm.its_lags, msm.implied_timescales, "recorded points").savefig(out / "timescales.png")

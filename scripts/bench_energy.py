@@ -131,9 +131,10 @@ def vmapped_floor(model, pool, x0, replicas: int, steps: int) -> float:
     return min(seconds)
 
 
-def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int = 3) -> None:
-    """Basin sampling alone: the previous per-replica loop, today's loop and the batched replicas, best of
-    ``repeats`` each, interleaved so that drift hits all alike."""
+def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int = 5) -> None:
+    """Basin sampling alone: the previous per-replica loop, today's loop and the batched replicas, ``repeats``
+    rounds of each, interleaved so that drift hits all alike; the best time of each, and the speed-ups as the
+    median over rounds of each round's ratio (steadier than the ratio of the bests on a shared machine)."""
     import torch
 
     from lightning_landscape import Objective
@@ -146,18 +147,18 @@ def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int 
     pool = [data.train_dataloader().collate_fn([data.train_set[int(i)] for i in chunk]) for chunk in index]
     x0 = Objective(model, pool).theta0
     sketch = SparseProjection(x0.numel(), 256, seed=0)
-    best, runs, previous = {}, {}, []
+    seconds, runs, previous = {k: [] for k in ("previous", "loop", "auto", "floor")}, {}, []
     for _ in range(repeats):
         objective = Objective(model, pool, l2=WEIGHT_DECAY)
         start = time.perf_counter()
         previous = [previous_sample_basin(objective, x0, r, steps, 0.1, 0, sketch, 5) for r in range(replicas)]
-        best["previous"] = min(best.get("previous", float("inf")), time.perf_counter() - start)
+        seconds["previous"].append(time.perf_counter() - start)
         for batching in ("loop", "auto"):
             objective = Objective(model, pool, batching=batching, l2=WEIGHT_DECAY)
             start = time.perf_counter()
             runs[batching] = sample_basin(objective, x0, replicas, steps, 0.1, seed=0, sketch=sketch, record_every=5)
-            best[batching] = min(best.get(batching, float("inf")), time.perf_counter() - start)
-        best["floor"] = min(best.get("floor", float("inf")), vmapped_floor(model, pool, x0, replicas, steps))
+            seconds[batching].append(time.perf_counter() - start)
+        seconds["floor"].append(vmapped_floor(model, pool, x0, replicas, steps))
     looped = all(torch.equal(runs["loop"].finals[r], previous[r][0]) for r in range(replicas)) and all(
         (runs["loop"].sketches[r] == np.stack([p for p, _ in previous[r][1]])).all() for r in range(replicas)
     )
@@ -167,7 +168,9 @@ def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int 
         for r, end in enumerate(runs["auto"].finals)
     )
     deviation = float((runs["auto"].finals - runs["loop"].finals).abs().max())
+    best = {k: min(v) for k, v in seconds.items()}
     rate = {k: replicas * steps / v for k, v in best.items()}
+    ratios = {k: [p / t for p, t in zip(seconds["previous"], v, strict=True)] for k, v in seconds.items()}
     print(f"\nbasin sampling, {replicas} replicas x {steps} steps (replica-steps per second):")
     labels = {
         "previous": "previous loop, one replica per call",
@@ -176,7 +179,9 @@ def replica_speed(root: str, replicas: int = 16, steps: int = 200, repeats: int 
         "floor": "floor: bare network, vmapped step only",
     }
     for key, label in labels.items():
-        print(f"  {label:>36}: {best[key]:.2f} s, {rate[key]:.0f}/s, {best['previous'] / best[key]:.1f}x the previous")
+        spread = f"{min(ratios[key]):.1f}-{max(ratios[key]):.1f}"
+        speedup = f"{statistics.median(ratios[key]):.1f}x the previous (rounds: {spread})"
+        print(f"  {label:>36}: best {best[key]:.2f} s, {rate[key]:.0f}/s, {speedup}")
     print(f"  every replica bit-identical in the previous loop and the loop: {looped}")
     print(f"  every batched replica bit-identical to itself run alone on the batched path: {batched}")
     print(f"  batched against the loop: largest difference of the final weights {deviation:.1e}")

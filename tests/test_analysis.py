@@ -50,6 +50,8 @@ def test_analyze_merges_runs_and_finds_the_saddle_between_their_minima(two_runs)
     assert saved["saddles"][0, 1] == pytest.approx(0.5, rel=1e-3)  # the saddle of the double well, from analyze
     np.testing.assert_allclose(saved["minima_losses"], 0.0, atol=1e-8)
     assert summary["metastable_states"] >= 2 and summary["active_points"] > 0
+    assert summary["connected"] == summary["active_points"] / summary["points"]
+    assert ("disconnected" in summary) == (summary["connected"] < 0.9)  # said in words when it is
     assert "transition" in summary  # TPT of the training paths, or why there is none
     # one chain of both runs on the probe outputs: 4 replicas of 61 points and the training path (steps 0, 5) each;
     # the runs' replicas meet in function space (their clouds hop between the same two wells)
@@ -190,3 +192,23 @@ def test_analyze_reports_the_training_transition_of_a_known_chain(tmp_path):
     assert top["sets"][0] == transition["source_set"] and top["sets"][-1] == transition["target_set"]
     assert len(top["sets"]) == 3 and top["share"] == pytest.approx(1.0, abs=0.02)  # one channel, through the middle
     assert (tmp_path / "out" / "path_atlas.png").stat().st_size > 1000
+
+
+def test_analyze_says_in_words_when_its_msm_is_disconnected(tmp_path):
+    """Two runs that stay in regions of parameter space far apart: their points never meet, so the MSM's largest
+    connected set holds one run's points, about half, and the summary says so."""
+    from lightning_landscape.dynamics import TrajectoryStore
+
+    rng = np.random.default_rng(0)
+    meta = {"k": 2, "projection_seed": 0, "nnz": 1, "n_params": 2}
+    runs = []
+    for run, center in (("run-a", 0.0), ("run-b", 100.0)):
+        for piece in range(3):
+            store = TrajectoryStore.create(tmp_path / run / f"trajectory-{piece}", meta)
+            for step in range(200):
+                store.append(step, {"loss": 1.0}, sketch=np.array([center, 0.0]) + rng.standard_normal(2))
+            store.flush()
+        runs.append(str(tmp_path / run))
+    summary = main(["analyze", *runs, "--out", str(tmp_path / "out"), "--clusters", "6"])
+    assert summary["points"] == 1200 and summary["connected"] == pytest.approx(0.5, abs=0.05)
+    assert summary["disconnected"].startswith("only 50% of the points lie in the largest connected set")
