@@ -562,7 +562,7 @@ class Objective:
     def _minibatch_vmapped(self, thetas: Tensor, batches: Sequence[int], with_grad: bool) -> tuple[Tensor, Any]:
         device = self.device
         index = torch.as_tensor(list(batches), dtype=torch.long, device=device)
-        chosen = tree_map(lambda t: t[index], self._stacked)
+        chosen = tree_map(lambda t: t.index_select(0, index), self._stacked)
         thetas = thetas.to(device=device, dtype=self.dtype).detach()
         self._spend(len(thetas), len(thetas) if with_grad else 0)
         losses, grads = [], []
