@@ -26,10 +26,11 @@ Why by hand: the replicas must not touch the user's module or optimizer, so they
 :class:`~lightning_landscape.Objective`; each replica has its own seeded generator (batch order and noise), so
 replica ``r`` is the same whichever process runs it (DDP ranks split the replicas) and whichever replicas run
 beside it. All replicas step together: one call of
-:meth:`~lightning_landscape.Objective.minibatch_losses_and_grads` per step, which ``vmap``s the replicas' gradients
-(each on its own minibatch) where that is faster, so ``R`` replicas of a small network cost about one step's
-Python overhead instead of ``R`` (``scripts/bench_energy.py --replicas-only``: 16 replicas of the quickstart MLP
-5-6x faster than one at a time, bit-identical, at about 1.4x the cost of the bare network's vmapped step).
+:meth:`~lightning_landscape.Objective.minibatch_losses_and_grads` per step, which ``vmap``s the replicas' losses
+(each on its own minibatch) and takes one backward where that is faster, so ``R`` replicas of a small network cost
+about one step's Python overhead instead of ``R`` (``scripts/bench_energy.py --replicas-only``: 16 replicas of the
+quickstart MLP about 7x faster than one at a time, at about 1.3x the cost of the bare network's vmapped step; a
+replica is bit-identical to itself run alone, and to the loop up to rounding).
 
 Example (a 1-D double well: SGLD started in the well at ``x = -1`` also visits the one at ``x = 1``)::
 
