@@ -287,7 +287,7 @@ class Objective:
         self.batch_sizes = [_batch_size(b) for b in self.batches]
         self.weights = [n / sum(self.batch_sizes) for n in self.batch_sizes]
         self._method: str | None = None  # how `losses` batches parameter vectors, once decided
-        self._held, self._fixed = False, None  # inside `evaluating()`, and the fixed tensors it holds
+        self._fixed: dict[str, Tensor] | None = None  # the fixed tensors, held inside `evaluating()` (else None)
         self._aliases = _tied_names(self._wrapper)
         #: batch passes spent so far (one batch through the network forward, or backward): the unit of budgets
         self.passes = {"forward": 0, "backward": 0}
@@ -364,20 +364,20 @@ class Objective:
     def evaluating(self) -> Iterator[None]:
         """Hold the module in the objective's evaluation mode (below) across many calls, e.g. the steps of
         :func:`~lightning_landscape.dynamics.sample_basin`: the calls inside skip setting and undoing it."""
-        if self._held:
+        if self._fixed is not None:  # already held
             yield
             return
         with self._evaluation_mode():
-            self._held, self._fixed = True, self._fixed_tensors()  # the module's tensors stay put meanwhile
+            self._fixed = self._fixed_tensors()  # the module's tensors stay put meanwhile
             try:
                 yield
             finally:
-                self._held, self._fixed = False, None
+                self._fixed = None
 
     @contextmanager
     def _evaluation_mode(self) -> Iterator[None]:
         """Set train/eval flags for the declared mode, mute Lightning logging, turn autocast off; undo all."""
-        if self._held:  # inside evaluating(): already set
+        if self._fixed is not None:  # inside evaluating(): already set
             yield
             return
         modules = list(self.module.modules())
@@ -424,7 +424,7 @@ class Objective:
     ) -> dict[str, Tensor]:
         """Every tensor ``functional_call`` swaps in: the trainable ``parameters`` (as ``layout.unflatten`` gives
         them) and the fixed ones."""
-        fixed = self._fixed if buffers is None and self._fixed is not None else self._fixed_tensors(buffers)
+        fixed = self._fixed if self._fixed is not None and buffers is None else self._fixed_tensors(buffers)
         return {**fixed, **{f"module.{n}": t for n, t in parameters.items()}}
 
     def _call(self, tensors: dict[str, Tensor], batch: Any, batch_idx: int, outputs: bool = False) -> Tensor:
