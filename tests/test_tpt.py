@@ -2,6 +2,8 @@
 and the slowest implied timescale of SGLD replicas on a double well against the exact one of its Smoluchowski
 generator on a fine grid."""
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -193,6 +195,7 @@ def three_hole(x, y, exp=np.exp):
 CORE, SPLIT = 0.25, 0.75  # cores: squares |x -+ 1|, |y| < CORE; the upper channel crosses x = 0 above y = SPLIT
 
 
+@functools.cache  # both seeds' tests compare with one reference
 def three_hole_reference(temperature: float, n: int = 161) -> dict[str, float]:
     """TPT of dx = -grad U dt + sqrt(2T) dW on a fine grid (square-root approximation of the generator, 2-D):
     the upper channel's share of the net reactive flux across x = 0; and the Boltzmann weights of x < 0 and y > 1
