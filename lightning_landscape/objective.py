@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_landscape.guard import _RNGState, is_metric
 from lightning_landscape.params import ParameterLayout
@@ -560,27 +560,29 @@ class Objective:
         return torch.stack([v for v, _ in pairs]), torch.stack([g for _, g in pairs])
 
     def _minibatch_vmapped(self, thetas: Tensor, batches: Sequence[int], with_grad: bool) -> tuple[Tensor, Any]:
-        device = self.device
-        index = torch.as_tensor(list(batches), dtype=torch.long, device=device)
-        chosen = tree_map(lambda t: t.index_select(0, index), self._stacked)
+        (leaves, spec), device = self._stacked, self.device
+        index = torch.tensor(batches, dtype=torch.long, device=leaves[0].device)
         thetas = thetas.to(device=device, dtype=self.dtype).detach()
         self._spend(len(thetas), len(thetas) if with_grad else 0)
         losses, grads = [], []
         with self._evaluation_mode(), torch.set_grad_enabled(with_grad):
             for start in range(0, len(thetas), self.chunk_size):
-                rows = slice(start, start + self.chunk_size)
-                theta = thetas[rows].requires_grad_(with_grad)
+                rows = index[start : start + self.chunk_size]
+                theta = thetas[start : start + self.chunk_size].requires_grad_(with_grad)
                 # the parameters shaped before vmap and the L2 term added after it: fewer batched operators
-                loss = vmap(self._minibatch_loss)(
-                    self.layout.unflatten(theta), tree_map(lambda t, rows=rows: t[rows], chosen)
-                )
+                chosen = tree_unflatten([t.index_select(0, rows) for t in leaves], spec)
+                loss = vmap(self._minibatch_loss)(self.layout.unflatten(theta), chosen)
                 if with_grad:
                     grads.append(torch.autograd.grad(loss.sum(), theta)[0])
                 losses.append(loss.detach())
-        losses, grads = torch.cat(losses), torch.cat(grads) if with_grad else None
-        if isinstance(self.l2, Tensor) or self.l2:
+        losses = torch.cat(losses) if len(losses) > 1 else losses[0]
+        grads = (torch.cat(grads) if len(grads) > 1 else grads[0]) if with_grad else None
+        if isinstance(self.l2, Tensor):
             losses = losses + 0.5 * (self.l2 * thetas * thetas).sum(-1)
             grads = grads + self.l2 * thetas if with_grad else None
+        elif self.l2:  # one coefficient: fused
+            losses = losses.add((thetas * thetas).sum(-1), alpha=0.5 * self.l2)
+            grads = grads.add(thetas, alpha=self.l2) if with_grad else None
         return losses, grads
 
     def _minibatch_vmap(self, thetas: Tensor, batches: Sequence[int]) -> bool:
@@ -589,12 +591,18 @@ class Objective:
 
         if not hasattr(self, "_stacked"):
             leaves = [tree_flatten(b) for b in self.batches]
-            same = all(spec == leaves[0][1] for _, spec in leaves) and all(
-                torch.is_tensor(x) and x.shape == y.shape and x.dtype == y.dtype
-                for flat, _ in leaves
-                for x, y in zip(flat, leaves[0][0], strict=True)
+            same = (
+                bool(leaves[0][0])
+                and all(spec == leaves[0][1] for _, spec in leaves)
+                and all(
+                    torch.is_tensor(x) and x.shape == y.shape and x.dtype == y.dtype
+                    for flat, _ in leaves
+                    for x, y in zip(flat, leaves[0][0], strict=True)
+                )
             )
-            self._stacked = tree_map(lambda *ts: torch.stack(ts), *self.batches) if same else None
+            # the leaves of all batches stacked, and the tree they fill
+            stacked = [torch.stack(ts) for ts in zip(*(flat for flat, _ in leaves), strict=True)] if same else None
+            self._stacked = (stacked, leaves[0][1]) if same else None
             self._minibatch_method: str | None = None if self.batching == "auto" else self.batching
         if self._stacked is None or self._minibatch_method == "loop":
             return False

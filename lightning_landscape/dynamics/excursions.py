@@ -29,8 +29,9 @@ beside it. All replicas step together: one call of
 :meth:`~lightning_landscape.Objective.minibatch_losses_and_grads` per step, which ``vmap``s the replicas' losses
 (each on its own minibatch) and takes one backward where that is faster, so ``R`` replicas of a small network cost
 about one step's Python overhead instead of ``R`` (``scripts/bench_energy.py --replicas-only``: 16 replicas of the
-quickstart MLP about 7x faster than one at a time, at about 1.3x the cost of the bare network's vmapped step; a
-replica is bit-identical to itself run alone, and to the loop up to rounding).
+quickstart MLP 8-9x faster than one at a time, at about 1.1x the cost of the bare network's vmapped step; a
+replica is bit-identical to itself run alone, and to the loop up to rounding). An SGD replica draws its whole batch
+order at once (the same numbers as one draw per step); an SGLD replica draws batch and noise step by step.
 
 Example (a 1-D double well: SGLD started in the well at ``x = -1`` also visits the one at ``x = 1``)::
 
@@ -188,7 +189,7 @@ def sample_basin(
     theta = theta if theta.ndim == 1 else theta[0] if len(theta) else x.new_zeros(theta.shape[1])
     if sketch is None and theta.numel() > 256:
         sketch = SparseProjection(theta.numel(), 256, seed=seed, device=theta.device)
-    recorded = [s for s in range(steps + 1) if s % record_every == 0 or s == steps]
+    recorded = {s for s in range(steps + 1) if s % record_every == 0 or s == steps}
     n_batches = len(objective.batches)
     noise = (2.0 * lr * temperature) ** 0.5  # per step, on theta (plain SGLD)
     kick = (2.0 * temperature * (1.0 - momentum) / lr) ** 0.5  # per step, on the gradient (heavy-ball SGLD)
@@ -201,9 +202,12 @@ def sample_basin(
     rows: list[list[np.ndarray]] = [[] for _ in ids]
     values: list[list[float]] = [[] for _ in ids]
     outs: list[list[np.ndarray]] = [[] for _ in ids]
+    order = None  # SGLD: a replica's stream gives its batch and then its noise, step by step
+    if not temperature and ids:  # SGD draws only batches from it: all at once, the same numbers as one per step
+        order = torch.stack([torch.randint(n_batches, (steps + 1,), generator=gen) for gen in generators], 1).tolist()
     with objective.evaluating() if hasattr(objective, "evaluating") else nullcontext():  # once, not every step
         for s in range(steps + 1):
-            batches = [int(torch.randint(n_batches, (1,), generator=gen)) for gen in generators]
+            batches = order[s] if order else [int(torch.randint(n_batches, (1,), generator=gen)) for gen in generators]
             if s < steps or s in recorded:  # the last point needs only its loss
                 loss, g = objective.minibatch_losses_and_grads(x, batches, with_grad=s < steps)
             if s in recorded:
@@ -227,7 +231,7 @@ def sample_basin(
     k = sketch.k if sketch is not None else theta.numel()
     return Excursions(
         replica_ids=np.asarray(ids, dtype=np.int64),
-        steps=np.asarray(recorded, dtype=np.int64),
+        steps=np.asarray(sorted(recorded), dtype=np.int64),
         sketches=np.stack(sketches) if ids else np.zeros((0, len(recorded), k)),
         losses=np.asarray(losses, dtype=np.float64).reshape(len(ids), len(recorded)),
         finals=torch.stack(finals) if ids else theta.new_zeros((0, theta.numel())),
