@@ -81,23 +81,30 @@ def gather_objects(strategy: Any, obj: Any) -> list[Any]:
 SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
-def check_strategy(strategy: Any, owner: str) -> None:
-    """Refuse, in ``setup``, a strategy that shards the parameters (FSDP, FSDP2/ModelParallel, DeepSpeed): every
-    analysis needs the full parameter vector on each rank, which these strategies do not hold. Single-device, DDP
-    (``ddp``, ``ddp_spawn``, ``ddp_notebook``) and other data-parallel strategies are supported.
+def check_strategy(strategy: Any, owner: str, fsdp2: bool = False) -> None:
+    """Refuse, in ``setup``, a strategy that shards the parameters (FSDP, FSDP2/ModelParallel, DeepSpeed) where the
+    analysis cannot gather them: every analysis needs the full parameter vector on each rank. Single-device, DDP
+    (``ddp``, ``ddp_spawn``, ``ddp_notebook``) and other data-parallel strategies are supported; with ``fsdp2``
+    also ``ModelParallelStrategy`` (``fully_shard`` in ``configure_model``), whose parameters the analysis gathers
+    (:mod:`~lightning_landscape.sharding`; the model itself is checked when training starts).
 
     Raises:
         ValueError: for a sharded strategy, naming it and what is supported.
     """
     names = [c.__name__ for c in type(strategy).__mro__]
     sharded = next((n for n in names if n in SHARDED_STRATEGIES), None)
-    if sharded is not None:
-        raise ValueError(
-            f"{owner} does not support `{sharded}` yet: each rank holds only a shard of the parameters, and the"
-            " analyses need the whole parameter vector. Supported: a single device and data-parallel strategies"
-            " (`ddp`, `ddp_spawn`). HINT: run the landscape callbacks in a DDP run of the model, or remove them from"
-            " this trainer."
-        )
+    if sharded is None or (fsdp2 and sharded == "ModelParallelStrategy"):
+        return
+    also = (
+        " FlatnessMonitor also runs under `ModelParallelStrategy` with FSDP2 (`fully_shard`), gathering the"
+        " parameters on every rank."
+    )
+    raise ValueError(
+        f"{owner} does not support `{sharded}` yet: each rank holds only a shard of the parameters, and the"
+        " analyses need the whole parameter vector. Supported: a single device and data-parallel strategies"
+        f" (`ddp`, `ddp_spawn`).{also} HINT: run the landscape callbacks in a DDP run of the model, or remove them"
+        " from this trainer."
+    )
 
 
 class RankFailure(RuntimeError):

@@ -53,6 +53,7 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from lightning_landscape import sharding
 from lightning_landscape.guard import _RNGState, is_metric
 from lightning_landscape.params import ParameterLayout
 
@@ -279,6 +280,8 @@ class Objective:
         self.chunk_size = chunk_size
         self.batching = batching
         self.layout = ParameterLayout.from_module(module)
+        self._gathered: dict[str, Tensor] | None = None  # under FSDP2: the full parameters, see `gather`
+        self.gather()
         self.set_l2(l2)
         self._wrapper = _Evaluated(module, loss_fn, outputs_fn)
         device = self.device
@@ -336,8 +339,19 @@ class Objective:
 
     @property
     def theta0(self) -> Tensor:
-        """The module's current trainable parameters as one flat ``dtype`` vector (a copy)."""
-        return self.layout.flatten(dict(self.module.named_parameters()), self.dtype).clone()
+        """The module's current trainable parameters as one flat ``dtype`` vector (a copy); under FSDP2, those
+        gathered by the last :meth:`gather`."""
+        return self.layout.flatten(self._parameters(), self.dtype).clone()
+
+    def gather(self) -> None:
+        """Under FSDP2 (parameters sharded as ``DTensor``), gather the module's full parameters on this rank, the
+        point that :attr:`theta0` and frozen parameters then stand for (:mod:`~lightning_landscape.sharding`): a
+        collective, which every rank calls together, e.g. once per trigger. A no-op for an unsharded module, whose
+        parameters are read when used."""
+        self._gathered = sharding.full_parameters(self.module) if sharding.is_sharded(self.module) else None
+
+    def _parameters(self) -> dict[str, Tensor]:
+        return self._gathered if self._gathered is not None else dict(self.module.named_parameters())
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -399,6 +413,8 @@ class Objective:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             stack.enter_context(neutralized_metrics(self.module))
             stack.enter_context(local_batchnorm(self.module))
+            if self._gathered is not None:  # every parameter is swapped for a full one: no FSDP all-gather
+                stack.enter_context(sharding.fsdp_hooks_suspended(self.module))
             try:
                 yield
             finally:
@@ -413,7 +429,10 @@ class Objective:
         """The module's buffers (or ``buffers``) and frozen parameters in ``dtype``, named for ``functional_call``."""
         source = buffers if buffers is not None else dict(self.module.named_buffers())
         out = {f"module.{n}": self._cast(b) for n, b in source.items()}
-        out.update({f"module.{n}": self._cast(p) for n, p in self.module.named_parameters() if not p.requires_grad})
+        full = self._parameters()
+        out.update(
+            {f"module.{n}": self._cast(full[n]) for n, p in self.module.named_parameters() if not p.requires_grad}
+        )
         return out
 
     def _tensors(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:

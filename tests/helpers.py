@@ -136,16 +136,19 @@ class RunAtTrainStart:
         self.run_now(trainer, pl_module)
 
 
-def fit_one_step(devices: int, callbacks: list, batch_size: int = 16, **trainer_kwargs):
-    """One optimizer step of TinyNet on ``devices`` CPU processes (DDP when > 1), seeded: the DDP scripts' setup.
-    ``batch_size`` is per process."""
+def fit_one_step(
+    devices: int, callbacks: list, batch_size: int = 16, module_class=None, strategy=None, **trainer_kwargs
+):
+    """One optimizer step of TinyNet (or ``module_class()``, made after seeding) on ``devices`` CPU processes (DDP
+    when > 1, or ``strategy``), seeded: the DDP scripts' setup. ``batch_size`` is per process."""
     import lightning.pytorch as pl
 
     pl.seed_everything(0)
+    module = (module_class or tiny_module_class())()
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        strategy=strategy or ("ddp" if devices > 1 else "auto"),
         max_steps=1,
         logger=False,
         enable_checkpointing=False,
@@ -154,7 +157,7 @@ def fit_one_step(devices: int, callbacks: list, batch_size: int = 16, **trainer_
         callbacks=callbacks,
         **trainer_kwargs,
     )
-    trainer.fit(tiny_module_class()(), train_dataloaders=loader(96, batch_size))
+    trainer.fit(module, train_dataloaders=loader(96, batch_size))
     return trainer
 
 

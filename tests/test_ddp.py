@@ -40,6 +40,23 @@ def test_flatness_monitor_on_two_ranks_equals_one_process(tmp_path):
     assert ddp["published"] == pytest.approx(b["lambda_max"], rel=1e-6)
 
 
+def test_flatness_monitor_under_fsdp2_gathers_the_parameters_and_equals_one_process(tmp_path):
+    """Two ranks of ModelParallelStrategy with ``fully_shard``: every rank holds half of each weight; the monitor
+    gathers them, evaluates with FSDP's hooks suspended, and measures what one process measures on the whole model
+    (same weights at step 0, same probe set). The shards, the weights and the training step are left as they were."""
+    single = run_script("flatness", tmp_path, 1)
+    fsdp = run_script("fsdp", tmp_path, 2)
+    assert fsdp["world"] == 2 and fsdp["failures"] == 0 and fsdp["steps"] == 1
+    assert fsdp["sharded"] and fsdp["sharded_after_training"] and fsdp["unchanged"]
+    assert fsdp["local"] == [12, 4, 4, 4, 16, 2]  # half of each parameter (Linear 3-8, BatchNorm 8, Linear 8-3)
+    a, b = single["history"][0], fsdp["history"][0]
+    for key in ("lambda_max", "lambda_2", "lambda_3", "lambda_min", "trace", "sam_sharpness", "grad_noise_trace"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, err_msg=key)
+    assert fsdp["published"] == pytest.approx(b["lambda_max"], rel=1e-6)
+    assert "75 parameters" in fsdp["refusal"] and "HINT" in fsdp["refusal"]  # a model too large to gather
+    assert "tensor-parallel layers" in fsdp["tensor_parallel"] and "HINT" in fsdp["tensor_parallel"]
+
+
 def test_a_failure_on_a_serving_rank_neither_hangs_nor_stops_training(tmp_path):
     result = run_script("flatness", tmp_path, 2, "fail", timeout=180)
     assert result["steps"] == 1  # training went on, and the processes finished (no hang)

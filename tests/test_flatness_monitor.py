@@ -109,14 +109,16 @@ def test_monitor_every_step_does_not_disturb_training(tmp_path):
 
 def test_a_20m_parameter_model_keeps_the_lanczos_basis_within_the_memory_cap(tmp_path):
     """20M parameters, free memory reported as room for 24 parameter vectors in half of it: the basis stops at that
-    cap (without it, 30 steps), and the analysis holds at most the cap plus 16 vectors of working set (the probe
-    objective's copy of the parameters, the gradient graph of the Hessian-vector product, the Ritz vector)."""
+    cap (without it, 30 steps), and the analysis holds at most the cap plus 18 vectors of working set (the probe
+    objective's copy of the parameters, the state guard's copies, the gradient graph of the Hessian-vector product,
+    the Ritz vector): 16.1-16.8 measured in four runs, so the 16 this test allowed before failed about one run in
+    two; an uncapped basis would need 30 + 16."""
     from tests.ddp import run_script
 
     result = run_script("memory", tmp_path, 24, timeout=300)
     assert result["n_params"] == 4472 * 4473
     assert result["n_hvp"] <= 24 and result["lambda_max"] > 0  # capped, still a (lower-bound) estimate
-    assert result["extra_vectors"] <= 24 + 16
+    assert result["extra_vectors"] <= 24 + 18
 
 
 def test_a_basis_that_cannot_fit_is_refused_before_training(monkeypatch):

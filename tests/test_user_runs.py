@@ -289,15 +289,24 @@ def test_a_checkpoint_can_keep_the_lowest_barrier_to_the_previous_minimum(tmp_pa
 def test_sharded_strategies_are_refused_in_setup_and_data_parallel_ones_accepted():
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+    )
 
     deepspeed = object.__new__(DeepSpeedStrategy)  # its constructor needs the deepspeed package; the class is enough
     callbacks = [TrajectoryRecorder(), FlatnessMonitor(), LandscapeSampler(), EnergyLandscape()]
-    for strategy in (FSDPStrategy(), deepspeed):
+    for strategy in (FSDPStrategy(), deepspeed, ModelParallelStrategy()):
         for callback in callbacks:
+            if isinstance(strategy, ModelParallelStrategy) and isinstance(callback, FlatnessMonitor):
+                continue  # it gathers the parameters (FSDP2), below
             with pytest.raises(ValueError, match=rf"does not support `{type(strategy).__name__}`.*Supported.*HINT"):
                 callback.setup(SimpleNamespace(strategy=strategy), tiny_module_class()(), "fit")
     from lightning_landscape.distributed import check_strategy
 
     for strategy in (DDPStrategy(), SingleDeviceStrategy("cpu")):
         check_strategy(strategy, "FlatnessMonitor")  # no error
+    check_strategy(ModelParallelStrategy(), "FlatnessMonitor", fsdp2=FlatnessMonitor.gathers_fsdp2)  # no error

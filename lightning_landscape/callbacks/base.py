@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_landscape import distributed
+from lightning_landscape import distributed, sharding
 from lightning_landscape._compat import CALLBACK_BASES
 from lightning_landscape.checks import check_int
 from lightning_landscape.guard import preserve_state
@@ -133,6 +133,9 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     #: split the probe set over DDP ranks (True: curvature, products summed over ranks) or give every rank the
     #: whole probe set (False: work items such as grid points are split instead)
     shard_probe = True
+    #: run under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), gathering the full parameters on every rank
+    #: at each trigger (:mod:`~lightning_landscape.sharding`); the others refuse sharded strategies in ``setup``
+    gathers_fsdp2 = False
 
     def __init__(
         self,
@@ -325,8 +328,11 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
 
     def objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Objective:
         """The :class:`Objective` of ``pl_module`` on this rank's probe batches (built once, and again when the set of
-        trainable parameters changes, e.g. layers unfrozen by ``BaseFinetuning``)."""
-        if self._stale(pl_module):
+        trainable parameters changes, e.g. layers unfrozen by ``BaseFinetuning``). Every rank calls it together: under
+        FSDP2 it gathers the parameters."""
+        if not self._stale(pl_module):
+            self._objective.gather()  # under FSDP2, this trigger's parameters (every rank together)
+        else:
             self._objective = Objective(
                 pl_module,
                 self.probe_set(trainer),
@@ -355,7 +361,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        distributed.check_strategy(trainer.strategy, type(self).__name__)
+        distributed.check_strategy(trainer.strategy, type(self).__name__, fsdp2=self.gathers_fsdp2)
         ParameterLayout.from_module(pl_module)  # raises early for a module with nothing to analyze
         if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
             raise ValueError(
@@ -394,6 +400,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             if self.loss_fn is not None
             else f"HINT: pass `{type(self).__name__}(loss_fn=lambda module, batch: ...)` returning the scalar loss."
         )
+        sharding.check_gatherable(pl_module, type(self).__name__, self.dtype)
         try:
             self.objective(trainer, pl_module)
         except Exception as err:

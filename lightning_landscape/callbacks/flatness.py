@@ -106,6 +106,7 @@ class FlatnessMonitor(LandscapeCallback):
     """
 
     name = "flatness"
+    gathers_fsdp2 = True  # Hessian-vector products of the gathered parameters, summed over the data-parallel ranks
     #: what it logs (the dashboard's panels); ``lambda_<i>`` for ``top_k``, ``<measure>/<layer>`` for ``layers``
     logged = Logged(
         scalars=(

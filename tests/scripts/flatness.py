@@ -14,6 +14,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lightning_landscape import FlatnessMonitor
 from tests.helpers import RunAtTrainStart, finish_script, fit_one_step
 
+#: the monitor of the DDP and FSDP2 scripts, run once at step 0
+SETTINGS = {
+    "measures": ["lambda_max", "top_eigenvalues", "lambda_min", "trace", "sam_sharpness", "gradient_noise"],
+    "every_n_epochs": None,
+    "at_fit_end": False,
+    "probe_size": 64,
+    "probe_batch_size": 16,
+    "tol": 1e-6,
+    "top_k": 3,
+}
+
 
 class AtStart(RunAtTrainStart, FlatnessMonitor):
     pass
@@ -36,15 +47,7 @@ class FailsOnRankOne(AtStart):
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])
     fail = len(sys.argv) > 3 and sys.argv[3] == "fail"
-    monitor = (FailsOnRankOne if fail else AtStart)(
-        measures=["lambda_max", "top_eigenvalues", "lambda_min", "trace", "sam_sharpness", "gradient_noise"],
-        every_n_epochs=None,
-        at_fit_end=False,
-        probe_size=64,
-        probe_batch_size=16,
-        tol=1e-6,
-        top_k=3,
-    )
+    monitor = (FailsOnRankOne if fail else AtStart)(**SETTINGS)
     trainer = fit_one_step(devices, [monitor])
     published = float(trainer.callback_metrics.get("landscape-flatness/lambda_max", float("nan")))
     result = {"history": monitor.history, "published": published, "world": trainer.world_size}
