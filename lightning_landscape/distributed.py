@@ -96,8 +96,8 @@ def check_strategy(strategy: Any, owner: str, fsdp2: bool = False) -> None:
     if sharded is None or (fsdp2 and sharded == "ModelParallelStrategy"):
         return
     also = (
-        " FlatnessMonitor also runs under `ModelParallelStrategy` with FSDP2 (`fully_shard`), gathering the"
-        " parameters on every rank."
+        " FlatnessMonitor and LandscapeSampler also run under `ModelParallelStrategy` with FSDP2 (`fully_shard`),"
+        " gathering the parameters on every rank."
     )
     raise ValueError(
         f"{owner} does not support `{sharded}` yet: each rank holds only a shard of the parameters, and the"

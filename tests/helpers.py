@@ -53,6 +53,30 @@ def tiny_module_class(namespace: str = "lightning.pytorch") -> type:
     return TinyNet
 
 
+def sharded_module_class() -> type:
+    """TinyNet with each Linear layer and the root sharded over the data-parallel ranks (FSDP2 ``fully_shard`` in
+    ``configure_model``), as FSDP2 users write it; run it under :func:`fsdp2_strategy`."""
+
+    class ShardedTinyNet(tiny_module_class()):
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self, mesh=mesh)
+
+    return ShardedTinyNet
+
+
+def fsdp2_strategy(devices: int):
+    """Lightning's ModelParallelStrategy, all ranks data parallel (what :func:`sharded_module_class` expects)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
+
+
 class DisturbingAnalysis(LandscapeCallback):
     """Runs real analyses and then does everything an analysis must not leave behind."""
 

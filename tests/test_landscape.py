@@ -217,6 +217,16 @@ def test_two_ranks_compute_the_single_process_grid(tmp_path):
     )
 
 
+def test_fsdp2_ranks_compute_the_single_process_grid_from_gathered_parameters(tmp_path):
+    """Two ranks of ModelParallelStrategy with ``fully_shard``: the sampler gathers the sharded parameters (its own
+    snapshots too) and splits the grid as under DDP; the slices equal one process's on the unsharded model."""
+    single = run_script("landscape", tmp_path, 1)
+    fsdp = run_script("landscape", tmp_path, 2, "fsdp2")
+    np.testing.assert_allclose(fsdp["plane"], single["plane"], rtol=1e-5)
+    np.testing.assert_allclose(fsdp["profile"], single["profile"], rtol=1e-5)
+    assert fsdp["history"][0]["center_loss"] == pytest.approx(single["history"][0]["center_loss"])
+
+
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="`resolution`"):
         LandscapeSampler(resolution=1)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_landscape import distributed
+from lightning_landscape import distributed, sharding
 from lightning_landscape.callbacks.base import LandscapeCallback
 from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.geometry import (
@@ -73,6 +73,7 @@ class LandscapeSampler(LandscapeCallback):
     """
 
     name = "landscape"
+    gathers_fsdp2 = True  # slices of the gathered parameters, the grid split over the ranks
     section = "slices"  # keys landscape-slices/..., files in <run dir>/slices/
     #: what it logs (the dashboard's panels)
     logged = Logged(
@@ -155,7 +156,8 @@ class LandscapeSampler(LandscapeCallback):
     # ------------------------------------------------------------------ own snapshots
     def _flat(self, pl_module: pl.LightningModule) -> torch.Tensor:
         """All parameters, frozen ones too (as the recorder's snapshots), so that unfreezing keeps one layout."""
-        return torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).float().cpu()
+        full = sharding.full_parameters(pl_module)  # under FSDP2 gathered: every rank snapshots together
+        return torch.cat([p.reshape(-1) for p in full.values()]).float().cpu()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

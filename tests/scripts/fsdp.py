@@ -12,24 +12,11 @@ import lightning_landscape  # noqa: F401  (first)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 
 from lightning_landscape import FlatnessMonitor, sharding
-from tests.helpers import finish_script, fit_one_step, tiny_module_class
+from tests.helpers import finish_script, fit_one_step, fsdp2_strategy, sharded_module_class
 from tests.scripts.flatness import SETTINGS
-
-
-class Sharded(tiny_module_class()):
-    """TinyNet with each Linear layer and the root sharded over the data-parallel ranks, as FSDP2 users write it."""
-
-    def configure_model(self) -> None:
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
 
 
 class AtStart(FlatnessMonitor):
@@ -68,8 +55,7 @@ class AtStart(FlatnessMonitor):
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])
     monitor = AtStart(**SETTINGS)
-    strategy = ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1)
-    trainer = fit_one_step(devices, [monitor], module_class=Sharded, strategy=strategy)
+    trainer = fit_one_step(devices, [monitor], module_class=sharded_module_class(), strategy=fsdp2_strategy(devices))
     published = float(trainer.callback_metrics.get("landscape-flatness/lambda_max", float("nan")))
     result = {
         "history": monitor.history,

@@ -1,6 +1,7 @@
-"""LandscapeSampler under DDP: the grid split over ranks and gathered equals the 1-process grid.
+"""LandscapeSampler under DDP (or FSDP2 with ``fsdp2``): the grid split over ranks and gathered equals the 1-process
+grid.
 
-Usage: python landscape.py OUT.json DEVICES
+Usage: python landscape.py OUT.json DEVICES [fsdp2]
 """
 
 import sys
@@ -13,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np
 
 from lightning_landscape import LandscapeSampler
-from tests.helpers import RunAtTrainStart, finish_script, fit_one_step
+from tests.helpers import RunAtTrainStart, finish_script, fit_one_step, fsdp2_strategy, sharded_module_class
 
 
 class AtStart(RunAtTrainStart, LandscapeSampler):
@@ -23,7 +24,9 @@ class AtStart(RunAtTrainStart, LandscapeSampler):
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])
     sampler = AtStart(resolution=7, line_points=9, at_fit_end=False, probe_size=48, probe_batch_size=16)
-    trainer = fit_one_step(devices, [sampler], default_root_dir=str(Path(out).parent / f"root-{devices}"))
+    fsdp2 = {"module_class": sharded_module_class(), "strategy": fsdp2_strategy(devices)} if sys.argv[3:] else {}
+    root = Path(out).parent / f"root-{devices}{'-fsdp2' if fsdp2 else ''}"
+    trainer = fit_one_step(devices, [sampler], default_root_dir=str(root), **fsdp2)
     result = {}
     if trainer.is_global_zero:
         saved = np.load(sampler.reporter.run_dir / "landscape-step0000000.npz")
