@@ -620,8 +620,9 @@ class Objective:
                 )
             )
             # the leaves of all batches stacked, and the tree they fill
-            stacked = [torch.stack(ts) for ts in zip(*(flat for flat, _ in leaves), strict=True)] if same else None
-            self._stacked = (stacked, leaves[0][1]) if same else None
+            self._stacked = (
+                ([torch.stack(ts) for ts in zip(*(f for f, _ in leaves), strict=True)], leaves[0][1]) if same else None
+            )
             self._minibatch_method: str | None = None if self.batching == "auto" else self.batching
         if self._stacked is None or self._minibatch_method == "loop":
             return False

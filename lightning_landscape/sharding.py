@@ -59,10 +59,14 @@ def full_parameters(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def _defined_in(hook: object, prefix: str) -> bool:
+    return getattr(hook, "__module__", "").startswith(prefix)
+
+
 def _hooks(module: nn.Module, prefix: str) -> list:
     """``module``'s own forward hooks defined in package ``prefix``."""
     hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-    return [h for h in hooks if getattr(h, "__module__", "").startswith(prefix)]
+    return [h for h in hooks if _defined_in(h, prefix)]
 
 
 @contextmanager
@@ -71,14 +75,11 @@ def fsdp_hooks_suspended(module: nn.Module) -> Iterator[None]:
     are put back as they were, the same objects in the same order, on exit)."""
     saved = []
     for m in module.modules():
-        if not _hooks(m, _FSDP):
-            continue
         for attr in ("_forward_pre_hooks", "_forward_hooks"):
             table = getattr(m, attr)
-            kept = OrderedDict((k, h) for k, h in table.items() if not getattr(h, "__module__", "").startswith(_FSDP))
-            if len(kept) != len(table):
+            if any(_defined_in(h, _FSDP) for h in table.values()):
                 saved.append((m, attr, table))
-                setattr(m, attr, kept)
+                setattr(m, attr, OrderedDict((k, h) for k, h in table.items() if not _defined_in(h, _FSDP)))
     try:
         yield
     finally:
