@@ -31,7 +31,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import shutil
@@ -42,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_landscape.checks import OneLineParser, check_float, check_int, fail
 from lightning_landscape.dynamics import (
     MinimaDatabase,
     TrajectoryStore,
@@ -440,9 +440,24 @@ def _minima_outputs(merged, level: float, runs, out: Path, summary: dict, arrays
         arrays.update(basin_saddles=basins.saddles, merge_levels=tree.merge_levels)
 
 
+#: the config fields that the command-line options set, as the error messages name them
+OPTION_NAMES = {
+    "msm.lag": "--lag",
+    "msm.n_clusters": "--clusters",
+    "msm.max_metastable": "--max-metastable",
+    "paths.images": "--path-images",
+    "paths.steps": "--path-steps",
+    "paths.step_size": "--path-lr",
+    "paths.max_paths": "--max-paths",
+    "dedup_tol": "--dedup-tol",
+    "merge_barrier": "--merge-barrier",
+    "seed": "--seed",
+}
+
+
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """``lightning-landscape analyze``: parse the command line, run :func:`analyze`, print the summary."""
-    parser = argparse.ArgumentParser(prog="lightning-landscape analyze", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="lightning-landscape analyze", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", help="log directories of recorded runs (searched recursively)")
     parser.add_argument("--out", default=None, help="output folder (default: <first RUN_DIR>/landscape-analysis)")
     parser.add_argument("--lag", type=int, default=1, help="MSM lag in recorded points")
@@ -459,6 +474,19 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(args)
+    try:  # the option values, checked before any work (the same checks as the configs they build)
+        MSMConfig(lag=ns.lag, n_clusters=ns.clusters, max_metastable=ns.max_metastable)
+        PathConfig(images=ns.path_images, steps=ns.path_steps, step_size=ns.path_lr, max_paths=ns.max_paths)
+        check_float("dedup_tol", ns.dedup_tol, hint="e.g. 0.05 (5% output distance).")
+        check_float("merge_barrier", ns.merge_barrier, strict=False, optional=True, hint="e.g. 0.01, or leave it out.")
+        check_int("seed", ns.seed, minimum=0, example=0)
+    except ValueError as err:
+        message = str(err)
+        for config_name, option in OPTION_NAMES.items():
+            message = message.replace(f"`{config_name}", f"`{option}")
+        fail(parser.prog, message)
+    if ns.config is not None and not Path(ns.config).is_file():
+        fail(parser.prog, f"`--config` {ns.config!r} is not a file. HINT: pass the runs' LightningCLI YAML config.")
     try:
         summary = analyze(
             ns.run_dirs,
@@ -476,7 +504,6 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
             seed=ns.seed,
         )
     except AnalysisError as err:  # bad input: one line naming the file or argument and the fix
-        print(f"lightning-landscape analyze: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(parser.prog, str(err))
     print(json.dumps(summary, indent=1))
     return summary

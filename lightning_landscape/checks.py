@@ -11,8 +11,10 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import math
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 
 def check_int(name: str, value: Any, minimum: int = 1, *, optional: bool = False, example: int | None = None) -> None:
@@ -40,3 +42,18 @@ def check_float(
             f"`{name}` must be a finite number {bound}{' or None' if optional else ''}, got {value!r}."
             + (f" HINT: {hint}" if hint else "")
         )
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr, ``<prog>: error: <what> (see <prog> --help)``,
+    with exit status 2: what a script that runs the command under ``set -e`` can show as it is."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, message)
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    """Print ``<prog>: error: <message>`` (one line) on stderr and exit with status 2."""
+    message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    print(f"{prog}: error: {message} (see `{prog} --help`)", file=sys.stderr)
+    raise SystemExit(2)

@@ -123,5 +123,12 @@ def main(args: list[str] | None = None) -> Any:
         sys.argv = argv
 
 
-if __name__ == "__main__":
+def console() -> int:
+    """The ``lightning-landscape`` console script: :func:`main`, exit status 0 on success (``main``'s return value,
+    the summary of ``analyze``, is printed by ``analyze`` itself and is not an exit status)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(console())

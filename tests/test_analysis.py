@@ -1,6 +1,9 @@
 """``lightning-landscape analyze``: two recorded runs of the double well analyzed together."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -212,3 +215,28 @@ def test_analyze_says_in_words_when_its_msm_is_disconnected(tmp_path):
     summary = main(["analyze", *runs, "--out", str(tmp_path / "out"), "--clusters", "6"])
     assert summary["points"] == 1200 and summary["connected"] == pytest.approx(0.5, abs=0.05)
     assert summary["disconnected"].startswith("only 50% of the points lie in the largest connected set")
+
+
+def console(*args, cwd):
+    script = Path(sys.executable).with_name("lightning-landscape")  # the console script pip installed
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_the_console_script_exits_0_with_nothing_on_stderr_and_2_with_one_line_per_bad_option(two_runs, tmp_path):
+    root, _ = two_runs
+    done = console("analyze", str(root / "run-0"), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0 and done.stderr == ""
+    assert json.loads(done.stdout)["trajectories"] == 5  # the summary, on stdout
+    done = console("dashboard", "--entity", "e", "--project", "p", "--offline", "--out", "spec.json", cwd=tmp_path)
+    assert done.returncode == 0 and done.stderr == "" and (tmp_path / "spec.json").exists()
+    for option, value, named in [
+        ("--lag", "0", "`--lag`"),
+        ("--clusters", "-1", "`--clusters`"),
+        ("--path-images", "2", "`--path-images`"),
+        ("--config", str(tmp_path / "missing.yaml"), "`--config`"),
+        ("--lag", "one", "--lag"),
+    ]:
+        done = console("analyze", str(root / "run-0"), option, value, cwd=tmp_path)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and named in lines[0] and "Traceback" not in done.stderr

@@ -344,3 +344,23 @@ def test_lanczos_basis_stops_at_the_memory_cap_and_says_so():
     info = {}
     lanczos_tridiagonal(lambda v: H @ v, torch.ones(100, dtype=torch.float64), 60, max_vectors=1000, info=info)
     assert info["stopped"] == "steps"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_power_iteration_is_converged_only_within_tol_of_a_close_top_pair(seed):
+    # a top pair 1.00 / 0.97: the change of the Rayleigh quotient falls below 1e-3 long before it is within 1e-3
+    eigs = torch.cat([torch.tensor([1.0, 0.97]), torch.linspace(0.01, 0.5, 38)]).double()
+    obj, _ = quadratic(eigs)
+    res = hessian_eigenvalues(obj, k=1, tol=1e-3, method="power", seed=seed, max_iter=20000)
+    assert res.converged
+    assert abs(float(res.eigenvalues[0]) - 1.0) <= 1e-3
+
+
+def test_lanczos_asks_for_more_eigenvalues_than_the_start_vector_s_krylov_space_holds():
+    # H = 0 (a loss linear in the parameters) and H = diag(2, 2, 2, 1, 1, 1): Krylov spaces of dimension 1 and 2
+    linear = Objective(nn.Linear(3, 2), [torch.randn(4, 3)], lambda m, x: m(x).sum())
+    res = hessian_eigenvalues(linear, k=3)
+    assert res.eigenvalues.tolist() == [0.0, 0.0, 0.0] and res.converged
+    obj, _ = quadratic([2.0, 2.0, 2.0, 1.0, 1.0, 1.0])
+    assert hessian_eigenvalues(obj, k=4).eigenvalues.tolist() == pytest.approx([2.0, 2.0, 2.0, 1.0])
+    assert hessian_eigenvalues(obj, k=4, which="smallest").eigenvalues.tolist() == pytest.approx([1.0, 1.0, 1.0, 2.0])

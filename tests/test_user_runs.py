@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_landscape import EnergyLandscape, FlatnessMonitor, LandscapeSampler, TrajectoryRecorder
-from lightning_landscape.dynamics import TrajectoryStore
+from lightning_landscape.dynamics import MinimaDatabase, TrajectoryStore
 from lightning_landscape.guard import preserve_state
 from lightning_landscape.objective import Objective
 from tests.helpers import blobs, loader, tiny_module_class
@@ -94,10 +94,46 @@ def test_a_loss_linear_in_the_parameters_has_a_zero_hessian(tmp_path):
     v = torch.randn(objective.numel)
     assert torch.equal(objective.hvp(None, v), torch.zeros(objective.numel))
     assert torch.equal(objective.hvp_at()(v), torch.zeros(objective.numel))
-    monitor = FlatnessMonitor(every_n_steps=2, measures=["lambda_max", "trace"], probe_size=16, progress=False)
+    measures = ["lambda_max", "trace", "top_eigenvalues", "lambda_min"]
+    monitor = FlatnessMonitor(every_n_steps=2, measures=measures, top_k=3, probe_size=16, progress=False)
     trainer_for(tmp_path, [monitor], max_steps=4).fit(BoringModel(), loader(32, 8))
     assert monitor.failures == 0 and monitor.runs >= 2
-    assert monitor.history[-1]["lambda_max"] == 0.0 and monitor.history[-1]["trace"] == 0.0
+    last = monitor.history[-1]
+    assert last["lambda_max"] == 0.0 and last["trace"] == 0.0 and last["lambda_min"] == 0.0
+    assert [last[f"lambda_{i}"] for i in range(1, 4)] == [0.0, 0.0, 0.0]
+
+
+class NegativeLoss(pl.LightningModule):
+    """A Gaussian negative log-likelihood with a learned variance: its minima have losses below 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        mean, log_var = self.net(x).unbind(1)
+        target = x[:, 0] + 0.01 * (y.float() - 1)  # nearly a linear function of x: a small variance fits it
+        return 0.5 * (log_var + (target - mean) ** 2 / log_var.exp()).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, weight_decay=1e-3)
+
+
+def test_a_negative_loss_gives_minima_basins_and_a_tree(tmp_path):
+    energy = EnergyLandscape(
+        sampling={"replicas": 4, "steps": 20, "record_every": 2, "lr": 0.05},
+        basins={"merge_barrier": 1e-6},  # each minimum its own basin: the tree has something to merge
+        probe_size=32,
+        progress=False,
+    )
+    trainer_for(tmp_path, [energy], max_steps=3).fit(NegativeLoss(), loader(64, 16))
+    assert energy.failures == 0 and energy.runs == 1
+    losses = MinimaDatabase(energy.reporter.run_dir / "minima").losses
+    assert losses.max() < 0
 
 
 def test_a_reused_recorder_starts_a_new_store_with_the_new_model(tmp_path):

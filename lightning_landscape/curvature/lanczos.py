@@ -43,6 +43,7 @@ def lanczos_tridiagonal(
     check_every: int = 5,
     max_vectors: int | None = None,
     info: dict | None = None,
+    restart: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Up to ``steps`` Lanczos steps from ``v0``: returns ``alpha`` (m,), ``beta`` (m-1,) and the basis (dim, m).
 
@@ -52,6 +53,11 @@ def lanczos_tridiagonal(
     that growing it takes, would hold more than ``max_vectors`` vectors (default: half of the free memory,
     :func:`~lightning_landscape.curvature.memory.vectors_that_fit`). ``info``, when given, gets ``"stopped"``:
     ``"stop"``, ``"exhausted"``, ``"memory"`` or ``"steps"``.
+
+    With ``restart=True`` an exhausted Krylov space (an invariant subspace, e.g. ``H = 0`` for a loss linear in the
+    parameters) does not stop the process: it goes on from a random vector orthogonal to the basis, with a zero
+    off-diagonal entry (``T`` becomes block diagonal), so that ``k`` eigenvalues can be asked for whatever the
+    start vector. Stochastic Lanczos quadrature keeps the default: for it an exhausted space is an exact answer.
     """
     info = {} if info is None else info
     info["stopped"] = "steps"
@@ -87,8 +93,16 @@ def lanczos_tridiagonal(
             info["stopped"] = "stop"
             break
         if beta <= 1e-10 * max(1.0, float(alpha.abs())):
-            info["stopped"] = "exhausted"
-            break
+            if not restart:
+                info["stopped"] = "exhausted"
+                break
+            w = torch.randn(dim, generator=torch.Generator().manual_seed(j), dtype=torch.float64).to(v0)
+            for _ in range(2):
+                w = w - (rows[: j + 1] @ w) @ rows[: j + 1]
+            beta = torch.zeros((), dtype=v0.dtype, device=v0.device)
+            betas.append(beta)
+            q = w / w.norm()
+            continue
         betas.append(beta)
         q = w / beta
     m = len(alphas)

@@ -36,6 +36,7 @@ class DisconnectivityTree:
     merge_levels: np.ndarray
     labels: np.ndarray  # the name of each minimum in the figure (default 0 .. n-1)
     unreachable: float = np.inf  # the level at which groups with no known path between them are joined
+    offset: float = 0.0  # ``linkage`` holds the levels minus this (scipy takes no negative heights)
 
 
 def disconnectivity_tree(
@@ -60,9 +61,11 @@ def disconnectivity_tree(
     finite = np.isfinite(saddles[off])
     unreachable = (saddles[off][finite].max() if finite.any() else minima.max()) + 1.0
     saddles[off & ~np.isfinite(saddles)] = unreachable  # disconnected parts join above everything known
-    Z = linkage(squareform(saddles, checks=False), method="single")
+    # a loss may be negative (a Gaussian NLL, an ELBO): the levels are shifted above 0 for scipy, and back
+    offset = min(0.0, float(minima.min()) - 1.0) if n else 0.0
+    Z = linkage(squareform(np.where(off, saddles - offset, 0.0), checks=False), method="single")
     labels = np.arange(n) if labels is None else np.asarray(labels)
-    return DisconnectivityTree(minima, Z, Z[:, 2].copy(), labels, float(unreachable))
+    return DisconnectivityTree(minima, Z, Z[:, 2] + offset, labels, float(unreachable), offset)
 
 
 def disconnectivity_figure(tree: DisconnectivityTree, title: str = "disconnectivity graph") -> Figure:
@@ -71,10 +74,10 @@ def disconnectivity_figure(tree: DisconnectivityTree, title: str = "disconnectiv
     ax = fig.add_subplot()
     d = dendrogram(tree.linkage, no_plot=True)
     leaf_x = {5 + 10 * i: leaf for i, leaf in enumerate(d["leaves"])}
-    for xs, ys in zip(d["icoord"], d["dcoord"], strict=True):
-        ys = list(ys)
+    for xs, heights in zip(d["icoord"], d["dcoord"], strict=True):
+        ys = [h + tree.offset for h in heights]
         for end in (0, 3):
-            if ys[end] == 0.0 and xs[end] in leaf_x:
+            if heights[end] == 0.0 and xs[end] in leaf_x:
                 ys[end] = tree.minima[leaf_x[xs[end]]]
         ax.plot(xs, ys, color="k", lw=1.0)
     for x, leaf in leaf_x.items():

@@ -205,9 +205,9 @@ def workspace(spec: dict[str, Any], entity: str, project: str, name: str = "ligh
 
 def main(args: list[str]) -> dict[str, Any]:
     """``lightning-landscape dashboard ...`` (see the module docstring); returns the specification."""
-    import argparse
+    from lightning_landscape.checks import OneLineParser
 
-    parser = argparse.ArgumentParser(prog="lightning-landscape dashboard", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="lightning-landscape dashboard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--entity", required=True, help="W&B entity (user or team)")
     parser.add_argument("--project", required=True, help="W&B project")
     parser.add_argument("--name", default="lightning-landscape", help="the saved workspace's name")
