@@ -39,6 +39,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import warnings
@@ -322,6 +323,25 @@ class Objective:
         if isinstance(l2, bool) or not (isinstance(l2, (int, float)) and math.isfinite(l2) and l2 >= 0):
             raise ValueError(f"`l2` must be a finite number >= 0, got {l2!r}. HINT: 0 (no L2 term) or e.g. 5e-4.")
         self.l2 = float(l2)
+
+    def in_dtype(self, dtype: torch.dtype) -> Objective:
+        """This objective evaluated in ``dtype`` (e.g. float64 for a quench that must locate a minimum below float32's
+        rounding): the same module, loss, L2 term and probe set (its batches cast to ``dtype``), counting its batch
+        passes into the same :attr:`passes`. ``self`` when it already is in ``dtype``."""
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}.")
+        if dtype == self.dtype:
+            return self
+        twins = self.__dict__.setdefault("_twins", {})  # cast the probe set once per dtype
+        if dtype in twins:
+            return twins[dtype]
+        twin = twins[dtype] = copy.copy(self)
+        twin.dtype, twin._fixed, twin._method = dtype, None, None
+        twin.__dict__.pop("_stacked", None)  # the stacked minibatches are rebuilt from the cast batches
+        twin.batches = [_map_tensors(b, twin._cast) for b in self.batches]
+        if isinstance(self.l2, Tensor):
+            twin.l2 = self.l2.to(dtype)
+        return twin
 
     def _spend(self, forward: int, backward: int = 0) -> None:
         self.passes["forward"] += forward

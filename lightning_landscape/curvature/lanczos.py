@@ -96,9 +96,13 @@ def lanczos_tridiagonal(
             if not restart:
                 info["stopped"] = "exhausted"
                 break
-            w = torch.randn(dim, generator=torch.Generator().manual_seed(j), dtype=torch.float64).to(v0)
+            fresh = torch.Generator().manual_seed(0x5EED + j)  # not the caller's stream, nor its start vector's seed
+            w = torch.randn(dim, generator=fresh, dtype=torch.float64).to(v0)
             for _ in range(2):
                 w = w - (rows[: j + 1] @ w) @ rows[: j + 1]
+            if float(w.norm()) <= 1e-8:  # the basis spans the whole space
+                info["stopped"] = "exhausted"
+                break
             beta = torch.zeros((), dtype=v0.dtype, device=v0.device)
             betas.append(beta)
             q = w / w.norm()

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -59,7 +59,7 @@ from torch import Tensor
 
 from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.dynamics.excursions import Excursions, sample_basin
-from lightning_landscape.dynamics.minima import MinimaDatabase, quench
+from lightning_landscape.dynamics.minima import Certificate, MinimaDatabase, certify, quench
 from lightning_landscape.dynamics.msm import MarkovStateModel, clustered_msm, metastable_summary, states_on_plane
 from lightning_landscape.dynamics.sketch import SparseProjection
 from lightning_landscape.dynamics.tpt import TransitionPaths, transition_paths
@@ -126,34 +126,47 @@ class SamplingConfig:
 
 @dataclass
 class QuenchConfig:
-    """Quenches (L-BFGS on the probe set) and the function-space dedup of their minima.
+    """Quenches (L-BFGS on the probe set), the certificate of their minima and the function-space dedup.
 
-    A quench stops, converged, when the gradient has fallen ``rtol``-fold or when its last 20 iterations lowered
-    the energy by at most ``ftol`` (:func:`~lightning_landscape.dynamics.minima.quench`). The default ``ftol`` is a
-    tenth of the merge level: a minimum located to a tenth of what separates basins cannot be put in the wrong
-    basin by its remaining descent, and ReLU networks, whose minima lie on kinks of the loss, need an energy
-    criterion (their gradient does not vanish at a minimum).
+    A quench stops when the gradient has fallen ``rtol``-fold or when its last 20 iterations lowered the energy by
+    at most ``ftol`` (:func:`~lightning_landscape.dynamics.minima.quench`); then the point is certified
+    (:func:`~lightning_landscape.dynamics.minima.certify`: its smallest Hessian eigenvalue and the descent the
+    quadratic model still predicts, ``hvps`` Hessian-vector products each). A point still descending by more than
+    ``ftol`` is quenched on, while ``max_iter`` lasts; a saddle (clearly negative curvature) is kicked along its
+    negative direction both ways and both sides are quenched: their minima are stored, joined through the saddle,
+    and the saddle is not. The default ``ftol`` is a tenth of the merge level: a minimum located to a tenth of
+    what separates basins cannot be put in the wrong basin by its remaining descent.
 
     Args:
-        max_iter: L-BFGS iterations per quench at most.
+        max_iter: L-BFGS iterations per quench at most (all continuations together).
         rtol: converged when the gradient norm falls to ``rtol`` times its value at the start.
-        ftol: converged when 20 iterations lowered the energy by at most this (loss units). None (default): a tenth
-            of the merge level (``BasinConfig.merge_barrier``, by default the replicas' noise level).
+        ftol: the energy resolution (loss units): the quench's plateau criterion and the certificate's bound on the
+            remaining descent. None (default): a tenth of the merge level (``BasinConfig.merge_barrier``, by default
+            the replicas' noise level).
         dedup_tol: relative output distance under which two minima are one (the cheap first filter).
+        dtype: ``"float64"`` (default): quench and certify in float64 whatever the objective's dtype, so that a
+            minimum is located below float32's rounding (a float32 line search stalls there); ``"float32"``: in the
+            objective's own dtype (half the memory traffic, for models where float64 is slow, e.g. on most GPUs).
+        hvps: Hessian-vector products per Lanczos run of the certificate (two runs per quenched point).
     """
 
     max_iter: int = 1000
     rtol: float = 1e-3
     ftol: float | None = None
     dedup_tol: float = 0.05
+    dtype: Literal["float64", "float32"] = "float64"
+    hvps: int = 20
 
     def __post_init__(self) -> None:
         check_int("quench.max_iter", self.max_iter, example=100)
         check_float("quench.rtol", self.rtol, hint="e.g. 1e-3 (the gradient falls 1000-fold).")
         check_float("quench.ftol", self.ftol, optional=True, strict=False, hint="None: a tenth of the merge level.")
         check_float("quench.dedup_tol", self.dedup_tol, hint="e.g. 0.05 (5% output distance).")
+        check_int("quench.hvps", self.hvps, minimum=2, example=20)
         if self.rtol >= 1:
             raise ValueError(f"`quench.rtol` must be below 1, got {self.rtol}. HINT: e.g. 1e-3.")
+        if self.dtype not in ("float64", "float32"):
+            raise ValueError(f"`quench.dtype` must be 'float64' or 'float32', got {self.dtype!r}. HINT: 'float64'.")
 
 
 @dataclass
@@ -311,7 +324,8 @@ def noise_level(pool: Any, theta: Tensor, lr: float, temperature: float, momentu
 # ----------------------------------------------------------------------------------------------- 2. quench
 @dataclass
 class Minimum:
-    """A quenched point: where it ended, its loss, how well it converged and its outputs on the probe set."""
+    """A quenched point: where it ended, its loss, how well it converged, its certificate and its outputs on the
+    probe set. A saddle carries the minima its two kicked sides were quenched to (``kicked``)."""
 
     theta: np.ndarray
     loss: float
@@ -323,6 +337,23 @@ class Minimum:
     info: dict[str, Any] = field(default_factory=dict)
     loss_drop: float = float("nan")  # how far the quench lowered the loss
     criterion: str = ""  # "gradient", "energy" or "" (not converged)
+    certificate: Certificate | None = None
+    kicked: list[Minimum] = field(default_factory=list)
+
+    @property
+    def certified(self) -> bool:
+        return self.certificate is not None and self.certificate.certified
+
+    @property
+    def n_hvp(self) -> int:
+        """Hessian-vector products of its certificates (the kicked sides' included)."""
+        own = self.certificate.n_hvp if self.certificate is not None else 0
+        return own + sum(k.n_hvp for k in self.kicked)
+
+    @property
+    def n_grad_total(self) -> int:
+        """Gradients of its quenches (the kicked sides' included)."""
+        return self.n_grad + sum(k.n_grad_total for k in self.kicked)
 
 
 def energy_resolution(ftol: float | None, level: float) -> float:
@@ -331,41 +362,102 @@ def energy_resolution(ftol: float | None, level: float) -> float:
     return ftol if ftol is not None else level / 10
 
 
-def quench_point(objective: Any, theta: Tensor, config: QuenchConfig, level: float = 0.0, **info: Any) -> Minimum:
-    """Quench ``theta`` on ``objective`` (L-BFGS, at most ``config.max_iter`` iterations, to the gradient tolerance
-    ``rtol`` or the :func:`energy_resolution` for the merge level ``level``)."""
-    ftol = energy_resolution(config.ftol, level)
-    q = quench(objective, theta, max_iter=config.max_iter, rtol=config.rtol, ftol=ftol)
-    outputs = objective.outputs(q.theta).reshape(-1).double().cpu().numpy()
+def quench_point(
+    objective: Any,
+    theta: Tensor,
+    config: QuenchConfig,
+    level: float = 0.0,
+    kicks: int = 2,
+    max_step: float | None = None,
+    **info: Any,
+) -> Minimum:
+    """Quench ``theta`` on ``objective`` to the :func:`energy_resolution` for the merge level ``level`` and certify
+    the end (see :class:`QuenchConfig`): quenched on while the certificate finds it still descending and
+    ``config.max_iter`` lasts; a saddle is kicked both ways along its negative direction (``kicks`` levels deep)
+    and both sides quenched, with L-BFGS steps of at most twice the kick (``max_step``), so that each side
+    descends into the basin on its side of the saddle, into :attr:`Minimum.kicked`."""
+    target = objective.in_dtype(torch.float64) if config.dtype == "float64" else objective
+    start = theta.detach().to(device=target.device, dtype=target.dtype)
+    # no finer than the rounding of the loss where the quench starts (a merge level of 0 asks for no more)
+    loss0, g0 = target.loss_and_grad(start)
+    floor = 16 * float(torch.finfo(target.dtype).eps) * abs(float(loss0))
+    ftol = max(energy_resolution(config.ftol, level), floor)
+    # a start that is already stationary (a saddle, exactly) is certified as it is: L-BFGS's first step, of length 1
+    # along whatever direction the rounding gives the gradient, would carry it into one of its basins at random
+    stationary = float(g0.norm()) * max(float(start.norm()), 1.0) <= 1e-9 * max(abs(float(loss0)), 1e-12)
+    iterations = 0 if stationary else config.max_iter
+    q = quench(target, start, max_iter=iterations, rtol=config.rtol, ftol=ftol, max_step=max_step)
+    loss0, used = q.loss + q.loss_drop, q.n_grad
+    certificate = certify(target, q.theta, ftol, steps=config.hvps)
+    while certificate.kind == "uncertified" and used + 25 <= config.max_iter:  # still descending: on
+        q = quench(target, q.theta, max_iter=config.max_iter - used, rtol=config.rtol, ftol=ftol, max_step=max_step)
+        used += q.n_grad
+        certificate = certify(target, q.theta, ftol, steps=config.hvps)
+    kicked = []
+    if certificate.kind == "saddle" and kicks > 0:
+        # along the negative direction, far enough that the quadratic model drops 10 resolutions (or 1e-6 |lambda|)
+        lam = abs(certificate.lambda_min)
+        size = (2 * max(10 * ftol, 1e-6 * lam) / lam) ** 0.5
+        for sign in (1.0, -1.0):
+            side = q.theta + sign * size * certificate.direction.to(q.theta)
+            kicked.append(quench_point(objective, side, config, level, kicks - 1, 2 * size, **info))
+        if all(k.loss >= q.loss - max(ftol, certificate.energy_error) for k in kicked):
+            # neither side descends: negative curvature of the smooth part only (e.g. on a ReLU kink), a minimum
+            certificate = replace(certificate, kind="minimum", direction=None)
+            kicked = []
+    outputs = objective.outputs(q.theta.to(objective.dtype)).reshape(-1).double().cpu().numpy()
     return Minimum(
         q.theta.double().cpu().numpy(),
         q.loss,
         q.grad_norm,
         q.grad_ratio,
         q.converged,
-        q.n_grad,
+        used,
         outputs,
         info,
-        loss_drop=q.loss_drop,
+        loss_drop=loss0 - q.loss,
         criterion=q.criterion,
+        certificate=certificate,
+        kicked=kicked,
     )
 
 
-def add_minimum(db: MinimaDatabase, point: Minimum, **info: Any) -> tuple[int, bool]:
-    """``point`` into the database (deduplicated in function space); ``(id, is new)``.
+def add_minimum(db: MinimaDatabase, point: Minimum, **info: Any) -> tuple[int, int]:
+    """``point`` into the database (deduplicated in function space) with its certificate: ``(id, new minima)``.
+    A saddle is not stored: the minima of its kicked sides are, joined through it (``method="saddle"``: its loss
+    bounds the saddle between them from above), and the id is the lower one's.
 
     Raises:
-        ValueError: if its loss, parameters or outputs are not finite.
+        ValueError: if its loss, parameters or outputs are not finite (for a saddle: those of all its sides).
     """
+    if point.kicked:
+        added, rejected = [], None
+        for side in point.kicked:
+            try:
+                added.append(add_minimum(db, side, **{**point.info, **info}))
+            except ValueError as err:
+                rejected = err
+        if not added:
+            raise rejected or ValueError("a saddle without minima")
+        ids = sorted({i for i, _ in added})
+        if len(ids) == 2:
+            _set_saddle(db, ids[0], ids[1], point.loss, method="saddle", converged=True, **info)
+        return min(ids, key=lambda i: db.records[i]["loss"]), sum(n for _, n in added)
+    cert = point.certificate
     extra = {
         "grad_norm": point.grad_norm,
         "grad_ratio": point.grad_ratio,
         "quench_converged": point.converged,
         "quench_criterion": point.criterion,
+        "certified": point.certified if cert is not None else None,
+        "kind": cert.kind if cert is not None else "",
+        "lambda_min": cert.lambda_min if cert is not None else float("nan"),
+        "energy_error": cert.energy_error if cert is not None else float("nan"),
         **point.info,
         **info,
     }
-    return db.add(point.theta, point.loss, point.outputs, **extra)
+    i, new = db.add(point.theta, point.loss, point.outputs, **extra)
+    return i, int(new)
 
 
 # ----------------------------------------------------------------------------------------------- 3. basins, paths
