@@ -306,6 +306,7 @@ class Objective:
     def set_l2(self, l2: float | Tensor | Mapping[str, float]) -> None:
         """Set the L2 term (``l2`` in the class docstring): a number, a ``(P,)`` tensor, or ``{parameter name:
         coefficient}`` (as :attr:`metadata` stores it; names it lacks get 0)."""
+        self.__dict__.pop("_twins", None)  # `in_dtype` copies hold the previous L2 term
         if isinstance(l2, Mapping):
             sizes = dict(zip(self.layout.names, self.layout.sizes, strict=True))
             l2 = torch.cat([torch.full((sizes[n],), float(l2.get(n, 0.0)), dtype=torch.float64) for n in sizes])
@@ -369,6 +370,7 @@ class Objective:
         collective, which every rank calls together, e.g. once per trigger. A no-op for an unsharded module, whose
         parameters are read when used."""
         self._gathered = sharding.full_parameters(self.module) if sharding.is_sharded(self.module) else None
+        self.__dict__.pop("_twins", None)  # `in_dtype` copies hold the previous gathered parameters
 
     def _parameters(self) -> dict[str, Tensor]:
         return self._gathered if self._gathered is not None else dict(self.module.named_parameters())

@@ -333,3 +333,23 @@ def test_missing_loss_and_empty_batches_are_rejected():
         Objective(net, [], ce)
     with pytest.raises(ValueError, match="shape"):
         Objective(net, batches, ce).loss(torch.zeros(3))
+
+
+def test_the_float64_twin_evaluates_the_same_energy_and_counts_its_passes_with_the_original():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    batches = [(torch.randn(16, 3), torch.randint(0, 2, (16,))) for _ in range(2)]
+    objective = Objective(net, batches, lambda m, b: F.cross_entropy(m(b[0]), b[1]), l2=0.1)
+    twin = objective.in_dtype(torch.float64)
+    assert twin is objective.in_dtype(torch.float64) and objective.in_dtype(torch.float32) is objective
+    theta = objective.theta0.double()
+    weights = objective.layout.unflatten(theta)
+    exact = sum(0.5 * F.cross_entropy(torch.func.functional_call(net, weights, (x.double(),)), y) for x, y in batches)
+    exact = exact + 0.05 * (theta**2).sum()
+    assert twin.loss(theta).dtype == torch.float64 and float(twin.loss(theta)) == pytest.approx(float(exact), rel=1e-12)
+    before = objective.passes["forward"]
+    twin.loss_and_grad(theta)
+    assert objective.passes["forward"] == before + 2  # one budget for both
+    objective.set_l2(0.0)  # a changed energy: a fresh twin
+    assert objective.in_dtype(torch.float64) is not twin
+    assert float(objective.in_dtype(torch.float64).loss(theta)) == pytest.approx(float(exact - 0.05 * (theta**2).sum()))
