@@ -11,7 +11,8 @@ Reads what the callbacks stored under each run directory (searched recursively):
 * with ``--config`` (the LightningCLI config of the runs), the joining stage of
   :mod:`~lightning_landscape.dynamics.pipeline` on the merged database: straight lines, then minimum-energy paths
   between minima of different basins, of *different* runs too (mode connectivity);
-* the basins at ``--merge-barrier`` (default: the largest level the runs used) and their disconnectivity graph.
+* the basins at ``--merge-barrier`` (default: the largest fixed level the runs used, else each saddle's stored
+  noise along it) and their disconnectivity graph.
 
 The same stage functions as :class:`~lightning_landscape.EnergyLandscape` compute all of it. Everything goes to
 ``--out`` (default ``<first RUN_DIR>/landscape-analysis``): figures, ``analysis.npz``, ``metastable.csv``,
@@ -385,9 +386,9 @@ def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, optio
     merged = MinimaDatabase(folder, tol=dedup_tol, meta={**opened[0][1].meta, "merged_by_analyze": True})
     for run, db in comparable:
         merged.absorb(db, run=run)
-    if merge_barrier is None:  # the runs' own level (the largest, when their noise differed)
+    if merge_barrier is None:  # the runs' own fixed level (the largest, when they differ); none: each saddle's own
         levels = [db.merge_barrier for _, db in comparable if db.merge_barrier is not None]
-        merge_barrier = max(levels) if levels else 0.0
+        merge_barrier = max(levels) if levels else None
     profiles: list = []
     if config is not None and len(merged) > 1:
         try:
@@ -401,7 +402,12 @@ def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, optio
     _minima_outputs(merged, merge_barrier, runs, out, summary, arrays, len(profiles))
 
 
-def _paths(merged, config: Path, probe: dict, profiles: list, paths: PathConfig, level: float, summary: dict) -> None:
+def _paths(
+    merged, config: Path, probe: dict, profiles: list, paths: PathConfig, level: float | None, summary: dict
+) -> None:
+    """Paths between the merged runs' minima. Pairs merge at ``level``; when None, at the noise along them that
+    the runs stored with their saddles, and a pair that only ``analyze`` joins (no noise measured) merges only
+    below the energy error of its ends: pass ``--merge-barrier`` to merge such pairs at a fixed level."""
     n_params = merged.theta(0).size
     objective = _probe_objective(config, probe, n_params)
     _, plan, computed = join_basins(merged, objective, list(range(len(merged))), level, paths, source="analyze")
@@ -409,7 +415,7 @@ def _paths(merged, config: Path, probe: dict, profiles: list, paths: PathConfig,
     profiles += [(f"{i} - {j}", path.arc, path.losses) for i, j, path in computed]
 
 
-def _minima_outputs(merged, level: float, runs, out: Path, summary: dict, arrays: dict, n_paths: int) -> None:
+def _minima_outputs(merged, level: float | None, runs, out: Path, summary: dict, arrays: dict, n_paths: int) -> None:
     basins = basins_of(merged, level)
     summary.update(
         minima=len(merged),

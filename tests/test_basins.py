@@ -12,7 +12,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import EnergyLandscape, Objective
 from lightning_landscape.dynamics import MinimaDatabase, SamplingConfig
-from lightning_landscape.dynamics.pipeline import noise_level
+from lightning_landscape.dynamics.pipeline import (
+    CrossingNoise,
+    PathConfig,
+    QuenchConfig,
+    add_minimum,
+    join_basins,
+    noise_level,
+    quench_point,
+)
 from tests.test_energy import train
 
 
@@ -75,7 +83,8 @@ def test_a_ring_valley_is_one_basin(tmp_path, seed):
     _, run, db = energy_run(tmp_path, ring, [1.0, 0.0], sampling=sampling)
     assert run["n_minima"] >= 4  # distinct points of the ring, each a minimum of loss 0
     np.testing.assert_allclose(db.losses, 0.0, atol=1e-6)
-    assert run["merge_barrier"] == pytest.approx(0.05)  # the SGLD temperature (no minibatch noise)
+    assert run["noise_level"] == pytest.approx(0.05)  # the SGLD temperature (no minibatch noise)
+    assert run["crossing_temperature"] == pytest.approx(0.05) and "merge_barrier" not in run  # per pair, no fixed
     print(run, db.saddles)
     assert run["n_basins"] == 1 and set(db.basins().tolist()) == {0}
 
@@ -84,7 +93,7 @@ def test_a_ring_valley_is_one_basin(tmp_path, seed):
 def test_the_double_well_is_two_basins_at_the_default_noise_level(tmp_path, seed):
     sampling = SamplingConfig(replicas=8, steps=1500, lr=0.01, temperature=0.3, record_every=25, seed=seed)
     energy, run, db = energy_run(tmp_path, double_well, [-1.0, 0.0], sampling=sampling)
-    assert run["n_minima"] == 2 and run["merge_barrier"] == pytest.approx(0.3)  # T; barrier 0.5 separates
+    assert run["n_minima"] == 2 and run["crossing_temperature"] == pytest.approx(0.3)  # T; barrier 0.5 separates
     assert run["n_basins"] == 2
     assert db.saddles[(0, 1)]["saddle"] == pytest.approx(0.5, rel=1e-3)
     rows = (energy.reporter.run_dir / "basins-step0000001.csv").read_text().splitlines()
@@ -155,3 +164,71 @@ def test_sgds_excess_loss_is_the_noise_level(seed, lr, beta):
     )
     level = noise_level(pool, mean, lr=lr, temperature=0.0, momentum=beta)  # the unbiased spread over 8 batches
     assert level * 7 / 8 == pytest.approx(exact, rel=0.03)
+
+
+def noisy_double_well(along: str, c: float):
+    """``(x^2 - 1)^2 / 2 + 2 y^2`` (minima (+-1, 0), barrier 1/2) plus minibatch noise of size ``c``: batch ``b``
+    adds ``c_b x`` (noise along the barrier, ``along="x"``) or shifts ``y`` by ``c_b`` (noise orthogonal to it),
+    with ``c_b = +-c``, so that the mean energy is the double well itself (up to a constant)."""
+
+    def loss(module, batch):
+        x, y = module.weight[0, 0], module.weight[0, 1]
+        shift = batch[0][0]
+        if along == "x":
+            return 0.5 * (x**2 - 1) ** 2 + 2 * y**2 + shift * x
+        return 0.5 * (x**2 - 1) ** 2 + 2 * (y - shift) ** 2
+
+    batches = [(torch.tensor([sign * c], dtype=torch.float64),) for sign in (1.0, -1.0) * 4]
+    return Objective(
+        nn.Linear(2, 1, bias=False).double(),
+        batches,
+        loss,
+        dtype=torch.float64,
+        outputs_fn=lambda m, _: m.weight.reshape(1, 2),
+    )
+
+
+def two_minima_basins(tmp_path, along: str, c: float, lr: float = 0.1) -> tuple[int, float, float]:
+    """The double well's two minima quenched, joined by a path, merged at the noise along them: (basins, the noise
+    level, the merge level of the pair)."""
+    objective = noisy_double_well(along, c)
+    noise = CrossingNoise.measure(objective, torch.zeros(2, dtype=torch.float64), lr, temperature=0.0)
+    db = MinimaDatabase(tmp_path / f"{along}-{c}")
+    for x in (-0.8, 0.8):
+        add_minimum(db, quench_point(objective, torch.tensor([x, 0.1], dtype=torch.float64), QuenchConfig(), 0.01))
+    basins, plan, _ = join_basins(db, objective, [0, 1], None, PathConfig(images=9, steps=300), noise=noise)
+    return basins.n_basins, noise.level, plan.levels[(0, 1)]
+
+
+def test_noise_orthogonal_to_the_barrier_does_not_merge_the_wells(tmp_path):
+    # 8 batches with y shifted by +-2: tr(Sigma_B) = 16 c^2 8/7, a noise level 3.7x the barrier 0.5, none along x
+    n_basins, level, pair = two_minima_basins(tmp_path, "y", 2.0)
+    assert level == pytest.approx(0.1 * 16 * 4 * 8 / 7 / 4, rel=1e-9) and level > 3 * 0.5
+    assert pair == pytest.approx(0.0, abs=1e-12) and n_basins == 2
+
+
+@pytest.mark.parametrize(("c", "expected"), [(1.0, 2), (4.0, 1)])
+def test_noise_along_the_barrier_merges_the_wells_when_the_barrier_is_small_against_it(tmp_path, c, expected):
+    # tilts +-c: s_d = c^2 8/7 along x, T_d = lr s_d / 2 = 0.057 (c = 1, below the barrier 0.5) or 0.91 (c = 4)
+    n_basins, _, pair = two_minima_basins(tmp_path, "x", c)
+    assert pair == pytest.approx(0.1 * c**2 * 8 / 7 / 2, rel=1e-9)
+    assert n_basins == expected
+
+
+def test_minima_located_too_coarsely_for_the_noise_along_their_barrier_are_quenched_on(tmp_path):
+    objective = noisy_double_well("x", 0.3)  # T_d = 0.1 * 0.09 * 8/7 / 2 = 5.1e-3 along the barrier
+    noise = CrossingNoise.measure(objective, torch.zeros(2, dtype=torch.float64), 0.1, temperature=0.0)
+    db = MinimaDatabase(tmp_path / "db")
+    for x in (-0.6, 0.6):  # 1 L-BFGS iteration: far from located
+        point = quench_point(objective, torch.tensor([x, 0.5], dtype=torch.float64), QuenchConfig(max_iter=1), 0.01)
+        assert point.certificate.energy_error > 0.1 * 5.2e-3
+        add_minimum(db, point)
+    before = db.losses.copy()
+    basins, plan, _ = join_basins(
+        db, objective, [0, 1], None, PathConfig(images=9, steps=300), noise=noise, quench=QuenchConfig()
+    )
+    level = plan.levels[(0, 1)]
+    assert level == pytest.approx(0.1 * 0.09 * 8 / 7 / 2, rel=1e-9) and plan.refined == [0, 1]
+    assert all(r["certified"] and r["energy_error"] <= level / 10 for r in db.records)
+    assert (db.losses < before).all() and np.abs(db.losses).max() <= level / 10
+    assert basins.n_basins == 2  # both minima now located: the barrier 0.5 separates them

@@ -9,8 +9,9 @@ Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`) runs 
 2. **minima** (``quench``): the current point and every replica's end are quenched (L-BFGS on the probe set, a
    relative gradient tolerance, or to the energy resolution) and added to a persistent
    :class:`~lightning_landscape.dynamics.MinimaDatabase`, deduplicated in function space (outputs on the probe set).
-3. **basins** (``basins``, ``paths``): minima joined by a path whose lower barrier is below ``merge_barrier``
-   (default: the replicas' noise level) are one basin. A straight line joins what it can; minimum-energy paths
+3. **basins** (``basins``, ``paths``): minima joined by a path whose lower barrier is below their merge level
+   (default: the temperature of the replicas' noise along the line between them; ``basins.merge_barrier`` fixes
+   one level for all) are one basin. A straight line joins what it can; minimum-energy paths
    (string or NEB, FIRE, climbing image) the rest, split over DDP ranks: the current minimum to the previous
    trigger's, each new minimum to its nearest ones in other basins, then the spanning tree's gaps.
 4. **Markov state model** (``msm``) of this trigger's replicas: k-means, a reversible MSM at ``lag``, implied
@@ -24,7 +25,8 @@ Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`) runs 
 The work is done in that order, item by item, while the ``budget`` lasts (every rank follows rank 0's decision);
 what was spent is logged. Outputs, in ``<run dir>/energy/`` and W&B: figures ``disconnectivity``,
 ``timescales``, ``paths``, ``free_energy``, ``path_atlas``; tables ``minima``, ``basins``, ``barriers`` (both
-directions), ``metastable``, ``pathways``, ``stages``; scalars ``n_basins``, ``current_basin``, ``merge_barrier``,
+directions), ``metastable``, ``pathways``, ``stages``; scalars ``n_basins``, ``current_basin``, ``noise_level``,
+``crossing_temperature`` (the median merge level of the pairs joined), ``merge_barrier`` (when fixed),
 ``barrier_previous`` (saddle loss minus the current minimum's loss), ``slowest_timescale`` (in optimizer steps),
 ``metastable_states``, ``n_minima``, ``chain_mfpt``, ``chain_connected``, ``chain_stages``,
 ``new_minima``, ``quenches_converged``, ``paths_converged``, ``linear_joins``, ``spent_passes``, ``spent_seconds``;
@@ -71,6 +73,7 @@ from lightning_landscape.dynamics.pipeline import (
     BasinConfig,
     BasinsResult,
     Budget,
+    CrossingNoise,
     MarkovModel,
     Minimum,
     MSMConfig,
@@ -87,7 +90,6 @@ from lightning_landscape.dynamics.pipeline import (
     energy_resolution,
     markov_model,
     minimum_path,
-    noise_level,
     plan_joins,
     quench_point,
     record_path,
@@ -155,8 +157,8 @@ class EnergyLandscape(LandscapeCallback):
             :class:`TrajectoryRecorder` in the trainer, its projection sketches the replicas too.
         quench: :class:`~lightning_landscape.dynamics.QuenchConfig`: L-BFGS iterations, relative tolerance and the
             function-space dedup of minima.
-        basins: :class:`~lightning_landscape.dynamics.BasinConfig`: ``merge_barrier`` (default: the replicas' noise
-            level ``T + lr tr(Sigma_B) / 4``, see :mod:`~lightning_landscape.dynamics.pipeline`).
+        basins: :class:`~lightning_landscape.dynamics.BasinConfig`: ``merge_barrier`` (default: each pair's noise
+            along its barrier, ``T + lr s_d / (2 (1 - beta))``, see :mod:`~lightning_landscape.dynamics.pipeline`).
         paths: :class:`~lightning_landscape.dynamics.PathConfig`: images, FIRE iterations, method and ``max_paths``.
         msm: :class:`~lightning_landscape.dynamics.MSMConfig`: lag, states, features and PCCA+ sets.
         budget: :class:`~lightning_landscape.dynamics.Budget`: batch passes and seconds per trigger.
@@ -188,6 +190,8 @@ class EnergyLandscape(LandscapeCallback):
             "n_basins",
             "current_basin",
             "merge_barrier",
+            "noise_level",
+            "crossing_temperature",
             "barrier_previous",
             "slowest_timescale",
             "metastable_states",
@@ -204,6 +208,7 @@ class EnergyLandscape(LandscapeCallback):
             "saddles_kicked",
             "certificate_hvps",
             "minima_certified",
+            "minima_refined",
             "linear_joins",
             "paths_run",
             "paths_converged",
@@ -569,34 +574,36 @@ class EnergyLandscape(LandscapeCallback):
                 excursions.save(self.reporter.run_dir / "excursions" / f"step-{step:09d}", store_meta)
         self.advance("basin sampling")
 
-        # 2. quench the current point (always) and the replicas' ends, to a tenth of the merge level
-        merge_barrier = self.basins.merge_barrier
+        # 2. quench the current point (always) and the replicas' ends, to a tenth of the fixed merge level or of the
+        # noise level; without a fixed level, each pair of minima merges at the noise along it (rank 0 measures it)
+        fixed, noise, level = self.basins.merge_barrier, None, self.basins.merge_barrier
         with self.stage(trainer, "minima"):
             candidates = torch.cat([x0[None].cpu(), excursions.finals.to(x0.dtype)])
-            if merge_barrier is None and trainer.is_global_zero:
-                merge_barrier = noise_level(pool, x0, lr, self.sampling.temperature, momentum)
-        merge_barrier = float(distributed.broadcast(strategy, merge_barrier))
+            if fixed is None and trainer.is_global_zero:
+                noise = CrossingNoise.measure(pool, x0, lr, self.sampling.temperature, momentum)
+                level = noise.level
+        level = float(distributed.broadcast(strategy, level))
         quenched = self._rounds(
             trainer,
             len(candidates),
             "minima",
-            lambda i: quench_point(probe, candidates[i].to(x0), self.quench, merge_barrier),
+            lambda i: quench_point(probe, candidates[i].to(x0), self.quench, level),
             lambda first: first == 0 or self._may_continue(trainer, spend, start),
         )
         self.advance("minima")
 
         # 3. the database, basins and the paths that join them (rank 0 plans, whole paths split over ranks)
-        plan, new_minima, current, db, linear_joins = None, 0, None, None, 0
+        plan, new_minima, current, db, linear_joins, joins = None, 0, None, None, 0, None
         with self.stage(trainer, "minima database"):
             if trainer.is_global_zero:
-                db, current, new_minima, joins = self._database(probe, quenched, excursions, step, merge_barrier)
+                db, current, new_minima, joins = self._database(probe, quenched, excursions, step, noise)
                 linear_joins = len(joins.linear)
                 plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in joins.paths]
         plan = distributed.broadcast(strategy, plan)
 
         def path(k: int) -> tuple[int, int, PathResult]:
             i, j, a, b = plan[k]
-            return i, j, minimum_path(probe, a.to(x0), b.to(x0), self.paths, merge_barrier)
+            return i, j, minimum_path(probe, a.to(x0), b.to(x0), self.paths, level)
 
         found_paths = self._rounds(trainer, len(plan), "paths", path, budget_left)
         self.advance("paths")
@@ -607,23 +614,24 @@ class EnergyLandscape(LandscapeCallback):
         scalars: dict[str, float] = {"new_minima": new_minima}
         dipped = []
         for i, j, found in found_paths:
-            record_path(db, i, j, found, step=step)
+            record_path(db, i, j, found, step=step, merge_level=joins.levels[(i, j)])
             # a dip along the path deeper than the merge level: quench it, it may be a new minimum
-            for theta in [found.images[k] for k in dips(found.losses, merge_barrier)[:2]]:
+            for theta in [found.images[k] for k in dips(found.losses, joins.levels[(i, j)])[:2]]:
                 try:
-                    point = quench_point(probe, theta, self.quench, merge_barrier, step=step, source=f"path {i}-{j}")
+                    point = quench_point(probe, theta, self.quench, level, step=step, source=f"path {i}-{j}")
                     k, new = self._add_minimum(db, probe, point)
                 except ValueError:  # not finite
                     continue
                 scalars["new_minima"] += new
                 dipped.append(k)
         if dipped:  # join them to the others by straight lines; their paths wait for the next trigger
+            no_paths = replace(self.paths, max_paths=0)
             more = plan_joins(
-                db, probe, dipped, merge_barrier, self.basins, replace(self.paths, max_paths=0), step=step
+                db, probe, dipped, fixed, self.basins, no_paths, noise=noise, quench=self.quench, step=step
             )
             linear_joins += len(more.linear)
-        basins = basins_of(db, merge_barrier)
-        self._check_quenches(quenched, merge_barrier, probe, step)
+        basins = basins_of(db, fixed)
+        self._check_quenches(quenched, level, probe, step)
         passes += _passes(probe) - local_mark
         if self.previous_minimum is not None and current is not None and current != self.previous_minimum:
             saddle = db.saddles.get((min(current, self.previous_minimum), max(current, self.previous_minimum)))
@@ -660,7 +668,7 @@ class EnergyLandscape(LandscapeCallback):
             n_minima=len(db),
             n_basins=basins.n_basins,
             current_basin=int(basins.labels[current]) if current is not None else -1,
-            merge_barrier=basins.merge_barrier,
+            noise_level=level,
             spent_passes=passes,
             spent_seconds=time.perf_counter() - start,
             replicas_run=len(excursions.replica_ids),
@@ -673,12 +681,17 @@ class EnergyLandscape(LandscapeCallback):
             quenches_certified=sum(all(k.certified for k in q.kicked) if q.kicked else q.certified for q in quenched),
             saddles_kicked=sum(bool(q.kicked) for q in quenched),
             certificate_hvps=sum(q.n_hvp for q in quenched),
+            minima_refined=len(joins.refined) + (len(more.refined) if dipped else 0),
             minima_certified=sum(r.get("certified") is not False for r in db.records),
             linear_joins=linear_joins,
             paths_run=len(found_paths),
             paths_converged=sum(p.converged for _, _, p in found_paths),
             path_grads=sum(p.n_grad for _, _, p in found_paths),
         )
+        if self.basins.merge_barrier is not None:
+            scalars["merge_barrier"] = self.basins.merge_barrier
+        if joins is not None and joins.levels:  # the noise along the pairs looked at (or the fixed level)
+            scalars["crossing_temperature"] = float(np.median(list(joins.levels.values())))
         self.history.append({"step": step, **scalars})
         self.history[-1]["restarted_from"] = restarted_from
         self._report(step, db, basins, found_paths, msm, tree, scalars, probe.metadata)
@@ -712,7 +725,9 @@ class EnergyLandscape(LandscapeCallback):
             stacklevel=2,
         )
 
-    def _database(self, probe: Objective, quenched: list[Minimum], excursions: Excursions, step: int, level: float):
+    def _database(
+        self, probe: Objective, quenched: list[Minimum], excursions: Excursions, step: int, noise: CrossingNoise | None
+    ):
         """Rank 0: the quenched points into the minima database, the straight-line joins, and the paths to compute:
         ``(database, current minimum, new minima, joining plan)``."""
         new_minima, current = 0, None
@@ -763,7 +778,18 @@ class EnergyLandscape(LandscapeCallback):
             db,
             current,
             new_minima,
-            plan_joins(db, probe, found, level, self.basins, self.paths, first=first, step=step),
+            plan_joins(
+                db,
+                probe,
+                found,
+                self.basins.merge_barrier,
+                self.basins,
+                self.paths,
+                first,
+                noise,
+                self.quench,
+                step=step,
+            ),
         )
 
     def _restarts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[int, Any]:
@@ -1070,7 +1096,7 @@ class EnergyLandscape(LandscapeCallback):
             "temperature": self.sampling.temperature,
             "seed": self.sampling.seed,
             "features": self.msm.features,
-            "merge_barrier": basins.merge_barrier,
+            "merge_barrier": self.basins.merge_barrier,  # None: each pair at the noise along it
         }
         rep.arrays("energy", step, metadata=metadata, **arrays)
 

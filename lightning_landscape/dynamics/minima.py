@@ -419,6 +419,15 @@ class MinimaDatabase:
         self.save()
         return new, True
 
+    def relocate(self, i: int, theta: np.ndarray, loss: float, outputs: np.ndarray, **info: Any) -> None:
+        """Replace minimum ``i``'s point by a better-located one of the same minimum (a further quench of it): its
+        loss, parameters, outputs and ``info`` (e.g. its new certificate). Saddles to it stay: they still bound the
+        saddles from above."""
+        outputs = np.asarray(outputs, dtype=np.float32).reshape(-1)
+        self.records[i].update({"loss": float(loss), **info})
+        self._write_arrays(i, theta, outputs)
+        self.save()
+
     def _write_arrays(self, i: int, theta: np.ndarray, outputs: np.ndarray) -> None:
         self._outputs[i] = outputs
         for folder, array in (("theta", np.asarray(theta, dtype=np.float32)), ("outputs", outputs)):
@@ -455,12 +464,12 @@ class MinimaDatabase:
 
     def basins(self, merge_barrier: float | None = None) -> np.ndarray:
         """The basin of every minimum (``(n,)`` labels, basin 0 the lowest), merging minima joined by a path whose
-        lower barrier is at most ``merge_barrier`` (default: :attr:`merge_barrier`, else 0: every minimum alone) or
-        at most the sum of its ends' ``energy_error`` (a barrier no larger than the error of its ends is not
+        lower barrier is at most ``merge_barrier`` (default: :attr:`merge_barrier`; when that is None too, each
+        saddle's own ``merge_level``, the noise along that barrier, else 0) or at most the sum of its ends'
+        ``energy_error`` (a barrier no larger than the error of its ends is not
         resolved). A minimum stored with ``certified=False`` (not known to be a minimum: still descending, or a
         saddle) is never merged: it stays a basin of its own, and no basin is joined through it."""
         level = self.merge_barrier if merge_barrier is None else merge_barrier
-        level = 0.0 if level is None else float(level)
         parent = list(range(len(self.records)))
 
         def root(i: int) -> int:
@@ -476,7 +485,8 @@ class MinimaDatabase:
             if not (certified[i] and certified[j]):
                 continue  # never merged through a point that is not known to be a minimum
             # a barrier within the energy error of its ends separates nothing that is known
-            if s["saddle"] - max(losses[i], losses[j]) <= max(level, errors[i] + errors[j]):
+            pair_level = float(level) if level is not None else float(s.get("merge_level") or 0.0)
+            if s["saddle"] - max(losses[i], losses[j]) <= max(pair_level, errors[i] + errors[j]):
                 parent[root(i)] = root(j)
         roots = np.asarray([root(i) for i in range(len(parent))], dtype=int)
         lowest = {r: losses[roots == r].min() for r in set(roots.tolist())}
@@ -577,7 +587,7 @@ class MinimaDatabase:
     def save(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         data = {"tol": self.tol, "meta": self.meta, "minima": self.records, "saddles": list(self.saddles.values())}
-        if self.merge_barrier is not None:  # the basins, for readers of the file
+        if self.records:  # the basins, for readers of the file (merge_barrier None: each saddle's merge_level)
             data["merge_barrier"] = self.merge_barrier
             data["basins"] = self.basin_summary(self.basins())
         text = json.dumps(_finite_or_none(data), indent=1, allow_nan=False)  # strict JSON: NaN becomes null

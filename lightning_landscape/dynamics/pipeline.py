@@ -7,22 +7,29 @@
 over DDP ranks and keeping to its :class:`Budget`); ``lightning-landscape analyze`` runs the joining and the
 Markov model on recorded runs. The science lives here, so both give the same numbers.
 
-**The noise level and the default ``merge_barrier``.** Two quenched minima are one basin when a path joins them
-whose lower barrier is at most ``merge_barrier`` (:meth:`MinimaDatabase.basins`). The default is the noise level
-of the replicas, in loss units:
+**The merge level: the noise along each barrier.** Two quenched minima are one basin when a path joins them whose
+lower barrier is at most their merge level (:meth:`MinimaDatabase.basins`). By default (``merge_barrier=None``)
+that level is the temperature of the replicas' noise *along the line between the two minima*,
 
-    merge_barrier = T + lr tr(Sigma_B) / (4 (1 - beta)),
+    T_d = T + lr s_d / (2 (1 - beta)),    s_d = Var_B(g_B . d),    d = (theta_j - theta_i) / |theta_j - theta_i|,
 
-with ``T`` the SGLD temperature, ``beta`` the replicas' heavy-ball momentum (0 for plain SGD) and
-``tr(Sigma_B) = E|g_B - g|^2`` the variance of the minibatch gradient at the
-replicas' batch size (measured on the pool of batches at the current point). The first term is the energy unit of
-SGLD's stationary distribution ``exp(-L / T)``: a barrier ``dE`` is crossed at a rate ``~ exp(-dE / T)``, so barriers
-below ``T`` are crossed as fast as the replicas relax. The second is the mean excess loss that SGD's own noise
-holds it at above a minimum: for a quadratic basin ``H`` with noise covariance ``Sigma_B``, the stationary covariance
-``C`` of SGD at step ``lr`` solves ``HC + CH = lr Sigma_B`` (Mandt, Hoffman & Blei 2017), so
-``E[L - L_min] = tr(HC) / 2 = lr tr(Sigma_B) / 4``; heavy-ball momentum ``beta`` runs, to first order in ``lr``, as
-SGD at ``lr / (1 - beta)``. A barrier below that level separates no states at the noise the replicas (and
-training, at the same ``lr/B`` and momentum) run at. Pass ``BasinConfig(merge_barrier=...)`` to fix it.
+with ``T`` the SGLD temperature, ``beta`` the replicas' heavy-ball momentum (0 for plain SGD) and ``s_d`` the
+variance of the minibatch gradient projected on ``d`` (:class:`CrossingNoise`, measured on the pool of batches at
+the current point). Why: SGD at step ``lr`` is, to first order, the Langevin process
+``d theta = -grad L dt + sqrt(lr Sigma_B) dW`` (Li, Tai & E 2017); along ``d`` its stationary density is
+``exp(-L / T_d)`` with ``T_d = lr s_d / 2``, and it crosses a barrier ``dE`` along ``d`` at the Arrhenius rate
+``~ exp(-dE / T_d)``; heavy-ball momentum runs as SGD at ``lr / (1 - beta)``, and SGLD's own noise adds ``T``.
+So a barrier below ``T_d`` is crossed as fast as the replicas relax, and one far above it is not crossed, however
+large the noise in other directions: the noise summed over all directions (the noise level below) once merged
+minima whose barrier was 1,300 times the noise along it. Assumptions: the noise at the minima is the noise at the
+current point, and the crossing runs along the straight line (a curved path's tangent at its saddle may see
+other noise). Pass ``BasinConfig(merge_barrier=...)`` for one fixed level for every pair.
+
+**The noise level** ``T + lr tr(Sigma_B) / (4 (1 - beta))`` (:func:`noise_level`) is the mean excess loss that
+SGD's noise holds it at above a minimum: for a quadratic basin ``H`` with noise covariance ``Sigma_B`` the
+stationary covariance ``C`` of SGD at step ``lr`` solves ``HC + CH = lr Sigma_B`` (Mandt, Hoffman & Blei 2017), so
+``E[L - L_min] = tr(HC) / 2 = lr tr(Sigma_B) / 4``. It is the scale of the energies the replicas explore, and a
+tenth of it is the default energy resolution of quenches and paths.
 
 **Joining.** A straight line between two minima bounds their saddle from above, at the cost of ``images``
 forward passes: when its lower barrier is already below ``merge_barrier``, the two minima are one basin without a
@@ -175,22 +182,31 @@ class BasinConfig:
 
     Args:
         merge_barrier: minima joined by a path whose lower barrier is at most this are one basin. None (default):
-            the replicas' noise level ``T + lr tr(Sigma_B) / 4`` (see the module docstring).
+            each pair's own level, the temperature of the replicas' noise along the line between them,
+            ``T + lr s_d / (2 (1 - beta))`` (see the module docstring).
         neighbours: each minimum found in a call is checked against this many nearest minima (function space) of
             other basins, by a straight line first.
         max_linear: straight-line checks per call at most (``images`` forward passes each).
+        max_refine: minima quenched on per call at most, when a pair's merge level is below the energy error of its
+            ends (its barrier could not be resolved): each end is quenched on to a tenth of that level.
     """
 
     merge_barrier: float | None = None
     neighbours: int = 3
     max_linear: int = 32
+    max_refine: int = 8
 
     def __post_init__(self) -> None:
         check_float(
-            "basins.merge_barrier", self.merge_barrier, strict=False, optional=True, hint="None: the noise level."
+            "basins.merge_barrier",
+            self.merge_barrier,
+            strict=False,
+            optional=True,
+            hint="None: the noise along each barrier.",
         )
         check_int("basins.neighbours", self.neighbours, minimum=0, example=3)
         check_int("basins.max_linear", self.max_linear, minimum=0, example=32)
+        check_int("basins.max_refine", self.max_refine, minimum=0, example=8)
 
 
 @dataclass
@@ -311,14 +327,63 @@ def sample(
     )
 
 
+@dataclass
+class CrossingNoise:
+    """The replicas' noise per direction (see the module docstring): the centred minibatch gradients of the pool at
+    one point, and the step rule. ``B x P`` floats on the host.
+
+    Example (minibatch gradients that differ only along ``y``: no noise along ``x``)::
+
+        >>> import torch
+        >>> noise = CrossingNoise(torch.tensor([[0.0, 1.0], [0.0, -1.0]]), lr=0.1, temperature=0.0)
+        >>> noise.along(torch.tensor([1.0, 0.0])), noise.along(torch.tensor([0.0, 1.0])), noise.level
+        (0.0, 0.1, 0.05)
+    """
+
+    grads: Tensor
+    lr: float
+    temperature: float
+    momentum: float = 0.0
+
+    @classmethod
+    def measure(cls, pool: Any, theta: Tensor, lr: float, temperature: float, momentum: float = 0.0) -> CrossingNoise:
+        """The gradients of every batch of ``pool`` at ``theta`` (one gradient pass per batch), centred."""
+        if len(pool.batches) < 2:
+            return cls(torch.zeros(0, pool.numel), lr, float(temperature), momentum)
+        grads = torch.stack([pool.loss_and_grad(theta, batch=b)[1] for b in range(len(pool.batches))])
+        return cls((grads - grads.mean(0)).double().cpu(), lr, float(temperature), momentum)
+
+    def _spread(self, squares: Tensor) -> float:
+        return float(squares.sum()) / (len(self.grads) - 1) if len(self.grads) > 1 else 0.0
+
+    @property
+    def level(self) -> float:
+        """``T + lr tr(Sigma_B) / (4 (1 - beta))``: the noise level (the unbiased spread over the batches)."""
+        return self.temperature + self.lr * self._spread(self.grads**2) / (4 * (1 - self.momentum))
+
+    def along(self, direction: Tensor) -> float:
+        """``T + lr s_d / (2 (1 - beta))`` along the unit vector ``direction``."""
+        d = direction.detach().double().cpu()
+        return self.temperature + self.lr * self._spread((self.grads @ d) ** 2) / (2 * (1 - self.momentum))
+
+    def between(self, a: Tensor, b: Tensor) -> float:
+        """The temperature along the straight line from ``a`` to ``b`` (``T`` where they coincide)."""
+        d = (b - a).detach().double().cpu()
+        return self.along(d / d.norm()) if float(d.norm()) > 0 else self.temperature
+
+
 def noise_level(pool: Any, theta: Tensor, lr: float, temperature: float, momentum: float = 0.0) -> float:
     """``T + lr tr(Sigma_B) / (4 (1 - momentum))``, the replicas' noise level in loss units (see the module
     docstring); ``tr(Sigma_B)`` from the gradients of the pool's batches at ``theta`` (unbiased over batches)."""
-    if len(pool.batches) < 2:
-        return float(temperature)
-    grads = torch.stack([pool.loss_and_grad(theta, batch=b)[1] for b in range(len(pool.batches))])
-    spread = float(((grads - grads.mean(0)) ** 2).sum(1).sum()) / (len(grads) - 1)
-    return float(temperature) + lr * spread / (4 * (1 - momentum))
+    return CrossingNoise.measure(pool, theta, lr, temperature, momentum).level
+
+
+def merge_level(merge_barrier: float | None, noise: CrossingNoise | None, a: Tensor, b: Tensor) -> float:
+    """The merge level of the pair ``a``, ``b``: ``merge_barrier`` when fixed, else the noise along the line between
+    them (``noise.between``), else 0."""
+    if merge_barrier is not None:
+        return float(merge_barrier)
+    return noise.between(a, b) if noise is not None else 0.0
 
 
 # ----------------------------------------------------------------------------------------------- 2. quench
@@ -557,6 +622,8 @@ class Joining:
     linear: list[tuple[int, int]]
     paths: list[tuple[int, int]]
     linear_checks: int = 0
+    levels: dict[tuple[int, int], float] = field(default_factory=dict)  # the merge level of every pair looked at
+    refined: list[int] = field(default_factory=list)  # minima quenched on to resolve a pair's barrier
 
 
 def _candidate_pairs(
@@ -577,34 +644,71 @@ def plan_joins(
     db: MinimaDatabase,
     objective: Any,
     found: list[int],
-    merge_barrier: float,
+    merge_barrier: float | None,
     basins: BasinConfig,
     paths: PathConfig,
     first: list[tuple[int, int]] = (),
+    noise: CrossingNoise | None = None,
+    quench: QuenchConfig | None = None,
     **info: Any,
 ) -> Joining:
     """Join what a straight line joins (recorded in ``db``, with ``info``, e.g. ``step``) and plan minimum-energy
     paths for the rest: ``first`` (e.g. the current minimum and the previous trigger's), then the found minima's
     nearest neighbours in other basins, then the spanning tree's gaps; at most ``paths.max_paths`` paths, never two
-    in one basin."""
+    in one basin. Each pair's merge level is ``merge_barrier``, or when None the noise along it (:func:`merge_level`),
+    stored with its saddle (``merge_level``). With ``quench``, an end whose energy error exceeds a tenth of the
+    pair's level is first quenched on to that resolution (:func:`refine_minimum`, ``basins.max_refine`` per call),
+    so that the barrier can be told from the error of its ends."""
     db.merge_barrier = merge_barrier
     labels = db.basins()
-    linear, planned, checks = [], [], 0
+    linear, planned, checks, levels, refined = [], [], 0, {}, set()
     for i, j in [*first, *_candidate_pairs(db, labels, found, basins.neighbours)]:
         if (i, j) in db.saddles or (i, j) in planned or (labels[i] == labels[j] and (i, j) not in first):
             continue
+        a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
+        level = levels[(i, j)] = merge_level(merge_barrier, noise, a, b)
+        for k in (i, j):
+            error = db.records[k].get("energy_error") or 0.0
+            wanted = quench is not None and level > 0 and error > level / 10
+            if wanted and k not in refined and len(refined) < basins.max_refine:
+                refined.add(k)
+                refine_minimum(db, objective, k, quench, level / 10)
+        if refined & {i, j}:
+            a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
         if checks < basins.max_linear:
             checks += 1
-            a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
             highest = linear_saddle(objective, a, b, paths.images)
-            if highest - max(db.records[i]["loss"], db.records[j]["loss"]) <= merge_barrier:
-                _set_saddle(db, i, j, highest, method="linear", converged=False, **info)
+            if highest - max(db.records[i]["loss"], db.records[j]["loss"]) <= level:
+                _set_saddle(db, i, j, highest, method="linear", converged=False, merge_level=level, **info)
                 linear.append((i, j))
                 labels = db.basins()
                 continue
         if len(planned) < paths.max_paths:
             planned.append((i, j))
-    return Joining(linear, planned, checks)
+    return Joining(linear, planned, checks, levels, sorted(refined))
+
+
+def refine_minimum(db: MinimaDatabase, objective: Any, k: int, config: QuenchConfig, resolution: float) -> bool:
+    """Quench stored minimum ``k`` on, to the energy ``resolution`` (no kicks), and store the result in its place
+    (:meth:`MinimaDatabase.relocate`) when it is no higher; returns whether it was stored."""
+    start = torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype)
+    point = quench_point(objective, start, replace(config, ftol=resolution), kicks=0)
+    if not (np.isfinite(point.loss) and point.loss <= db.records[k]["loss"]):
+        return False
+    cert = point.certificate
+    db.relocate(
+        k,
+        point.theta,
+        point.loss,
+        point.outputs,
+        grad_norm=point.grad_norm,
+        certified=point.certified,
+        kind=cert.kind,
+        lambda_min=cert.lambda_min,
+        energy_error=cert.energy_error,
+        refined_to=resolution,
+    )
+    return True
 
 
 @dataclass
@@ -614,7 +718,7 @@ class BasinsResult:
     labels: np.ndarray
     rows: list[dict[str, Any]]
     saddles: np.ndarray
-    merge_barrier: float
+    merge_barrier: float  # the fixed merge level, NaN when each pair merges at the noise along it
 
     @property
     def n_basins(self) -> int:
@@ -622,32 +726,38 @@ class BasinsResult:
 
 
 def basins_of(db: MinimaDatabase, merge_barrier: float | None = None) -> BasinsResult:
-    """The database's basins at ``merge_barrier`` (default: the stored one); stores that level."""
+    """The database's basins at ``merge_barrier`` (default: the stored one, None: each saddle's ``merge_level``);
+    stores that level."""
     if merge_barrier is not None:
         db.merge_barrier = float(merge_barrier)
         db.save()
     labels = db.basins()
-    return BasinsResult(labels, db.basin_summary(labels), db.basin_saddles(labels), float(db.merge_barrier or 0.0))
+    fixed = float(db.merge_barrier) if db.merge_barrier is not None else float("nan")
+    return BasinsResult(labels, db.basin_summary(labels), db.basin_saddles(labels), fixed)
 
 
 def join_basins(
     db: MinimaDatabase,
     objective: Any,
     found: list[int],
-    merge_barrier: float,
+    merge_barrier: float | None,
     paths: PathConfig,
     basins: BasinConfig | None = None,
+    noise: CrossingNoise | None = None,
+    quench: QuenchConfig | None = None,
     **info: Any,
 ) -> tuple[BasinsResult, Joining, list[tuple[int, int, PathResult]]]:
     """The whole joining stage in one process: :func:`plan_joins`, the planned paths (:func:`minimum_path`,
-    :func:`record_path`), and the resulting basins. ``info`` is stored with every path (e.g. ``step``). Returns
-    ``(basins, the plan, the computed paths)``."""
-    plan = plan_joins(db, objective, found, merge_barrier, basins or BasinConfig(), paths, **info)
+    :func:`record_path`), and the resulting basins. Pairs merge at ``merge_barrier``, or when None at the noise
+    along them (``noise``); paths are resolved to a tenth of ``merge_barrier`` or of the noise level. ``info`` is
+    stored with every path (e.g. ``step``). Returns ``(basins, the plan, the computed paths)``."""
+    plan = plan_joins(db, objective, found, merge_barrier, basins or BasinConfig(), paths, (), noise, quench, **info)
+    resolution_level = merge_barrier if merge_barrier is not None else noise.level if noise is not None else 0.0
     computed = []
     for i, j in plan.paths:
         a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
-        computed.append((i, j, minimum_path(objective, a, b, paths, merge_barrier)))
-        record_path(db, i, j, computed[-1][2], **info)
+        computed.append((i, j, minimum_path(objective, a, b, paths, resolution_level)))
+        record_path(db, i, j, computed[-1][2], merge_level=plan.levels[(i, j)], **info)
     return basins_of(db, merge_barrier), plan, computed
 
 
@@ -867,6 +977,7 @@ __all__ = [
     "BasinsResult",
     "Budget",
     "Chain",
+    "CrossingNoise",
     "Joining",
     "MSMConfig",
     "MarkovModel",
@@ -885,11 +996,13 @@ __all__ = [
     "join_basins",
     "linear_saddle",
     "markov_model",
+    "merge_level",
     "minimum_path",
     "noise_level",
     "plan_joins",
     "quench_point",
     "record_path",
+    "refine_minimum",
     "restart_points",
     "sample",
     "training_stages",
