@@ -59,6 +59,7 @@ from lightning_landscape.dynamics.pipeline import (
     chain_of,
     join_basins,
     markov_model,
+    not_robust,
     training_stages,
     transition_between,
     transition_summary,
@@ -321,8 +322,21 @@ def _chain_stage(runs: list[Path], msm_config: MSMConfig, seed: int, out: Path, 
         )
         for record, start in zip(group, first, strict=True)
     }
+    robustness = chain.robustness
+    if robustness is not None:  # what survives other k-means seeds and state counts, and whether sets are metastable
+        result["robustness"] = {
+            "refits": [list(r) for r in robustness.refits],
+            "set_agreement": robustness.agreement,
+            "robust_sets": robustness.robust_sets(),
+            "transition_agreement": robustness.transition,
+            "metastable": robustness.metastable,
+            "timescales_lags": robustness.timescales,
+        }
     if isinstance(chain.transition, str):
         result["transition"] = {"none": chain.transition}
+        return
+    if robustness is not None and not robustness.transition_survives:
+        result["transition"] = {"none": not_robust(robustness)}
         return
     found = transition_summary(chain.model, chain.transition)
     path_atlas_figure(found).savefig(out / "chain_path_atlas.png")

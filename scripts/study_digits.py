@@ -102,6 +102,18 @@ def main() -> None:
             f" {last['n_basins']:>6} {slowest:>15}  {pathway}"
         )
         print(f"     training stages (metastable set @ first step, -1: outside the connected set): {stages}")
+        quenched = sum(h["quenches_run"] for h in energy.history)
+        print(
+            f"     certificates: {last.get('minima_certified')} of {last['n_minima']} stored minima certified,"
+            f" {sum(h.get('saddles_kicked', 0) for h in energy.history)} saddles kicked,"
+            f" {sum(h.get('certificate_hvps', 0) for h in energy.history) / max(quenched, 1):.0f} Hessian-vector"
+            f" products and {sum(h['quench_grads'] for h in energy.history) / max(quenched, 1):.0f} gradients per"
+            f" quenched point, {sum(h.get('minima_refined', 0) for h in energy.history)} minima refined;"
+            f" noise level {last['noise_level']:.3g}, median crossing temperature"
+            f" {last.get('crossing_temperature', float('nan')):.3g}; chain: {last.get('chain_sets_robust', '-')}"
+            f" robust sets, metastable {bool(last.get('chain_metastable', 0))}, transition in"
+            f" {100 * last.get('chain_transition_agreement', float('nan')):.0f}% of refits"
+        )
     start = time.perf_counter()
     summary = analyze(
         [out / f"seed-{s}" for s in range(args.seeds)], out / "analysis", config=ROOT / "configs" / "digits.yaml"

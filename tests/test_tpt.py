@@ -302,3 +302,28 @@ def test_the_chain_starts_from_the_first_training_point_inside_its_connected_set
     # observed 0 -> 1 jump frequency), about 1 / 0.05 lags
     jumps = sum(((t[:-1] == 0) & (t[1:] == 1)).sum() for t in states) / sum((t[:-1] == 0).sum() for t in states)
     assert chain.transition.mfpt == pytest.approx(1 / jumps, rel=0.05)
+    # the two sets and the transition survive 3 k-means seeds x 2 state counts; the timescale, -1 / ln(0.9) = 9.5
+    # lags, is a plateau across lags
+    robust = chain.robustness
+    assert len(robust.refits) == 5 and min(robust.agreement) > 0.99 and robust.transition == 1.0
+    assert robust.metastable and robust.transition_survives
+    assert robust.timescales[0] == pytest.approx(-1 / np.log(1 - 2 * jumps), rel=0.1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_downhill_relaxation_has_no_metastable_sets_and_no_transition_to_report(seed):
+    from lightning_landscape.dynamics.pipeline import MSMConfig, chain_of, not_robust
+
+    # 8 replicas relaxing from x = 10 towards 0 (x ~ 10 exp(-t / 10) plus noise), as SGD replicas at temperature 0
+    # relax from the current point: the "sets" a chain finds are strata of the one descent
+    rng = np.random.default_rng(seed)
+    t = np.arange(41)
+    replicas = [
+        np.stack([10 * np.exp(-t / 10) + 0.3 * rng.standard_normal(41), 0.3 * rng.standard_normal(41)], 1)
+        for _ in range(8)
+    ]
+    chain = chain_of(replicas, {"loss": [r[:, 0] ** 2 for r in replicas]}, [(0, 0)], [(0, 40)], MSMConfig(), seed)
+    robust = chain.robustness
+    assert len(chain.model.sets) >= 2 and not robust.transition_survives
+    assert robust.transition < 1.0 or not robust.metastable
+    assert "not reported" in not_robust(robust) or "did not survive" in not_robust(robust)

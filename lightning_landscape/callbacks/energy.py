@@ -90,6 +90,7 @@ from lightning_landscape.dynamics.pipeline import (
     energy_resolution,
     markov_model,
     minimum_path,
+    not_robust,
     plan_joins,
     quench_point,
     record_path,
@@ -218,6 +219,9 @@ class EnergyLandscape(LandscapeCallback):
             "chain_restarts",
             "chain_restarts_snapshots",
             "chain_sets",
+            "chain_sets_robust",
+            "chain_transition_agreement",
+            "chain_metastable",
             "chain_stages",
             "chain_mfpt",
             "chain_rate",
@@ -927,8 +931,18 @@ class EnergyLandscape(LandscapeCallback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        robustness = chain.robustness
+        if robustness is not None:
+            scalars.update(
+                chain_sets_robust=len(robustness.robust_sets()),
+                chain_transition_agreement=robustness.transition,
+                chain_metastable=float(robustness.metastable),
+            )
         if isinstance(chain.transition, str):
             self.chain_transition = {"none": chain.transition}
+            return
+        if robustness is not None and not robustness.transition_survives:  # claimed only where the data hold it
+            self.chain_transition = {"none": not_robust(robustness)}
             return
         summary = transition_summary(chain.model, chain.transition)
         self.chain_transition = {k: summary[k] for k in ("source_set", "target_set", "mfpt_steps", "pathways")}

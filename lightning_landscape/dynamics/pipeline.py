@@ -250,17 +250,24 @@ class MSMConfig:
         features: ``"sketch"`` (sketch coordinates) or ``"outputs"`` (outputs on the probe set, invariant to
             permutations of hidden units).
         max_metastable: PCCA+ sets at most (the number is chosen at the largest eigenvalue gap).
+        refit_seeds, refit_counts: the chain of all triggers is refitted with this many k-means seeds times this many
+            state counts (``n``, ``2n``, ...), and a set or transition is reported as robust only when it survives
+            every refit (:func:`chain_robustness`); 1 and 1: no refit.
     """
 
     lag: int = 1
     n_clusters: int | None = None
     features: Literal["sketch", "outputs"] = "sketch"
     max_metastable: int = 4
+    refit_seeds: int = 3
+    refit_counts: int = 2
 
     def __post_init__(self) -> None:
         check_int("msm.lag", self.lag, example=1)
         check_int("msm.n_clusters", self.n_clusters, minimum=2, optional=True, example=20)
         check_int("msm.max_metastable", self.max_metastable, minimum=2, example=4)
+        check_int("msm.refit_seeds", self.refit_seeds, example=3)
+        check_int("msm.refit_counts", self.refit_counts, example=2)
         if self.features not in ("sketch", "outputs"):
             raise ValueError(f"`msm.features` must be 'sketch' or 'outputs', got {self.features!r}. HINT: 'sketch'.")
 
@@ -432,7 +439,7 @@ def quench_point(
     theta: Tensor,
     config: QuenchConfig,
     level: float = 0.0,
-    kicks: int = 2,
+    kicks: int = 1,
     max_step: float | None = None,
     **info: Any,
 ) -> Minimum:
@@ -443,9 +450,9 @@ def quench_point(
     descends into the basin on its side of the saddle, into :attr:`Minimum.kicked`."""
     target = objective.in_dtype(torch.float64) if config.dtype == "float64" else objective
     start = theta.detach().to(device=target.device, dtype=target.dtype)
-    # no finer than the rounding of the loss where the quench starts (a merge level of 0 asks for no more)
     loss0, g0 = target.loss_and_grad(start)
-    floor = 16 * float(torch.finfo(target.dtype).eps) * abs(float(loss0))
+    # no finer than the rounding of the loss in the objective's own dtype (float32 for a network: its training loss)
+    floor = 16 * float(torch.finfo(objective.dtype).eps) * abs(float(loss0))
     ftol = max(energy_resolution(config.ftol, level), floor)
     # a start that is already stationary (a saddle, exactly) is certified as it is: L-BFGS's first step, of length 1
     # along whatever direction the rounding gives the gradient, would carry it into one of its basins at random
@@ -454,22 +461,31 @@ def quench_point(
     q = quench(target, start, max_iter=iterations, rtol=config.rtol, ftol=ftol, max_step=max_step)
     loss0, used = q.loss + q.loss_drop, q.n_grad
     certificate = certify(target, q.theta, ftol, steps=config.hvps)
-    while certificate.kind == "uncertified" and used + 25 <= config.max_iter:  # still descending: on
+    for _ in range(3):  # still descending by more than ftol: on, at most 3 times (each certificate costs 2 hvps runs)
+        if certificate.kind != "uncertified" or used + 25 > config.max_iter:
+            break
+        before = q.loss
         q = quench(target, q.theta, max_iter=config.max_iter - used, rtol=config.rtol, ftol=ftol, max_step=max_step)
         used += q.n_grad
         certificate = certify(target, q.theta, ftol, steps=config.hvps)
+        if before - q.loss <= ftol:  # no progress: the model's remaining descent is not there to be had
+            break
     kicked = []
-    if certificate.kind == "saddle" and kicks > 0:
-        # along the negative direction, far enough that the quadratic model drops 10 resolutions (or 1e-6 |lambda|)
+    if certificate.kind == "saddle":
+        # along the negative direction, far enough that the quadratic model drops 10 resolutions (or 1e-6 |lambda|);
+        # a saddle only when the energy there really is lower by more than the resolution, on one side at least
         lam = abs(certificate.lambda_min)
         size = (2 * max(10 * ftol, 1e-6 * lam) / lam) ** 0.5
-        for sign in (1.0, -1.0):
-            side = q.theta + sign * size * certificate.direction.to(q.theta)
-            kicked.append(quench_point(objective, side, config, level, kicks - 1, 2 * size, **info))
-        if all(k.loss >= q.loss - max(ftol, certificate.energy_error) for k in kicked):
-            # neither side descends: negative curvature of the smooth part only (e.g. on a ReLU kink), a minimum
-            certificate = replace(certificate, kind="minimum", direction=None)
-            kicked = []
+        sides = [q.theta + sign * size * certificate.direction.to(q.theta) for sign in (1.0, -1.0)]
+        descends = float(target.losses(torch.stack(sides)).min()) < q.loss - ftol
+        if descends and kicks > 0:
+            kicked = [quench_point(objective, side, config, level, kicks - 1, 2 * size, **info) for side in sides]
+            descends = any(k.loss < q.loss - ftol for k in kicked)
+        if not descends:
+            # negative curvature that lowers nothing at this resolution (the smooth part of a ReLU kink, a valley
+            # floor's rounding): judged by the remaining descent alone
+            kind = "minimum" if certificate.energy_error <= ftol else "uncertified"
+            certificate, kicked = replace(certificate, kind=kind, direction=None), []
     outputs = objective.outputs(q.theta.to(objective.dtype)).reshape(-1).double().cpu().numpy()
     return Minimum(
         q.theta.double().cpu().numpy(),
@@ -893,6 +909,136 @@ class Chain:
     transition: TransitionPaths | str
     source: tuple[int, int] | None = None  # the point whose set the transition starts from
     target: tuple[int, int] | None = None  # the point whose set it ends in
+    robustness: Robustness | None = None  # what survives other clusterings, and whether the sets are metastable
+
+
+@dataclass
+class Robustness:
+    """What of a chain's sets and transition survives a change of discretisation, and whether its sets are
+    metastable at all (:func:`chain_robustness`)."""
+
+    refits: list[tuple[int, int]]  # (k-means seed, states) of every refit
+    agreement: list[float]  # per set of the chain: its worst best-match overlap (Jaccard of points) over the refits
+    transition: float  # the fraction of refits in which the source and the target point lie in different sets
+    metastable: bool  # the slowest implied timescales are separated from the lag and stable across lags
+    timescales: list[float] = field(default_factory=list)  # those timescales (in lags), at the chain's lag
+
+    def robust_sets(self, threshold: float = 0.5) -> list[int]:
+        """The sets whose points are matched, overlap at least ``threshold``, by one set in every refit."""
+        return [k for k, a in enumerate(self.agreement) if a >= threshold]
+
+    @property
+    def transition_survives(self) -> bool:
+        """The transition is reported only when its sets are metastable and every refit has it too."""
+        return self.metastable and self.transition == 1.0
+
+
+def not_robust(robustness: Robustness) -> str:
+    """Why a chain's transition is not reported, in one sentence."""
+    if not robustness.metastable:
+        scales = ", ".join(f"{t:.3g}" for t in robustness.timescales) or "none"
+        return (
+            f"its sets are not metastable (slowest implied timescales {scales} lags: not at least 2 lags and stable"
+            " across lags), e.g. strata of one downhill relaxation; the transition between them is not reported"
+        )
+    return (
+        f"the transition did not survive a change of discretisation: its two sets were apart in"
+        f" {100 * robustness.transition:.0f}% of {len(robustness.refits)} refits (other k-means seeds and state counts)"
+    )
+
+
+def point_sets(model: MarkovModel) -> np.ndarray:
+    """Every recorded point's metastable set (all trajectories concatenated): -1 outside the largest connected
+    set; 0 for every point inside it when there is one set."""
+    msm = model.msm
+    index = {int(s): k for k, s in enumerate(msm.active_set)}
+    labels = np.asarray(msm.metastable_assignment) if msm.metastable_assignment is not None else None
+    states = np.concatenate(model.dtrajs)
+    out = np.full(len(states), -1)
+    for n, state in enumerate(states.tolist()):
+        k = index.get(int(state))
+        if k is not None:
+            out[n] = int(labels[k]) if labels is not None else 0
+    return out
+
+
+def set_agreement(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """For every set ``k >= 0`` of ``reference`` (point labels), the largest Jaccard overlap of its points with the
+    points of one set of ``other``: 1 when some set of ``other`` holds exactly its points.
+
+    Example::
+
+        >>> set_agreement(np.array([0, 0, 1, 1, -1]), np.array([1, 1, 1, 0, 0])).round(3).tolist()
+        [0.667, 0.333]
+    """
+    rows = []
+    for k in range(int(reference.max()) + 1 if len(reference) else 0):
+        mine = reference == k
+        best = 0.0
+        for m in set(other[mine].tolist()) - {-1}:
+            theirs = other == m
+            best = max(best, float((mine & theirs).sum() / (mine | theirs).sum()))
+        rows.append(best)
+    return np.asarray(rows)
+
+
+def metastable_timescales(msm: MarkovStateModel, sets: int, separation: float = 2.0, drift: float = 0.3) -> bool:
+    """Whether ``sets`` metastable sets are supported: the ``sets - 1`` slowest implied timescales are at least
+    ``separation`` lags (slower than the lag they are measured at, Prinz et al. 2011) and change by at most
+    ``drift`` (relative) from the shortest lag over the next two (a plateau: the model is Markovian on their scale). A
+    relaxation that runs downhill once, as replicas from the current point at temperature 0 do, fails it: its
+    "sets" are strata of one descent, ordered along it, and their timescales are the descent's, which grow with
+    the lag."""
+    k = sets - 1
+    if k < 1 or len(msm.timescales) < k or not np.isfinite(msm.timescales[:k]).all():
+        return False
+    if (np.asarray(msm.timescales[:k]) < separation).any():  # in units of the lag
+        return False
+    its = msm.implied_timescales
+    if len(its) < 3 or its.shape[1] < k or not np.isfinite(its[:3, :k]).all():
+        return False
+    return bool((np.abs(its[1:3, :k] - its[0, :k]) <= drift * its[0, :k]).all())
+
+
+def chain_robustness(
+    features: list[np.ndarray],
+    model: MarkovModel,
+    config: MSMConfig,
+    seed: int,
+    source: tuple[int, int],
+    target: tuple[int, int],
+) -> Robustness:
+    """Refit the chain with ``config.refit_seeds`` k-means seeds times ``config.refit_counts`` state counts (``n``,
+    ``2n``, ... with ``n`` the chain's) and compare each refit's sets with the chain's, point by point
+    (:func:`set_agreement`), and whether the refit separates the ``source`` point's set from the ``target`` point's.
+    A metastable set of a landscape does not depend on where k-means puts its centres; a set that a change of seed
+    dissolves is an artefact of the discretisation."""
+    points = int(sum(len(f) for f in features))
+    n = config.n_clusters or int(np.clip(points // 20, 2, 50))
+    offsets = np.cumsum([0] + [len(d) for d in model.dtrajs])
+    reference = point_sets(model)
+    at = [int(offsets[t] + i) for t, i in (source, target)]
+    refits, worst, apart = [], np.ones(int(reference.max()) + 1 if len(reference) else 0), []
+    for count in [n * (m + 1) for m in range(config.refit_counts)]:
+        for other_seed in [seed + r for r in range(config.refit_seeds)]:
+            if (count, other_seed) == (n, seed) or count * 2 > points:
+                continue
+            refit = markov_model(features, replace(config, n_clusters=count), {}, other_seed)
+            if refit is None:
+                continue
+            labels = point_sets(refit)
+            refits.append((other_seed, count))
+            worst = np.minimum(worst, set_agreement(reference, labels)) if len(worst) else worst
+            apart.append(labels[at[0]] >= 0 and labels[at[1]] >= 0 and labels[at[0]] != labels[at[1]])
+    msm = model.msm
+    sets = int(msm.metastable_assignment.max()) + 1 if msm.metastable_assignment is not None else 1
+    return Robustness(
+        refits,
+        worst.tolist(),
+        float(np.mean(apart)) if apart else 1.0,
+        metastable_timescales(msm, sets),
+        np.asarray(msm.timescales[: max(sets - 1, 0)], dtype=float).tolist(),
+    )
 
 
 def chain_columns(width: int, seed: int = 0, size: int = 2048) -> np.ndarray:
@@ -946,7 +1092,8 @@ def chain_of(
     if source is None or target is None:
         return Chain(model, points, float(active.mean()), "no source or target point")
     transition = transition_between(model, source, target, step)
-    return Chain(model, points, float(active.mean()), transition, source, target)
+    robustness = chain_robustness(features, model, config, seed, source, target)
+    return Chain(model, points, float(active.mean()), transition, source, target, robustness)
 
 
 def training_stages(
@@ -991,6 +1138,7 @@ __all__ = [
     "basins_of",
     "chain_columns",
     "chain_of",
+    "chain_robustness",
     "dips",
     "energy_resolution",
     "join_basins",
@@ -999,6 +1147,7 @@ __all__ = [
     "merge_level",
     "minimum_path",
     "noise_level",
+    "not_robust",
     "plan_joins",
     "quench_point",
     "record_path",
