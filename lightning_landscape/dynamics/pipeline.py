@@ -370,7 +370,7 @@ class CrossingNoise:
 
     def along(self, direction: Tensor) -> float:
         """``T + lr s_d / (2 (1 - beta))`` along the unit vector ``direction``."""
-        d = direction.detach().double().cpu()
+        d = direction.detach().cpu().to(self.grads.dtype)
         return self.temperature + self.lr * self._spread((self.grads @ d) ** 2) / (2 * (1 - self.momentum))
 
     def between(self, a: Tensor, b: Tensor) -> float:
@@ -524,8 +524,14 @@ def add_minimum(db: MinimaDatabase, point: Minimum, **info: Any) -> tuple[int, i
         if len(ids) == 2:
             _set_saddle(db, ids[0], ids[1], point.loss, method="saddle", converged=True, **info)
         return min(ids, key=lambda i: db.records[i]["loss"]), sum(n for _, n in added)
+    i, new = db.add(point.theta, point.loss, point.outputs, **{**certificate_fields(point), **point.info, **info})
+    return i, int(new)
+
+
+def certificate_fields(point: Minimum) -> dict[str, Any]:
+    """What the database stores of a quenched point's convergence and certificate."""
     cert = point.certificate
-    extra = {
+    return {
         "grad_norm": point.grad_norm,
         "grad_ratio": point.grad_ratio,
         "quench_converged": point.converged,
@@ -534,11 +540,7 @@ def add_minimum(db: MinimaDatabase, point: Minimum, **info: Any) -> tuple[int, i
         "kind": cert.kind if cert is not None else "",
         "lambda_min": cert.lambda_min if cert is not None else float("nan"),
         "energy_error": cert.energy_error if cert is not None else float("nan"),
-        **point.info,
-        **info,
     }
-    i, new = db.add(point.theta, point.loss, point.outputs, **extra)
-    return i, int(new)
 
 
 # ----------------------------------------------------------------------------------------------- 3. basins, paths
@@ -711,19 +713,7 @@ def refine_minimum(db: MinimaDatabase, objective: Any, k: int, config: QuenchCon
     point = quench_point(objective, start, replace(config, ftol=resolution), kicks=0)
     if not (np.isfinite(point.loss) and point.loss <= db.records[k]["loss"]):
         return False
-    cert = point.certificate
-    db.relocate(
-        k,
-        point.theta,
-        point.loss,
-        point.outputs,
-        grad_norm=point.grad_norm,
-        certified=point.certified,
-        kind=cert.kind,
-        lambda_min=cert.lambda_min,
-        energy_error=cert.energy_error,
-        refined_to=resolution,
-    )
+    db.relocate(k, point.theta, point.loss, point.outputs, **certificate_fields(point), refined_to=resolution)
     return True
 
 
