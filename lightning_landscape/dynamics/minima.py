@@ -498,7 +498,8 @@ class MinimaDatabase:
 
     def basin_summary(self, labels: np.ndarray) -> list[dict[str, Any]]:
         """One row per basin: ``basin``, ``loss`` (its lowest member's), ``minimum`` (that member's id), ``members``
-        (ids), ``visits`` (summed), ``first_step`` (its earliest member's)."""
+        (ids), ``visits`` (summed), ``first_step`` (its earliest member's), ``certified`` (some member is a certified
+        minimum; a basin of uncertified points alone is no known basin)."""
         rows = []
         for basin in range(int(labels.max()) + 1 if len(labels) else 0):
             members = np.flatnonzero(labels == basin).tolist()
@@ -513,6 +514,7 @@ class MinimaDatabase:
                     "members": members,
                     "visits": int(sum(self.records[i].get("visits", 1) for i in members)),
                     "first_step": min(steps) if steps else None,
+                    "certified": any(self.records[i].get("certified") is not False for i in members),
                 }
             )
         return rows

@@ -187,14 +187,15 @@ class BasinConfig:
         neighbours: each minimum found in a call is checked against this many nearest minima (function space) of
             other basins, by a straight line first.
         max_linear: straight-line checks per call at most (``images`` forward passes each).
-        max_refine: minima quenched on per call at most, when a pair's merge level is below the energy error of its
-            ends (its barrier could not be resolved): each end is quenched on to a tenth of that level.
+        max_refine: minima quenched on per call at most, when a pair's merge level is below ten times the energy
+            error of a certified end, but no more than ten times below it: the end is quenched on to a tenth of the
+            level, so that the barrier can be resolved.
     """
 
     merge_barrier: float | None = None
     neighbours: int = 3
     max_linear: int = 32
-    max_refine: int = 8
+    max_refine: int = 4
 
     def __post_init__(self) -> None:
         check_float(
@@ -206,7 +207,7 @@ class BasinConfig:
         )
         check_int("basins.neighbours", self.neighbours, minimum=0, example=3)
         check_int("basins.max_linear", self.max_linear, minimum=0, example=32)
-        check_int("basins.max_refine", self.max_refine, minimum=0, example=8)
+        check_int("basins.max_refine", self.max_refine, minimum=0, example=4)
 
 
 @dataclass
@@ -540,6 +541,7 @@ def certificate_fields(point: Minimum) -> dict[str, Any]:
         "kind": cert.kind if cert is not None else "",
         "lambda_min": cert.lambda_min if cert is not None else float("nan"),
         "energy_error": cert.energy_error if cert is not None else float("nan"),
+        "resolution": cert.resolution if cert is not None else float("nan"),
     }
 
 
@@ -686,9 +688,11 @@ def plan_joins(
         a, b = (torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype) for k in (i, j))
         level = levels[(i, j)] = merge_level(merge_barrier, noise, a, b)
         for k in (i, j):
+            # a certified minimum whose error is above a tenth of the pair's level, but within reach of it (a
+            # network's kinks can hold the certificate's error far above a level of 1e-6: no use quenching on)
             error = db.records[k].get("energy_error") or 0.0
-            wanted = quench is not None and level > 0 and error > level / 10
-            if wanted and k not in refined and len(refined) < basins.max_refine:
+            reach = level > 0 and level / 10 < error <= 10 * level and db.records[k].get("certified") is not False
+            if quench is not None and reach and k not in refined and len(refined) < basins.max_refine:
                 refined.add(k)
                 refine_minimum(db, objective, k, quench, level / 10)
         if refined & {i, j}:
@@ -708,12 +712,18 @@ def plan_joins(
 
 def refine_minimum(db: MinimaDatabase, objective: Any, k: int, config: QuenchConfig, resolution: float) -> bool:
     """Quench stored minimum ``k`` on, to the energy ``resolution`` (no kicks), and store the result in its place
-    (:meth:`MinimaDatabase.relocate`) when it is no higher; returns whether it was stored."""
+    (:meth:`MinimaDatabase.relocate`) when it is no higher; returns whether it was stored. It stays certified at the
+    resolution it was certified at when the finer one is not reached."""
     start = torch.from_numpy(db.theta(k)).to(device=objective.device, dtype=objective.dtype)
     point = quench_point(objective, start, replace(config, ftol=resolution), kicks=0)
-    if not (np.isfinite(point.loss) and point.loss <= db.records[k]["loss"]):
+    record = db.records[k]
+    if not (np.isfinite(point.loss) and point.loss <= record["loss"]):
         return False
-    db.relocate(k, point.theta, point.loss, point.outputs, **certificate_fields(point), refined_to=resolution)
+    fields = certificate_fields(point)
+    if not point.certified and record.get("certified") and point.certificate.kind != "saddle":
+        coarser = record.get("resolution") or float("inf")
+        fields.update(certified=point.certificate.energy_error <= coarser, resolution=coarser)
+    db.relocate(k, point.theta, point.loss, point.outputs, **fields, refined_to=resolution)
     return True
 
 
@@ -728,7 +738,13 @@ class BasinsResult:
 
     @property
     def n_basins(self) -> int:
-        return len(self.rows)
+        """The basins with a certified minimum (a point not known to be a minimum is its own row, not a basin)."""
+        return sum(bool(row.get("certified", True)) for row in self.rows)
+
+    @property
+    def n_uncertified(self) -> int:
+        """Rows of uncertified points alone."""
+        return len(self.rows) - self.n_basins
 
 
 def basins_of(db: MinimaDatabase, merge_barrier: float | None = None) -> BasinsResult:
