@@ -58,6 +58,22 @@ def fit(seed: int, root: Path, callbacks: list) -> tuple[pl.Trainer, float]:
     return trainer, time.perf_counter() - start
 
 
+def certificate_summary(history: list[dict]) -> str:
+    """One line on an EnergyLandscape run's certificates, basins and chain (its ``history``, all triggers)."""
+    last, quenched = history[-1], max(sum(h["quenches_run"] for h in history), 1)
+    return (
+        f"certificates: {last.get('minima_certified')} of {last['n_minima']} stored minima certified,"
+        f" {sum(h.get('saddles_kicked', 0) for h in history)} saddles kicked,"
+        f" {sum(h.get('certificate_hvps', 0) for h in history) / quenched:.0f} Hessian-vector products and"
+        f" {sum(h['quench_grads'] for h in history) / quenched:.0f} gradients per quenched point,"
+        f" {sum(h.get('minima_refined', 0) for h in history)} minima refined; {last['n_basins']} basins at the"
+        f" noise along each barrier (median crossing temperature {last.get('crossing_temperature', float('nan')):.3g},"
+        f" noise level {last['noise_level']:.3g}); chain: {last.get('chain_sets_robust', '-')} of"
+        f" {last.get('chain_sets', '-')} sets robust, metastable {bool(last.get('chain_metastable', 0))}, the"
+        f" transition's sets apart in {100 * last.get('chain_transition_agreement', float('nan')):.0f}% of refits"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=4)
@@ -102,18 +118,7 @@ def main() -> None:
             f" {last['n_basins']:>6} {slowest:>15}  {pathway}"
         )
         print(f"     training stages (metastable set @ first step, -1: outside the connected set): {stages}")
-        quenched = sum(h["quenches_run"] for h in energy.history)
-        print(
-            f"     certificates: {last.get('minima_certified')} of {last['n_minima']} stored minima certified,"
-            f" {sum(h.get('saddles_kicked', 0) for h in energy.history)} saddles kicked,"
-            f" {sum(h.get('certificate_hvps', 0) for h in energy.history) / max(quenched, 1):.0f} Hessian-vector"
-            f" products and {sum(h['quench_grads'] for h in energy.history) / max(quenched, 1):.0f} gradients per"
-            f" quenched point, {sum(h.get('minima_refined', 0) for h in energy.history)} minima refined;"
-            f" noise level {last['noise_level']:.3g}, median crossing temperature"
-            f" {last.get('crossing_temperature', float('nan')):.3g}; chain: {last.get('chain_sets_robust', '-')}"
-            f" robust sets, metastable {bool(last.get('chain_metastable', 0))}, transition in"
-            f" {100 * last.get('chain_transition_agreement', float('nan')):.0f}% of refits"
-        )
+        print("     " + certificate_summary(energy.history))
     start = time.perf_counter()
     summary = analyze(
         [out / f"seed-{s}" for s in range(args.seeds)], out / "analysis", config=ROOT / "configs" / "digits.yaml"

@@ -412,6 +412,7 @@ class Minimum:
     criterion: str = ""  # "gradient", "energy" or "" (not converged)
     certificate: Certificate | None = None
     kicked: list[Minimum] = field(default_factory=list)
+    earlier_hvps: int = 0  # Hessian-vector products of the certificates before the last one (continued quenches)
 
     @property
     def certified(self) -> bool:
@@ -421,7 +422,7 @@ class Minimum:
     def n_hvp(self) -> int:
         """Hessian-vector products of its certificates (the kicked sides' included)."""
         own = self.certificate.n_hvp if self.certificate is not None else 0
-        return own + sum(k.n_hvp for k in self.kicked)
+        return own + self.earlier_hvps + sum(k.n_hvp for k in self.kicked)
 
     @property
     def n_grad_total(self) -> int:
@@ -462,14 +463,17 @@ def quench_point(
     q = quench(target, start, max_iter=iterations, rtol=config.rtol, ftol=ftol, max_step=max_step)
     loss0, used = q.loss + q.loss_drop, q.n_grad
     certificate = certify(target, q.theta, ftol, steps=config.hvps)
-    for _ in range(3):  # still descending by more than ftol: on, at most 3 times (each certificate costs 2 hvps runs)
-        if certificate.kind != "uncertified" or used + 25 > config.max_iter:
-            break
-        before = q.loss
-        q = quench(target, q.theta, max_iter=config.max_iter - used, rtol=config.rtol, ftol=ftol, max_step=max_step)
+    # still descending by more than ftol: on, in rounds of at most 200 iterations whose plateau criterion is 10x
+    # finer (a slow descent lowers less than ftol per 20 iterations and still has more than ftol to go), each ended
+    # by a certificate, while max_iter lasts and the loss still falls
+    earlier_hvps = 0
+    while certificate.kind == "uncertified" and used + 25 <= config.max_iter:
+        before, earlier_hvps = q.loss, earlier_hvps + certificate.n_hvp
+        rounds = min(config.max_iter - used, 200)
+        q = quench(target, q.theta, max_iter=rounds, rtol=config.rtol, ftol=ftol / 10, max_step=max_step)
         used += q.n_grad
         certificate = certify(target, q.theta, ftol, steps=config.hvps)
-        if before - q.loss <= ftol:  # no progress: the model's remaining descent is not there to be had
+        if before - q.loss <= floor:  # nothing lowered: the model's remaining descent is not there to be had
             break
     kicked = []
     if certificate.kind == "saddle":
@@ -501,6 +505,7 @@ def quench_point(
         criterion=q.criterion,
         certificate=certificate,
         kicked=kicked,
+        earlier_hvps=earlier_hvps,
     )
 
 
