@@ -463,14 +463,16 @@ def quench_point(
     q = quench(target, start, max_iter=iterations, rtol=config.rtol, ftol=ftol, max_step=max_step)
     loss0, used = q.loss + q.loss_drop, q.n_grad
     certificate = certify(target, q.theta, ftol, steps=config.hvps)
-    # still descending by more than ftol: on, in rounds of at most 200 iterations whose plateau criterion is 10x
-    # finer (a slow descent lowers less than ftol per 20 iterations and still has more than ftol to go), each ended
-    # by a certificate, while max_iter lasts and the loss still falls
+    # still descending by more than ftol: on, in at most 2 rounds of at most 200 iterations without the plateau
+    # criterion (a slow descent lowers less than ftol per 20 iterations and can still have more than ftol to go),
+    # each ended by a certificate, while max_iter lasts and the loss still falls
     earlier_hvps = 0
-    while certificate.kind == "uncertified" and used + 25 <= config.max_iter:
+    for _ in range(2):
+        if certificate.kind != "uncertified" or used + 25 > config.max_iter:
+            break
         before, earlier_hvps = q.loss, earlier_hvps + certificate.n_hvp
         rounds = min(config.max_iter - used, 200)
-        q = quench(target, q.theta, max_iter=rounds, rtol=config.rtol, ftol=ftol / 10, max_step=max_step)
+        q = quench(target, q.theta, max_iter=rounds, rtol=config.rtol, ftol=0.0, max_step=max_step)
         used += q.n_grad
         certificate = certify(target, q.theta, ftol, steps=config.hvps)
         if before - q.loss <= floor:  # nothing lowered: the model's remaining descent is not there to be had
