@@ -155,6 +155,8 @@ class QuenchConfig:
             minimum is located below float32's rounding (a float32 line search stalls there); ``"float32"``: in the
             objective's own dtype (half the memory traffic, for models where float64 is slow, e.g. on most GPUs).
         hvps: Hessian-vector products per Lanczos run of the certificate (two runs per quenched point).
+        rounds: further rounds of at most 200 L-BFGS iterations (each with a certificate) for a point the
+            certificate finds still descending; each costs up to 200 gradients and ``2 hvps`` products.
     """
 
     max_iter: int = 1000
@@ -163,6 +165,7 @@ class QuenchConfig:
     dedup_tol: float = 0.05
     dtype: Literal["float64", "float32"] = "float64"
     hvps: int = 20
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         check_int("quench.max_iter", self.max_iter, example=100)
@@ -170,6 +173,7 @@ class QuenchConfig:
         check_float("quench.ftol", self.ftol, optional=True, strict=False, hint="None: a tenth of the merge level.")
         check_float("quench.dedup_tol", self.dedup_tol, hint="e.g. 0.05 (5% output distance).")
         check_int("quench.hvps", self.hvps, minimum=2, example=20)
+        check_int("quench.rounds", self.rounds, minimum=0, example=1)
         if self.rtol >= 1:
             raise ValueError(f"`quench.rtol` must be below 1, got {self.rtol}. HINT: e.g. 1e-3.")
         if self.dtype not in ("float64", "float32"):
@@ -463,11 +467,11 @@ def quench_point(
     q = quench(target, start, max_iter=iterations, rtol=config.rtol, ftol=ftol, max_step=max_step)
     loss0, used = q.loss + q.loss_drop, q.n_grad
     certificate = certify(target, q.theta, ftol, steps=config.hvps)
-    # still descending by more than ftol: on, in at most 2 rounds of at most 200 iterations without the plateau
+    # still descending by more than ftol: on, in `config.rounds` rounds of at most 200 iterations without the plateau
     # criterion (a slow descent lowers less than ftol per 20 iterations and can still have more than ftol to go),
     # each ended by a certificate, while max_iter lasts and the loss still falls
     earlier_hvps = 0
-    for _ in range(2):
+    for _ in range(config.rounds):
         if certificate.kind != "uncertified" or used + 25 > config.max_iter:
             break
         before, earlier_hvps = q.loss, earlier_hvps + certificate.n_hvp
