@@ -686,7 +686,7 @@ class EnergyLandscape(LandscapeCallback):
             saddles_kicked=sum(bool(q.kicked) for q in quenched),
             certificate_hvps=sum(q.n_hvp for q in quenched),
             minima_refined=len(joins.refined) + (len(more.refined) if dipped else 0),
-            minima_certified=sum(r.get("certified") is not False for r in db.records),
+            minima_certified=sum(db.certified),
             linear_joins=linear_joins,
             paths_run=len(found_paths),
             paths_converged=sum(p.converged for _, _, p in found_paths),
@@ -1044,7 +1044,7 @@ class EnergyLandscape(LandscapeCallback):
                     r.get("grad_ratio", np.nan),
                     bool(r.get("quench_converged", False)),
                     r.get("quench_criterion", ""),
-                    r.get("certified") is not False,
+                    certified,
                     r.get("lambda_min", np.nan),
                     r.get("energy_error", np.nan),
                     r.get("accuracy", np.nan),
@@ -1052,7 +1052,7 @@ class EnergyLandscape(LandscapeCallback):
                     r.get("step", -1),
                     r.get("source", ""),
                 ]
-                for r in db.records
+                for r, certified in zip(db.records, db.certified, strict=True)
             ],
             step,
         )

@@ -274,7 +274,7 @@ def certify(objective: Any, theta: Tensor, resolution: float, steps: int = 20, s
         scale = max(scale, float(alpha_g.abs().max()))
         floor = max(1e-6 * scale, 1e-300)
         error += 0.5 * g_norm**2 * _radau_inverse(alpha_g, beta_g, max(lambda_min / 2, floor), steps)
-    if lambda_min < -1e-3 * max(scale, abs(lambda_max)):
+    if lambda_min < -1e-3 * scale:
         direction = basis @ vectors[:, 0]
         return Certificate(
             "saddle", g_norm, lambda_min, lambda_max, error, resolution, n_hvp, direction / direction.norm()
@@ -374,6 +374,12 @@ class MinimaDatabase:
     @property
     def losses(self) -> np.ndarray:
         return np.asarray([r["loss"] for r in self.records], dtype=float)
+
+    @property
+    def certified(self) -> list[bool]:
+        """Whether each minimum is known to be one: all but those stored with ``certified=False`` (a database
+        written before certificates holds none such)."""
+        return [r.get("certified") is not False for r in self.records]
 
     def theta(self, i: int) -> np.ndarray:
         return np.load(self.path / "theta" / f"{i:05d}.npy")
@@ -482,7 +488,7 @@ class MinimaDatabase:
             return i
 
         losses = self.losses
-        certified = [r.get("certified") is not False for r in self.records]
+        certified = self.certified
         errors = [r.get("energy_error") or 0.0 for r in self.records]
         for (i, j), s in self.saddles.items():
             if not (certified[i] and certified[j]):
@@ -500,7 +506,7 @@ class MinimaDatabase:
         """One row per basin: ``basin``, ``loss`` (its lowest member's), ``minimum`` (that member's id), ``members``
         (ids), ``visits`` (summed), ``first_step`` (its earliest member's), ``certified`` (some member is a certified
         minimum; a basin of uncertified points alone is no known basin)."""
-        rows = []
+        rows, certified = [], self.certified
         for basin in range(int(labels.max()) + 1 if len(labels) else 0):
             members = np.flatnonzero(labels == basin).tolist()
             lowest = min(members, key=lambda i: self.records[i]["loss"])
@@ -514,7 +520,7 @@ class MinimaDatabase:
                     "members": members,
                     "visits": int(sum(self.records[i].get("visits", 1) for i in members)),
                     "first_step": min(steps) if steps else None,
-                    "certified": any(self.records[i].get("certified") is not False for i in members),
+                    "certified": any(certified[i] for i in members),
                 }
             )
         return rows

@@ -162,6 +162,30 @@ def metastable_count(eigenvalues: np.ndarray, max_sets: int = 5) -> int:
     return int(np.argmax(gaps)) + 2
 
 
+def default_clusters(n_points: int) -> int:
+    """The number of k-means states when none is given: one per 20 points, 2 to 50."""
+    return int(np.clip(n_points // 20, 2, 50))
+
+
+def set_labels(msm: MarkovStateModel, states: np.ndarray) -> np.ndarray:
+    """The metastable set of each of ``states`` (cluster indices): -1 outside the largest connected set, 0 inside
+    it when the model has no PCCA+ sets.
+
+    Example::
+
+        >>> msm = MarkovStateModel(1, np.eye(2), np.full(2, 0.5), np.zeros(2), np.array([3, 5]), np.zeros(1),
+        ...                        metastable_assignment=np.array([1, 0]))
+        >>> set_labels(msm, np.array([5, 4, 3])).tolist()
+        [0, -1, 1]
+    """
+    states = np.asarray(states, dtype=np.int64).reshape(-1)
+    active = np.asarray(msm.active_set, dtype=np.int64)
+    lookup = np.full(int(max(states.max(initial=-1), active.max(initial=-1))) + 1, -1)
+    inside = np.asarray(msm.metastable_assignment) if msm.metastable_assignment is not None else 0
+    lookup[active] = inside
+    return lookup[states]
+
+
 def clustered_msm(
     features: Sequence[np.ndarray],
     lag: int,
@@ -175,7 +199,7 @@ def clustered_msm(
     while there are too few points (fewer than two per state, or trajectories not longer than ``2 lag``)."""
     features = [np.asarray(f, dtype=np.float64) for f in features if len(f)]
     n_points = sum(len(f) for f in features)
-    n_clusters = n_clusters or int(np.clip(n_points // 20, 2, 50))
+    n_clusters = n_clusters or default_clusters(n_points)
     if not features or n_points < 2 * n_clusters or max(len(f) for f in features) <= 2 * lag:
         return None
     dtrajs, _ = discretize(features, n_clusters, seed=seed)
@@ -194,10 +218,7 @@ def metastable_summary(
     (e.g. ``{"loss": [...], "accuracy": [...]}``, one array per trajectory; NaNs ignored)."""
     if msm.metastable_assignment is None:
         return []
-    state_of = {int(s): k for k, s in enumerate(msm.active_set)}
-    labels = np.asarray(
-        [msm.metastable_assignment[state_of[int(s)]] if int(s) in state_of else -1 for d in dtrajs for s in d]
-    )
+    labels = set_labels(msm, np.concatenate([np.asarray(d) for d in dtrajs]))
     flat = {name: np.concatenate([np.asarray(v, dtype=float) for v in arrays]) for name, arrays in values.items()}
     rows = []
     for k, population in enumerate(msm.metastable_populations):

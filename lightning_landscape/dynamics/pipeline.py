@@ -67,7 +67,14 @@ from torch import Tensor
 from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.dynamics.excursions import Excursions, sample_basin
 from lightning_landscape.dynamics.minima import Certificate, MinimaDatabase, certify, quench
-from lightning_landscape.dynamics.msm import MarkovStateModel, clustered_msm, metastable_summary, states_on_plane
+from lightning_landscape.dynamics.msm import (
+    MarkovStateModel,
+    clustered_msm,
+    default_clusters,
+    metastable_summary,
+    set_labels,
+    states_on_plane,
+)
 from lightning_landscape.dynamics.sketch import SparseProjection
 from lightning_landscape.dynamics.tpt import TransitionPaths, transition_paths
 from lightning_landscape.geometry.paths import PathResult, dips, minimum_energy_path
@@ -470,7 +477,7 @@ def quench_point(
     stationary = float(g0.norm()) * max(float(start.norm()), 1.0) <= 1e-9 * max(abs(float(loss0)), 1e-12)
     iterations = 0 if stationary else config.max_iter
     q = quench(target, start, max_iter=iterations, rtol=config.rtol, ftol=ftol, max_step=max_step)
-    loss0, used = q.loss + q.loss_drop, q.n_grad
+    used = q.n_grad
     certificate = certify(target, q.theta, ftol, steps=config.hvps)
     # still descending by more than ftol: on, in `config.rounds` rounds of at most 200 iterations without the plateau
     # criterion (a slow descent lowers less than ftol per 20 iterations and can still have more than ftol to go),
@@ -512,7 +519,7 @@ def quench_point(
         used,
         outputs,
         info,
-        loss_drop=loss0 - q.loss,
+        loss_drop=float(loss0) - q.loss,
         criterion=q.criterion,
         certificate=certificate,
         kicked=kicked,
@@ -707,7 +714,7 @@ def plan_joins(
             # a certified minimum whose error is above a tenth of the pair's level, but within reach of it (a
             # network's kinks can hold the certificate's error far above a level of 1e-6: no use quenching on)
             error = db.records[k].get("energy_error") or 0.0
-            reach = level > 0 and level / 10 < error <= 10 * level and db.records[k].get("certified") is not False
+            reach = level > 0 and level / 10 < error <= 10 * level and db.certified[k]
             if quench is not None and reach and k not in refined and len(refined) < basins.max_refine:
                 refined.add(k)
                 refine_minimum(db, objective, k, quench, level / 10)
@@ -972,16 +979,7 @@ def not_robust(robustness: Robustness) -> str:
 def point_sets(model: MarkovModel) -> np.ndarray:
     """Every recorded point's metastable set (all trajectories concatenated): -1 outside the largest connected
     set; 0 for every point inside it when there is one set."""
-    msm = model.msm
-    index = {int(s): k for k, s in enumerate(msm.active_set)}
-    labels = np.asarray(msm.metastable_assignment) if msm.metastable_assignment is not None else None
-    states = np.concatenate(model.dtrajs)
-    out = np.full(len(states), -1)
-    for n, state in enumerate(states.tolist()):
-        k = index.get(int(state))
-        if k is not None:
-            out[n] = int(labels[k]) if labels is not None else 0
-    return out
+    return set_labels(model.msm, np.concatenate(model.dtrajs))
 
 
 def set_agreement(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
@@ -1036,7 +1034,7 @@ def chain_robustness(
     A metastable set of a landscape does not depend on where k-means puts its centres; a set that a change of seed
     dissolves is an artefact of the discretisation."""
     points = int(sum(len(f) for f in features))
-    n = config.n_clusters or int(np.clip(points // 20, 2, 50))
+    n = config.n_clusters or default_clusters(points)
     offsets = np.cumsum([0] + [len(d) for d in model.dtrajs])
     reference = point_sets(model)
     at = [int(offsets[t] + i) for t, i in (source, target)]
@@ -1125,14 +1123,9 @@ def training_stages(
     with their optimizer ``steps``) by the metastable set they lie in, merged into runs of one set, in order:
     ``{"set", "first_step", "last_step", "points"}``; ``set`` -1 for points outside the largest connected set.
     Without metastable sets (one set), a single stage 0 while the path is inside the connected set."""
-    msm = model.msm
-    index = {int(s): k for k, s in enumerate(msm.active_set)}
-    labels = np.asarray(msm.metastable_assignment) if msm.metastable_assignment is not None else None
     stages: list[dict[str, int]] = []
     for states, times in zip(dtrajs, steps, strict=True):
-        for state, time in zip(states, times, strict=True):
-            k = index.get(int(state))
-            label = -1 if k is None else int(labels[k]) if labels is not None else 0
+        for label, time in zip(set_labels(model.msm, states).tolist(), times, strict=True):
             if stages and stages[-1]["set"] == label:
                 stages[-1].update(last_step=int(time), points=stages[-1]["points"] + 1)
             else:
