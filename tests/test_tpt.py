@@ -193,13 +193,18 @@ def three_hole(x, y, exp=np.exp):
 
 
 CORE, SPLIT = 0.25, 0.75  # cores: squares |x -+ 1|, |y| < CORE; the upper channel crosses x = 0 above y = SPLIT
+LR, TEMPERATURE, RECORD = 0.02, 1.0, 5  # SGLD on the three-hole potential: 0.1 time units between recorded points
 
 
-@functools.cache  # both seeds' tests compare with one reference
-def three_hole_reference(temperature: float, n: int = 161) -> dict[str, float]:
-    """TPT of dx = -grad U dt + sqrt(2T) dW on a fine grid (square-root approximation of the generator, 2-D):
-    the upper channel's share of the net reactive flux across x = 0; and the Boltzmann weights of x < 0 and y > 1
-    by midpoint quadrature on a finer grid."""
+def square_cores(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (np.abs(x + 1) < CORE) & (np.abs(y) < CORE), (np.abs(x - 1) < CORE) & (np.abs(y) < CORE)
+
+
+def three_hole_reference(cores=square_cores, temperature: float = TEMPERATURE, n: int = 161) -> dict[str, float]:
+    """TPT of dx = -grad U dt + sqrt(2T) dW on a fine grid (square-root approximation of the generator, 2-D)
+    between the regions ``cores(x, y) -> (in_a, in_b)``: the rate ``F / sum pi q-`` (per time unit) and the upper
+    channel's share of the net reactive flux across x = 0; and the Boltzmann weights of x < 0 and y > 1 by
+    midpoint quadrature on a finer grid."""
     from scipy import sparse
     from scipy.sparse.linalg import spsolve
 
@@ -216,8 +221,7 @@ def three_hole_reference(temperature: float, n: int = 161) -> dict[str, float]:
     q = (q - sparse.diags(np.asarray(q.sum(1)).ravel())).tocsr()
     pi = np.exp(-(u - u.min()) / temperature)
     pi /= pi.sum()
-    a = (np.abs(x + 1) < CORE) & (np.abs(y) < CORE)
-    b = (np.abs(x - 1) < CORE) & (np.abs(y) < CORE)
+    a, b = cores(x, y)
     inner = ~(a | b)
     plus = b.astype(float)
     plus[inner] = spsolve(q[inner][:, inner].tocsc(), -np.asarray(q[inner][:, b].sum(1)).ravel())
@@ -227,16 +231,15 @@ def three_hole_reference(temperature: float, n: int = 161) -> dict[str, float]:
     weight = np.exp(-(three_hole(mid_x, mid_y) - u.min()) / temperature)
     return {
         "upper_share": across[y[i] > SPLIT].sum() / across.sum(),
+        "rate": flux[a[i] & ~a[j]].sum() / (pi * (1 - plus)).sum(),
         "left": weight[mid_x < 0].sum() / weight.sum(),
         "top": weight[mid_y > 1.0].sum() / weight.sum(),
     }
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sgld_three_hole_flux_shares_and_populations_match_the_fine_grid(seed):
-    # SGLD replicas (half from each deep well) -> 0.25-wide cells -> MSM at the shortest lag (0.1 time units: a
-    # lag-tau jump skips where the path crossed, so the channels blur as tau grows) -> TPT between the wells' cores
-    lr, temperature, record = 0.02, 1.0, 5
+@functools.cache  # the share, population and chain tests read one sample per seed
+def three_hole_replicas(seed: int) -> tuple[np.ndarray, ...]:
+    """128 SGLD replicas of 5000 steps, half from each deep well, every 5th point: ``(1001, 2)`` each."""
     potential = Objective(
         nn.Linear(2, 1, bias=False).double(),
         [torch.zeros(1)],
@@ -246,31 +249,72 @@ def test_sgld_three_hole_flux_shares_and_populations_match_the_fine_grid(seed):
     )
     starts = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64).repeat(64, 1)
     runs = sample_basin(
-        potential, starts, replicas=128, steps=5000, lr=lr, temperature=temperature, seed=seed, record_every=record
+        potential, starts, replicas=128, steps=5000, lr=LR, temperature=TEMPERATURE, seed=seed, record_every=RECORD
     )
+    return tuple(runs.sketches)  # identity sketch: (x, y) itself
+
+
+def net_flux_shares(net_flux: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
+    """The upper channel's share of the net flux from states left of x = 0 to states right of it (states at
+    ``(x, y)``; a jump is in the upper channel when its midpoint is above SPLIT)."""
+    across = (net_flux - net_flux.T) * ((x[:, None] < 0) & (x[None, :] >= 0))
+    upper = (y[:, None] + y[None, :]) / 2 > SPLIT
+    return float(across[upper].sum() / across.sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sgld_three_hole_flux_shares_and_populations_match_the_fine_grid(seed):
+    # SGLD replicas (half from each deep well) -> 0.25-wide cells -> MSM at the shortest lag (0.1 time units: a
+    # lag-tau jump skips where the path crossed, so the channels blur as tau grows) -> TPT between the wells' cores
     edges_x, edges_y = np.linspace(-2.5, 2.5, 21), np.linspace(-2.0, 3.0, 21)
     rows = len(edges_y) - 1
     cells = [
         np.clip(np.digitize(p[:, 0], edges_x) - 1, 0, len(edges_x) - 2) * rows
         + np.clip(np.digitize(p[:, 1], edges_y) - 1, 0, rows - 1)
-        for p in runs.sketches  # identity sketch: (x, y) itself
+        for p in three_hole_replicas(seed)
     ]
     msm = markov_state_model(cells, lag=1, its_lags=[1], ck_steps=1)
     centers_x, centers_y = (edges_x[:-1] + edges_x[1:]) / 2, (edges_y[:-1] + edges_y[1:]) / 2
     x, y = centers_x[msm.active_set // rows], centers_y[msm.active_set % rows]
-    a = np.flatnonzero((np.abs(x + 1) < CORE) & (np.abs(y) < CORE))
-    b = np.flatnonzero((np.abs(x - 1) < CORE) & (np.abs(y) < CORE))
+    in_a, in_b = square_cores(x, y)
+    a, b = np.flatnonzero(in_a), np.flatnonzero(in_b)
     assert len(a) == len(b) == 4
     flux = transition_paths(msm.transition_matrix, a, b, msm.stationary_distribution).net_flux
-    across = (flux - flux.T) * ((x[:, None] < 0) & (x[None, :] >= 0))  # net flux from left cells to right cells
-    upper = (y[:, None] + y[None, :]) / 2 > SPLIT
-    exact = three_hole_reference(temperature)
-    assert across[upper].sum() / across.sum() == pytest.approx(exact["upper_share"], rel=0.1)
+    exact = three_hole_reference()
+    assert net_flux_shares(flux, x, y) == pytest.approx(exact["upper_share"], rel=0.1)
     # populations: the shallow well within 15% (Euler-Maruyama at this lr overweights it by 2%, measured against
     # lr/4 with 4000 particles, beside the statistical error of its slow exchange); the deep wells' split within 5%
     pi = msm.stationary_distribution
     assert pi[x < 0].sum() == pytest.approx(exact["left"], rel=0.05)
     assert pi[y > 1.0].sum() == pytest.approx(exact["top"], rel=0.15)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_chains_transition_rate_and_channel_split_match_the_fine_grid_between_its_own_cores(seed):
+    from scipy.spatial import cKDTree
+
+    from lightning_landscape.dynamics.pipeline import MSMConfig, chain_of
+
+    # the whole chain at its defaults (k-means states, lag 1, PCCA+ sets, cores of membership >= 0.9) from the
+    # left well's first point to the right well's; the reference is the fine grid's TPT between the same regions
+    # (each grid point in the state of its nearest recorded point)
+    replicas = list(three_hole_replicas(seed))
+    values = {"loss": [three_hole(r[:, 0], r[:, 1]) for r in replicas]}
+    chain = chain_of(replicas, values, [(0, 0)], [(1, 0)], MSMConfig(refit_seeds=1, refit_counts=1), seed, LR * RECORD)
+    found = chain.transition
+    assert not isinstance(found, str), found
+    states = chain.model.msm.active_set
+    points, labels = np.concatenate(replicas), np.concatenate(chain.model.dtrajs)
+    nearest = cKDTree(points)
+
+    def cores(x, y):
+        label = labels[nearest.query(np.stack([x, y], 1))[1]]
+        return np.isin(label, states[found.source]), np.isin(label, states[found.target])
+
+    exact = three_hole_reference(cores)
+    assert found.rate == pytest.approx(exact["rate"], rel=0.15)
+    x, y = (np.array([points[labels == s, k].mean() for s in states]) for k in (0, 1))
+    assert net_flux_shares(found.net_flux, x, y) == pytest.approx(exact["upper_share"], rel=0.1)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
