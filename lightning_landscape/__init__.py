@@ -1,6 +1,7 @@
 """lightning-landscape: energy-landscape studies of neural networks as drop-in Lightning callbacks."""
 
 from lightning_landscape import _compat  # noqa: F401  (first: makes torchvision importable on CPU torch)
+from lightning_landscape.budget import Budget
 from lightning_landscape.callbacks import (
     EnergyLandscape,
     FlatnessMonitor,
@@ -14,6 +15,7 @@ from lightning_landscape.objective import Objective
 from lightning_landscape.params import ParameterLayout
 
 __all__ = [
+    "Budget",
     "EnergyLandscape",
     "FlatnessMonitor",
     "LandscapeCallback",

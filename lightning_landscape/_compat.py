@@ -86,3 +86,9 @@ CALLBACK_BASES: tuple[type, ...] = lightning_classes("callbacks", "Callback")
 def is_instance(obj: Any, module: str, name: str) -> bool:
     """``isinstance`` against a Lightning class in either namespace."""
     return isinstance(obj, lightning_classes(module, name))
+
+
+def timer_callbacks(trainer: Any) -> list[Any]:
+    """The trainer's ``Timer`` callbacks (``Trainer(max_time=...)`` adds one), of either Lightning namespace."""
+    timers = lightning_classes("callbacks", "Timer")
+    return [c for c in getattr(trainer, "callbacks", []) if isinstance(c, timers)]

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 import warnings
@@ -38,8 +39,10 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_landscape import budget as clock
 from lightning_landscape import distributed, sharding
 from lightning_landscape._compat import CALLBACK_BASES
+from lightning_landscape.budget import Budget
 from lightning_landscape.checks import check_int
 from lightning_landscape.guard import preserve_state
 from lightning_landscape.objective import BNMode, LossFn, Objective, _batch_size
@@ -110,6 +113,12 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         dtype: ``torch.float32`` or ``torch.float64`` for the analyses (autocast is always off).
         key_prefix: the logged keys are ``<key_prefix>-<analysis>/<name>``, one W&B section per analysis; ``""``
             gives ``<analysis>/<name>``.
+        budget: what each trigger may spend (:class:`~lightning_landscape.budget.Budget`): a share of the training
+            time (a number, e.g. ``0.05``), a ``Budget`` or a dict of its fields, None for no share limit;
+            ``"default"``: the callback's ``default_share``, at least 10 s a trigger. No trigger starts when
+            ``Trainer(max_time=...)`` leaves less than the floor or after SIGTERM, and a running one is cut at the
+            deadline (every rank together); a skipped trigger is logged (``skipped``) and recorded in
+            ``<run dir>/<name>/skipped.jsonl``.
 
     Raises:
         ValueError: for an invalid trigger, probe size or ``bn_mode`` (in the constructor), and for a
@@ -123,7 +132,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     #: does not set it gets its ``name``
     section = "analysis"
     #: what the analysis logs (:class:`~lightning_landscape.report.dashboard.Logged`), for the dashboard
-    logged = Logged(scalars=("seconds", "failures"))
+    logged = Logged(scalars=("seconds", "budget_seconds", "skipped", "failures"))
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -133,6 +142,10 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     #: split the probe set over DDP ranks (True: curvature, products summed over ranks) or give every rank the
     #: whole probe set (False: work items such as grid points are split instead)
     shard_probe = True
+    #: the share of training time a trigger may take by default (``budget="default"``)
+    default_share = 0.05
+    #: whether the analysis counts batch passes (``Budget.passes``)
+    counts_passes = False
     #: run under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), gathering the full parameters on every rank
     #: at each trigger (:mod:`~lightning_landscape.sharding`); the others refuse sharded strategies in ``setup``
     gathers_fsdp2 = False
@@ -151,9 +164,16 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         dtype: torch.dtype = torch.float32,
         probe_batches: list[Any] | None = None,
         key_prefix: str = "landscape",
+        budget: Budget | float | dict | str | None = "default",
     ) -> None:
         super().__init__()
         check_prefix(key_prefix)
+        self.budget = Budget.of(budget, self.default_share)
+        if self.budget.passes is not None and not self.counts_passes:
+            raise ValueError(
+                f"{type(self).__name__} does not count batch passes, so `budget.passes={self.budget.passes}` would do"
+                " nothing. HINT: limit it by `budget.share` or `budget.seconds`."
+            )
         self.key_prefix = key_prefix
         check_int("every_n_steps", every_n_steps, optional=True, example=100)
         check_int("every_n_epochs", every_n_epochs, optional=True, example=1)
@@ -194,6 +214,9 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.dtype = dtype
         self.failures = 0
         self.runs = 0
+        self.skipped = 0
+        self._spent = 0.0  # seconds of this fit's triggers
+        self._deadline: float | None = None  # the running trigger's end (time.perf_counter())
         self._last_step: int | None = None
         self._probe: list[Any] | None = None
         self._objective: Objective | None = None
@@ -375,10 +398,15 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def reset(self) -> None:
         """Forget the previous fit (another model, other data): a reused callback starts anew. Subclasses extend it."""
         self._objective, self._probe = None, None
-        self.failures, self.runs, self._last_step = 0, 0, None
+        self.failures, self.runs, self.skipped, self._spent, self._last_step = 0, 0, 0, 0.0, None
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        clock.forget(trainer)  # the next fit's clock starts anew
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        clock.ledger(trainer)  # the fit's clock starts with the first callback's start
         if trainer.fast_dev_run:
             return
         error: BaseException | None = None
@@ -436,7 +464,12 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if trainer.sanity_checking or trainer.fast_dev_run or step == self._last_step:
             return False
         self._last_step = step
+        allowance = self._allowance(trainer)
+        if isinstance(allowance, str):
+            self._record_skip(allowance, step)
+            return False
         start = time.perf_counter()
+        self._deadline, self._trainer_ref = start + allowance, trainer
         error: BaseException | None = None
         try:
             with (
@@ -449,15 +482,55 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 self.analyze(trainer, pl_module, step)
         except Exception as err:
             error = err
+        finally:
+            seconds = time.perf_counter() - start
+            self._spent += seconds
+            clock.ledger(trainer).analysis_seconds += seconds
+            self._deadline = self._trainer_ref = None
         # every rank learns whether any failed (also after the last collective), so all skip or go on together
         error = distributed.agree(trainer.strategy, error, f"{type(self).__name__} at step {step}")
         if error is not None:
             self._record_failure(error, step)
             return False
         self.runs += 1
-        self.reporter.scalars({"seconds": time.perf_counter() - start}, step)
+        self.reporter.scalars({"seconds": seconds, "budget_seconds": min(allowance, 1e9)}, step)
         self.publish(trainer, pl_module)
         return True
+
+    def _allowance(self, trainer: pl.Trainer) -> float | str:
+        """Rank 0's budget for a trigger starting now, on every rank: seconds, or why none starts."""
+        left = clock.max_time_left(trainer)
+        if clock.received_sigterm(trainer):
+            decision: float | str = "the trainer received SIGTERM"
+        elif left is not None and left < max(self.budget.floor, 1.0):
+            decision = f"Trainer(max_time) leaves {max(left, 0.0):.1f} s, less than the budget's floor"
+        else:
+            decision = self.budget.allowance(clock.ledger(trainer).trained(), self._spent)
+            decision = decision if left is None else min(decision, left)
+        return distributed.broadcast(trainer.strategy, decision)
+
+    def time_left(self) -> float:
+        """Seconds left to the running trigger (inf without a limit; 0 once the trainer received SIGTERM). Rank-local:
+        a decision taken from it must be rank 0's, broadcast, or taken where rank 0 alone works."""
+        if self._deadline is None:
+            return math.inf
+        if clock.received_sigterm(getattr(self, "_trainer_ref", None)):
+            return 0.0
+        return self._deadline - time.perf_counter()
+
+    def _record_skip(self, reason: str, step: int) -> None:
+        self.skipped += 1
+        try:
+            self.reporter.event("skipped", {"step": step, "reason": reason})
+            self.reporter.scalars({"skipped": self.skipped}, step)
+        except Exception as err:  # a record that cannot be written must not stop training
+            warnings.warn(f"lightning-landscape: could not record a skipped trigger: {err}", RuntimeWarning, 2)
+        if self.reporter.is_global_zero:
+            warnings.warn(
+                f"lightning-landscape: {type(self).__name__} skipped its trigger at step {step}: {reason}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def publish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Every scalar this analysis logged goes to ``trainer.callback_metrics`` too, on every rank (rank 0's values,

@@ -38,13 +38,14 @@ Example::
     energy = EnergyLandscape(
         every_n_epochs=5,
         sampling=SamplingConfig(replicas=8, steps=100),  # or a dict: sampling={"replicas": 8, "steps": 100}
-        budget=Budget(seconds=60),
+        budget=Budget(share=0.05, seconds=600),  # or a dict; or a number: the share
     )
     trainer = L.Trainer(callbacks=[TrajectoryRecorder(), energy], logger=WandbLogger())
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import replace
@@ -162,7 +163,8 @@ class EnergyLandscape(LandscapeCallback):
             along its barrier, ``T + lr s_d / (2 (1 - beta))``, see :mod:`~lightning_landscape.dynamics.pipeline`).
         paths: :class:`~lightning_landscape.dynamics.PathConfig`: images, FIRE iterations, method and ``max_paths``.
         msm: :class:`~lightning_landscape.dynamics.MSMConfig`: lag, states, features and PCCA+ sets.
-        budget: :class:`~lightning_landscape.dynamics.Budget`: batch passes and seconds per trigger.
+        budget: :class:`~lightning_landscape.budget.Budget`: the share of training time the triggers may take
+            (default 5%, at least 10 s a trigger), a cap in seconds and in batch passes per trigger.
         weight_decay: the L2 coefficient of the energy, ``E(theta) = L(theta) + weight_decay |theta|^2 / 2``, which the
             replicas sample and the quenches and paths descend. ``None`` (default): the training optimizers' own,
             per parameter group (:func:`~lightning_landscape.params.weight_decay_of`), read at every trigger, so the
@@ -182,6 +184,8 @@ class EnergyLandscape(LandscapeCallback):
             else than its config or a dict of its fields.
     """
 
+    default_share = 0.05  # of training time (the floor: 10 s a trigger)
+    counts_passes = True
     name = "energy"
     #: what it logs (the dashboard's panels); ``seconds_<stage>`` per stage
     logged = Logged(
@@ -226,6 +230,8 @@ class EnergyLandscape(LandscapeCallback):
             "chain_mfpt",
             "chain_rate",
             "seconds",
+            "budget_seconds",
+            "skipped",
             "failures",
         ),
         media=("disconnectivity", "paths", "timescales", "free_energy", "path_atlas"),
@@ -243,7 +249,7 @@ class EnergyLandscape(LandscapeCallback):
         basins: BasinConfig | None = None,
         paths: PathConfig | None = None,
         msm: MSMConfig | None = None,
-        budget: Budget | None = None,
+        budget: Budget | float | dict | str | None = "default",
         weight_decay: float | None = None,
         probe_size: int = 256,
         probe_batch_size: int | None = None,
@@ -270,13 +276,13 @@ class EnergyLandscape(LandscapeCallback):
             dtype=dtype,
             probe_batches=probe_batches,
             key_prefix=key_prefix,
+            budget=budget,
         )
         self.sampling: SamplingConfig = as_config(SamplingConfig, sampling, "sampling")
         self.quench: QuenchConfig = as_config(QuenchConfig, quench, "quench")
         self.basins: BasinConfig = as_config(BasinConfig, basins, "basins")
         self.paths: PathConfig = as_config(PathConfig, paths, "paths")
         self.msm: MSMConfig = as_config(MSMConfig, msm, "msm")
-        self.budget: Budget = as_config(Budget, budget, "budget")
         check_float("weight_decay", weight_decay, strict=False, optional=True, hint="None takes the optimizer's.")
         self.weight_decay = weight_decay
         if outputs_fn is not None and not callable(outputs_fn):
@@ -424,9 +430,7 @@ class EnergyLandscape(LandscapeCallback):
     def _may_continue(self, trainer: pl.Trainer, spend: list[tuple[Objective, int]], start: float) -> bool:
         """Rank 0's decision, on every rank: is any budget left?"""
         passes = self._passes(trainer, spend)
-        left = (self.budget.passes is None or passes < self.budget.passes) and (
-            self.budget.seconds is None or time.perf_counter() - start < self.budget.seconds
-        )
+        left = (self.budget.passes is None or passes < self.budget.passes) and self.time_left() > 0
         return bool(distributed.broadcast(trainer.strategy, left))
 
     # ------------------------------------------------------------------ the analysis
@@ -503,8 +507,8 @@ class EnergyLandscape(LandscapeCallback):
                 (time.perf_counter() - clock) / len(ids),
                 (self._passes(trainer, spend) - passes) / len(ids),
             )
-            if self.budget.seconds is not None:
-                affordable = min(affordable, (self.budget.seconds - (time.perf_counter() - start)) / max(seconds, 1e-9))
+            if math.isfinite(self.time_left()):
+                affordable = min(affordable, self.time_left() / max(seconds, 1e-9))
             if self.budget.passes is not None:
                 affordable = min(affordable, (self.budget.passes - self._passes(trainer, spend)) / max(spent, 1.0))
             per_rank = int(distributed.broadcast(trainer.strategy, max(1, int(affordable // world))))

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from typing_extensions import override
 
+from lightning_landscape import budget as clock
 from lightning_landscape import curvature, distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
 from lightning_landscape.checks import check_float, check_int
@@ -122,7 +123,11 @@ class FlatnessMonitor(LandscapeCallback):
             "b_simple",
             "temperature",
             "n_hvp",
+            "lambda_max_converged",
+            "measures_cut",
             "seconds",
+            "budget_seconds",
+            "skipped",
             "failures",
         ),
         media=("eigenvalues", "spectral_density"),
@@ -155,6 +160,7 @@ class FlatnessMonitor(LandscapeCallback):
         progress: bool = True,
         probe_batches: list[Any] | None = None,
         key_prefix: str = "landscape",
+        budget: Any = "default",
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -169,6 +175,7 @@ class FlatnessMonitor(LandscapeCallback):
             dtype=dtype,
             probe_batches=probe_batches,
             key_prefix=key_prefix,
+            budget=budget,
         )
         if isinstance(measures, str):
             raise ValueError(f"`measures` must be a list of names, got the string {measures!r}. HINT: [{measures!r}].")
@@ -271,17 +278,35 @@ class FlatnessMonitor(LandscapeCallback):
         return lr, limit, global_batch_size(trainer)
 
     def _estimate(self, obj: Any, limit: float | None) -> dict[str, Any]:
-        """All Hessian-based measures; runs on rank 0 with a sharded objective."""
+        """All Hessian-based measures within the trigger's budget; runs on rank 0 with a sharded objective.
+
+        Anytime: the iterative estimators stop at the budget's deadline with what they have (Lanczos' Ritz values,
+        ``lambda_max_converged`` 0; the Hutchinson samples so far, with their larger standard error; fewer SLQ
+        vectors), and the measures not started by then are cut (``measures_cut``, and the ``cut`` event naming
+        them)."""
+        with clock.deadline(self.time_left(), getattr(self, "_trainer_ref", None)):
+            return self._measures(obj, limit)
+
+    def _measures(self, obj: Any, limit: float | None) -> dict[str, Any]:
         want = set(self.measures)
-        out: dict[str, Any] = {"scalars": {}, "n_hvp": 0}
+        out: dict[str, Any] = {"scalars": {}, "n_hvp": 0, "cut": []}
         s = out["scalars"]
-        if want & {"lambda_max", "top_eigenvalues", "eos_ratio"}:
+
+        def due(*names: str) -> bool:
+            asked = [n for n in names if n in want]
+            if asked and clock.time_up():
+                out["cut"] += asked
+                return False
+            return bool(asked)
+
+        if due("lambda_max", "top_eigenvalues", "eos_ratio"):
             k = self.top_k if "top_eigenvalues" in want else 1
             res = curvature.hessian_eigenvalues(
                 obj, k=min(k, obj.numel - 1), tol=self.tol, method=self.eigen_method, seed=self.seed
             )
             out["top_eigenvalues"] = res.eigenvalues.tolist()
             out["n_hvp"] += res.n_hvp
+            s["lambda_max_converged"] = float(res.converged)
             s["lambda_max"] = out["top_eigenvalues"][0]
             if "top_eigenvalues" in want:
                 s.update({f"lambda_{i + 1}": v for i, v in enumerate(out["top_eigenvalues"])})
@@ -290,20 +315,23 @@ class FlatnessMonitor(LandscapeCallback):
             if limit is not None:  # the reference line next to lambda_max: 2/lr for plain SGD
                 s["stability_limit"] = limit
             self.advance("eigenvalues")
-        if "lambda_min" in want:
+        if due("lambda_min"):
             res = curvature.hessian_eigenvalues(
                 obj, k=1, which="smallest", tol=self.tol, method=self.eigen_method, seed=self.seed
             )
             s["lambda_min"] = float(res.eigenvalues[0])
             out["n_hvp"] += res.n_hvp
             self.advance("lambda_min")
-        if "trace" in want:
+        if due("trace"):
             tr = curvature.hessian_trace(obj, self.trace_samples, seed=self.seed)
             s["trace"], s["trace_std_error"] = tr.estimate, tr.std_error
             s["trace_ci95_low"], s["trace_ci95_high"] = tr.interval(0.95)
             out["n_hvp"] += tr.n_hvp
             self.advance("trace")
         for label, patterns in self.layers.items():
+            if clock.time_up():
+                out["cut"].append(f"layer {label}")
+                continue
             if want & {"lambda_max", "top_eigenvalues", "eos_ratio"}:
                 res = curvature.hessian_eigenvalues(
                     obj, k=1, tol=self.tol, method=self.eigen_method, params=patterns, seed=self.seed
@@ -314,21 +342,21 @@ class FlatnessMonitor(LandscapeCallback):
                 tr = curvature.hessian_trace(obj, self.trace_samples, params=patterns, seed=self.seed)
                 s[f"trace/{label}"] = tr.estimate
                 out["n_hvp"] += tr.n_hvp
-        if "density" in want:
+        if due("density"):
             d = curvature.spectral_density(obj, self.density_vectors, self.density_steps, seed=self.seed)
             out["density"] = {"nodes": d.nodes, "weights": d.weights, "grid": d.grid, "density": d.density}
             out["n_hvp"] += d.n_hvp
             self.advance("density")
-        if "epsilon_sharpness" in want:
+        if due("epsilon_sharpness"):
             s["epsilon_sharpness"] = curvature.epsilon_sharpness(obj, self.epsilon, seed=self.seed).value
-        if "adaptive_sharpness" in want:
+        if due("adaptive_sharpness"):
             s["adaptive_sharpness"] = curvature.adaptive_sharpness(obj, self.rho, "worst", seed=self.seed).value
-        if "average_adaptive_sharpness" in want:
+        if due("average_adaptive_sharpness"):
             res = curvature.adaptive_sharpness(obj, self.rho, "average", seed=self.seed)
             s["average_adaptive_sharpness"] = res.value
-        if "sam_sharpness" in want:
+        if due("sam_sharpness"):
             s["sam_sharpness"] = curvature.sam_sharpness(obj, self.rho).value
-        if "pac_bayes_sigma" in want:
+        if due("pac_bayes_sigma"):
             s["pac_bayes_sigma"] = curvature.pac_bayes_sigma(obj, self.pac_bayes_threshold, seed=self.seed).value
         return out
 
@@ -358,6 +386,9 @@ class FlatnessMonitor(LandscapeCallback):
                 out = sharded.run(lambda o: self._estimate(o, limit))
         scalars.update(out["scalars"])
         scalars["n_hvp"] = out["n_hvp"]
+        scalars["measures_cut"] = len(out.get("cut", []))
+        if out.get("cut"):
+            self.reporter.event("cut", {"step": step, "cut": out["cut"], "why": "the trigger's budget ran out"})
         record = {"step": step, "epoch": trainer.current_epoch, **scalars}
         self.history.append(record)
         self._report(step, scalars, out, obj.metadata, limit)
@@ -369,7 +400,7 @@ class FlatnessMonitor(LandscapeCallback):
         rep.scalars({k: v for k, v in scalars.items() if math.isfinite(v)}, step)
         metadata = {**meta, **self.probe_metadata, "step": step, "tol": self.tol, "seed": self.seed}
         arrays: dict[str, Any] = {k: np.asarray(v) for k, v in scalars.items()}
-        if "top_eigenvalues" in self.measures:
+        if "top_eigenvalues" in self.measures and "top_eigenvalues" in out:
             arrays["top_eigenvalues"] = np.asarray(out["top_eigenvalues"])
             self._eigenvalues.append((step, out["top_eigenvalues"]))
             rows = [[s, i + 1, v] for s, values in self._eigenvalues for i, v in enumerate(values)]

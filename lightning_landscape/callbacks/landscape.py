@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,7 +84,10 @@ class LandscapeSampler(LandscapeCallback):
             "roughness",
             "pca_explained",
             "pca_max_off_plane",
+            "resolution",
             "seconds",
+            "budget_seconds",
+            "skipped",
             "failures",
         ),
         media=("profile", "slice", "surface", "pca_plane", "interpolation"),
@@ -115,6 +119,7 @@ class LandscapeSampler(LandscapeCallback):
         dtype: torch.dtype = torch.float32,
         probe_batches: list[Any] | None = None,
         key_prefix: str = "landscape",
+        budget: Any = "default",
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -129,6 +134,7 @@ class LandscapeSampler(LandscapeCallback):
             dtype=dtype,
             probe_batches=probe_batches,
             key_prefix=key_prefix,
+            budget=budget,
         )
         check_int("resolution", resolution, minimum=2, example=25)
         check_int("line_points", line_points, minimum=2, example=51)
@@ -214,6 +220,27 @@ class LandscapeSampler(LandscapeCallback):
             local = evaluate_slice(obj, center, dirs, coords, points=mine, memory_mb=self.memory_mb)
         return distributed.gather_rows(trainer.strategy, local).double().cpu().numpy()
 
+    def _sizes(self, trainer: pl.Trainer, obj: Any) -> tuple[dict[str, int], float]:
+        """The grid sizes this trigger can afford (rank 0's, on every rank) and the center's loss. One loss on the
+        probe set is timed; at the full sizes a trigger evaluates ``line_points + 2 resolution^2 +
+        interpolation_steps`` points (split over the ranks); when the budget left holds only a fraction ``f`` of
+        that, every size shrinks by ``f`` (the plane's side by ``sqrt(f)``), to at least 11 line points, a 5 x 5
+        plane and 5 interpolation points."""
+        with self.stage(trainer, "center"):
+            start = time.perf_counter()
+            center_loss = float(obj.loss())
+            per_point = (time.perf_counter() - start) / distributed.world(trainer.strategy)[1]
+        full = {"line": self.line_points, "resolution": self.resolution, "interpolation": self.interpolation_steps}
+        cost = self.line_points + 2 * self.resolution**2 + self.interpolation_steps
+        fraction = min(1.0, self.time_left() / max(per_point * cost, 1e-9))
+        sizes = {
+            "line": max(min(11, self.line_points), int(self.line_points * fraction)),
+            "resolution": max(min(5, self.resolution), int(self.resolution * fraction**0.5)),
+            "interpolation": max(min(5, self.interpolation_steps), int(self.interpolation_steps * fraction)),
+        }
+        sizes = distributed.broadcast(trainer.strategy, sizes)
+        return {k: min(v, full[k]) for k, v in sizes.items()}, center_loss
+
     @override
     def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         with self.stage(trainer, "directions"):
@@ -221,17 +248,23 @@ class LandscapeSampler(LandscapeCallback):
             center = obj.theta0
             d1 = random_direction(obj.layout, center, self.direction_seed, self.normalization)
             d2 = random_direction(obj.layout, center, self.direction_seed + 1, self.normalization)
-        line = torch.linspace(-self.span, self.span, self.line_points, dtype=torch.float64)
-        axis = torch.linspace(-self.span, self.span, self.resolution, dtype=torch.float64)
+        sizes, center_loss = self._sizes(trainer, obj)
+        self._resolution = resolution = sizes["resolution"]
+        line = torch.linspace(-self.span, self.span, sizes["line"], dtype=torch.float64)
+        axis = torch.linspace(-self.span, self.span, resolution, dtype=torch.float64)
         profile = self._grid(trainer, obj, center, d1[None], line[:, None])
         self.advance("1-D profile")
         plane = self._grid(trainer, obj, center, torch.stack([d1, d2]), plane_coordinates(axis, axis))
         self.advance("2-D slice")
-        plane = plane.reshape(self.resolution, self.resolution)
-        with self.stage(trainer, "center"):
-            center_loss = float(obj.loss())
+        plane = plane.reshape(resolution, resolution)
         second = np.abs(np.diff(profile, 2)).mean() if len(profile) > 2 else np.nan
-        scalars = {"center_loss": center_loss, "roughness": float(second / max(abs(center_loss), 1e-12))}
+        scalars = {
+            "center_loss": center_loss,
+            "roughness": float(second / max(abs(center_loss), 1e-12)),
+            "resolution": resolution,
+        }
+        if resolution < self.resolution or sizes["line"] < self.line_points:
+            self.reporter.event("cut", {"step": step, "sizes": sizes, "why": "the trigger's budget"})
         arrays: dict[str, Any] = {
             "profile_alphas": line.numpy(),
             "profile": profile,
@@ -258,7 +291,7 @@ class LandscapeSampler(LandscapeCallback):
                 obj,
                 init.to(center),
                 center,
-                self.interpolation_steps,
+                sizes["interpolation"],
                 recompute_bn=self.recompute_bn,
                 memory_mb=self.memory_mb,
             )
@@ -281,8 +314,8 @@ class LandscapeSampler(LandscapeCallback):
         dirs, ratio, coords, points, steps = distributed.broadcast(trainer.strategy, payload)
         dirs, coords, points = dirs.to(center), coords.to(center), points.to(center)
         reach = float(coords.abs().max()) * 1.2 + 1e-8
-        axis = torch.linspace(-reach, reach, self.resolution, dtype=torch.float64)
-        grid = self._grid(trainer, obj, center, dirs, plane_coordinates(axis, axis)).reshape(self.resolution, -1)
+        axis = torch.linspace(-reach, reach, self._resolution, dtype=torch.float64)
+        grid = self._grid(trainer, obj, center, dirs, plane_coordinates(axis, axis)).reshape(self._resolution, -1)
         with self.stage(trainer, "PCA plane losses"):
             projected = center + coords @ dirs
             off_plane = (points - projected).norm(dim=1).cpu().numpy()
@@ -372,7 +405,7 @@ class LandscapeSampler(LandscapeCallback):
             "direction_seeds": [self.direction_seed, self.direction_seed + 1],
             "normalization": self.normalization,
             "span": self.span,
-            "resolution": self.resolution,
+            "resolution": len(arrays["alphas"]),
             "recompute_bn": self.recompute_bn,
         }
         rep.arrays("landscape", step, metadata=metadata, **arrays)

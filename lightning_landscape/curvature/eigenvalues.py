@@ -45,6 +45,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 from torch import Tensor
 
+from lightning_landscape.budget import time_up
 from lightning_landscape.curvature.lanczos import lanczos_tridiagonal, tridiagonal_eigh
 from lightning_landscape.curvature.operator import HessianOperator
 
@@ -118,7 +119,10 @@ def power_iteration(
         v = _start_vector(op.dim, seed + i, op.theta)
         v = v / v.norm()
         eig = torch.zeros((), dtype=v.dtype, device=v.device)
-        for _ in range(max_iter):
+        for iteration in range(max_iter):
+            if iteration and time_up():  # the analysis' budget: this estimate, unconverged
+                converged = False
+                break
             for u in found_vecs:
                 v = v - torch.dot(u, v) * u
             v = v / v.norm()

@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_landscape.budget import time_up
 from lightning_landscape.curvature.memory import vectors_that_fit
 
 
@@ -52,7 +53,8 @@ def lanczos_tridiagonal(
     the Ritz residuals ``|H Q y - theta Q y| = beta_next |y_m|``) returns True, or when the basis, with the copy
     that growing it takes, would hold more than ``max_vectors`` vectors (default: half of the free memory,
     :func:`~lightning_landscape.curvature.memory.vectors_that_fit`). ``info``, when given, gets ``"stopped"``:
-    ``"stop"``, ``"exhausted"``, ``"memory"`` or ``"steps"``.
+    ``"stop"``, ``"exhausted"``, ``"memory"``, ``"time"`` (the deadline of :func:`lightning_landscape.budget.deadline`,
+    checked before each step after the second) or ``"steps"``.
 
     With ``restart=True`` an exhausted Krylov space (an invariant subspace, e.g. ``H = 0`` for a loss linear in the
     parameters) does not stop the process: it goes on from a random vector orthogonal to the basis, with a zero
@@ -69,6 +71,10 @@ def lanczos_tridiagonal(
     q = v0 / v0.norm()
     beta = torch.zeros((), dtype=v0.dtype, device=v0.device)
     for j in range(steps):
+        if j >= 2 and time_up():  # the analysis' budget (lightning_landscape.budget.deadline): what we have
+            betas.pop()
+            info["stopped"] = "time"
+            break
         if j == rows.shape[0]:
             grow = min(j, steps - j, budget - 2 * j)  # the copy holds old and new rows at once
             if grow < 1:  # the memory cap: an unconverged result, not a failed allocation

@@ -29,19 +29,64 @@ import os
 import torch
 
 
-def free_bytes(device: torch.device) -> int:
-    """Memory free on ``device``: ``torch.cuda.mem_get_info`` on a GPU, ``MemAvailable`` of ``/proc/meminfo`` on
-    CPU (the physical memory when that cannot be read)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (e.g. ``VmSize``), in bytes."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def host_limits() -> dict[str, int]:
+    """The bytes this process may still take on the host, by each limit that applies: ``MemAvailable`` of
+    ``/proc/meminfo``; the address-space limit ``RLIMIT_AS`` (``ulimit -v``) minus the process' virtual size; the
+    cgroup's ``memory.max`` (v2) or ``memory.limit_in_bytes`` (v1) minus its current use (containers, SLURM jobs)."""
+    limits: dict[str, int] = {}
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    limits["MemAvailable"] = int(line.split()[1]) * 1024
     except OSError:
+        limits["physical memory"] = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        size = _status_bytes("VmSize")
+        if soft != resource.RLIM_INFINITY and size is not None:
+            limits["RLIMIT_AS"] = max(0, soft - size)
+    except (ImportError, OSError, ValueError):
         pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    for limit_file, usage_file, name in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "cgroup memory.max"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes", "cgroup"),
+    ):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 writes "no limit" as a huge number
+            limits[name] = max(0, limit - usage)
+    return limits
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free on ``device``: ``torch.cuda.mem_get_info`` on a GPU; on CPU the smallest of
+    :func:`host_limits` (``MemAvailable``, ``RLIMIT_AS``, the cgroup's limit)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return min(host_limits().values())
 
 
 def vectors_that_fit(dim: int, dtype: torch.dtype, device: torch.device, free: int | None = None) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_landscape.budget import time_up
 from lightning_landscape.curvature.lanczos import lanczos_tridiagonal, tridiagonal_eigh
 from lightning_landscape.curvature.operator import HessianOperator
 
@@ -85,6 +86,9 @@ def spectral_density(
     nodes = np.zeros((n_vectors, n_steps))
     weights = np.zeros((n_vectors, n_steps))
     for i in range(n_vectors):
+        if i and time_up():  # the analysis' budget: the vectors so far (their weights average below)
+            nodes, weights = nodes[:i], weights[:i]
+            break
         v = (torch.randint(0, 2, (op.dim,), generator=g) * 2 - 1).to(device=op.device, dtype=op.dtype)
         alpha, beta, _ = lanczos_tridiagonal(op.matvec, v, n_steps)
         vals, vecs = tridiagonal_eigh(alpha, beta)

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_landscape.budget import time_up
 from lightning_landscape.curvature.operator import HessianOperator
 
 
@@ -73,6 +74,21 @@ def _mean_and_error(samples: Tensor) -> tuple[float, float]:
     return mean, error
 
 
+def _samples(op: HessianOperator, n: int, generator: torch.Generator, Q: Tensor | None = None) -> Tensor:
+    """``z^T H z`` for ``n`` Rademacher vectors ``z`` (drawn one at a time; projected off ``Q`` when given), fewer
+    (at least 2) once the analysis' budget is spent (:func:`lightning_landscape.budget.time_up`): the standard
+    error then grows with the missing samples."""
+    samples = []
+    for _ in range(n):
+        if len(samples) >= 2 and time_up():
+            break
+        z = rademacher(op.dim, 1, generator, op.theta)[:, 0]
+        if Q is not None:
+            z = z - Q @ (Q.T @ z)
+        samples.append(torch.dot(z, op.matvec(z)))
+    return torch.stack(samples)
+
+
 def hessian_trace(
     objective: Any,
     n_samples: int = 30,
@@ -101,15 +117,12 @@ def hessian_trace(
     op = HessianOperator(objective, theta, params)
     g = torch.Generator().manual_seed(seed)
     if method == "hutchinson":
-        Z = rademacher(op.dim, n_samples, g, op.theta)
-        samples = torch.stack([torch.dot(z, op.matvec(z)) for z in Z.T])
+        samples = _samples(op, n_samples, g)
         mean, error = _mean_and_error(samples)
         return TraceResult(mean, error, op.n_products, method, len(samples))
     k = n_samples // 3
     Q, _ = torch.linalg.qr(op.matmat(rademacher(op.dim, k, g, op.theta)))
     sketched = float(torch.trace(Q.T @ op.matmat(Q)))
-    G = rademacher(op.dim, n_samples - 2 * k, g, op.theta)
-    G = G - Q @ (Q.T @ G)
-    samples = torch.stack([torch.dot(z, op.matvec(z)) for z in G.T])
+    samples = _samples(op, n_samples - 2 * k, g, Q)
     mean, error = _mean_and_error(samples)
     return TraceResult(sketched + mean, error, op.n_products, method, len(samples))

@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_landscape.budget import Budget
 from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.dynamics.excursions import Excursions, sample_basin
 from lightning_landscape.dynamics.minima import Certificate, MinimaDatabase, certify, quench
@@ -287,19 +288,6 @@ class MSMConfig:
         check_int("msm.refit_counts", self.refit_counts, example=2)
         if self.features not in ("sketch", "outputs"):
             raise ValueError(f"`msm.features` must be 'sketch' or 'outputs', got {self.features!r}. HINT: 'sketch'.")
-
-
-@dataclass
-class Budget:
-    """What one trigger may spend: batch passes (forward plus backward, summed over ranks) and wall-clock
-    seconds; None is no limit. The stages run in order while both last (the current point is always quenched)."""
-
-    passes: int | None = None
-    seconds: float | None = None
-
-    def __post_init__(self) -> None:
-        check_int("budget.passes", self.passes, optional=True, example=20000)
-        check_float("budget.seconds", self.seconds, optional=True, hint="None means no limit.")
 
 
 def as_config(cls: type, value: Any, name: str) -> Any:
