@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--one", choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--root", default="/tmp/bench_scale")
     args = parser.parse_args()
     if args.one:
@@ -97,7 +98,7 @@ def main() -> None:
         return
     print("| callbacks | bare -> with | overhead | analyses | = training steps | peak RSS |")
     print("|---|---|---|---|---|---|")
-    for name in CONFIGS:
+    for name in args.configs:
         command = [
             sys.executable,
             __file__,

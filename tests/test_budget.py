@@ -175,3 +175,21 @@ def test_free_memory_honours_the_address_space_limit():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_memory_is_planned_at_setup_refused_with_sizes_or_fitted(monkeypatch):
+    from lightning_landscape import EnergyLandscape
+    from lightning_landscape.curvature import memory
+
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 200 * 2**20)  # 200 MiB free
+    sampler = LandscapeSampler(max_snapshots=50)
+    with pytest.warns(UserWarning, match="keeping at most 13"):
+        sampler.plan_memory(10**6, torch.device("cpu"))  # 4 MB snapshots: 13 fit in a quarter of 200 MiB
+    assert sampler.max_snapshots == 13
+    with pytest.raises(MemoryError, match=r"needs at least 6 vectors.*GiB.*HINT"):
+        sampler.plan_memory(5 * 10**6, torch.device("cpu"))  # 6 x 20 MB do not fit in half of 200 MiB
+    with pytest.raises(MemoryError, match=r"certified float64 quench.*GiB.*HINT"):
+        EnergyLandscape().plan_memory(4 * 10**5, torch.device("cpu"))  # a path fits (31 x 1.6 MB), 34 x 3.2 MB not
+    with pytest.raises(MemoryError, match=r"a path of 9 images.*HINT: fewer `paths.images`"):
+        EnergyLandscape().plan_memory(10**6, torch.device("cpu"))  # 31 x 4 MB > half of 200 MiB
+    EnergyLandscape().plan_memory(10**5, torch.device("cpu"))  # 34 x 0.8 MB fits

@@ -78,17 +78,44 @@ def test_cifar_resnet_depths_and_skip_switch(skip):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_config_runs_a_step(config, tmp_path, capsys):
+def test_every_config_runs_end_to_end_with_its_callbacks_on_fake_data(config, tmp_path):
+    # the config as written, for 2 steps on fake data of the right shape; each callback once, at the end of the
+    # fit, on a 16-sample probe set with a 1 s budget floor (what is cut is logged): every analysis of the
+    # config runs, so that a config cannot rot
+    import yaml
+
     write_mnist(tmp_path, n_train=40, n_test=10)
     write_cifar10(tmp_path, n_per_batch=8)
-    args = ["fit", "--config", str(config), "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}"]
+    settings = yaml.safe_load(config.read_text())
+    for callback in settings["trainer"].get("callbacks", []):
+        args = callback.setdefault("init_args", {})
+        if not callback["class_path"].endswith("TrajectoryRecorder"):
+            args.update(every_n_steps=None, every_n_epochs=None, at_fit_end=True, probe_size=16, progress=False)
+            args["budget"] = {**args.get("budget", {}), "floor": 1.0}
+    patched = tmp_path / config.name
+    patched.write_text(yaml.safe_dump(settings))
+    args = ["fit", "--config", str(patched), "--trainer.max_steps=2", f"--trainer.default_root_dir={tmp_path}"]
     args += ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar=false"]
-    args += ["--trainer.accelerator=cpu"]
+    args += ["--trainer.accelerator=cpu", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0"]
     if "mnist" in config.stem or "cifar" in config.stem:
         args += [f"--data.data_dir={tmp_path}", "--data.val_size=8", "--data.batch_size=4"]
     if "cifar" in config.stem:
         args += ["--data.verify_checksums=false"]
     main(args)
+    assert not list(tmp_path.rglob("failures.jsonl")), [p.read_text() for p in tmp_path.rglob("failures.jsonl")]
+    written = {p.parent.name for p in tmp_path.rglob("*.npz")}
+    sections = {"flatness", "slices", "energy", "trajectory"} & {
+        name for c in settings["trainer"].get("callbacks", []) for name in SECTIONS[c["class_path"].rsplit(".", 1)[1]]
+    }
+    assert sections <= written | {p.name for p in tmp_path.rglob("*") if p.is_dir()}, written
+
+
+SECTIONS = {
+    "TrajectoryRecorder": ["trajectory"],
+    "FlatnessMonitor": ["flatness"],
+    "LandscapeSampler": ["slices"],
+    "EnergyLandscape": ["energy"],
+}
 
 
 def test_unknown_config_keys_are_rejected(capsys):

@@ -322,6 +322,8 @@ class EnergyLandscape(LandscapeCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.plan_memory(ParameterLayout.from_module(pl_module).numel, pl_module.device)
         if stage == "fit" and self.bn_mode == "eval" and any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
             raise ValueError(
                 f"`bn_mode='eval'` on {type(pl_module).__name__}, which has BatchNorm layers: their running statistics"
@@ -329,6 +331,32 @@ class EnergyLandscape(LandscapeCallback):
                 " between triggers would be artifacts. HINT: use `bn_mode='train'` (the default), where the energy is"
                 " a function of the weights alone."
             )
+
+    def plan_memory(self, n_params: int, device: torch.device) -> None:
+        """Before training, the least a trigger holds must fit on the device (refused with sizes and a fix
+        otherwise): one replica per rank (its point, velocity, gradient and the start: 4 vectors of ``P`` entries),
+        a float64 quench with its certificate (L-BFGS's 10 pairs and a Lanczos basis of 12: 34 float64 vectors),
+        and a minimum-energy path (positions, velocities and forces of ``paths.images`` images). The replica rounds
+        then grow only as far as the budget allows."""
+        from lightning_landscape.curvature.memory import check_vectors
+
+        name = f"EnergyLandscape on {n_params:,} parameters"
+        check_vectors(
+            4 + 3 * self.paths.images,
+            n_params,
+            self.dtype,
+            device,
+            f"{name} (a path of {self.paths.images} images)",
+            "fewer `paths.images`, or `paths.max_paths=0` to join minima by straight lines.",
+        )
+        check_vectors(
+            34,
+            n_params,
+            torch.float64,
+            device,
+            f"{name} (a certified float64 quench)",
+            "a smaller model, or one with fewer trainable parameters (freeze a part).",
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -100,12 +100,17 @@ class FlatnessMonitor(LandscapeCallback):
             :class:`~lightning_landscape.callbacks.LandscapeCallback`.
         dtype: ``torch.float32`` or ``torch.float64``.
         key_prefix: keys are ``<key_prefix>-flatness/<measure>`` (see :class:`LandscapeCallback`).
+        budget: the share of training time the triggers may take (default 4%, at least 10 s a trigger; see
+            :class:`LandscapeCallback`): Lanczos, the Hutchinson samples and the SLQ vectors stop at the deadline with
+            what they have (``lambda_max_converged`` 0), and the measures not started by then are cut
+            (``measures_cut``, the ``cut`` event naming them).
         seed: seed of the random vectors of the estimators.
 
     Raises:
         ValueError: for an unknown measure or a non-positive setting (in the constructor).
     """
 
+    default_share = 0.04  # of training time (the floor: 10 s a trigger)
     name = "flatness"
     gathers_fsdp2 = True  # Hessian-vector products of the gathered parameters, summed over the data-parallel ranks
     #: what it logs (the dashboard's panels); ``lambda_<i>`` for ``top_k``, ``<measure>/<layer>`` for ``layers``

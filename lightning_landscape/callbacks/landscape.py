@@ -25,7 +25,9 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,10 +71,17 @@ class LandscapeSampler(LandscapeCallback):
             of CPU memory, and of the checkpoint: they are part of the callback's state, so a resumed run keeps
             its initial point and path).
         memory_mb: memory for one chunk of parameter vectors.
+        budget: the share of training time the triggers may take (default 4%, at least 10 s a trigger; see
+            :class:`LandscapeCallback`). Anytime: one loss on the probe set is timed to size the 1-D profile (at most
+            10% of the budget), the profile's points to size the 2-D slice (half of what is left), the slice's to
+            size the PCA plane (70% of the rest) and the interpolation (the rest), each down to 11 line points, a
+            5 x 5 plane and 5 interpolation points; the slice's side is logged (``resolution``), and a ``cut`` event
+            names the sizes used.
         probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, probe_batches, progress, dtype, key_prefix: as
             for every callback.
     """
 
+    default_share = 0.04  # of training time (the floor: 10 s a trigger)
     name = "landscape"
     gathers_fsdp2 = True  # slices of the gathered parameters, the grid split over the ranks
     section = "slices"  # keys landscape-slices/..., files in <run dir>/slices/
@@ -166,6 +175,44 @@ class LandscapeSampler(LandscapeCallback):
         return torch.cat([p.reshape(-1) for p in full.values()]).float().cpu()
 
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.plan_memory(ParameterLayout.from_module(pl_module).numel, pl_module.device)
+
+    def plan_memory(self, n_params: int, device: torch.device) -> None:
+        """Before training: a trigger holds the center, two directions, a point and the working vectors of a chunk
+        of grid points (at least 6 vectors of ``P`` entries on the device: refused with sizes and a fix when they
+        do not fit); the own snapshots for the PCA plane (``4 P`` bytes each, in host memory) are capped at what
+        fits in a quarter of the host's free memory (a warning says so), and refused below 3."""
+        from lightning_landscape.curvature.memory import check_vectors, free_bytes
+
+        check_vectors(
+            6,
+            n_params,
+            self.dtype,
+            device,
+            f"LandscapeSampler on {n_params:,} parameters",
+            "slice a part of the model, or run on a device with more memory.",
+        )
+        fit = int(0.25 * free_bytes(torch.device("cpu")) // (4 * n_params))
+        if fit < 3:
+            raise MemoryError(
+                f"LandscapeSampler keeps snapshots of all {n_params:,} parameters for its PCA plane (4 bytes each,"
+                f" {4 * n_params / 2**30:.2f} GiB a snapshot), and fewer than 3 fit in a quarter of the host's free"
+                " memory. HINT: add a TrajectoryRecorder (whose snapshots go to disk and are used instead)."
+            )
+        if fit < self.max_snapshots:
+            warnings.warn(
+                f"LandscapeSampler: {self.max_snapshots} snapshots of {n_params:,} parameters would take"
+                f" {self.max_snapshots * 4 * n_params / 2**30:.1f} GiB of host memory; keeping at most {fit}."
+                " HINT: add a TrajectoryRecorder, whose snapshots go to disk.",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.max_snapshots = fit
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
@@ -220,41 +267,40 @@ class LandscapeSampler(LandscapeCallback):
             local = evaluate_slice(obj, center, dirs, coords, points=mine, memory_mb=self.memory_mb)
         return distributed.gather_rows(trainer.strategy, local).double().cpu().numpy()
 
-    def _sizes(self, trainer: pl.Trainer, obj: Any) -> tuple[dict[str, int], float]:
-        """The grid sizes this trigger can afford (rank 0's, on every rank) and the center's loss. One loss on the
-        probe set is timed; at the full sizes a trigger evaluates ``line_points + 2 resolution^2 +
-        interpolation_steps`` points (split over the ranks); when the budget left holds only a fraction ``f`` of
-        that, every size shrinks by ``f`` (the plane's side by ``sqrt(f)``), to at least 11 line points, a 5 x 5
-        plane and 5 interpolation points."""
-        with self.stage(trainer, "center"):
-            start = time.perf_counter()
-            center_loss = float(obj.loss())
-            per_point = (time.perf_counter() - start) / distributed.world(trainer.strategy)[1]
-        full = {"line": self.line_points, "resolution": self.resolution, "interpolation": self.interpolation_steps}
-        cost = self.line_points + 2 * self.resolution**2 + self.interpolation_steps
-        fraction = min(1.0, self.time_left() / max(per_point * cost, 1e-9))
-        sizes = {
-            "line": max(min(11, self.line_points), int(self.line_points * fraction)),
-            "resolution": max(min(5, self.resolution), int(self.resolution * fraction**0.5)),
-            "interpolation": max(min(5, self.interpolation_steps), int(self.interpolation_steps * fraction)),
-        }
-        sizes = distributed.broadcast(trainer.strategy, sizes)
-        return {k: min(v, full[k]) for k, v in sizes.items()}, center_loss
+    def _affordable(self, trainer: pl.Trainer, per_point: float, share: float, full: int, least: int) -> int:
+        """How many points (``least`` to ``full``) fit in ``share`` of the trigger's time left at ``per_point``
+        seconds a point (rank 0's decision, on every rank)."""
+        fit = int(share * self.time_left() / max(per_point, 1e-9)) if math.isfinite(self.time_left()) else full
+        return int(distributed.broadcast(trainer.strategy, min(full, max(least, fit))))
+
+    def _timed_grid(self, trainer: pl.Trainer, obj: Any, center: torch.Tensor, dirs: torch.Tensor, coords: Any):
+        """The grid and the seconds a point of it took (rank 0's clock: the ranks split the points)."""
+        start = time.perf_counter()
+        values = self._grid(trainer, obj, center, dirs, coords)
+        return values, distributed.broadcast(trainer.strategy, (time.perf_counter() - start) / len(coords))
 
     @override
     def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        # anytime: one loss is timed to size the profile (at most 10% of the budget), the profile's points to size
+        # the plane (half of what is left), the plane's to size the PCA plane and the interpolation
         with self.stage(trainer, "directions"):
             obj = self.objective(trainer, pl_module)
             center = obj.theta0
             d1 = random_direction(obj.layout, center, self.direction_seed, self.normalization)
             d2 = random_direction(obj.layout, center, self.direction_seed + 1, self.normalization)
-        sizes, center_loss = self._sizes(trainer, obj)
-        self._resolution = resolution = sizes["resolution"]
+        with self.stage(trainer, "center"):
+            start = time.perf_counter()
+            center_loss = float(obj.loss())
+            per_point = (time.perf_counter() - start) / distributed.world(trainer.strategy)[1]
+        sizes = {"line": self._affordable(trainer, per_point, 0.1, self.line_points, min(11, self.line_points))}
         line = torch.linspace(-self.span, self.span, sizes["line"], dtype=torch.float64)
+        profile, per_point = self._timed_grid(trainer, obj, center, d1[None], line[:, None])
+        sizes["resolution"] = resolution = int(
+            self._affordable(trainer, per_point, 0.5, self.resolution**2, min(25, self.resolution**2)) ** 0.5
+        )
         axis = torch.linspace(-self.span, self.span, resolution, dtype=torch.float64)
-        profile = self._grid(trainer, obj, center, d1[None], line[:, None])
         self.advance("1-D profile")
-        plane = self._grid(trainer, obj, center, torch.stack([d1, d2]), plane_coordinates(axis, axis))
+        plane, per_point = self._timed_grid(trainer, obj, center, torch.stack([d1, d2]), plane_coordinates(axis, axis))
         self.advance("2-D slice")
         plane = plane.reshape(resolution, resolution)
         second = np.abs(np.diff(profile, 2)).mean() if len(profile) > 2 else np.nan
@@ -280,7 +326,10 @@ class LandscapeSampler(LandscapeCallback):
         has_path = distributed.broadcast(trainer.strategy, trajectory is not None)
         pca: dict[str, Any] = {}
         if has_path:
-            pca = self._pca_plane(trainer, obj, center, trajectory, steps)
+            side = int(
+                self._affordable(trainer, per_point, 0.7, self.resolution**2, min(25, self.resolution**2)) ** 0.5
+            )
+            pca = self._pca_plane(trainer, obj, center, trajectory, steps, side)
             scalars.update(pca_explained=pca["explained"], pca_max_off_plane=float(pca["off_plane"].max()))
         self.advance("PCA plane")
         has_init = distributed.broadcast(trainer.strategy, init is not None)
@@ -291,7 +340,7 @@ class LandscapeSampler(LandscapeCallback):
                 obj,
                 init.to(center),
                 center,
-                sizes["interpolation"],
+                self._affordable(trainer, per_point, 1.0, self.interpolation_steps, min(5, self.interpolation_steps)),
                 recompute_bn=self.recompute_bn,
                 memory_mb=self.memory_mb,
             )
@@ -302,7 +351,9 @@ class LandscapeSampler(LandscapeCallback):
             return
         self._report(step, scalars, arrays, pca, interp, obj.metadata)
 
-    def _pca_plane(self, trainer: pl.Trainer, obj: Any, center: torch.Tensor, trajectory: Any, steps: list[int]):
+    def _pca_plane(
+        self, trainer: pl.Trainer, obj: Any, center: torch.Tensor, trajectory: Any, steps: list[int], side: int
+    ):
         """The PCA plane of the snapshots and the current point, with the path; computed on rank 0's
         snapshots, broadcast, and its grid shared by all ranks."""
         payload = None
@@ -314,8 +365,8 @@ class LandscapeSampler(LandscapeCallback):
         dirs, ratio, coords, points, steps = distributed.broadcast(trainer.strategy, payload)
         dirs, coords, points = dirs.to(center), coords.to(center), points.to(center)
         reach = float(coords.abs().max()) * 1.2 + 1e-8
-        axis = torch.linspace(-reach, reach, self._resolution, dtype=torch.float64)
-        grid = self._grid(trainer, obj, center, dirs, plane_coordinates(axis, axis)).reshape(self._resolution, -1)
+        axis = torch.linspace(-reach, reach, side, dtype=torch.float64)
+        grid = self._grid(trainer, obj, center, dirs, plane_coordinates(axis, axis)).reshape(side, -1)
         with self.stage(trainer, "PCA plane losses"):
             projected = center + coords @ dirs
             off_plane = (points - projected).norm(dim=1).cpu().numpy()
