@@ -146,6 +146,8 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     default_share = 0.05
     #: whether the analysis counts batch passes (``Budget.passes``)
     counts_passes = False
+    #: whether the analysis differentiates the loss (gradients, Hessian-vector products): sparse gradients refused
+    needs_gradients = True
     #: run under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), gathering the full parameters on every rank
     #: at each trigger (:mod:`~lightning_landscape.sharding`); the others refuse sharded strategies in ``setup``
     gathers_fsdp2 = False
@@ -386,6 +388,13 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return
         distributed.check_strategy(trainer.strategy, type(self).__name__, fsdp2=self.gathers_fsdp2)
         ParameterLayout.from_module(pl_module)  # raises early for a module with nothing to analyze
+        sparse = [n for n, m in pl_module.named_modules() if getattr(m, "sparse", False) is True]
+        if sparse and self.needs_gradients:
+            raise ValueError(
+                f"{type(self).__name__} differentiates the loss twice (Hessian-vector products), which sparse"
+                f" gradients do not support, and {sparse[:3]} use `sparse=True`. HINT: `sparse=False` on those"
+                " embeddings (the gradients are then dense), or leave this analysis out."
+            )
         if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
             raise ValueError(
                 f"{type(pl_module).__name__} uses manual optimization: its `training_step` steps the optimizers"

@@ -57,6 +57,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
+from lightning_landscape import budget as clock
 from lightning_landscape import distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
 from lightning_landscape.checks import check_float, check_int
@@ -283,6 +284,14 @@ class EnergyLandscape(LandscapeCallback):
         self.basins: BasinConfig = as_config(BasinConfig, basins, "basins")
         self.paths: PathConfig = as_config(PathConfig, paths, "paths")
         self.msm: MSMConfig = as_config(MSMConfig, msm, "msm")
+        points = self.sampling.steps // self.sampling.record_every + 1  # recorded points per replica
+        if 2 * self.msm.lag >= points:
+            raise ValueError(
+                f"`msm.lag` ({self.msm.lag}) needs replicas of more than {2 * self.msm.lag} recorded points, and each"
+                f" records {points} (`sampling.steps` {self.sampling.steps} / `sampling.record_every`"
+                f" {self.sampling.record_every} + 1): no chain could ever be fitted. HINT: `msm.lag` below"
+                f" {max(1, (points - 1) // 2)}, or more `sampling.steps`."
+            )
         check_float("weight_decay", weight_decay, strict=False, optional=True, hint="None takes the optimizer's.")
         self.weight_decay = weight_decay
         if outputs_fn is not None and not callable(outputs_fn):
@@ -544,6 +553,12 @@ class EnergyLandscape(LandscapeCallback):
 
     @override
     def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        # anytime inside a rank's own work items (quenches and their certificates stop at the deadline, stored
+        # uncertified); the decisions between items are rank 0's (_may_continue)
+        with clock.deadline(self.time_left(), trainer):
+            self._analyze(trainer, pl_module, step)
+
+    def _analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         start = self._mark = time.perf_counter()
         self._timings: dict[str, float] = {}
         strategy = trainer.strategy

@@ -55,6 +55,7 @@ from lightning_landscape import budget as clock
 from lightning_landscape import curvature, distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
 from lightning_landscape.checks import check_float, check_int
+from lightning_landscape.curvature.operator import parameter_indices
 from lightning_landscape.objective import BNMode, LossFn
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report.dashboard import Logged
@@ -184,6 +185,9 @@ class FlatnessMonitor(LandscapeCallback):
         )
         if isinstance(measures, str):
             raise ValueError(f"`measures` must be a list of names, got the string {measures!r}. HINT: [{measures!r}].")
+        repeated = sorted({m for m in measures if list(measures).count(m) > 1})
+        if repeated:
+            raise ValueError(f"`measures` names {repeated} more than once. HINT: name each measure once.")
         unknown = [m for m in measures if m not in MEASURES]
         if unknown or not measures:
             raise ValueError(
@@ -203,7 +207,12 @@ class FlatnessMonitor(LandscapeCallback):
         if isinstance(layers, Mapping):  # {"label": "pattern"} means one pattern, not the letters of a string
             layers = {label: [p] if isinstance(p, str) else list(p) for label, p in layers.items()}
             for label, patterns in layers.items():
-                if not patterns or not all(isinstance(p, str) for p in patterns):
+                if not isinstance(label, str) or not label.strip() or "/" in label:
+                    raise ValueError(
+                        f"`layers` label {label!r} must be a non-empty name without '/' (it becomes the key"
+                        " `lambda_max/<label>`). HINT: e.g. `layers={'first': ['net.0.*']}`."
+                    )
+                if not patterns or not all(isinstance(p, str) and p.strip() for p in patterns):
                     raise ValueError(
                         f"`layers[{label!r}]` must be a name pattern or a list of them, got {patterns!r}."
                         " HINT: e.g. `layers={'first': ['net.0.*']}`."
@@ -227,7 +236,13 @@ class FlatnessMonitor(LandscapeCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            self.check_memory(ParameterLayout.from_module(pl_module).numel, pl_module.device)
+            layout = ParameterLayout.from_module(pl_module)
+            self.check_memory(layout.numel, pl_module.device)
+            for label, patterns in self.layers.items():  # a pattern that matches nothing fails now, not at a trigger
+                try:
+                    parameter_indices(layout, patterns)
+                except ValueError as err:
+                    raise ValueError(f"`layers[{label!r}]`: {err}") from None
 
     def check_memory(self, n_params: int, device: torch.device) -> None:
         """Refuse, before training starts, measures whose smallest basis cannot fit in half the free memory

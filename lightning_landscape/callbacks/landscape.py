@@ -103,6 +103,7 @@ class LandscapeSampler(LandscapeCallback):
         tables=("grid", "pca_trajectory"),
     )
     shard_probe = False  # the grid is split over ranks instead
+    needs_gradients = False  # losses only
 
     def __init__(
         self,

@@ -160,8 +160,11 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         check_float("noise_ema", noise_ema, strict=False, hint="a factor in [0, 1), e.g. 0.95.")
         if not noise_ema < 1:
             raise ValueError(f"`noise_ema` must be in [0, 1), got {noise_ema}. HINT: e.g. 0.95.")
-        if store_dir is not None and not isinstance(store_dir, (str, Path)):
-            raise ValueError(f"`store_dir` must be a path or None, got {store_dir!r}.")
+        if store_dir is not None and (not isinstance(store_dir, (str, Path)) or not str(store_dir).strip()):
+            raise ValueError(
+                f"`store_dir` must be a non-empty path or None, got {store_dir!r} (an empty path would write into the"
+                " current directory). HINT: None puts the store in `<run dir>/trajectory/store`."
+            )
         self.sketch_dim, self.sketch_every_n_steps = sketch_dim, sketch_every_n_steps
         self.vector_stats_every_n_steps = vector_stats_every_n_steps
         self.projection_seed, self.sketch_nnz = projection_seed, sketch_nnz

@@ -54,6 +54,7 @@ from scipy.sparse.csgraph import minimum_spanning_tree
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
+from lightning_landscape.budget import time_up
 from lightning_landscape.curvature.lanczos import lanczos_tridiagonal, tridiagonal_eigh
 from lightning_landscape.dynamics.store import _atomic_write
 
@@ -132,7 +133,7 @@ def quench(
 
     def track(intermediate_result: Any) -> None:
         history.append(float(intermediate_result.fun))
-        if stalled():
+        if stalled() or time_up():  # time_up: the analysis' budget (lightning_landscape.budget.deadline)
             raise StopIteration  # scipy stops and returns this iterate
 
     def value_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -147,7 +148,7 @@ def quench(
         # makes no iteration counts as one that lowered nothing
         x_np = x0.double().cpu().numpy()
         on_edge, half_width = False, max_step
-        while len(history) <= max_iter and not stalled():
+        while len(history) <= max_iter and not stalled() and not (len(history) > 1 and time_up()):
             box = None if half_width is None else [(v - half_width, v + half_width) for v in x_np.tolist()]
             # one BLAS thread for scipy: OpenBLAS workers that spin between calls slow every torch call in between
             # by up to 30x on a small CPU (measured: 1.2 s against 0.04 s for 100 iterations on a 1k-parameter MLP)
@@ -177,7 +178,7 @@ def quench(
     else:
         x, g = x0, g0
         for _ in range(max_iter):
-            if float(g.norm()) <= gtol or stalled():
+            if float(g.norm()) <= gtol or stalled() or time_up():
                 break
             x = x - lr * g
             loss, g = objective.loss_and_grad(x)

@@ -137,6 +137,12 @@ class SamplingConfig:
             raise ValueError(f"`sampling.restarts` must be below 1, got {self.restarts}. HINT: e.g. 0.25.")
         if not isinstance(self.training_path, bool):
             raise ValueError(f"`sampling.training_path` must be True or False, got {self.training_path!r}.")
+        if self.record_every > self.steps:
+            raise ValueError(
+                f"`sampling.record_every` ({self.record_every}) is more than `sampling.steps` ({self.steps}): each"
+                " replica would record only its start and end, too few points for a chain. HINT: e.g."
+                f" `record_every={max(1, self.steps // 20)}`."
+            )
 
 
 @dataclass
