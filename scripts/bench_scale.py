@@ -1,4 +1,5 @@
-"""What each callback costs at its defaults on a network users train: ResNet-20 on CIFAR-shaped random data.
+"""What each callback costs at its defaults on networks users train: ResNet-20 on CIFAR-shaped random data, and a
+GPT-2-style causal language model of 15.6M parameters built from a config on random tokens (``--model gpt``).
 
 Every configuration runs in its own process (so that the peak resident memory is its own), side by side with the
 bare fit of the same process: fit seconds without and with the callback(s), the overhead, the seconds of the
@@ -10,6 +11,7 @@ Usage::
     python scripts/bench_scale.py                     # all configurations, a Markdown table
     python scripts/bench_scale.py --samples 4096 --epochs 3
     python scripts/bench_scale.py --one flatness      # one configuration, JSON
+    python scripts/bench_scale.py --model gpt --samples 512 --epochs 1 --configs none "all four"
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 import lightning_landscape  # noqa: F401  (first: torchvision shim)
 
@@ -42,8 +45,61 @@ def callbacks_for(name: str) -> list:
     return [make[name](progress=False) if name != "recorder" else make[name]()]
 
 
-def fit(callbacks: list, samples: int, epochs: int, root: str) -> tuple[float, float]:
-    """Seconds of ``Trainer.fit`` of ResNet-20 (SGD, batch 128) and the seconds its analyses took."""
+def gpt(vocab: int = 8192, width: int = 384, depth: int = 6, heads: int = 6, context: int = 128) -> Any:
+    """A GPT-2-style causal language model built from its config (no download): token and position embeddings,
+    ``depth`` pre-norm blocks with causal SDPA attention, the output head tied to the token embedding; 15.6M
+    parameters at the defaults. Trained with AdamW on dict batches ``{"input_ids": (B, context + 1)}``."""
+    import lightning.pytorch as pl
+    import torch
+    from torch import nn
+
+    class GPT(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(context, width)
+            block = dict(d_model=width, nhead=heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True)
+            self.blocks = nn.ModuleList(
+                [nn.TransformerEncoderLayer(**block, norm_first=True, activation="gelu") for _ in range(depth)]
+            )
+            self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)
+            self.head.weight = self.tokens.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1])
+            h = self.tokens(ids) + self.positions(torch.arange(ids.shape[1], device=ids.device))
+            for block in self.blocks:
+                h = block(h, src_mask=mask, is_causal=True)
+            return self.head(self.norm(h))
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            ids = batch["input_ids"]
+            logits = self(ids[:, :-1])
+            return nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=3e-4, weight_decay=0.1)
+
+    return GPT()
+
+
+class Tokens:
+    """Random token sequences as dict batches (a map-style dataset, so the probe sets can be drawn by index)."""
+
+    def __init__(self, n: int, vocab: int = 8192, context: int = 128) -> None:
+        import torch
+
+        self.ids = torch.randint(0, vocab, (n, context + 1), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i]}
+
+
+def fit(callbacks: list, samples: int, epochs: int, root: str, model_name: str = "resnet20") -> tuple[float, float]:
+    """Seconds of ``Trainer.fit`` of ResNet-20 (SGD, batch 128) or the GPT (AdamW, batch 16 of 128 tokens) and the
+    seconds its analyses took."""
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -51,8 +107,11 @@ def fit(callbacks: list, samples: int, epochs: int, root: str) -> tuple[float, f
     from lightning_landscape.examples import Classifier, cifar_resnet
 
     pl.seed_everything(0)
-    data = TensorDataset(torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,)))
-    model = Classifier(cifar_resnet(20), lr=0.1, momentum=0.9)
+    if model_name == "gpt":
+        data, batch_size, model = Tokens(samples), 16, gpt()
+    else:
+        data = TensorDataset(torch.randn(samples, 3, 32, 32), torch.randint(0, 10, (samples,)))
+        batch_size, model = 128, Classifier(cifar_resnet(20), lr=0.1, momentum=0.9)
     trainer = pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -64,16 +123,16 @@ def fit(callbacks: list, samples: int, epochs: int, root: str) -> tuple[float, f
         default_root_dir=root,
     )
     start = time.perf_counter()
-    trainer.fit(model, DataLoader(data, batch_size=128, shuffle=True))
+    trainer.fit(model, DataLoader(data, batch_size=batch_size, shuffle=True))
     seconds = time.perf_counter() - start
     analysis = sum(getattr(c, "_spent", 0.0) for c in callbacks)
     return seconds, analysis
 
 
-def one(name: str, samples: int, epochs: int, root: str) -> dict:
-    bare, _ = fit([], samples, epochs, root)
-    observed, analysis = fit(callbacks_for(name), samples, epochs, root) if name != "none" else (bare, 0.0)
-    steps = epochs * -(-samples // 128)
+def one(name: str, samples: int, epochs: int, root: str, model: str) -> dict:
+    bare, _ = fit([], samples, epochs, root, model)
+    observed, analysis = fit(callbacks_for(name), samples, epochs, root, model) if name != "none" else (bare, 0.0)
+    steps = epochs * -(-samples // (16 if model == "gpt" else 128))
     return {
         "config": name,
         "bare_s": bare,
@@ -92,9 +151,10 @@ def main() -> None:
     parser.add_argument("--one", choices=CONFIGS)
     parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     parser.add_argument("--root", default="/tmp/bench_scale")
+    parser.add_argument("--model", choices=("resnet20", "gpt"), default="resnet20")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.samples, args.epochs, args.root)))
+        print(json.dumps(one(args.one, args.samples, args.epochs, args.root, args.model)))
         return
     print("| callbacks | bare -> with | overhead | analyses | = training steps | peak RSS |")
     print("|---|---|---|---|---|---|")
@@ -109,7 +169,7 @@ def main() -> None:
             "--epochs",
             str(args.epochs),
         ]
-        out = subprocess.run([*command, "--root", args.root], capture_output=True, text=True)
+        out = subprocess.run([*command, "--root", args.root, "--model", args.model], capture_output=True, text=True)
         if out.returncode:
             print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1]} |||||")
             continue

@@ -527,25 +527,34 @@ class EnergyLandscape(LandscapeCallback):
     def _replica_rounds(self, trainer: pl.Trainer, spend: list, start: float, run: Any) -> list[Excursions]:
         """The replicas in rounds while the budget lasts, each rank running its share of a round together
         (:func:`sample_basin` steps them in one vmapped call): one replica per rank first, then as many per rank as
-        the budget left is estimated to allow from what the first cost (all the rest, without a budget)."""
+        the budget left is estimated to allow from what the first cost (all the rest, without a budget). The
+        replicas may take half of the trigger's time left (the quenches, certificates and paths need the rest): a
+        round stops its replicas together at that deadline, with the points recorded so far."""
         rank, world = distributed.world(trainer.strategy)
         total, done, per_rank, results = self.sampling.replicas, 0, 1, []
+        end = time.perf_counter() + 0.5 * self.time_left()  # rank 0's is the one that decides
+
+        def stage_left() -> float:
+            return end - time.perf_counter() if math.isfinite(end) else math.inf
+
         while done < total and self._may_continue(trainer, spend, start):
+            if not distributed.broadcast(trainer.strategy, done == 0 or stage_left() > 0):
+                break
             ids = list(range(done, min(total, done + per_rank * world)))
-            clock, passes = time.perf_counter(), self._passes(trainer, spend)
+            began, passes = time.perf_counter(), self._passes(trainer, spend)
             mine = None
-            with self.stage(trainer, "basin sampling"):
+            with self.stage(trainer, "basin sampling"), clock.deadline(stage_left(), trainer):
                 if ids[rank::world]:
                     mine = run(ids[rank::world])
             results += [r for r in distributed.gather_objects(trainer.strategy, mine) if r is not None]
             done += len(ids)
             affordable = float(total - done)  # replicas the budget left allows, at the cost of this round's
             seconds, spent = (
-                (time.perf_counter() - clock) / len(ids),
+                (time.perf_counter() - began) / len(ids),
                 (self._passes(trainer, spend) - passes) / len(ids),
             )
-            if math.isfinite(self.time_left()):
-                affordable = min(affordable, self.time_left() / max(seconds, 1e-9))
+            if math.isfinite(stage_left()):
+                affordable = min(affordable, stage_left() / max(seconds, 1e-9))
             if self.budget.passes is not None:
                 affordable = min(affordable, (self.budget.passes - self._passes(trainer, spend)) / max(spent, 1.0))
             per_rank = int(distributed.broadcast(trainer.strategy, max(1, int(affordable // world))))

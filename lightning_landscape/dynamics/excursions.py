@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_landscape.budget import time_up
 from lightning_landscape.dynamics.sketch import SparseProjection
 from lightning_landscape.dynamics.store import TrajectoryStore
 
@@ -217,6 +218,10 @@ def sample_basin(
                     values[i].append(value)
                     if probe is not None:
                         outs[i].append(probe.outputs(x[i]).reshape(-1).double().cpu().numpy())
+            if s in recorded and s < steps and len(rows[0] if ids else ()) >= 3 and time_up():
+                # the analysis' budget (lightning_landscape.budget.deadline): the replicas end here, together
+                recorded, steps = {r for r in recorded if r <= s}, s
+                break
             if s < steps and velocity is not None:
                 velocity = momentum * velocity + (g + kick * draws() if temperature else g)
                 x = x - lr * velocity
