@@ -286,12 +286,15 @@ class EnergyLandscape(LandscapeCallback):
         self.msm: MSMConfig = as_config(MSMConfig, msm, "msm")
         points = self.sampling.steps // self.sampling.record_every + 1  # recorded points per replica
         if 2 * self.msm.lag >= points:
-            raise ValueError(
+            message = (
                 f"`msm.lag` ({self.msm.lag}) needs replicas of more than {2 * self.msm.lag} recorded points, and each"
                 f" records {points} (`sampling.steps` {self.sampling.steps} / `sampling.record_every`"
-                f" {self.sampling.record_every} + 1): no chain could ever be fitted. HINT: `msm.lag` below"
+                f" {self.sampling.record_every} + 1): no chain can be fitted. HINT: `msm.lag` below"
                 f" {max(1, (points - 1) // 2)}, or more `sampling.steps`."
             )
+            if msm is not None:  # a chain asked for that cannot work
+                raise ValueError(message)
+            warnings.warn(f"EnergyLandscape: {message} Minima, basins and paths are still computed.", stacklevel=2)
         check_float("weight_decay", weight_decay, strict=False, optional=True, hint="None takes the optimizer's.")
         self.weight_decay = weight_decay
         if outputs_fn is not None and not callable(outputs_fn):
