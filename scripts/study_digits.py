@@ -92,7 +92,7 @@ def main() -> None:
             every_n_epochs=2,
             probe_size=1500,
             sampling={"replicas": 8, "steps": 200, "record_every": 5},
-            budget={"seconds": 60},
+            budget={"share": None, "seconds": 60},
             progress=False,
         )
         recorder = TrajectoryRecorder(sketch_every_n_steps=1, snapshot_every_n_steps=25)  # on the path's record grid

@@ -193,3 +193,20 @@ def test_memory_is_planned_at_setup_refused_with_sizes_or_fitted(monkeypatch):
     with pytest.raises(MemoryError, match=r"a path of 9 images.*HINT: fewer `paths.images`"):
         EnergyLandscape().plan_memory(10**6, torch.device("cpu"))  # 31 x 4 MB > half of 200 MiB
     EnergyLandscape().plan_memory(10**5, torch.device("cpu"))  # 34 x 0.8 MB fits
+
+
+def test_replicas_stop_together_at_the_deadline_and_ragged_rounds_concatenate():
+    from lightning_landscape.dynamics import sample_basin
+    from lightning_landscape.dynamics.excursions import Excursions
+
+    obj = hessian_of_a_small_net()
+    theta = obj.theta0
+    full = sample_basin(obj, theta, replicas=[0, 1], steps=50, lr=0.01, record_every=5)
+    with deadline(0.0):
+        cut = sample_basin(obj, theta, replicas=[2], steps=50, lr=0.01, record_every=5)
+    assert len(full.steps) == 11 and cut.steps.tolist() == [0, 5, 10]  # 3 recorded points, then the deadline
+    assert cut.sketches.shape[1] == 3 and cut.losses.shape == (1, 3)
+    # the cut replica's final point is its last recorded one (115 parameters: the identity sketch)
+    np.testing.assert_allclose(cut.sketches[0, -1], cut.finals[0].double().numpy(), rtol=1e-6)
+    both = Excursions.concatenate([full, cut])
+    assert both.steps.tolist() == [0, 5, 10] and both.sketches.shape[:2] == (3, 3) and len(both.finals) == 3

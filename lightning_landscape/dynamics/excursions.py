@@ -82,15 +82,21 @@ class Excursions:
 
     @classmethod
     def concatenate(cls, runs: Sequence[Excursions]) -> Excursions:
-        """One set of replicas from several runs with the same recorded steps, sorted by replica id."""
+        """One set of replicas from several runs, sorted by replica id. Runs that a budget stopped early (see
+        :func:`sample_basin`) recorded fewer points: all keep the recorded points of the shortest, so that every
+        replica has the same ``steps``; each keeps its own final point (the last of a cut run, later for the
+        others)."""
         ids = np.concatenate([r.replica_ids for r in runs])
         order = np.argsort(ids, kind="stable")
-        outputs = None if any(r.outputs is None for r in runs) else np.concatenate([r.outputs for r in runs])[order]
+        n = min(len(r.steps) for r in runs)
+        outputs = (
+            None if any(r.outputs is None for r in runs) else np.concatenate([r.outputs[:, :n] for r in runs])[order]
+        )
         return cls(
             replica_ids=ids[order],
-            steps=runs[0].steps,
-            sketches=np.concatenate([r.sketches for r in runs])[order],
-            losses=np.concatenate([r.losses for r in runs])[order],
+            steps=min((r.steps for r in runs), key=len),
+            sketches=np.concatenate([r.sketches[:, :n] for r in runs])[order],
+            losses=np.concatenate([r.losses[:, :n] for r in runs])[order],
             finals=torch.cat([r.finals for r in runs])[torch.from_numpy(order)],
             outputs=outputs,
             n_grad=sum(r.n_grad for r in runs),
