@@ -29,20 +29,24 @@ import lightning_landscape  # noqa: F401  (first: torchvision shim)
 CONFIGS = ("none", "recorder", "flatness", "sampler", "energy", "all four")
 
 
-def callbacks_for(name: str) -> list:
+def gpt_outputs(module: Any, batch: dict) -> Any:
+    """The GPT's logits on a dict batch: what EnergyLandscape fingerprints minima by (its default, ``module(batch[0])``,
+    needs a tuple batch; it says so at the start of training)."""
+    return module(batch["input_ids"][:, :-1])
+
+
+def callbacks_for(name: str, model: str = "resnet20") -> list:
     from lightning_landscape import EnergyLandscape, FlatnessMonitor, LandscapeSampler, TrajectoryRecorder
 
+    extra = {EnergyLandscape: {"outputs_fn": gpt_outputs}} if model == "gpt" else {}
     make = {
         "recorder": TrajectoryRecorder,
         "flatness": FlatnessMonitor,
         "sampler": LandscapeSampler,
         "energy": EnergyLandscape,
     }
-    if name == "none":
-        return []
-    if name == "all four":
-        return [m(progress=False) if m is not TrajectoryRecorder else m() for m in make.values()]
-    return [make[name](progress=False) if name != "recorder" else make[name]()]
+    chosen = list(make.values()) if name == "all four" else [] if name == "none" else [make[name]]
+    return [c() if c is TrajectoryRecorder else c(progress=False, **extra.get(c, {})) for c in chosen]
 
 
 def gpt(vocab: int = 8192, width: int = 384, depth: int = 6, heads: int = 6, context: int = 128) -> Any:
@@ -131,7 +135,9 @@ def fit(callbacks: list, samples: int, epochs: int, root: str, model_name: str =
 
 def one(name: str, samples: int, epochs: int, root: str, model: str) -> dict:
     bare, _ = fit([], samples, epochs, root, model)
-    observed, analysis = fit(callbacks_for(name), samples, epochs, root, model) if name != "none" else (bare, 0.0)
+    observed, analysis = (
+        fit(callbacks_for(name, model), samples, epochs, root, model) if name != "none" else (bare, 0.0)
+    )
     steps = epochs * -(-samples // (16 if model == "gpt" else 128))
     return {
         "config": name,

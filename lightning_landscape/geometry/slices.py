@@ -57,7 +57,7 @@ def evaluate_slice(
         memory_mb: memory for the parameter vectors of one chunk.
         method: ``"batched"`` (``Objective.losses``), ``"affine"`` (see :class:`AffineInputLayers`: layers that
             read the probe batch directly are evaluated once per direction), or ``"auto"``: whichever is
-            faster on the first chunk.
+            faster on the first chunk of the first slice of this objective (the choice is kept on it).
         info: if given, receives ``{"method": ...}``, the method used (``"affine"`` or ``"batched"``).
     """
     if method not in ("auto", "batched", "affine"):
@@ -75,7 +75,12 @@ def evaluate_slice(
     for start in range(0, len(index), per_chunk):
         chunk = coords[index[start : start + per_chunk]]
         if affine is not None and method == "auto" and start == 0 and len(chunk) > 1:
-            affine = affine if _affine_is_faster(objective, affine, center, directions, chunk) else None
+            faster = objective.__dict__.get("_affine_is_faster")  # timed once per objective: model and probe fixed
+            if faster is None:
+                faster = objective.__dict__["_affine_is_faster"] = _affine_is_faster(
+                    objective, affine, center, directions, chunk
+                )
+            affine = affine if faster else None
         if affine is not None:
             out.append(affine.losses(chunk))
         else:
@@ -88,7 +93,7 @@ def evaluate_slice(
 def _affine_is_faster(objective: Any, affine: AffineInputLayers, center: Tensor, dirs: Tensor, chunk: Tensor) -> bool:
     import time
 
-    sample = chunk[: min(len(chunk), 8)]  # 8 points tell which is faster; more only cost time
+    sample = chunk[: min(len(chunk), 4)]  # 4 points tell which is faster; more only cost time (once per objective)
     timings = []
     for run in (lambda: affine.losses(sample), lambda: objective.losses(center + sample @ dirs)):
         run()  # warm-up (and the batched method's own vmap-or-loop choice)
