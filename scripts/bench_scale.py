@@ -1,5 +1,5 @@
 """What each callback costs at its defaults on networks users train: ResNet-20 on CIFAR-shaped random data, and a
-GPT-2-style causal language model of 15.6M parameters built from a config on random tokens (``--model gpt``).
+GPT-2-style causal language model of 13.8M parameters built from a config on random tokens (``--model gpt``).
 
 Every configuration runs in its own process (so that the peak resident memory is its own), side by side with the
 bare fit of the same process: fit seconds without and with the callback(s), the overhead, the seconds of the
@@ -51,7 +51,7 @@ def callbacks_for(name: str, model: str = "resnet20") -> list:
 
 def gpt(vocab: int = 8192, width: int = 384, depth: int = 6, heads: int = 6, context: int = 128) -> Any:
     """A GPT-2-style causal language model built from its config (no download): token and position embeddings,
-    ``depth`` pre-norm blocks with causal SDPA attention, the output head tied to the token embedding; 15.6M
+    ``depth`` pre-norm blocks with causal SDPA attention, the output head tied to the token embedding; 13.8M
     parameters at the defaults. Trained with AdamW on dict batches ``{"input_ids": (B, context + 1)}``."""
     import lightning.pytorch as pl
     import torch
