@@ -74,9 +74,10 @@ class LandscapeSampler(LandscapeCallback):
         budget: the share of training time the triggers may take (default 4%, at least 10 s a trigger; see
             :class:`LandscapeCallback`). Anytime: one loss on the probe set is timed to size the 1-D profile (at most
             10% of the budget), the profile's points to size the 2-D slice (half of what is left), the slice's to
-            size the PCA plane (70% of the rest) and the interpolation (the rest), each down to 11 line points, a
-            5 x 5 plane and 5 interpolation points; the slice's side is logged (``resolution``), and a ``cut`` event
-            names the sizes used.
+            size the PCA plane (70% of the rest) and the interpolation (the rest), each down to 5 line points, a
+            3 x 3 plane and 3 interpolation points; the PCA plane and the interpolation are cut once the budget is
+            spent; the slice's side is logged (``resolution``), and ``cut`` events name the sizes used and what was
+            cut.
         probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, probe_batches, progress, dtype, key_prefix: as
             for every callback.
     """
@@ -293,11 +294,11 @@ class LandscapeSampler(LandscapeCallback):
             start = time.perf_counter()
             center_loss = float(obj.loss())
             per_point = (time.perf_counter() - start) / distributed.world(trainer.strategy)[1]
-        sizes = {"line": self._affordable(trainer, per_point, 0.1, self.line_points, min(11, self.line_points))}
+        sizes = {"line": self._affordable(trainer, per_point, 0.1, self.line_points, min(5, self.line_points))}
         line = torch.linspace(-self.span, self.span, sizes["line"], dtype=torch.float64)
         profile, per_point = self._timed_grid(trainer, obj, center, d1[None], line[:, None])
         sizes["resolution"] = resolution = int(
-            self._affordable(trainer, per_point, 0.5, self.resolution**2, min(25, self.resolution**2)) ** 0.5
+            self._affordable(trainer, per_point, 0.5, self.resolution**2, min(9, self.resolution**2)) ** 0.5
         )
         axis = torch.linspace(-self.span, self.span, resolution, dtype=torch.float64)
         self.advance("1-D profile")
@@ -324,24 +325,27 @@ class LandscapeSampler(LandscapeCallback):
 
         with self.stage(trainer, "trajectory"):
             steps, trajectory, init = self._trajectory(trainer, pl_module, obj.layout)
-        has_path = distributed.broadcast(trainer.strategy, trajectory is not None)
+        # the PCA plane and the interpolation run only while the budget lasts (what is cut is logged)
+        has_path = distributed.broadcast(trainer.strategy, trajectory is not None and self.time_left() > 0)
         pca: dict[str, Any] = {}
+        if trajectory is not None and not has_path:
+            self.reporter.event("cut", {"step": step, "cut": ["pca_plane"], "why": "the trigger's budget ran out"})
         if has_path:
-            side = int(
-                self._affordable(trainer, per_point, 0.7, self.resolution**2, min(25, self.resolution**2)) ** 0.5
-            )
+            side = int(self._affordable(trainer, per_point, 0.7, self.resolution**2, min(9, self.resolution**2)) ** 0.5)
             pca = self._pca_plane(trainer, obj, center, trajectory, steps, side)
             scalars.update(pca_explained=pca["explained"], pca_max_off_plane=float(pca["off_plane"].max()))
         self.advance("PCA plane")
-        has_init = distributed.broadcast(trainer.strategy, init is not None)
+        has_init = distributed.broadcast(trainer.strategy, init is not None and self.time_left() > 0)
         interp = None
+        if init is not None and not has_init:
+            self.reporter.event("cut", {"step": step, "cut": ["interpolation"], "why": "the trigger's budget ran out"})
         if has_init:
             init = distributed.broadcast(trainer.strategy, init)
             interp = interpolate(
                 obj,
                 init.to(center),
                 center,
-                self._affordable(trainer, per_point, 1.0, self.interpolation_steps, min(5, self.interpolation_steps)),
+                self._affordable(trainer, per_point, 1.0, self.interpolation_steps, min(3, self.interpolation_steps)),
                 recompute_bn=self.recompute_bn,
                 memory_mb=self.memory_mb,
             )
