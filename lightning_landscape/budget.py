@@ -109,10 +109,10 @@ class Ledger:
 _LEDGERS: weakref.WeakKeyDictionary[Any, Ledger] = weakref.WeakKeyDictionary()
 
 
-def ledger(trainer: Any, new_fit: bool = False) -> Ledger:
-    """The trainer's :class:`Ledger` (started now when there is none, or anew with ``new_fit``)."""
+def ledger(trainer: Any) -> Ledger:
+    """The trainer's :class:`Ledger` (started now when there is none; :func:`forget` ends it with the fit)."""
     book = _LEDGERS.get(trainer)
-    if book is None or new_fit:
+    if book is None:
         book = _LEDGERS[trainer] = Ledger(time.perf_counter())
     return book
 

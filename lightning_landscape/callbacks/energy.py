@@ -467,7 +467,7 @@ class EnergyLandscape(LandscapeCallback):
         local = sum(_passes(o) - mark for o, mark in spend)
         return int(distributed.reduce_sum(trainer.strategy, torch.tensor(float(local))).item())
 
-    def _may_continue(self, trainer: pl.Trainer, spend: list[tuple[Objective, int]], start: float) -> bool:
+    def _may_continue(self, trainer: pl.Trainer, spend: list[tuple[Objective, int]]) -> bool:
         """Rank 0's decision, on every rank: is any budget left?"""
         passes = self._passes(trainer, spend)
         left = (self.budget.passes is None or passes < self.budget.passes) and self.time_left() > 0
@@ -527,7 +527,7 @@ class EnergyLandscape(LandscapeCallback):
             results += [r for r in distributed.gather_objects(trainer.strategy, mine) if r is not None]
         return results
 
-    def _replica_rounds(self, trainer: pl.Trainer, spend: list, start: float, run: Any) -> list[Excursions]:
+    def _replica_rounds(self, trainer: pl.Trainer, spend: list, run: Any) -> list[Excursions]:
         """The replicas in rounds while the budget lasts, each rank running its share of a round together
         (:func:`sample_basin` steps them in one vmapped call): one replica per rank first, then as many per rank as
         the budget left is estimated to allow from what the first cost (all the rest, without a budget). The
@@ -540,7 +540,7 @@ class EnergyLandscape(LandscapeCallback):
         def stage_left() -> float:
             return end - time.perf_counter() if math.isfinite(end) else math.inf
 
-        while done < total and self._may_continue(trainer, spend, start):
+        while done < total and self._may_continue(trainer, spend):
             if not distributed.broadcast(trainer.strategy, done == 0 or stage_left() > 0):
                 break
             ids = list(range(done, min(total, done + per_rank * world)))
@@ -586,7 +586,7 @@ class EnergyLandscape(LandscapeCallback):
             sketch = self._projection(trainer, pl_module, x0)
 
         def budget_left(first: int) -> bool:
-            return self._may_continue(trainer, spend, start)
+            return self._may_continue(trainer, spend)
 
         # 1. basin sampling: some replicas from earlier points (previous ends, the recorder's snapshots; least-visited
         # first), the rest from x0
@@ -624,7 +624,7 @@ class EnergyLandscape(LandscapeCallback):
             run.finals = run.finals.cpu()  # gathered between ranks: no device indices
             return run
 
-        runs = self._replica_rounds(trainer, spend, start, replicas)
+        runs = self._replica_rounds(trainer, spend, replicas)
         with self.stage(trainer, "basin sampling"):
             excursions = Excursions.concatenate(runs) if runs else replicas([])
             # this trigger's ends, on every rank (gathered): where the next trigger's restarts may start
@@ -651,7 +651,7 @@ class EnergyLandscape(LandscapeCallback):
             len(candidates),
             "minima",
             lambda i: quench_point(probe, candidates[i].to(x0), self.quench, level),
-            lambda first: first == 0 or self._may_continue(trainer, spend, start),
+            lambda first: first == 0 or self._may_continue(trainer, spend),
         )
         self.advance("minima")
 
