@@ -13,6 +13,7 @@ from lightning_landscape.dynamics import TrajectoryStore
 from lightning_landscape.guard import preserve_state
 from lightning_landscape.objective import Objective
 from lightning_landscape.params import ParameterLayout
+from lightning_landscape.probe import ProbeSpec
 
 __all__ = [
     "Budget",
@@ -22,6 +23,7 @@ __all__ = [
     "LandscapeSampler",
     "Objective",
     "ParameterLayout",
+    "ProbeSpec",
     "TrajectoryRecorder",
     "TrajectoryStore",
     "preserve_state",

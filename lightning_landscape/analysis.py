@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import shutil
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lightning_landscape.checks import OneLineParser, check_float, check_int, fail
 from lightning_landscape.dynamics import (
@@ -96,18 +98,36 @@ def _write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> None:
         writer.writerows(rows)
 
 
+def _imported(name: str | None) -> Any:
+    """The function a run recorded by its qualified name (``module.qualname``), or None for none."""
+    if name is None:
+        return None
+    module, _, qualname = name.rpartition(".")
+    try:
+        if "<" in name:
+            raise ImportError("a lambda or a local function cannot be imported")
+        return getattr(importlib.import_module(module), qualname)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise AnalysisError(
+            f"the runs measured the energy with `probe.loss_fn={name}`, which cannot be imported ({err}), so the"
+            " offline paths would run on another energy than the minima. HINT: define the loss as a module-level"
+            " function, importable where `analyze` runs."
+        ) from None
+
+
 def _probe_objective(config: Path, probe: dict[str, Any], n_params: int) -> Any:
-    """The runs' model, probe set and energy (``probe``: the databases' ``probe_size``, ``probe_seed``, ``bn_mode``
-    and ``l2``), rebuilt from their LightningCLI config (no trainer, no logger).
+    """The runs' model, probe set and energy (``probe``: the databases' probe specification, as
+    :attr:`~lightning_landscape.probe.ProbeSpec.metadata` records it, and ``l2``), rebuilt from their LightningCLI
+    config (no trainer, no logger): the same samples in the same batches, BatchNorm mode, dtype and loss.
 
     Raises:
-        AnalysisError: when the config builds a model of another size than the minima's ``n_params``, or one whose
-            loss cannot be evaluated on its data.
+        AnalysisError: when the config builds a model of another size than the minima's ``n_params``, one whose
+            loss cannot be evaluated on its data, or when the runs used a ``loss_fn`` that cannot be imported.
     """
     from lightning.pytorch.cli import LightningCLI
 
-    from lightning_landscape.callbacks.base import probe_chunks
     from lightning_landscape.objective import Objective
+    from lightning_landscape.probe import probe_chunks
 
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both `args` and a command line
     try:
@@ -131,10 +151,20 @@ def _probe_objective(config: Path, probe: dict[str, Any], n_params: int) -> Any:
     if hasattr(source, "setup"):
         source.setup("fit")
     loader = source.train_dataloader()
-    chunks = probe_chunks(len(loader.dataset), probe["probe_size"], probe["probe_size"], probe["probe_seed"])
+    if probe.get("probe_batches"):
+        raise AnalysisError(
+            f"the runs measured the energy on {probe['probe_batches']} batches given as `probe.batches`, which are not"
+            " recorded, so `analyze` cannot rebuild their probe set. HINT: let the callback draw the probe set"
+            " (`probe.size`, `probe.seed`) in runs to be joined offline."
+        )
+    batch_size = probe.get("probe_batch_size") or probe["probe_size"]  # databases before it was recorded: one batch
+    chunks = probe_chunks(len(loader.dataset), probe["probe_size"], batch_size, probe["probe_seed"])
     batches = [loader.collate_fn([loader.dataset[i] for i in chunk]) for chunk in chunks]
+    dtype = getattr(torch, probe.get("dtype") or "float32")
     try:
-        objective = Objective(cli.model, batches, bn_mode=probe["bn_mode"])
+        objective = Objective(
+            cli.model, batches, _imported(probe.get("loss_fn")), bn_mode=probe["bn_mode"], dtype=dtype
+        )
         objective.set_l2(probe.get("l2") or 0.0)
         return objective
     except Exception as err:
@@ -389,7 +419,9 @@ def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, optio
             summary["skipped"].append({"path": str(path), "reason": str(err)})
     if not opened:
         return
-    probe = {k: opened[0][1].meta.get(k) for k in ("probe_size", "probe_seed", "n_params", "bn_mode", "l2")}
+    keys = ("probe_size", "probe_batch_size", "probe_seed", "probe_batches", "n_params", "bn_mode", "dtype", "loss_fn")
+    keys += ("l2",)
+    probe = {k: opened[0][1].meta.get(k) for k in keys}
     comparable = [(run, db) for run, db in opened if all(db.meta.get(k) == v for k, v in probe.items())]
     summary["skipped_databases"] = len(opened) - len(comparable)  # another model, probe set or weight decay
     folder = out / "minima"

@@ -44,6 +44,21 @@ def check_float(
         )
 
 
+def as_config(cls: type, value: Any, name: str) -> Any:
+    """``value`` as a ``cls``: an instance, a dict of its fields, or None (the defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as err:
+            fields = ", ".join(cls.__dataclass_fields__)
+            raise ValueError(f"`{name}`: {err}. HINT: its fields are {fields}.") from None
+    raise ValueError(f"`{name}` must be a {cls.__name__} or a dict of its fields, got {value!r}.")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line on stderr, ``<prog>: error: <what> (see <prog> --help)``,
     with exit status 2: what a script that runs the command under ``set -e`` can show as it is."""

@@ -63,7 +63,7 @@ def trigger(replicas: int, epochs: int, root: str, devices: int = 1, weight_deca
     """The last trigger's record (every epoch, warm after the first) and the median epoch time."""
     timer = EpochTimer()
     energy = EnergyLandscape(
-        every_n_epochs=1, at_fit_end=False, progress=False, sampling={"replicas": replicas}, probe_size=PROBE_SIZE
+        every_n_epochs=1, at_fit_end=False, progress=False, sampling={"replicas": replicas}, probe={"size": PROBE_SIZE}
     )
     trainer = fit_quickstart([timer, energy], epochs, root, devices, weight_decay)
     keys = ("n_minima", "n_basins", "current_basin", "merge_barrier", "quenches_run", "quenches_converged")
@@ -206,8 +206,8 @@ def path_overhead(root: str, epochs: int) -> None:
                         every_n_epochs=10**6,
                         at_fit_end=False,
                         progress=False,
-                        probe_size=probe,
                         sampling={"training_path": path},
+                        probe={"size": probe},
                     )
                 )
             fit_quickstart(callbacks, epochs, root, weight_decay=WEIGHT_DECAY)

@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=20000, help="gradient evaluations for the fixed-step method")
     args = parser.parse_args()
     energy = EnergyLandscape(
-        every_n_epochs=args.epochs, at_fit_end=False, progress=False, probe_size=2048, paths={"max_paths": 0}
+        every_n_epochs=args.epochs, at_fit_end=False, progress=False, paths={"max_paths": 0}, probe={"size": 2048}
     )
     trainer = fit_quickstart([energy], args.epochs, tempfile.mkdtemp(prefix="bench-paths-"), weight_decay=5e-4)
     run = energy.history[-1]

@@ -90,10 +90,10 @@ def main() -> None:
     for seed in range(args.seeds):
         energy = EnergyLandscape(
             every_n_epochs=2,
-            probe_size=1500,
             sampling={"replicas": 8, "steps": 200, "record_every": 5},
             budget={"share": None, "seconds": 60},
             progress=False,
+            probe={"size": 1500},
         )
         recorder = TrajectoryRecorder(sketch_every_n_steps=1, snapshot_every_n_steps=25)  # on the path's record grid
         trainer, seconds = fit(seed, out / f"seed-{seed}", [recorder, energy])

@@ -47,7 +47,7 @@ class Potential(pl.LightningModule):
 
 
 def energy_run(tmp_path, potential, start, **settings):
-    energy = EnergyLandscape(probe_size=16, dtype=torch.float64, progress=False, **settings)
+    energy = EnergyLandscape(progress=False, **settings, probe={"size": 16, "dtype": torch.float64})
     train([energy], tmp_path, model=Potential(potential, start), max_steps=1)
     assert energy.runs == 1 and energy.failures == 0
     return energy, energy.history[0], MinimaDatabase(energy.minima_dir)

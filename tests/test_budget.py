@@ -89,10 +89,10 @@ def test_each_trigger_keeps_to_its_share_and_still_reports_its_measure(tmp_path)
     # 10^5 SLQ vectors would take many minutes: the budget (a 0.3 s floor, a tiny share) cuts each trigger
     monitor = FlatnessMonitor(
         measures=["lambda_max", "density", "trace"],
-        density_vectors=10**5,
         every_n_steps=3,
-        probe_size=32,
         budget={"share": 0.01, "floor": 0.3},
+        probe={"size": 32},
+        spectrum={"density_vectors": 10**5},
     )
     start = time.perf_counter()
     trainer_for([monitor], tmp_path, max_steps=6).fit(tiny_module_class()(), loader())
@@ -105,7 +105,9 @@ def test_each_trigger_keeps_to_its_share_and_still_reports_its_measure(tmp_path)
 
 
 def test_the_sampler_shrinks_its_grid_to_the_budget_and_logs_the_resolution(tmp_path):
-    sampler = LandscapeSampler(resolution=201, line_points=401, probe_size=32, budget={"share": 0.01, "floor": 0.5})
+    sampler = LandscapeSampler(
+        budget={"share": 0.01, "floor": 0.5}, probe={"size": 32}, slices={"resolution": 201, "line_points": 401}
+    )
     trainer_for([sampler], tmp_path, max_steps=3).fit(tiny_module_class()(), loader())
     assert sampler.runs == 1 and sampler.failures == 0
     record = sampler.history[-1]
@@ -122,7 +124,7 @@ class SlowStep(tiny_module_class()):
 
 def test_no_fit_end_analysis_starts_after_max_time_has_run_out(tmp_path):
     monitor = FlatnessMonitor(
-        measures=["density"], density_vectors=10**5, every_n_steps=None, budget=None, probe_size=32
+        measures=["density"], every_n_steps=None, budget=None, probe={"size": 32}, spectrum={"density_vectors": 10**5}
     )
     trainer = trainer_for([monitor], tmp_path, max_time={"seconds": 2}, max_epochs=1000)
     start = time.perf_counter()
@@ -136,7 +138,10 @@ def test_no_fit_end_analysis_starts_after_max_time_has_run_out(tmp_path):
 def test_a_fit_end_analysis_is_cut_at_what_max_time_leaves(tmp_path):
     # no share limit, a 1 s floor: the fit-end trigger gets what the 5 s of max_time leave after 2 steps
     monitor = FlatnessMonitor(
-        measures=["density"], density_vectors=10**5, every_n_steps=None, budget={"share": None, "floor": 1}
+        measures=["density"],
+        every_n_steps=None,
+        budget={"share": None, "floor": 1},
+        spectrum={"density_vectors": 10**5},
     )
     trainer = trainer_for([monitor], tmp_path, max_time={"seconds": 5}, max_steps=2)
     start = time.perf_counter()
@@ -153,7 +158,9 @@ def test_a_running_analysis_is_abandoned_on_sigterm_and_training_stops(tmp_path)
             trainer._signal_connector.received_sigterm = True
             super().analyze(trainer, pl_module, step)
 
-    monitor = Terminating(measures=["density"], density_vectors=10**5, every_n_steps=2, budget=None, probe_size=32)
+    monitor = Terminating(
+        measures=["density"], spectrum={"density_vectors": 10**5}, every_n_steps=2, budget=None, probe={"size": 32}
+    )
     trainer = trainer_for([monitor], tmp_path, max_steps=10)
     start = time.perf_counter()
     with pytest.raises(SystemExit):

@@ -33,15 +33,17 @@ def our_callbacks(loss_fn=None, outputs_fn=None):
         TrajectoryRecorder(
             sketch_dim=16, sketch_every_n_steps=1, vector_stats_every_n_steps=1, snapshot_every_n_steps=2
         ),
-        FlatnessMonitor(every_n_steps=3, measures=["lambda_max", "trace", "gradient_noise"], trace_samples=3, **common),
-        LandscapeSampler(every_n_steps=4, resolution=3, line_points=3, interpolation_steps=3, **common),
+        FlatnessMonitor(
+            every_n_steps=3, measures=["lambda_max", "trace", "gradient_noise"], **common, spectrum={"trace_samples": 3}
+        ),
+        LandscapeSampler(every_n_steps=4, interpolation_steps=3, **common, slices={"resolution": 3, "line_points": 3}),
         EnergyLandscape(
             every_n_steps=5,
-            outputs_fn=outputs_fn,
             **common,
             sampling={"replicas": 2, "steps": 10, "record_every": 1, "pool_batches": 2},
             quench={"max_iter": 5},
             paths={"images": 3, "steps": 5},
+            probe={"outputs_fn": outputs_fn},
         ),
     ]
 
@@ -115,7 +117,7 @@ def test_gan_without_loss_fn_is_refused_in_setup_naming_loss_fn(tmp_path):
 
 
 def test_default_outputs_that_cannot_work_fail_before_the_first_step_naming_outputs_fn(tmp_path):
-    energy = EnergyLandscape(every_n_steps=100, probe_size=32, progress=False)
+    energy = EnergyLandscape(every_n_steps=100, progress=False, probe={"size": 32})
     trainer = pl.Trainer(max_epochs=1, logger=False, default_root_dir=tmp_path, callbacks=[energy])
     model = AutoEncoder()
     before = [p.detach().clone() for p in model.parameters()]
@@ -158,11 +160,11 @@ def test_metric_states_survive_an_analysis_exactly():
 def test_batchnorm_minima_keep_their_loss_across_triggers(tmp_path):
     energy = EnergyLandscape(
         every_n_steps=4,
-        probe_size=32,
         progress=False,
         sampling={"replicas": 2, "steps": 10},
         quench={"max_iter": 10},
         paths={"steps": 30},
+        probe={"size": 32},
     )
     trainer = pl.Trainer(
         max_epochs=2, logger=False, default_root_dir=tmp_path, callbacks=[energy], enable_progress_bar=False
@@ -179,14 +181,17 @@ def test_batchnorm_minima_keep_their_loss_across_triggers(tmp_path):
         )
     with pytest.raises(ValueError, match=r"bn_mode='eval'.*BatchNorm"):
         pl.Trainer(
-            max_epochs=1, logger=False, default_root_dir=tmp_path, callbacks=[EnergyLandscape(bn_mode="eval")]
+            max_epochs=1,
+            logger=False,
+            default_root_dir=tmp_path,
+            callbacks=[EnergyLandscape(probe={"bn_mode": "eval"})],
         ).fit(BatchNormNet(), train_dataloaders=SHAPES["batchnorm"].loader())
 
 
 def test_unfrozen_layers_join_the_analyses_and_the_recorded_path(tmp_path):
     shape = SHAPES["finetuning"]
     recorder = TrajectoryRecorder(sketch_dim=16, vector_stats_every_n_steps=1)
-    monitor = FlatnessMonitor(every_n_steps=2, probe_size=32, progress=False)
+    monitor = FlatnessMonitor(every_n_steps=2, progress=False, probe={"size": 32})
     model = FinetunedNet()
     trainer = pl.Trainer(
         max_epochs=2,

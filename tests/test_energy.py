@@ -63,8 +63,7 @@ def well_energy(**overrides) -> EnergyLandscape:
         sampling=SamplingConfig(replicas=8, steps=1500, lr=0.01, temperature=0.5, record_every=5),
         paths=PathConfig(images=9, steps=400, step_size=0.02),
         basins={"merge_barrier": 0.1},  # below the barrier (0.5): two basins, joined by a computed path
-        probe_size=16,
-        dtype=torch.float64,
+        probe={"size": 16, "dtype": torch.float64},
     )
     return EnergyLandscape(**{**settings, **overrides})
 
@@ -122,7 +121,7 @@ def test_msm_on_probe_outputs_finds_the_two_wells_too(tmp_path):
 
 
 def test_a_spent_time_budget_leaves_only_the_current_minimum(tmp_path):
-    energy = EnergyLandscape(probe_size=16, sampling={"replicas": 4, "steps": 50}, budget={"seconds": 1e-9})
+    energy = EnergyLandscape(sampling={"replicas": 4, "steps": 50}, budget={"seconds": 1e-9}, probe={"size": 16})
     train([energy], tmp_path)
     run = energy.history[0]
     assert run["replicas_run"] == 0 and run["paths_run"] == 0 and run["n_minima"] == 1  # the quench of now, always
@@ -133,10 +132,10 @@ def test_energy_landscape_on_a_network_logs_to_wandb_within_budget(tmp_path):
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ll-test")
     energy = EnergyLandscape(
         every_n_epochs=1,
-        probe_size=32,
         sampling={"replicas": 4, "steps": 20, "record_every": 2},
         basins={"merge_barrier": 0.0},  # every barrier separates: paths are computed (the noise level merges all)
         paths={"steps": 20, "max_paths": 2},
+        probe={"size": 32},
     )
     pl.seed_everything(0)
     trainer = pl.Trainer(
@@ -160,7 +159,7 @@ def test_energy_landscape_on_a_network_logs_to_wandb_within_budget(tmp_path):
     assert second["n_minima"] >= first["n_minima"] >= 2 and second["paths_run"] >= 1
     assert first["spent_passes"] > 4 * 20  # at least the replicas' steps
     # a budget stops the work between items, and the spend is reported
-    budgeted = EnergyLandscape(probe_size=32, sampling={"replicas": 6, "steps": 20}, budget={"passes": 60})
+    budgeted = EnergyLandscape(sampling={"replicas": 6, "steps": 20}, budget={"passes": 60}, probe={"size": 32})
     pl.seed_everything(0)
     trainer = pl.Trainer(
         max_steps=3,
@@ -192,7 +191,7 @@ def test_a_resumed_run_continues_the_minima_database(tmp_path):
         trainer.fit(tiny_module_class()(), train_dataloaders=loader(), ckpt_path=ckpt_path)
 
     settings = dict(every_n_epochs=1, at_fit_end=False, sampling={"replicas": 2, "steps": 5}, paths={"steps": 5})
-    settings.update(probe_size=32)
+    settings.update(probe={"size": 32})
     first = EnergyLandscape(**settings)
     fit_epochs(2, first)
     resumed = EnergyLandscape(**settings)
@@ -211,7 +210,7 @@ def test_a_resumed_run_continues_the_minima_database(tmp_path):
 def test_a_resume_from_an_earlier_checkpoint_rolls_the_minima_back_to_it(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    settings = dict(every_n_epochs=1, at_fit_end=False, sampling={"replicas": 3, "steps": 5}, probe_size=32)
+    settings = dict(every_n_epochs=1, at_fit_end=False, sampling={"replicas": 3, "steps": 5}, probe={"size": 32})
     settings.update(quench={"dedup_tol": 1e-3}, paths={"steps": 5, "max_paths": 2})
 
     def fit_epochs(epochs, energy, ckpt_path=None):
@@ -245,10 +244,9 @@ def test_a_resume_from_an_earlier_checkpoint_rolls_the_minima_back_to_it(tmp_pat
 
 def test_minima_are_fingerprinted_with_outputs_fn(tmp_path):
     energy = EnergyLandscape(
-        probe_size=32,
-        outputs_fn=lambda module, batch: module(batch[0]).softmax(-1),
         sampling={"replicas": 2, "steps": 5},
         paths={"steps": 5},
+        probe={"size": 32, "outputs_fn": lambda module, batch: module(batch[0]).softmax(-1)},
     )
     pl.seed_everything(0)
     trainer = pl.Trainer(
@@ -267,7 +265,9 @@ def test_minima_are_fingerprinted_with_outputs_fn(tmp_path):
 
 def test_energy_landscape_leaves_training_unchanged(tmp_path):
     plain = fit("lightning.pytorch", [], tmp_path / "plain")
-    energy = EnergyLandscape(every_n_steps=3, probe_size=32, sampling={"replicas": 2, "steps": 5}, paths={"steps": 5})
+    energy = EnergyLandscape(
+        every_n_steps=3, sampling={"replicas": 2, "steps": 5}, paths={"steps": 5}, probe={"size": 32}
+    )
     observed = fit("lightning.pytorch", [energy], tmp_path / "observed")
     assert_identical_runs(plain, observed)
     assert energy.runs == 4 and energy.failures == 0  # steps 3, 6, 9, 12 (fit end = step 12)
@@ -333,12 +333,7 @@ def test_the_energy_is_the_trained_loss_with_the_optimizers_weight_decay_and_its
     # quenches' energy resolution (a tenth of it) with it, at which this slow run-off already counts as converged
     sampling = {"replicas": 4, "steps": 50} if weight_decay else {"replicas": 4, "steps": 50, "momentum": 0.0}
     energy = EnergyLandscape(
-        every_n_steps=16,
-        at_fit_end=False,
-        sampling=sampling,
-        quench=quench,
-        probe_size=1024,
-        progress=False,
+        every_n_steps=16, at_fit_end=False, sampling=sampling, quench=quench, progress=False, probe={"size": 1024}
     )
     pl.seed_everything(0)
     model = Classifier(MLP(2, 4, [32, 32]), lr=0.1, momentum=0.9, weight_decay=weight_decay)

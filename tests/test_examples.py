@@ -90,7 +90,8 @@ def test_every_config_runs_end_to_end_with_its_callbacks_on_fake_data(config, tm
     for callback in settings["trainer"].get("callbacks", []):
         args = callback.setdefault("init_args", {})
         if not callback["class_path"].endswith("TrajectoryRecorder"):
-            args.update(every_n_steps=None, every_n_epochs=None, at_fit_end=True, probe_size=16, progress=False)
+            args.update(every_n_steps=None, every_n_epochs=None, at_fit_end=True, progress=False)
+            args["probe"] = {**args.get("probe", {}), "size": 16}
             args["budget"] = {"share": 0.05, "floor": 1.0}
     patched = tmp_path / config.name
     patched.write_text(yaml.safe_dump(settings))
@@ -132,8 +133,8 @@ def test_unknown_config_keys_are_rejected(capsys):
     [
         (["--trainer.max_epochs", "abc"], 'Parser key "trainer.max_epochs"'),  # refused by the parser
         (  # accepted by the types, refused by the callback's constructor
-            ["--trainer.callbacks+=lightning_landscape.FlatnessMonitor", "--trainer.callbacks.top_k=0"],
-            "`top_k` must be an integer >= 1, got 0. HINT",
+            ["--trainer.callbacks+=lightning_landscape.FlatnessMonitor", "--trainer.callbacks.spectrum.top_k=0"],
+            "`spectrum.top_k` must be an integer >= 1, got 0. HINT",
         ),
     ],
 )

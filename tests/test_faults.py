@@ -137,10 +137,10 @@ class Regression(pl.LightningModule):
 def test_diverged_replicas_never_become_minima(tmp_path):
     energy = EnergyLandscape(
         every_n_steps=3,
-        probe_size=32,
         sampling={"replicas": 4, "steps": 40, "lr": 50.0},
         quench={"max_iter": 5},
         paths={"steps": 3},
+        probe={"size": 32},
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -178,7 +178,7 @@ def test_after_diverged_training_the_failure_says_the_parameters_are_not_finite(
                 with torch.no_grad():
                     pl_module.net.weight.fill_(float("nan"))
 
-    monitor = FlatnessMonitor(every_n_steps=3, probe_size=32)
+    monitor = FlatnessMonitor(every_n_steps=3, probe={"size": 32})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(tmp_path, [DivergeAtStep2(), monitor], model=Diverges(), max_epochs=1)

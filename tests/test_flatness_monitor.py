@@ -8,6 +8,7 @@ import pytest
 import torch
 import wandb
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from torch import nn
 
 from lightning_landscape import FlatnessMonitor, Objective
 from lightning_landscape.callbacks import FLATNESS_MEASURES
@@ -22,11 +23,9 @@ def test_monitor_logs_all_measures_and_matches_the_functional_core(tmp_path):
         measures=FLATNESS_MEASURES,
         every_n_epochs=1,
         at_fit_end=False,
-        probe_size=48,
-        tol=1e-6,
-        trace_samples=30,
         layers={"first": ["net.0.*"]},
-        density_steps=10,
+        probe={"size": 48},
+        spectrum={"tol": 1e-6, "trace_samples": 30, "density_steps": 10},
     )
     trainer = pl.Trainer(
         max_epochs=2,
@@ -88,10 +87,16 @@ def test_monitor_logs_all_measures_and_matches_the_functional_core(tmp_path):
     [
         ({"measures": ["lambda_maximum"]}, r"unknown names \['lambda_maximum'\].*HINT"),
         ({"every_n_steps": 0}, "`every_n_steps`"),
-        ({"tol": 0.0}, "`tol`"),
-        ({"trace_samples": 2}, "`trace_samples`"),
-        ({"probe_size": -1}, "`probe_size`"),
-        ({"bn_mode": "batch"}, "`bn_mode`"),
+        ({"spectrum": {"tol": 0.0}}, "`spectrum.tol`"),
+        ({"spectrum": {"trace_samples": 2}}, "`spectrum.trace_samples`"),
+        ({"spectrum": {"top_k": 5, "k": 3}}, r"`spectrum`: .*'k'.*HINT: its fields are top_k"),
+        ({"sharpness": {"rho": -1}}, "`sharpness.rho`"),
+        ({"probe": {"size": -1}}, "`probe.size`"),
+        ({"probe": {"bn_mode": "batch"}}, "`probe.bn_mode`"),
+        ({"probe": {"dtype": "float16"}}, "`probe.dtype`"),
+        ({"probe": {"loss_fn": "mse"}}, "`probe.loss_fn` must be callable"),
+        ({"probe": {"batches": []}}, "`probe.batches` must be a non-empty list"),
+        ({"probe": 256}, "`probe` must be a ProbeSpec or a dict"),
     ],
 )
 def test_bad_settings_are_rejected_in_the_constructor(kwargs, match):
@@ -101,7 +106,9 @@ def test_bad_settings_are_rejected_in_the_constructor(kwargs, match):
 
 def test_monitor_every_step_does_not_disturb_training(tmp_path):
     plain = fit("lightning.pytorch", [], tmp_path / "plain")
-    monitor = FlatnessMonitor(measures=FLATNESS_MEASURES, every_n_steps=1, probe_size=32, density_steps=5)
+    monitor = FlatnessMonitor(
+        measures=FLATNESS_MEASURES, every_n_steps=1, probe={"size": 32}, spectrum={"density_steps": 5}
+    )
     observed = fit("lightning.pytorch", [monitor], tmp_path / "observed")
     assert_identical_runs(plain, observed)
     assert monitor.runs == 12 and monitor.failures == 0
@@ -125,9 +132,60 @@ def test_a_basis_that_cannot_fit_is_refused_before_training(monkeypatch):
     import lightning_landscape.curvature.memory as memory
 
     monkeypatch.setattr(memory, "free_bytes", lambda device: 10 * 64 * 4)  # 5 vectors of 64 floats in half
-    monitor = FlatnessMonitor(every_n_steps=1, measures=["lambda_max", "top_eigenvalues"], top_k=3)
-    with pytest.raises(MemoryError, match=r"eigen_method='lanczos' with top_k=3.*needs at least 18 vectors.*HINT"):
+    monitor = FlatnessMonitor(every_n_steps=1, measures=["lambda_max", "top_eigenvalues"], spectrum={"top_k": 3})
+    with pytest.raises(MemoryError, match=r"spectrum.method='lanczos' with top_k=3.*needs at least 18 vectors.*HINT"):
         monitor.check_memory(64, torch.device("cpu"))
-    FlatnessMonitor(every_n_steps=1, measures=["lambda_max"], eigen_method="power").check_memory(
+    FlatnessMonitor(every_n_steps=1, measures=["lambda_max"], spectrum={"method": "power"}).check_memory(
         64, torch.device("cpu")
     )
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two plain SGD optimizers at different learning rates, one per layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = cross_entropy_loss(self, batch)
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in self.optimizers():
+            optimizer.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.2), torch.optim.SGD(self.net[2].parameters(), lr=0.05)]
+
+
+def cross_entropy_loss(module, batch):
+    return torch.nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+
+def test_eos_ratio_per_optimizer_is_each_blocks_largest_eigenvalue_over_its_limit(tmp_path):
+    model = TwoOptimizers()
+    monitor = FlatnessMonitor(
+        every_n_steps=2, at_fit_end=False, measures=["lambda_max", "eos_ratio"], progress=False,
+        spectrum={"tol": 1e-8}, probe={"size": 32, "loss_fn": cross_entropy_loss, "dtype": torch.float64},
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[monitor],
+        enable_progress_bar=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(model, loader())
+    last = monitor.history[-1]
+    assert "eos_ratio" not in last  # one number would mix two learning rates
+    objective = Objective(model, monitor.probe_set(trainer), cross_entropy_loss, dtype=torch.float64)
+    n = objective.numel
+    dense = torch.stack([objective.hvp(None, e) for e in torch.eye(n, dtype=torch.float64)])
+    first = sum(p.numel() for p in model.net[0].parameters())  # the flat vector holds net.0, then net.2
+    for label, block, lr in (("optimizer_0", slice(0, first), 0.2), ("optimizer_1", slice(first, n), 0.05)):
+        exact = float(torch.linalg.eigvalsh(0.5 * (dense + dense.T)[block, block])[-1])
+        assert last[f"stability_limit/{label}"] == pytest.approx(2 / lr)
+        assert last[f"eos_ratio/{label}"] == pytest.approx(exact * lr / 2, rel=1e-6)
+    assert last["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(0.5 * (dense + dense.T))[-1]), rel=1e-6)

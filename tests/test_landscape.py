@@ -167,7 +167,7 @@ def test_nonconvexity_map_of_a_saddle():
 def test_sampler_with_recorder_logs_every_picture_and_keeps_training_unchanged(tmp_path):
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ll-test")
     recorder = TrajectoryRecorder(sketch_dim=16, snapshot_every_n_steps=2)
-    sampler = LandscapeSampler(every_n_epochs=1, resolution=6, line_points=7, probe_size=32)
+    sampler = LandscapeSampler(every_n_epochs=1, probe={"size": 32}, slices={"resolution": 6, "line_points": 7})
     pl.seed_everything(0)
     trainer = pl.Trainer(
         max_epochs=1,
@@ -201,7 +201,7 @@ def test_sampler_with_recorder_logs_every_picture_and_keeps_training_unchanged(t
     plain = fit("lightning.pytorch", [], tmp_path / "plain")
     observed = fit(
         "lightning.pytorch",
-        [LandscapeSampler(every_n_steps=2, resolution=4, line_points=5, probe_size=32)],
+        [LandscapeSampler(every_n_steps=2, probe={"size": 32}, slices={"resolution": 4, "line_points": 5})],
         tmp_path / "observed",
     )
     assert_identical_runs(plain, observed)
@@ -229,8 +229,8 @@ def test_fsdp2_ranks_compute_the_single_process_grid_from_gathered_parameters(tm
 
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="`resolution`"):
-        LandscapeSampler(resolution=1)
+        LandscapeSampler(slices={"resolution": 1})
     with pytest.raises(ValueError, match="`normalization`"):
-        LandscapeSampler(normalization="per-filter")
+        LandscapeSampler(slices={"normalization": "per-filter"})
     with pytest.raises(ValueError, match="`span`"):
-        LandscapeSampler(span=0)
+        LandscapeSampler(slices={"span": 0})

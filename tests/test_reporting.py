@@ -37,7 +37,7 @@ class MediaAnalysis(LandscapeCallback):
 def test_results_reach_wandb_every_logger_and_the_run_directory(tmp_path):
     wandb_logger = WandbLogger(save_dir=str(tmp_path), project="ll-test", offline=True)
     csv_logger = CSVLogger(tmp_path, name="csv")
-    callback = MediaAnalysis(every_n_steps=3, at_fit_end=True, probe_size=32)
+    callback = MediaAnalysis(every_n_steps=3, at_fit_end=True, probe={"size": 32})
     trainer = pl.Trainer(
         max_epochs=1,
         accelerator="cpu",
@@ -84,7 +84,7 @@ def test_results_reach_wandb_every_logger_and_the_run_directory(tmp_path):
 
 def test_figures_reach_tensorboard(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
-    callback = MediaAnalysis(every_n_steps=3, at_fit_end=False, probe_size=32)
+    callback = MediaAnalysis(every_n_steps=3, at_fit_end=False, probe={"size": 32})
     trainer = pl.Trainer(
         max_epochs=1,
         accelerator="cpu",

@@ -95,7 +95,9 @@ def test_a_loss_linear_in_the_parameters_has_a_zero_hessian(tmp_path):
     assert torch.equal(objective.hvp(None, v), torch.zeros(objective.numel))
     assert torch.equal(objective.hvp_at()(v), torch.zeros(objective.numel))
     measures = ["lambda_max", "trace", "top_eigenvalues", "lambda_min"]
-    monitor = FlatnessMonitor(every_n_steps=2, measures=measures, top_k=3, probe_size=16, progress=False)
+    monitor = FlatnessMonitor(
+        every_n_steps=2, measures=measures, progress=False, probe={"size": 16}, spectrum={"top_k": 3}
+    )
     trainer_for(tmp_path, [monitor], max_steps=4).fit(BoringModel(), loader(32, 8))
     assert monitor.failures == 0 and monitor.runs >= 2
     last = monitor.history[-1]
@@ -127,8 +129,8 @@ def test_a_negative_loss_gives_minima_basins_and_a_tree(tmp_path):
     energy = EnergyLandscape(
         sampling={"replicas": 4, "steps": 20, "record_every": 2, "lr": 0.05},
         basins={"merge_barrier": 1e-6},  # each minimum its own basin: the tree has something to merge
-        probe_size=32,
         progress=False,
+        probe={"size": 32},
     )
     trainer_for(tmp_path, [energy], max_steps=3).fit(NegativeLoss(), loader(64, 16))
     assert energy.failures == 0 and energy.runs == 1
@@ -185,14 +187,14 @@ def test_an_iterable_dataset_needs_probe_batches_and_works_with_them(tmp_path):
             tiny_module_class()(), DataLoader(Stream(), batch_size=16)
         )
     probe = [blobs(32)[i * 16 : (i + 1) * 16] for i in range(2)]
-    monitor = FlatnessMonitor(every_n_steps=2, probe_batches=probe, progress=False)
+    monitor = FlatnessMonitor(every_n_steps=2, progress=False, probe={"batches": probe})
     energy = EnergyLandscape(
         every_n_steps=2,
-        probe_batches=probe,
         progress=False,
         sampling={"replicas": 2, "steps": 5},
         quench={"max_iter": 5},
         paths={"steps": 5},
+        probe={"batches": probe},
     )
     trainer_for(tmp_path, [monitor, energy]).fit(tiny_module_class()(), DataLoader(Stream(), batch_size=16))
     assert monitor.runs == energy.runs == 2 and monitor.failures == energy.failures == 0
@@ -256,11 +258,11 @@ def test_a_resumed_sampler_and_monitor_keep_the_initial_point_and_figure_history
         return init
 
     settings = {"every_n_epochs": 1, "probe_size": 32, "progress": False}
-    sampler = LandscapeSampler(resolution=3, line_points=3, snapshot_every_n_steps=2, **settings)
-    monitor = FlatnessMonitor(measures=["lambda_max", "top_eigenvalues"], top_k=2, **settings)
+    sampler = LandscapeSampler(snapshot_every_n_steps=2, **settings, slices={"resolution": 3, "line_points": 3})
+    monitor = FlatnessMonitor(measures=["lambda_max", "top_eigenvalues"], **settings, spectrum={"top_k": 2})
     init = fit(1, [sampler, monitor])
-    resumed_sampler = LandscapeSampler(resolution=3, line_points=3, snapshot_every_n_steps=2, **settings)
-    resumed_monitor = FlatnessMonitor(measures=["lambda_max", "top_eigenvalues"], top_k=2, **settings)
+    resumed_sampler = LandscapeSampler(snapshot_every_n_steps=2, **settings, slices={"resolution": 3, "line_points": 3})
+    resumed_monitor = FlatnessMonitor(measures=["lambda_max", "top_eigenvalues"], **settings, spectrum={"top_k": 2})
     fit(2, [resumed_sampler, resumed_monitor], ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert resumed_sampler.snapshots[0][0] == 0 and torch.equal(resumed_sampler.snapshots[0][1], init)
     assert [s for s, _ in resumed_monitor._eigenvalues] == [6, 12]  # the figure spans both runs
@@ -281,14 +283,14 @@ def test_a_callback_without_any_trigger_says_so():
 
 
 def test_a_probe_set_larger_than_the_data_is_recorded_with_its_real_size(tmp_path):
-    monitor = FlatnessMonitor(every_n_steps=3, probe_size=1000, progress=False)
+    monitor = FlatnessMonitor(every_n_steps=3, progress=False, probe={"size": 1000})
     with pytest.warns(UserWarning, match="96 samples, fewer than the 1000"):
         trainer_for(tmp_path, [monitor]).fit(tiny_module_class()(), loader())
     assert monitor.probe_metadata["probe_size"] == 96
 
 
 def test_no_edge_of_stability_ratio_for_adaptive_optimizers_with_one_note(tmp_path):
-    monitor = FlatnessMonitor(every_n_steps=2, probe_size=32, progress=False)
+    monitor = FlatnessMonitor(every_n_steps=2, progress=False, probe={"size": 32})
     with pytest.warns(UserWarning, match="no `eos_ratio` for Adam") as caught:
         trainer_for(tmp_path, [monitor]).fit(tiny_module_class()("adam"), loader())
     assert len([w for w in caught if "eos_ratio" in str(w.message)]) == 1
@@ -298,7 +300,7 @@ def test_no_edge_of_stability_ratio_for_adaptive_optimizers_with_one_note(tmp_pa
 def test_other_callbacks_can_stop_or_checkpoint_on_any_of_our_measures(tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping
 
-    monitor = FlatnessMonitor(every_n_epochs=1, at_fit_end=False, probe_size=32, progress=False)
+    monitor = FlatnessMonitor(every_n_epochs=1, at_fit_end=False, progress=False, probe={"size": 32})
     early = EarlyStopping(monitor="landscape-flatness/trace", mode="max", stopping_threshold=0.0)
     trainer = trainer_for(tmp_path, [monitor, early], max_epochs=5)
     trainer.fit(tiny_module_class()(), loader())
@@ -310,10 +312,10 @@ def test_a_checkpoint_can_keep_the_lowest_barrier_to_the_previous_minimum(tmp_pa
     energy = EnergyLandscape(
         every_n_epochs=1,
         at_fit_end=False,
-        probe_size=32,
         progress=False,
         sampling={"replicas": 2, "steps": 5},
         paths={"steps": 30},
+        probe={"size": 32},
     )
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="landscape-energy/barrier_previous", mode="min")
     trainer = trainer_for(tmp_path, [energy, checkpoint], max_epochs=3, enable_checkpointing=True)

@@ -3,8 +3,8 @@
 from lightning_landscape.callbacks.base import LandscapeCallback
 from lightning_landscape.callbacks.energy import EnergyLandscape
 from lightning_landscape.callbacks.flatness import MEASURES as FLATNESS_MEASURES
-from lightning_landscape.callbacks.flatness import FlatnessMonitor
-from lightning_landscape.callbacks.landscape import LandscapeSampler
+from lightning_landscape.callbacks.flatness import FlatnessMonitor, SharpnessConfig, SpectrumConfig
+from lightning_landscape.callbacks.landscape import LandscapeSampler, SliceConfig
 from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
 __all__ = [
@@ -13,5 +13,8 @@ __all__ = [
     "FlatnessMonitor",
     "LandscapeCallback",
     "LandscapeSampler",
+    "SharpnessConfig",
+    "SliceConfig",
+    "SpectrumConfig",
     "TrajectoryRecorder",
 ]

@@ -45,8 +45,9 @@ from lightning_landscape._compat import CALLBACK_BASES
 from lightning_landscape.budget import Budget
 from lightning_landscape.checks import check_int
 from lightning_landscape.guard import preserve_state
-from lightning_landscape.objective import BNMode, LossFn, Objective, _batch_size
+from lightning_landscape.objective import BNMode, Objective, _batch_size
 from lightning_landscape.params import ParameterLayout
+from lightning_landscape.probe import ProbeSpec, probe_chunks
 from lightning_landscape.report import Reporter
 from lightning_landscape.report.dashboard import Logged
 from lightning_landscape.report.reporter import check_prefix
@@ -86,14 +87,6 @@ def global_batch_size(trainer: pl.Trainer) -> int | None:
     return size * trainer.world_size * trainer.accumulate_grad_batches if size else None
 
 
-def probe_chunks(n_samples: int, size: int, batch_size: int, seed: int) -> list[list[int]]:
-    """Indices of the probe set: the first ``size`` of a permutation of ``range(n_samples)`` drawn with ``seed``,
-    in batches of ``batch_size``. The same arguments give the same set in any process (offline analysis too)."""
-    size = min(size, n_samples)
-    indices = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))[:size].tolist()
-    return [indices[i : i + batch_size] for i in range(0, size, batch_size)]
-
-
 class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """Base class: triggers, probe set, state guard, failure handling and reporting.
 
@@ -101,16 +94,11 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         every_n_steps: run after every ``n``-th optimizer step (``None``: never by step).
         every_n_epochs: run at the end of every ``n``-th training epoch (``None``: never by epoch).
         at_fit_end: run once more when training ends.
-        probe_size: number of training samples in the fixed probe set.
-        probe_batch_size: batch size of the probe set (default: the train dataloader's).
-        probe_seed: seed of the probe set draw (recorded with every result).
-        bn_mode: ``"eval"`` or ``"train"``, see :class:`~lightning_landscape.Objective`.
-        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step`` loss. Required for
-            modules with manual optimization (GANs, RL), whose ``training_step`` steps optimizers itself.
-        probe_batches: the probe set as a list of batches, as the train loader yields them (each rank uses its
-            block of them under DDP). Default: drawn from the training set. Required for iterable datasets.
+        probe: the probe set and the energy on it (:class:`~lightning_landscape.probe.ProbeSpec`, or a dict of its
+            fields): size, batch size, seed, BatchNorm mode, dtype, ``loss_fn``, ``outputs_fn``, explicit batches.
+            Default: 256 samples drawn with seed 0, in the train loader's batches, float32, the analysis' BatchNorm
+            mode, the module's ``training_step`` loss. Recorded with every result.
         progress: show a progress bar for long analyses (rank 0).
-        dtype: ``torch.float32`` or ``torch.float64`` for the analyses (autocast is always off).
         key_prefix: the logged keys are ``<key_prefix>-<analysis>/<name>``, one W&B section per analysis; ``""``
             gives ``<analysis>/<name>``.
         budget: what each trigger may spend (:class:`~lightning_landscape.budget.Budget`): a share of the training
@@ -121,7 +109,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             ``<run dir>/<name>/skipped.jsonl``.
 
     Raises:
-        ValueError: for an invalid trigger, probe size or ``bn_mode`` (in the constructor), and for a
+        ValueError: for an invalid trigger, budget or probe specification (in the constructor), and for a
             model without trainable parameters, or with manual optimization and no ``loss_fn`` (in ``setup``).
         RuntimeError: at the start of training, when the loss cannot be evaluated on the probe set (with a
             hint naming the argument that fixes it), before any training step is taken.
@@ -142,6 +130,10 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     #: split the probe set over DDP ranks (True: curvature, products summed over ranks) or give every rank the
     #: whole probe set (False: work items such as grid points are split instead)
     shard_probe = True
+    #: the BatchNorm mode of the energy when the probe specification names none
+    default_bn_mode: BNMode = "eval"
+    #: the whole probe set in one batch when the probe specification names no batch size (fewer, larger passes)
+    one_probe_batch = False
     #: the share of training time a trigger may take by default (``budget="default"``)
     default_share = 0.05
     #: whether the analysis counts batch passes (``Budget.passes``)
@@ -157,14 +149,8 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         at_fit_end: bool = True,
-        probe_size: int = 256,
-        probe_batch_size: int | None = None,
-        probe_seed: int = 0,
-        bn_mode: BNMode = "eval",
-        loss_fn: LossFn | None = None,
+        probe: ProbeSpec | dict | None = None,
         progress: bool = True,
-        dtype: torch.dtype = torch.float32,
-        probe_batches: list[Any] | None = None,
         key_prefix: str = "landscape",
         budget: Budget | float | dict | str | None = "default",
     ) -> None:
@@ -179,9 +165,6 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.key_prefix = key_prefix
         check_int("every_n_steps", every_n_steps, optional=True, example=100)
         check_int("every_n_epochs", every_n_epochs, optional=True, example=1)
-        check_int("probe_batch_size", probe_batch_size, optional=True, example=64)
-        check_int("probe_size", probe_size, example=256)
-        check_int("probe_seed", probe_seed, minimum=0, example=0)
         if every_n_steps is None and every_n_epochs is None and not at_fit_end:
             warnings.warn(
                 f"{type(self).__name__} has no trigger (`every_n_steps`, `every_n_epochs` and `at_fit_end` are all"
@@ -189,38 +172,19 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 UserWarning,
                 stacklevel=3,
             )
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(f"`loss_fn` must be callable as `loss_fn(module, batch)`, got {loss_fn!r}.")
-        if probe_batches is not None and (not isinstance(probe_batches, (list, tuple)) or not probe_batches):
-            raise ValueError(
-                f"`probe_batches` must be a non-empty list of batches, got {type(probe_batches).__name__}."
-                " HINT: e.g. `probe_batches=[next(iter(loader))]`."
-            )
-        if bn_mode not in ("eval", "train"):
-            raise ValueError(
-                f"`bn_mode` must be 'eval' or 'train', got {bn_mode!r}."
-                " HINT: 'eval' uses BatchNorm running statistics, 'train' batch statistics."
-            )
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.at_fit_end = at_fit_end
-        self.probe_size = probe_size
-        self.probe_batch_size = probe_batch_size
-        self.probe_seed = probe_seed
-        self.bn_mode: BNMode = bn_mode
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}.")
-        self.loss_fn = loss_fn
-        self.given_probe_batches = list(probe_batches) if probe_batches is not None else None
+        #: the probe set and the energy on it, with this analysis' defaults filled in
+        self.probe: ProbeSpec = ProbeSpec.of(probe).resolved(self.default_bn_mode, self.one_probe_batch)
         self.progress = progress
-        self.dtype = dtype
         self.failures = 0
         self.runs = 0
         self.skipped = 0
         self._spent = 0.0  # seconds of this fit's triggers
         self._deadline: float | None = None  # the running trigger's end (time.perf_counter())
         self._last_step: int | None = None
-        self._probe: list[Any] | None = None
+        self._probe_batches: list[Any] | None = None
         self._objective: Objective | None = None
         self.reporter = Reporter(".", is_global_zero=False)
 
@@ -264,33 +228,35 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     # ----------------------------------------------------------------- data
     @property
     def probe_metadata(self) -> dict[str, Any]:
-        """How the probe set was drawn; ``probe_size`` is the number of samples actually in it (summed over ranks
-        when it is sharded: the objective's own ``n_samples`` is this rank's share)."""
-        size = self._probe_total if getattr(self, "_probe_total", None) else self.probe_size
-        return {"probe_size": size, "probe_seed": self.probe_seed, "bn_mode": self.bn_mode}
+        """The probe specification as recorded with every result (:attr:`ProbeSpec.metadata`); ``probe_size`` is the
+        number of samples actually in the set (summed over ranks when it is sharded: the objective's own
+        ``n_samples`` is this rank's share)."""
+        size = self._probe_total if getattr(self, "_probe_total", None) else self.probe.size
+        return {**self.probe.metadata, "probe_size": size}
 
     def probe_set(self, trainer: pl.Trainer) -> list[Any]:
         """This rank's share of the fixed probe set, on the module's device (drawn once, then cached).
 
-        The probe set is the first ``probe_size`` samples of a permutation of the training set drawn with
-        ``probe_seed``, cut into batches (or the ``probe_batches`` given to the constructor); under DDP each rank
+        The probe set is the first ``probe.size`` samples of a permutation of the training set drawn with
+        ``probe.seed``, cut into batches (or the ``probe.batches`` given to the constructor); under DDP each rank
         holds a contiguous block of those batches, so the union over ranks is the same set for any number of ranks.
         """
-        if self._probe is None and self.given_probe_batches is not None:
+        given = self.probe.batches
+        if self._probe_batches is None and given is not None:
             rank, world_size = distributed.world(trainer.strategy) if self.shard_probe else (0, 1)
-            if len(self.given_probe_batches) < world_size:
+            if len(given) < world_size:
                 raise ValueError(
-                    f"`probe_batches` holds {len(self.given_probe_batches)} batches but there are {world_size} ranks."
+                    f"`probe.batches` holds {len(given)} batches but there are {world_size} ranks."
                     " HINT: give at least one batch per rank."
                 )
-            mine = distributed.shard(len(self.given_probe_batches), rank, world_size)
-            self._probe_total = sum(_batch_size(b) for b in self.given_probe_batches)
-            self._probe = [trainer.strategy.batch_to_device(self.given_probe_batches[j]) for j in mine]
-        if self._probe is None:
-            self._probe = self.draw_batches(
-                trainer, self.probe_size, self.probe_batch_size, self.probe_seed, sharded=self.shard_probe
+            mine = distributed.shard(len(given), rank, world_size)
+            self._probe_total = sum(_batch_size(b) for b in given)
+            self._probe_batches = [trainer.strategy.batch_to_device(given[j]) for j in mine]
+        if self._probe_batches is None:
+            self._probe_batches = self.draw_batches(
+                trainer, self.probe.size, self.probe.batch_size, self.probe.seed, sharded=self.shard_probe
             )
-        return self._probe
+        return self._probe_batches
 
     def draw_batches(
         self, trainer: pl.Trainer, size: int, batch_size: int | None, seed: int, sharded: bool
@@ -312,7 +278,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             raise TypeError(
                 f"{type(self).__name__} draws its probe set by index and needs a map-style training dataset,"
                 f" got {type(dataset).__name__}. HINT: pass the probe set explicitly,"
-                f" e.g. `{type(self).__name__}(probe_batches=[batch_1, batch_2, ...])`."
+                f" e.g. `{type(self).__name__}(probe={{'batches': [batch_1, batch_2, ...]}})`."
             )
         batch_size = batch_size or loader.batch_size or size
         if size > len(dataset):
@@ -323,22 +289,22 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 stacklevel=2,
             )
         chunks = probe_chunks(len(dataset), size, batch_size, seed)
-        if size == self.probe_size:
+        if size == self.probe.size:
             self._probe_total = sum(len(c) for c in chunks)
         module = trainer.lightning_module
         batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
-        if self.bn_mode == "train" and batch_norm and min(len(c) for c in chunks) < 2:
+        if self.probe.bn_mode == "train" and batch_norm and min(len(c) for c in chunks) < 2:
             raise ValueError(
                 f"{type(self).__name__}'s probe set ends in a batch of 1 sample ({size} samples in batches of"
-                f" {batch_size}), which BatchNorm cannot normalize with `bn_mode='train'`. HINT: make `probe_size`"
-                " a multiple of `probe_batch_size`, or use `bn_mode='eval'`."
+                f" {batch_size}), which BatchNorm cannot normalize with `probe.bn_mode='train'`. HINT: make"
+                " `probe.size` a multiple of `probe.batch_size`, or use `probe.bn_mode='eval'`."
             )
         rank, world_size = distributed.world(trainer.strategy) if sharded else (0, 1)
         mine = distributed.shard(len(chunks), rank, world_size)
         if len(chunks) < world_size:
             raise ValueError(
                 f"The probe set has {len(chunks)} batches but there are {world_size} ranks."
-                f" HINT: raise `probe_size` ({self.probe_size}) or lower `probe_batch_size` ({batch_size})."
+                f" HINT: raise `probe.size` ({self.probe.size}) or lower `probe.batch_size` ({batch_size})."
             )
         return [trainer.strategy.batch_to_device(loader.collate_fn([dataset[i] for i in chunks[j]])) for j in mine]
 
@@ -358,13 +324,14 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         if not self._stale(pl_module):
             self._objective.gather()  # under FSDP2, this trigger's parameters (every rank together)
         else:
+            spec = self.probe
             self._objective = Objective(
                 pl_module,
                 self.probe_set(trainer),
-                self.loss_fn,
-                bn_mode=self.bn_mode,
-                dtype=self.dtype,
-                outputs_fn=getattr(self, "outputs_fn", None),
+                spec.loss_fn,
+                bn_mode=spec.bn_mode,
+                dtype=spec.dtype,
+                outputs_fn=spec.outputs_fn,
             )
         theta = self._objective.theta0
         if not torch.isfinite(theta).all():
@@ -395,18 +362,18 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f" gradients do not support, and {sparse[:3]} use `sparse=True`. HINT: `sparse=False` on those"
                 " embeddings (the gradients are then dense), or leave this analysis out."
             )
-        if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
+        if self.probe.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
             raise ValueError(
                 f"{type(pl_module).__name__} uses manual optimization: its `training_step` steps the optimizers"
-                f" itself, so {type(self).__name__} cannot use it as the loss. HINT: pass the loss to analyze,"
-                f" e.g. `{type(self).__name__}(loss_fn=lambda module, batch: module.generator_loss(batch))`."
+                f" itself, so {type(self).__name__} cannot use it as the loss. HINT: pass the loss to analyze, e.g."
+                f" `{type(self).__name__}(probe={{'loss_fn': lambda module, batch: module.generator_loss(batch)}})`."
             )
         self.reporter = Reporter.from_trainer(trainer, self.section, self.progress, self.key_prefix)
         self.reset()  # a checkpoint's state, loaded after setup, turns this into a resume
 
     def reset(self) -> None:
         """Forget the previous fit (another model, other data): a reused callback starts anew. Subclasses extend it."""
-        self._objective, self._probe = None, None
+        self._objective, self._probe_batches = None, None
         self.failures, self.runs, self.skipped, self._spent, self._last_step = 0, 0, 0, 0.0, None
 
     @override
@@ -431,13 +398,15 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before the first training step: the probe set can be drawn and the loss evaluated on it, so that a
         configuration that cannot work fails now, not at the first trigger hours later. Subclasses add their own."""
-        source = "`loss_fn`" if self.loss_fn is not None else f"`{type(pl_module).__name__}.training_step`"
+        given = self.probe.loss_fn is not None
+        source = "`probe.loss_fn`" if given else f"`{type(pl_module).__name__}.training_step`"
         hint = (
-            "HINT: check `loss_fn`, which is called as `loss_fn(module, batch)` on batches of the train loader."
-            if self.loss_fn is not None
-            else f"HINT: pass `{type(self).__name__}(loss_fn=lambda module, batch: ...)` returning the scalar loss."
+            "HINT: check `probe.loss_fn`, which is called as `loss_fn(module, batch)` on batches of the train loader."
+            if given
+            else f"HINT: pass `{type(self).__name__}(probe={{'loss_fn': lambda module, batch: ...}})` returning the"
+            " scalar loss."
         )
-        sharding.check_gatherable(pl_module, type(self).__name__, self.dtype)
+        sharding.check_gatherable(pl_module, type(self).__name__, self.probe.dtype)
         try:
             self.objective(trainer, pl_module)
         except Exception as err:

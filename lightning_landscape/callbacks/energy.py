@@ -60,7 +60,7 @@ from typing_extensions import override
 from lightning_landscape import budget as clock
 from lightning_landscape import distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
-from lightning_landscape.checks import check_float, check_int
+from lightning_landscape.checks import as_config, check_float
 from lightning_landscape.dynamics import (
     Excursions,
     MinimaDatabase,
@@ -83,7 +83,6 @@ from lightning_landscape.dynamics.pipeline import (
     QuenchConfig,
     SamplingConfig,
     add_minimum,
-    as_config,
     barrier_rows,
     basins_of,
     chain_columns,
@@ -103,8 +102,9 @@ from lightning_landscape.dynamics.pipeline import (
 )
 from lightning_landscape.geometry.paths import PathResult
 from lightning_landscape.guard import preserve_state
-from lightning_landscape.objective import BNMode, LossFn, Objective
+from lightning_landscape.objective import Objective
 from lightning_landscape.params import ParameterLayout, weight_decay_of
+from lightning_landscape.probe import ProbeSpec
 from lightning_landscape.report.dashboard import Logged
 from lightning_landscape.report.plots import free_energy_figure, path_atlas_figure, paths_figure, timescales_figure
 
@@ -171,14 +171,16 @@ class EnergyLandscape(LandscapeCallback):
             per parameter group (:func:`~lightning_landscape.params.weight_decay_of`), read at every trigger, so the
             replicas see the energy that training descends. A cross-entropy loss on a probe set that the network can
             fit has no minimum at finite weights without it: its quenches run off without converging.
-        probe_size, probe_seed, loss_fn, probe_batches, progress, dtype, key_prefix: as for every callback. With an
-            iterable training dataset, the given ``probe_batches`` are also the replicas' minibatch pool.
-        bn_mode: ``"train"`` (default): BatchNorm normalizes with the statistics of the probe batch, so the energy is a
-            function of the weights alone and a minimum has the same loss at every trigger. ``"eval"`` (running
-            statistics) is refused for modules with BatchNorm, whose running statistics move between triggers.
-        probe_batch_size: as for every callback, but the default is the whole probe set in one batch.
-        outputs_fn: ``outputs_fn(module, batch) -> tensor``, the network's outputs on a probe batch (the function-space
-            fingerprint of minima and the ``"outputs"`` features). Default: ``module(first tensor of the batch)``.
+        probe: the probe set and the energy (:class:`~lightning_landscape.probe.ProbeSpec` or a dict of its fields), as
+            for every callback, with these defaults: the whole probe set in one batch (fewer, larger passes), and
+            ``bn_mode="train"``: BatchNorm normalizes with the statistics of the probe batch, so the energy is a
+            function of the weights alone and a minimum has the same loss at every trigger (``"eval"``, the running
+            statistics, is refused for modules with BatchNorm, whose running statistics move between triggers).
+            ``probe.outputs_fn(module, batch) -> tensor`` gives the network's outputs on a probe batch (the
+            function-space fingerprint of minima and the ``"outputs"`` features); default ``module(first tensor of
+            the batch)``. With an iterable training dataset, the given ``probe.batches`` are also the replicas'
+            minibatch pool.
+        progress, key_prefix: as for every callback.
 
     Raises:
         ValueError: for a bad value in any stage's config (named as ``stage.field``), or a stage given as something
@@ -239,6 +241,8 @@ class EnergyLandscape(LandscapeCallback):
         tables=("minima", "basins", "barriers", "metastable", "pathways", "stages"),
     )
     shard_probe = False  # every rank holds the whole probe set; replicas, quenches and paths are split instead
+    default_bn_mode = "train"  # the energy of the weights alone (see `probe`)
+    one_probe_batch = True
 
     def __init__(
         self,
@@ -252,30 +256,16 @@ class EnergyLandscape(LandscapeCallback):
         msm: MSMConfig | None = None,
         budget: Budget | float | dict | str | None = "default",
         weight_decay: float | None = None,
-        probe_size: int = 256,
-        probe_batch_size: int | None = None,
-        probe_seed: int = 0,
-        bn_mode: BNMode = "train",
-        loss_fn: LossFn | None = None,
-        outputs_fn: LossFn | None = None,
+        probe: ProbeSpec | dict | None = None,
         progress: bool = True,
-        dtype: torch.dtype = torch.float32,
-        probe_batches: list[Any] | None = None,
         key_prefix: str = "landscape",
     ) -> None:
-        check_int("probe_size", probe_size, example=256)  # before it becomes the default probe_batch_size
         super().__init__(
             every_n_steps=every_n_steps,
             every_n_epochs=every_n_epochs,
             at_fit_end=at_fit_end,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size or probe_size,  # one batch: fewer, larger passes
-            probe_seed=probe_seed,
-            bn_mode=bn_mode,
-            loss_fn=loss_fn,
+            probe=probe,
             progress=progress,
-            dtype=dtype,
-            probe_batches=probe_batches,
             key_prefix=key_prefix,
             budget=budget,
         )
@@ -297,9 +287,6 @@ class EnergyLandscape(LandscapeCallback):
             warnings.warn(f"EnergyLandscape: {message} Minima, basins and paths are still computed.", stacklevel=2)
         check_float("weight_decay", weight_decay, strict=False, optional=True, hint="None takes the optimizer's.")
         self.weight_decay = weight_decay
-        if outputs_fn is not None and not callable(outputs_fn):
-            raise ValueError(f"`outputs_fn` must be callable as `outputs_fn(module, batch)`, got {outputs_fn!r}.")
-        self.outputs_fn = outputs_fn
         self.reset()
 
     @override
@@ -336,12 +323,16 @@ class EnergyLandscape(LandscapeCallback):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self.plan_memory(ParameterLayout.from_module(pl_module).numel, pl_module.device)
-        if stage == "fit" and self.bn_mode == "eval" and any(isinstance(m, _BatchNorm) for m in pl_module.modules()):
+        if (
+            stage == "fit"
+            and self.probe.bn_mode == "eval"
+            and any(isinstance(m, _BatchNorm) for m in pl_module.modules())
+        ):
             raise ValueError(
-                f"`bn_mode='eval'` on {type(pl_module).__name__}, which has BatchNorm layers: their running statistics"
-                " move between triggers, so a stored minimum would have another loss at the next trigger and barriers"
-                " between triggers would be artifacts. HINT: use `bn_mode='train'` (the default), where the energy is"
-                " a function of the weights alone."
+                f"`probe.bn_mode='eval'` on {type(pl_module).__name__}, which has BatchNorm layers: their running"
+                " statistics move between triggers, so a stored minimum would have another loss at the next trigger"
+                " and barriers between triggers would be artifacts. HINT: use `probe.bn_mode='train'` (the default),"
+                " where the energy is a function of the weights alone."
             )
 
     def plan_memory(self, n_params: int, device: torch.device) -> None:
@@ -356,7 +347,7 @@ class EnergyLandscape(LandscapeCallback):
         check_vectors(
             4 + 3 * self.paths.images,
             n_params,
-            self.dtype,
+            self.probe.dtype,
             device,
             f"{name} (a path of {self.paths.images} images)",
             "fewer `paths.images`, or `paths.max_paths=0` to join minima by straight lines.",
@@ -448,7 +439,9 @@ class EnergyLandscape(LandscapeCallback):
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().check(trainer, pl_module)
         objective = self.objective(trainer, pl_module)
-        source = "`outputs_fn`" if self.outputs_fn is not None else f"`{type(pl_module).__name__}(batch[0])`"
+        source = (
+            "`probe.outputs_fn`" if self.probe.outputs_fn is not None else f"`{type(pl_module).__name__}(batch[0])`"
+        )
         try:
             outputs = objective.outputs()
             if not torch.is_tensor(outputs) or not outputs.is_floating_point():
@@ -457,8 +450,9 @@ class EnergyLandscape(LandscapeCallback):
             raise RuntimeError(
                 f"EnergyLandscape cannot compute the network's outputs on a probe batch ({source}), which fingerprint"
                 f" minima in function space: {type(err).__name__}: {err}. HINT: pass"
-                " `EnergyLandscape(outputs_fn=lambda module, batch: ...)` returning the outputs as a floating tensor,"
-                " e.g. `module(batch['input_ids'])` for dict batches or `module.encoder(batch[0])` for an autoencoder."
+                " `EnergyLandscape(probe={'outputs_fn': lambda module, batch: ...})` returning the outputs as a"
+                " floating tensor, e.g. `module(batch['input_ids'])` for dict batches or `module.encoder(batch[0])`"
+                " for an autoencoder."
             ) from err
 
     # ------------------------------------------------------------------ budget
@@ -504,13 +498,14 @@ class EnergyLandscape(LandscapeCallback):
 
     def _pool_objective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Objective:
         batch_size = global_batch_size(trainer) or 32
-        if self._pool is None and self.given_probe_batches is not None and not _map_style(trainer):
+        if self._pool is None and self.probe.batches is not None and not _map_style(trainer):
             self._pool = self.probe_set(trainer)  # nothing to draw from: the given batches are the pool
         if self._pool is None:
             self._pool = self.draw_batches(
                 trainer, batch_size * self.sampling.pool_batches, batch_size, self.sampling.seed + 1, sharded=False
             )
-        return Objective(pl_module, self._pool, self.loss_fn, bn_mode=self.bn_mode, dtype=self.dtype)
+        spec = self.probe
+        return Objective(pl_module, self._pool, spec.loss_fn, bn_mode=spec.bn_mode, dtype=spec.dtype)
 
     def _rounds(self, trainer: pl.Trainer, n: int, stage: str, work: Any, go_on: Any) -> list[Any]:
         """``work(i)`` for ``i < n``, one item per rank per round, while ``go_on(first item of the round)`` (the same
@@ -783,7 +778,7 @@ class EnergyLandscape(LandscapeCallback):
             f" by a median {drop:.3g}. The replicas end far above the minima of the probe loss, so minima, barriers"
             f" and basins are upper bounds.{why}"
             " HINT: train with weight decay (or set `weight_decay=`), raise `quench.max_iter`, or take a larger"
-            " `probe_size` (harder to fit).",
+            " `probe.size` (harder to fit).",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -794,7 +789,7 @@ class EnergyLandscape(LandscapeCallback):
         """Rank 0: the quenched points into the minima database, the straight-line joins, and the paths to compute:
         ``(database, current minimum, new minima, joining plan)``."""
         new_minima, current = 0, None
-        meta = {**probe.metadata, **self.probe_metadata, "probe_batch_size": self.probe_batch_size}
+        meta = {**probe.metadata, **self.probe_metadata}
         names = list(probe.layout.names)
         exists = self.minima_dir is not None and Path(self.minima_dir).exists()
         changed = self.minima_names not in (None, names)
@@ -920,7 +915,7 @@ class EnergyLandscape(LandscapeCallback):
             features.append(outputs[:, self._columns].astype(np.float64))
             store = TrajectoryStore.open(path)
             losses.append(store.stats["loss"])
-            accuracy.append(probe_accuracy(outputs, self._probe))
+            accuracy.append(probe_accuracy(outputs, self._probe_batches))
             rules.setdefault(step_rule(store.meta), trigger)
         if len(rules) > 1 and not self._warned_rules:
             self._warned_rules = True
@@ -942,7 +937,7 @@ class EnergyLandscape(LandscapeCallback):
             accuracy=np.asarray(self._path_accuracy),
             columns=self._columns,
             fragment=np.concatenate([np.full(len(piece), k) for k, piece in enumerate(fragments)]),
-            probe=[self.probe_metadata["probe_size"], self.probe_seed],  # analyze joins runs of one probe set only
+            probe=[self.probe_metadata["probe_size"], self.probe.seed],  # analyze joins runs of one probe set only
         )
         for piece in fragments:
             features.append(np.stack([self._path_features[i] for i in piece]).astype(np.float64))
@@ -1050,7 +1045,7 @@ class EnergyLandscape(LandscapeCallback):
         outputs = list(excursions.outputs) if excursions.outputs is not None else [None] * len(sketches)
         features = sketches if self.msm.features == "sketch" or excursions.outputs is None else outputs
         accuracy = [
-            probe_accuracy(o, self._probe) if o is not None else np.full(len(values), np.nan)
+            probe_accuracy(o, self._probe_batches) if o is not None else np.full(len(values), np.nan)
             for o, values in zip(outputs, losses, strict=True)
         ]
         model = markov_model(

@@ -2,8 +2,8 @@
 
 At each trigger the callback evaluates the selected measures of
 :mod:`lightning_landscape.curvature` on a fixed probe set of training samples (drawn once with
-``probe_seed``), at the current parameters, in float32 (or ``dtype``) with autocast off and BatchNorm in
-``bn_mode``. Under DDP the probe set is split over the ranks: rank 0 runs the estimators and every
+``probe.seed``), at the current parameters, in float32 (or ``probe.dtype``) with autocast off and BatchNorm in
+``probe.bn_mode``. Under DDP the probe set is split over the ranks: rank 0 runs the estimators and every
 Hessian-vector product is summed over the ranks
 (:class:`~lightning_landscape.distributed.ShardedObjective`), so 2 ranks give what 1 process gives on the
 same probe set.
@@ -11,19 +11,21 @@ same probe set.
 Measures (``measures=...``):
 
 ================================ =========================================================================
-``lambda_max``                   largest Hessian eigenvalue (Lanczos/ARPACK to relative ``tol``)
-``top_eigenvalues``              the ``top_k`` largest eigenvalues (and a W&B table of them over training)
+``lambda_max``                   largest Hessian eigenvalue (Lanczos/ARPACK to relative ``spectrum.tol``)
+``top_eigenvalues``              the ``spectrum.top_k`` largest eigenvalues (and a W&B table of them over training)
 ``lambda_min``                   smallest eigenvalue (negative: a saddle direction)
-``trace``                        Hutch++ estimate of ``tr(H)`` with ``trace_samples`` products, and its error
+``trace``                        Hutch++ estimate of ``tr(H)`` with ``spectrum.trace_samples`` products, and its error
 ``density``                      SLQ spectral density (figure over training)
 ``eos_ratio``                    ``lambda_max`` over the stability limit of the optimizer (SGD with its momentum,
                                  dampening and Nesterov setting: ``2 / lr`` for plain SGD), 1 at the edge of
                                  stability; not reported for adaptive optimizers (Adam, ...), whose limit is
-                                 one of the preconditioned Hessian
-``epsilon_sharpness``            Keskar et al., box radius ``epsilon``
-``adaptive_sharpness``           worst-case adaptive sharpness (radius ``rho``)
-``average_adaptive_sharpness``   average-case adaptive sharpness (radius ``rho``)
-``sam_sharpness``                one-step SAM sharpness (radius ``rho``)
+                                 one of the preconditioned Hessian. With several optimizers (GANs, manual
+                                 optimization): ``eos_ratio/optimizer_<i>``, the largest eigenvalue of the
+                                 Hessian block of the parameters optimizer ``i`` steps over its limit
+``epsilon_sharpness``            Keskar et al., box radius ``sharpness.epsilon``
+``adaptive_sharpness``           worst-case adaptive sharpness (radius ``sharpness.rho``)
+``average_adaptive_sharpness``   average-case adaptive sharpness (radius ``sharpness.rho``)
+``sam_sharpness``                one-step SAM sharpness (radius ``sharpness.rho``)
 ``pac_bayes_sigma``              largest Gaussian sigma raising the loss by ``pac_bayes_threshold``
 ``gradient_noise``               ``tr(Sigma)``, ``B_simple`` and the SGD temperature ``lr tr(Sigma)/(2Bd)``
 ================================ =========================================================================
@@ -45,6 +47,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,10 +57,10 @@ from typing_extensions import override
 from lightning_landscape import budget as clock
 from lightning_landscape import curvature, distributed
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
-from lightning_landscape.checks import check_float, check_int
+from lightning_landscape.checks import as_config, check_float, check_int
 from lightning_landscape.curvature.operator import parameter_indices
-from lightning_landscape.objective import BNMode, LossFn
 from lightning_landscape.params import ParameterLayout
+from lightning_landscape.probe import ProbeSpec
 from lightning_landscape.report.dashboard import Logged
 from lightning_landscape.report.plots import eigenvalue_figure, spectral_density_figure
 
@@ -80,6 +83,57 @@ MEASURES = (
 )
 
 
+@dataclass
+class SpectrumConfig:
+    """How the Hessian's spectrum is estimated.
+
+    Args:
+        top_k: eigenvalues for ``top_eigenvalues``.
+        tol: relative accuracy of the eigenvalues.
+        method: ``"lanczos"`` (torch-native, measured fastest here), ``"arpack"`` or ``"power"``.
+        trace_samples: Hessian-vector products for the Hutch++ trace (at least 3).
+        density_vectors: SLQ start vectors of the spectral density; density_steps: Lanczos steps each.
+    """
+
+    top_k: int = 5
+    tol: float = 1e-3
+    method: str = "lanczos"
+    trace_samples: int = 15
+    density_vectors: int = 3
+    density_steps: int = 40
+
+    def __post_init__(self) -> None:
+        check_int("spectrum.top_k", self.top_k, example=5)
+        check_int("spectrum.trace_samples", self.trace_samples, minimum=3, example=15)
+        check_int("spectrum.density_vectors", self.density_vectors, example=3)
+        check_int("spectrum.density_steps", self.density_steps, minimum=2, example=40)
+        check_float("spectrum.tol", self.tol, hint="e.g. `tol=1e-3` (relative).")
+        if self.method not in ("lanczos", "arpack", "power"):
+            raise ValueError(
+                f"`spectrum.method` must be 'lanczos', 'arpack' or 'power', got {self.method!r}. HINT: 'lanczos'."
+            )
+
+
+@dataclass
+class SharpnessConfig:
+    """The radii of the sharpness measures.
+
+    Args:
+        epsilon: box radius of epsilon-sharpness (Keskar et al.).
+        rho: radius of SAM and adaptive sharpness.
+        pac_bayes_threshold: loss increase that defines the PAC-Bayes sigma.
+    """
+
+    epsilon: float = 1e-3
+    rho: float = 0.05
+    pac_bayes_threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_float("sharpness.epsilon", self.epsilon, hint="e.g. `epsilon=1e-3`.")
+        check_float("sharpness.rho", self.rho, hint="e.g. `rho=0.05`.")
+        check_float("sharpness.pac_bayes_threshold", self.pac_bayes_threshold, hint="e.g. `pac_bayes_threshold=0.1`.")
+
+
 class FlatnessMonitor(LandscapeCallback):
     """Hessian eigenvalues, trace, spectral density and sharpness measures of the training loss.
 
@@ -89,17 +143,14 @@ class FlatnessMonitor(LandscapeCallback):
             on the MNIST MLP, see ``scripts/bench_curvature.py``).
         every_n_epochs: run at the end of every ``n``-th epoch.
         at_fit_end: run when training ends.
-        top_k: eigenvalues for ``top_eigenvalues``.
-        tol: relative accuracy of the eigenvalues.
-        eigen_method: ``"lanczos"`` (torch-native, measured fastest here), ``"arpack"`` or ``"power"``.
-        trace_samples: Hessian-vector products for the trace.
-        density_vectors: SLQ start vectors; density_steps: Lanczos steps each.
-        epsilon: box radius of epsilon-sharpness; rho: radius of SAM/adaptive sharpness.
-        pac_bayes_threshold: loss increase that defines the PAC-Bayes sigma.
+        spectrum: how eigenvalues, trace and density are estimated (:class:`SpectrumConfig` or a dict of its fields:
+            ``top_k``, ``tol``, ``method``, ``trace_samples``, ``density_vectors``, ``density_steps``).
+        sharpness: the radii of the sharpness measures (:class:`SharpnessConfig`: ``epsilon``, ``rho``,
+            ``pac_bayes_threshold``).
         layers: per-layer ``lambda_max``/``trace``: ``{label: [name patterns]}`` or a list of patterns.
-        probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, probe_batches, progress: see
-            :class:`~lightning_landscape.callbacks.LandscapeCallback`.
-        dtype: ``torch.float32`` or ``torch.float64``.
+        probe: the probe set and the energy (:class:`~lightning_landscape.probe.ProbeSpec` or a dict; BatchNorm in
+            ``"eval"`` mode unless it says otherwise), see :class:`~lightning_landscape.callbacks.LandscapeCallback`.
+        progress: see :class:`~lightning_landscape.callbacks.LandscapeCallback`.
         key_prefix: keys are ``<key_prefix>-flatness/<measure>`` (see :class:`LandscapeCallback`).
         budget: the share of training time the triggers may take (default 4%, at least 10 s a trigger; see
             :class:`LandscapeCallback`): Lanczos, the Hutchinson samples and the SLQ vectors stop at the deadline with
@@ -122,6 +173,8 @@ class FlatnessMonitor(LandscapeCallback):
             "lambda_max/*",
             "trace/*",
             "stability_limit",
+            "eos_ratio/*",
+            "stability_limit/*",
             "trace_std_error",
             "trace_ci95_low",
             "trace_ci95_high",
@@ -146,25 +199,12 @@ class FlatnessMonitor(LandscapeCallback):
         every_n_steps: int | None = 1000,
         every_n_epochs: int | None = None,
         at_fit_end: bool = True,
-        top_k: int = 5,
-        tol: float = 1e-3,
-        eigen_method: str = "lanczos",
-        trace_samples: int = 15,
-        density_vectors: int = 3,
-        density_steps: int = 40,
-        epsilon: float = 1e-3,
-        rho: float = 0.05,
-        pac_bayes_threshold: float = 0.1,
+        spectrum: SpectrumConfig | dict | None = None,
+        sharpness: SharpnessConfig | dict | None = None,
         layers: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
-        probe_size: int = 256,
-        probe_batch_size: int | None = None,
-        probe_seed: int = 0,
-        bn_mode: BNMode = "eval",
-        loss_fn: LossFn | None = None,
-        dtype: torch.dtype = torch.float32,
+        probe: ProbeSpec | dict | None = None,
         seed: int = 0,
         progress: bool = True,
-        probe_batches: list[Any] | None = None,
         key_prefix: str = "landscape",
         budget: Any = "default",
     ) -> None:
@@ -172,17 +212,13 @@ class FlatnessMonitor(LandscapeCallback):
             every_n_steps=every_n_steps,
             every_n_epochs=every_n_epochs,
             at_fit_end=at_fit_end,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size,
-            probe_seed=probe_seed,
-            bn_mode=bn_mode,
-            loss_fn=loss_fn,
+            probe=probe,
             progress=progress,
-            dtype=dtype,
-            probe_batches=probe_batches,
             key_prefix=key_prefix,
             budget=budget,
         )
+        self.spectrum: SpectrumConfig = as_config(SpectrumConfig, spectrum, "spectrum")
+        self.sharpness: SharpnessConfig = as_config(SharpnessConfig, sharpness, "sharpness")
         if isinstance(measures, str):
             raise ValueError(f"`measures` must be a list of names, got the string {measures!r}. HINT: [{measures!r}].")
         repeated = sorted({m for m in measures if list(measures).count(m) > 1})
@@ -193,15 +229,7 @@ class FlatnessMonitor(LandscapeCallback):
             raise ValueError(
                 f"`measures` has unknown names {unknown} (or is empty). HINT: choose from {list(MEASURES)}."
             )
-        check_int("top_k", top_k, example=5)
-        check_int("trace_samples", trace_samples, example=15)
-        check_int("density_vectors", density_vectors, example=3)
-        check_int("density_steps", density_steps, minimum=2, example=40)
         check_int("seed", seed, minimum=0, example=0)
-        check_float("tol", tol, hint="e.g. `tol=1e-3` (relative).")
-        check_float("epsilon", epsilon, hint="e.g. `epsilon=1e-3`.")
-        check_float("rho", rho, hint="e.g. `rho=0.05`.")
-        check_float("pac_bayes_threshold", pac_bayes_threshold, hint="e.g. `pac_bayes_threshold=0.1`.")
         if isinstance(layers, str):
             raise ValueError(f"`layers` must be a list of name patterns or a dict, got {layers!r}. HINT: [{layers!r}].")
         if isinstance(layers, Mapping):  # {"label": "pattern"} means one pattern, not the letters of a string
@@ -217,15 +245,7 @@ class FlatnessMonitor(LandscapeCallback):
                         f"`layers[{label!r}]` must be a name pattern or a list of them, got {patterns!r}."
                         " HINT: e.g. `layers={'first': ['net.0.*']}`."
                     )
-        if trace_samples < 3 and "trace" in measures:
-            raise ValueError(f"`trace_samples` must be at least 3 for Hutch++, got {trace_samples}.")
         self.measures = tuple(measures)
-        if eigen_method not in ("lanczos", "arpack", "power"):
-            raise ValueError(f"`eigen_method` must be 'lanczos', 'arpack' or 'power', got {eigen_method!r}.")
-        self.top_k, self.tol, self.trace_samples = top_k, tol, trace_samples
-        self.eigen_method = eigen_method
-        self.density_vectors, self.density_steps = density_vectors, density_steps
-        self.epsilon, self.rho, self.pac_bayes_threshold = epsilon, rho, pac_bayes_threshold
         self.layers = dict(layers) if isinstance(layers, Mapping) else {p: [p] for p in (layers or [])}
         self.seed = seed
         self.history: list[dict[str, Any]] = []
@@ -249,14 +269,20 @@ class FlatnessMonitor(LandscapeCallback):
         (:mod:`~lightning_landscape.curvature.memory`): Lanczos needs ``max(2k + 8, 12)`` vectors of ``P`` entries for
         ``k`` eigenvalues, SLQ ``density_steps``, ARPACK ``max(2k + 1, 20)`` float64 ones, power iteration ``k``."""
         want = set(self.measures)
-        k = self.top_k if "top_eigenvalues" in want else 1
+        k = self.spectrum.top_k if "top_eigenvalues" in want else 1
         needs = []
         if want & {"lambda_max", "top_eigenvalues", "eos_ratio", "lambda_min"} or self.layers:
-            sizes = {"lanczos": (max(2 * k + 8, 12), self.dtype), "arpack": (max(2 * k + 1, 20), torch.float64)}
-            vectors, dtype = sizes.get(self.eigen_method, (k, self.dtype))
-            needs.append((vectors, dtype, f"eigen_method={self.eigen_method!r} with top_k={k}"))
+            sizes = {"lanczos": (max(2 * k + 8, 12), self.probe.dtype), "arpack": (max(2 * k + 1, 20), torch.float64)}
+            vectors, dtype = sizes.get(self.spectrum.method, (k, self.probe.dtype))
+            needs.append((vectors, dtype, f"spectrum.method={self.spectrum.method!r} with top_k={k}"))
         if "density" in want:
-            needs.append((self.density_steps, self.dtype, f"density with density_steps={self.density_steps}"))
+            needs.append(
+                (
+                    self.spectrum.density_steps,
+                    self.probe.dtype,
+                    f"density with spectrum.density_steps={self.spectrum.density_steps}",
+                )
+            )
         for vectors, dtype, what in needs:
             curvature.check_vectors(
                 vectors + 4,  # and the working vectors of a Hessian-vector product
@@ -264,8 +290,8 @@ class FlatnessMonitor(LandscapeCallback):
                 dtype,
                 device,
                 f"FlatnessMonitor ({what}) on {n_params:,} parameters",
-                "eigen_method='power' (top_k vectors), a smaller top_k or density_steps, dtype=torch.float32,"
-                " or a model part via `layers`.",
+                "spectrum.method='power' (top_k vectors), a smaller spectrum.top_k or spectrum.density_steps,"
+                " probe.dtype=float32, or a model part via `layers`.",
             )
 
     # ------------------------------------------------------------------ the measurements
@@ -275,29 +301,39 @@ class FlatnessMonitor(LandscapeCallback):
         eigen = bool(want & {"lambda_max", "top_eigenvalues", "eos_ratio"})
         return int(eigen) + sum(m in want for m in ("lambda_min", "trace", "density"))
 
-    def _optimizer_settings(self, trainer: pl.Trainer) -> tuple[float | None, float | None, int | None]:
-        """``(lr, stability limit, global batch size)``; the limit is None for optimizers other than SGD."""
+    def _optimizer_settings(
+        self, trainer: pl.Trainer, layout: ParameterLayout
+    ) -> tuple[float | None, dict[str, tuple[float, list[str]]], int | None]:
+        """``(lr, limits, global batch size)``: the first optimizer's learning rate, and the stability limit of each
+        SGD optimizer with the trainable parameters it steps, keyed ``""`` when there is one optimizer and
+        ``optimizer_<i>`` when there are several (adaptive optimizers have none)."""
         if not trainer.optimizers:
-            return None, None, None
-        optimizer = trainer.optimizers[0]
-        group = optimizer.param_groups[0]
-        lr = float(group["lr"])
-        limit = None
-        if isinstance(optimizer, torch.optim.SGD):
-            momentum, dampening = float(group.get("momentum") or 0.0), float(group.get("dampening") or 0.0)
-            limit = curvature.stability_limit(lr, momentum, dampening, bool(group.get("nesterov", False)))
-        elif "eos_ratio" in self.measures and not getattr(self, "_noted_adaptive", False):
-            self._noted_adaptive = True
-            warnings.warn(
-                f"lightning-landscape: FlatnessMonitor reports no `eos_ratio` for {type(optimizer).__name__}: the"
-                " stability limit of an adaptive optimizer is one of the preconditioned Hessian (Cohen et al. 2022),"
-                " not of lambda_max. lambda_max is still reported.",
-                UserWarning,
-                stacklevel=2,
-            )
-        return lr, limit, global_batch_size(trainer)
+            return None, {}, None
+        names = {id(p): n for n, p in trainer.lightning_module.named_parameters()}
+        several = len(trainer.optimizers) > 1
+        limits: dict[str, tuple[float, list[str]]] = {}
+        for i, optimizer in enumerate(trainer.optimizers):
+            group = optimizer.param_groups[0]
+            if isinstance(optimizer, torch.optim.SGD):
+                momentum, dampening = float(group.get("momentum") or 0.0), float(group.get("dampening") or 0.0)
+                limit = curvature.stability_limit(float(group["lr"]), momentum, dampening, bool(group.get("nesterov")))
+                stepped = [names[id(p)] for g in optimizer.param_groups for p in g["params"] if id(p) in names]
+                stepped = [n for n in stepped if n in set(layout.names)]
+                if stepped:
+                    limits[f"optimizer_{i}" if several else ""] = (limit, stepped)
+            elif "eos_ratio" in self.measures and not getattr(self, "_noted_adaptive", False):
+                self._noted_adaptive = True
+                warnings.warn(
+                    f"lightning-landscape: FlatnessMonitor reports no `eos_ratio` for {type(optimizer).__name__}: the"
+                    " stability limit of an adaptive optimizer is one of the preconditioned Hessian (Cohen et al."
+                    " 2022), not of lambda_max. lambda_max is still reported.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        return lr, limits, global_batch_size(trainer)
 
-    def _estimate(self, obj: Any, limit: float | None) -> dict[str, Any]:
+    def _estimate(self, obj: Any, limits: dict[str, tuple[float, list[str]]]) -> dict[str, Any]:
         """All Hessian-based measures within the trigger's budget; runs on rank 0 with a sharded objective.
 
         Anytime: the iterative estimators stop at the budget's deadline with what they have (Lanczos' Ritz values,
@@ -305,9 +341,9 @@ class FlatnessMonitor(LandscapeCallback):
         vectors), and the measures not started by then are cut (``measures_cut``, and the ``cut`` event naming
         them)."""
         with clock.deadline(self.time_left(), getattr(self, "_trainer_ref", None)):
-            return self._measures(obj, limit)
+            return self._measures(obj, limits)
 
-    def _measures(self, obj: Any, limit: float | None) -> dict[str, Any]:
+    def _measures(self, obj: Any, limits: dict[str, tuple[float, list[str]]]) -> dict[str, Any]:
         want = set(self.measures)
         out: dict[str, Any] = {"scalars": {}, "n_hvp": 0, "cut": []}
         s = out["scalars"]
@@ -320,9 +356,9 @@ class FlatnessMonitor(LandscapeCallback):
             return bool(asked)
 
         if due("lambda_max", "top_eigenvalues", "eos_ratio"):
-            k = self.top_k if "top_eigenvalues" in want else 1
+            k = self.spectrum.top_k if "top_eigenvalues" in want else 1
             res = curvature.hessian_eigenvalues(
-                obj, k=min(k, obj.numel - 1), tol=self.tol, method=self.eigen_method, seed=self.seed
+                obj, k=min(k, obj.numel - 1), tol=self.spectrum.tol, method=self.spectrum.method, seed=self.seed
             )
             out["top_eigenvalues"] = res.eigenvalues.tolist()
             out["n_hvp"] += res.n_hvp
@@ -330,20 +366,34 @@ class FlatnessMonitor(LandscapeCallback):
             s["lambda_max"] = out["top_eigenvalues"][0]
             if "top_eigenvalues" in want:
                 s.update({f"lambda_{i + 1}": v for i, v in enumerate(out["top_eigenvalues"])})
-            if "eos_ratio" in want and limit is not None:
-                s["eos_ratio"] = s["lambda_max"] / limit
-            if limit is not None:  # the reference line next to lambda_max: 2/lr for plain SGD
-                s["stability_limit"] = limit
+            if "" in limits:  # one optimizer; the reference line next to lambda_max: 2/lr for plain SGD
+                s["stability_limit"] = limits[""][0]
+                if "eos_ratio" in want:
+                    s["eos_ratio"] = s["lambda_max"] / limits[""][0]
             self.advance("eigenvalues")
+        if "eos_ratio" in want:  # several optimizers: each one's lambda_max, of the parameters it steps
+            for label, (limit, names) in (item for item in limits.items() if item[0]):
+                if clock.time_up():
+                    out["cut"].append(f"eos_ratio/{label}")
+                    continue
+                if len(names) == len(obj.layout.names):
+                    lam = s["lambda_max"]
+                else:
+                    res = curvature.hessian_eigenvalues(
+                        obj, k=1, tol=self.spectrum.tol, method=self.spectrum.method, params=names, seed=self.seed
+                    )
+                    lam = float(res.eigenvalues[0])
+                    out["n_hvp"] += res.n_hvp
+                s[f"eos_ratio/{label}"], s[f"stability_limit/{label}"] = lam / limit, limit
         if due("lambda_min"):
             res = curvature.hessian_eigenvalues(
-                obj, k=1, which="smallest", tol=self.tol, method=self.eigen_method, seed=self.seed
+                obj, k=1, which="smallest", tol=self.spectrum.tol, method=self.spectrum.method, seed=self.seed
             )
             s["lambda_min"] = float(res.eigenvalues[0])
             out["n_hvp"] += res.n_hvp
             self.advance("lambda_min")
         if due("trace"):
-            tr = curvature.hessian_trace(obj, self.trace_samples, seed=self.seed)
+            tr = curvature.hessian_trace(obj, self.spectrum.trace_samples, seed=self.seed)
             s["trace"], s["trace_std_error"] = tr.estimate, tr.std_error
             s["trace_ci95_low"], s["trace_ci95_high"] = tr.interval(0.95)
             out["n_hvp"] += tr.n_hvp
@@ -354,30 +404,36 @@ class FlatnessMonitor(LandscapeCallback):
                 continue
             if want & {"lambda_max", "top_eigenvalues", "eos_ratio"}:
                 res = curvature.hessian_eigenvalues(
-                    obj, k=1, tol=self.tol, method=self.eigen_method, params=patterns, seed=self.seed
+                    obj, k=1, tol=self.spectrum.tol, method=self.spectrum.method, params=patterns, seed=self.seed
                 )
                 s[f"lambda_max/{label}"] = float(res.eigenvalues[0])
                 out["n_hvp"] += res.n_hvp
             if "trace" in want:
-                tr = curvature.hessian_trace(obj, self.trace_samples, params=patterns, seed=self.seed)
+                tr = curvature.hessian_trace(obj, self.spectrum.trace_samples, params=patterns, seed=self.seed)
                 s[f"trace/{label}"] = tr.estimate
                 out["n_hvp"] += tr.n_hvp
         if due("density"):
-            d = curvature.spectral_density(obj, self.density_vectors, self.density_steps, seed=self.seed)
+            d = curvature.spectral_density(
+                obj, self.spectrum.density_vectors, self.spectrum.density_steps, seed=self.seed
+            )
             out["density"] = {"nodes": d.nodes, "weights": d.weights, "grid": d.grid, "density": d.density}
             out["n_hvp"] += d.n_hvp
             self.advance("density")
         if due("epsilon_sharpness"):
-            s["epsilon_sharpness"] = curvature.epsilon_sharpness(obj, self.epsilon, seed=self.seed).value
+            s["epsilon_sharpness"] = curvature.epsilon_sharpness(obj, self.sharpness.epsilon, seed=self.seed).value
         if due("adaptive_sharpness"):
-            s["adaptive_sharpness"] = curvature.adaptive_sharpness(obj, self.rho, "worst", seed=self.seed).value
+            s["adaptive_sharpness"] = curvature.adaptive_sharpness(
+                obj, self.sharpness.rho, "worst", seed=self.seed
+            ).value
         if due("average_adaptive_sharpness"):
-            res = curvature.adaptive_sharpness(obj, self.rho, "average", seed=self.seed)
+            res = curvature.adaptive_sharpness(obj, self.sharpness.rho, "average", seed=self.seed)
             s["average_adaptive_sharpness"] = res.value
         if due("sam_sharpness"):
-            s["sam_sharpness"] = curvature.sam_sharpness(obj, self.rho).value
+            s["sam_sharpness"] = curvature.sam_sharpness(obj, self.sharpness.rho).value
         if due("pac_bayes_sigma"):
-            s["pac_bayes_sigma"] = curvature.pac_bayes_sigma(obj, self.pac_bayes_threshold, seed=self.seed).value
+            s["pac_bayes_sigma"] = curvature.pac_bayes_sigma(
+                obj, self.sharpness.pac_bayes_threshold, seed=self.seed
+            ).value
         return out
 
     @override
@@ -385,7 +441,7 @@ class FlatnessMonitor(LandscapeCallback):
         strategy = trainer.strategy
         with self.stage(trainer, "probe objective"):
             obj = self.objective(trainer, pl_module)
-            lr, limit, batch_size = self._optimizer_settings(trainer)
+            lr, limits, batch_size = self._optimizer_settings(trainer, obj.layout)
         scalars: dict[str, float] = {}
         if "gradient_noise" in self.measures:  # per-sample sums on every rank, added up
             with self.stage(trainer, "gradient noise"):
@@ -403,7 +459,7 @@ class FlatnessMonitor(LandscapeCallback):
         if hessian_measures:
             sharded = distributed.ShardedObjective(strategy, obj)
             with self.stage(trainer, "Hessian measures"):  # run() joins every collective before it raises
-                out = sharded.run(lambda o: self._estimate(o, limit))
+                out = sharded.run(lambda o: self._estimate(o, limits))
         scalars.update(out["scalars"])
         scalars["n_hvp"] = out["n_hvp"]
         scalars["measures_cut"] = len(out.get("cut", []))
@@ -411,14 +467,14 @@ class FlatnessMonitor(LandscapeCallback):
             self.reporter.event("cut", {"step": step, "cut": out["cut"], "why": "the trigger's budget ran out"})
         record = {"step": step, "epoch": trainer.current_epoch, **scalars}
         self.history.append(record)
-        self._report(step, scalars, out, obj.metadata, limit)
+        self._report(step, scalars, out, obj.metadata, limits[""][0] if "" in limits else None)
 
     def _report(
         self, step: int, scalars: dict[str, float], out: dict[str, Any], meta: dict, limit: float | None
     ) -> None:
         rep = self.reporter
         rep.scalars({k: v for k, v in scalars.items() if math.isfinite(v)}, step)
-        metadata = {**meta, **self.probe_metadata, "step": step, "tol": self.tol, "seed": self.seed}
+        metadata = {**meta, **self.probe_metadata, "step": step, "tol": self.spectrum.tol, "seed": self.seed}
         arrays: dict[str, Any] = {k: np.asarray(v) for k, v in scalars.items()}
         if "top_eigenvalues" in self.measures and "top_eigenvalues" in out:
             arrays["top_eigenvalues"] = np.asarray(out["top_eigenvalues"])

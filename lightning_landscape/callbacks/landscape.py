@@ -17,7 +17,7 @@ Every grid with its directions' seeds, ranges and BN mode goes to ``<run dir>/la
 
 Example::
 
-    sampler = LandscapeSampler(every_n_epochs=5, resolution=25, span=1.0)
+    sampler = LandscapeSampler(every_n_epochs=5, slices={"resolution": 25, "span": 1.0})
     trainer = L.Trainer(callbacks=[TrajectoryRecorder(), sampler])
     ...
     sampler.run_now(trainer, model)   # on demand
@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,7 +37,7 @@ from typing_extensions import override
 
 from lightning_landscape import distributed, sharding
 from lightning_landscape.callbacks.base import LandscapeCallback
-from lightning_landscape.checks import check_float, check_int
+from lightning_landscape.checks import as_config, check_float, check_int
 from lightning_landscape.geometry import (
     evaluate_slice,
     interpolate,
@@ -44,8 +45,8 @@ from lightning_landscape.geometry import (
     plane_coordinates,
     random_direction,
 )
-from lightning_landscape.objective import BNMode, LossFn
 from lightning_landscape.params import ParameterLayout
+from lightning_landscape.probe import ProbeSpec
 from lightning_landscape.report.dashboard import Logged
 from lightning_landscape.report.plots import contour_figure, profile_figure, surface_figure
 
@@ -53,16 +54,46 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
+@dataclass
+class SliceConfig:
+    """The 1-D profile and the 2-D slice around the current point.
+
+    Args:
+        resolution: points per axis of the 2-D slice (the largest; the budget may choose fewer).
+        span: the slices cover ``[-span, span]`` in units of the (filter-normalized) directions.
+        line_points: points of the 1-D profile (the largest; the budget may choose fewer).
+        normalization: ``"filter"``, ``"layer"``, ``"model"`` or ``None`` (see ``geometry.directions``).
+        direction_seed: seed of ``d1`` (``d2`` uses ``direction_seed + 1``).
+        memory_mb: memory for one chunk of grid points' parameter vectors.
+    """
+
+    resolution: int = 25
+    span: float = 1.0
+    line_points: int = 51
+    normalization: str | None = "filter"
+    direction_seed: int = 0
+    memory_mb: float = 64.0
+
+    def __post_init__(self) -> None:
+        check_int("slices.resolution", self.resolution, minimum=2, example=25)
+        check_int("slices.line_points", self.line_points, minimum=2, example=51)
+        check_int("slices.direction_seed", self.direction_seed, minimum=0, example=0)
+        check_float("slices.span", self.span, hint="e.g. `span=1.0` (in units of the filter norms).")
+        check_float("slices.memory_mb", self.memory_mb, hint="e.g. `memory_mb=64`.")
+        if self.normalization not in ("filter", "layer", "model", None):
+            raise ValueError(
+                f"`slices.normalization` must be 'filter', 'layer', 'model' or None, got {self.normalization!r}."
+                " HINT: 'filter'."
+            )
+
+
 class LandscapeSampler(LandscapeCallback):
     """2-D and 1-D slices, the trajectory's PCA plane and the init-to-current interpolation.
 
     Args:
         every_n_steps, every_n_epochs, at_fit_end: triggers (and :meth:`run_now` on demand).
-        resolution: points per axis of the 2-D slices.
-        span: the slices cover ``[-span, span]`` in units of the (filter-normalized) directions.
-        line_points: points of the 1-D profile.
-        normalization: ``"filter"``, ``"layer"``, ``"model"`` or ``None`` (see ``geometry.directions``).
-        direction_seed: seed of ``d1`` (``d2`` uses ``direction_seed + 1``).
+        slices: the 1-D profile and the 2-D slice (:class:`SliceConfig` or a dict of its fields: ``resolution``,
+            ``span``, ``line_points``, ``normalization``, ``direction_seed``, ``memory_mb``).
         interpolation_steps: points on the init-to-current line.
         recompute_bn: recompute BatchNorm statistics along the interpolation.
         snapshot_every_n_steps: own snapshots for the PCA plane when no TrajectoryRecorder is present (with
@@ -70,7 +101,6 @@ class LandscapeSampler(LandscapeCallback):
         max_snapshots: keep at most this many own snapshots (thinned by 2 when full; each is ``4 P`` bytes
             of CPU memory, and of the checkpoint: they are part of the callback's state, so a resumed run keeps
             its initial point and path).
-        memory_mb: memory for one chunk of parameter vectors.
         budget: the share of training time the triggers may take (default 4%, at least 10 s a trigger; see
             :class:`LandscapeCallback`). Anytime: one loss on the probe set is timed to size the 1-D profile (at most
             10% of the budget), the profile's points to size the 2-D slice (half of what is left), the slice's to
@@ -78,8 +108,8 @@ class LandscapeSampler(LandscapeCallback):
             3 x 3 plane and 3 interpolation points; the PCA plane and the interpolation are cut once the budget is
             spent; the slice's side is logged (``resolution``), and ``cut`` events name the sizes used and what was
             cut.
-        probe_size, probe_batch_size, probe_seed, bn_mode, loss_fn, probe_batches, progress, dtype, key_prefix: as
-            for every callback.
+        probe, progress, key_prefix: as for every callback (:class:`LandscapeCallback`); the energy's BatchNorm
+            mode is ``"eval"`` unless ``probe.bn_mode`` says otherwise.
     """
 
     default_share = 0.04  # of training time (the floor: 10 s a trigger)
@@ -111,24 +141,13 @@ class LandscapeSampler(LandscapeCallback):
         every_n_steps: int | None = None,
         every_n_epochs: int | None = None,
         at_fit_end: bool = True,
-        resolution: int = 25,
-        span: float = 1.0,
-        line_points: int = 51,
-        normalization: str | None = "filter",
-        direction_seed: int = 0,
+        slices: SliceConfig | dict | None = None,
         interpolation_steps: int = 25,
         recompute_bn: bool = False,
         snapshot_every_n_steps: int = 10,
         max_snapshots: int = 50,
-        memory_mb: float = 64.0,
-        probe_size: int = 256,
-        probe_batch_size: int | None = None,
-        probe_seed: int = 0,
-        bn_mode: BNMode = "eval",
-        loss_fn: LossFn | None = None,
+        probe: ProbeSpec | dict | None = None,
         progress: bool = True,
-        dtype: torch.dtype = torch.float32,
-        probe_batches: list[Any] | None = None,
         key_prefix: str = "landscape",
         budget: Any = "default",
     ) -> None:
@@ -136,37 +155,17 @@ class LandscapeSampler(LandscapeCallback):
             every_n_steps=every_n_steps,
             every_n_epochs=every_n_epochs,
             at_fit_end=at_fit_end,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size,
-            probe_seed=probe_seed,
-            bn_mode=bn_mode,
-            loss_fn=loss_fn,
+            probe=probe,
             progress=progress,
-            dtype=dtype,
-            probe_batches=probe_batches,
             key_prefix=key_prefix,
             budget=budget,
         )
-        check_int("resolution", resolution, minimum=2, example=25)
-        check_int("line_points", line_points, minimum=2, example=51)
+        self.slices: SliceConfig = as_config(SliceConfig, slices, "slices")
         check_int("interpolation_steps", interpolation_steps, minimum=2, example=25)
         check_int("snapshot_every_n_steps", snapshot_every_n_steps, example=10)
         check_int("max_snapshots", max_snapshots, minimum=3, example=50)
-        check_int("direction_seed", direction_seed, minimum=0, example=0)
-        check_float("span", span, hint="e.g. `span=1.0` (in units of the filter norms).")
-        check_float("memory_mb", memory_mb, hint="e.g. `memory_mb=64`.")
-        if normalization not in ("filter", "layer", "model", None):
-            raise ValueError(
-                f"`normalization` must be 'filter', 'layer', 'model' or None, got {normalization!r}. HINT: 'filter'."
-            )
-        self.resolution, self.span, self.line_points = resolution, span, line_points
-        self.normalization, self.direction_seed = normalization, direction_seed
         self.interpolation_steps, self.recompute_bn = interpolation_steps, recompute_bn
-        self.snapshot_every_n_steps, self.max_snapshots, self.memory_mb = (
-            snapshot_every_n_steps,
-            max_snapshots,
-            memory_mb,
-        )
+        self.snapshot_every_n_steps, self.max_snapshots = snapshot_every_n_steps, max_snapshots
         self.snapshots: list[tuple[int, torch.Tensor]] = []
         self.history: list[dict[str, Any]] = []
 
@@ -192,7 +191,7 @@ class LandscapeSampler(LandscapeCallback):
         check_vectors(
             6,
             n_params,
-            self.dtype,
+            self.probe.dtype,
             device,
             f"LandscapeSampler on {n_params:,} parameters",
             "slice a part of the model, or run on a device with more memory.",
@@ -266,7 +265,7 @@ class LandscapeSampler(LandscapeCallback):
         rank, world = distributed.world(trainer.strategy)
         mine = distributed.shard(len(coords), rank, world)
         with self.stage(trainer, "grid"):
-            local = evaluate_slice(obj, center, dirs, coords, points=mine, memory_mb=self.memory_mb)
+            local = evaluate_slice(obj, center, dirs, coords, points=mine, memory_mb=self.slices.memory_mb)
         return distributed.gather_rows(trainer.strategy, local).double().cpu().numpy()
 
     def _affordable(self, trainer: pl.Trainer, per_point: float, share: float, full: int, least: int) -> int:
@@ -288,19 +287,22 @@ class LandscapeSampler(LandscapeCallback):
         with self.stage(trainer, "directions"):
             obj = self.objective(trainer, pl_module)
             center = obj.theta0
-            d1 = random_direction(obj.layout, center, self.direction_seed, self.normalization)
-            d2 = random_direction(obj.layout, center, self.direction_seed + 1, self.normalization)
+            d1 = random_direction(obj.layout, center, self.slices.direction_seed, self.slices.normalization)
+            d2 = random_direction(obj.layout, center, self.slices.direction_seed + 1, self.slices.normalization)
         with self.stage(trainer, "center"):
             start = time.perf_counter()
             center_loss = float(obj.loss())
             per_point = (time.perf_counter() - start) / distributed.world(trainer.strategy)[1]
-        sizes = {"line": self._affordable(trainer, per_point, 0.1, self.line_points, min(5, self.line_points))}
-        line = torch.linspace(-self.span, self.span, sizes["line"], dtype=torch.float64)
+        sizes = {
+            "line": self._affordable(trainer, per_point, 0.1, self.slices.line_points, min(5, self.slices.line_points))
+        }
+        line = torch.linspace(-self.slices.span, self.slices.span, sizes["line"], dtype=torch.float64)
         profile, per_point = self._timed_grid(trainer, obj, center, d1[None], line[:, None])
         sizes["resolution"] = resolution = int(
-            self._affordable(trainer, per_point, 0.5, self.resolution**2, min(9, self.resolution**2)) ** 0.5
+            self._affordable(trainer, per_point, 0.5, self.slices.resolution**2, min(9, self.slices.resolution**2))
+            ** 0.5
         )
-        axis = torch.linspace(-self.span, self.span, resolution, dtype=torch.float64)
+        axis = torch.linspace(-self.slices.span, self.slices.span, resolution, dtype=torch.float64)
         self.advance("1-D profile")
         plane, per_point = self._timed_grid(trainer, obj, center, torch.stack([d1, d2]), plane_coordinates(axis, axis))
         self.advance("2-D slice")
@@ -311,7 +313,7 @@ class LandscapeSampler(LandscapeCallback):
             "roughness": float(second / max(abs(center_loss), 1e-12)),
             "resolution": resolution,
         }
-        if resolution < self.resolution or sizes["line"] < self.line_points:
+        if resolution < self.slices.resolution or sizes["line"] < self.slices.line_points:
             self.reporter.event("cut", {"step": step, "sizes": sizes, "why": "the trigger's budget"})
         arrays: dict[str, Any] = {
             "profile_alphas": line.numpy(),
@@ -331,7 +333,10 @@ class LandscapeSampler(LandscapeCallback):
         if trajectory is not None and not has_path:
             self.reporter.event("cut", {"step": step, "cut": ["pca_plane"], "why": "the trigger's budget ran out"})
         if has_path:
-            side = int(self._affordable(trainer, per_point, 0.7, self.resolution**2, min(9, self.resolution**2)) ** 0.5)
+            side = int(
+                self._affordable(trainer, per_point, 0.7, self.slices.resolution**2, min(9, self.slices.resolution**2))
+                ** 0.5
+            )
             pca = self._pca_plane(trainer, obj, center, trajectory, steps, side)
             scalars.update(pca_explained=pca["explained"], pca_max_off_plane=float(pca["off_plane"].max()))
         self.advance("PCA plane")
@@ -347,7 +352,7 @@ class LandscapeSampler(LandscapeCallback):
                 center,
                 self._affordable(trainer, per_point, 1.0, self.interpolation_steps, min(3, self.interpolation_steps)),
                 recompute_bn=self.recompute_bn,
-                memory_mb=self.memory_mb,
+                memory_mb=self.slices.memory_mb,
             )
             scalars["barrier_init"] = interp.barrier
         self.advance("interpolation")
@@ -404,7 +409,9 @@ class LandscapeSampler(LandscapeCallback):
             step,
         )
         rep.figure(
-            "slice", contour_figure(axis, axis, plane, title=f"2-D slice at step {step} ({self.normalization})"), step
+            "slice",
+            contour_figure(axis, axis, plane, title=f"2-D slice at step {step} ({self.slices.normalization})"),
+            step,
         )
         rep.plotly("surface", surface_figure(axis, axis, plane, f"loss surface at step {step}"), step)
         aa, bb = np.meshgrid(axis, axis)
@@ -458,9 +465,9 @@ class LandscapeSampler(LandscapeCallback):
             **meta,
             **self.probe_metadata,
             "step": step,
-            "direction_seeds": [self.direction_seed, self.direction_seed + 1],
-            "normalization": self.normalization,
-            "span": self.span,
+            "direction_seeds": [self.slices.direction_seed, self.slices.direction_seed + 1],
+            "normalization": self.slices.normalization,
+            "span": self.slices.span,
             "resolution": len(arrays["alphas"]),
             "recompute_bn": self.recompute_bn,
         }

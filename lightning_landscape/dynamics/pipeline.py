@@ -302,21 +302,6 @@ class MSMConfig:
             raise ValueError(f"`msm.features` must be 'sketch' or 'outputs', got {self.features!r}. HINT: 'sketch'.")
 
 
-def as_config(cls: type, value: Any, name: str) -> Any:
-    """``value`` as a ``cls``: an instance, a dict of its fields, or None (the defaults)."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        try:
-            return cls(**value)
-        except TypeError as err:
-            fields = ", ".join(cls.__dataclass_fields__)
-            raise ValueError(f"`{name}`: {err}. HINT: its fields are {fields}.") from None
-    raise ValueError(f"`{name}` must be a {cls.__name__} or a dict of its fields, got {value!r}.")
-
-
 # ----------------------------------------------------------------------------------------------- 1. sample
 def sample(
     pool: Any,
@@ -1183,7 +1168,6 @@ __all__ = [
     "QuenchConfig",
     "SamplingConfig",
     "add_minimum",
-    "as_config",
     "barrier_rows",
     "basins_of",
     "chain_columns",

@@ -30,7 +30,7 @@ if __name__ == "__main__":
     energy = AtStart(
         every_n_steps=1 if chain else None,
         at_fit_end=False,
-        probe_size=48,
+        probe={"size": 48},
         sampling={"replicas": 4, "steps": 10, "record_every": 2},
         paths={"steps": 10, "max_paths": 2},
     )

@@ -88,7 +88,7 @@ if __name__ == "__main__":
         callback = FlatnessMonitor(measures=["lambda_max", "gradient_noise"], **common)
     elif name == "landscape":
         callback = LandscapeSampler(
-            resolution=3, line_points=3, interpolation_steps=3, snapshot_every_n_steps=1, **common
+            interpolation_steps=3, snapshot_every_n_steps=1, **common, slices={"resolution": 3, "line_points": 3}
         )
         extra = [TrajectoryRecorder(sketch_dim=8, snapshot_every_n_steps=1)]
     elif name == "energy":
@@ -101,7 +101,7 @@ if __name__ == "__main__":
         )
     else:  # the natural case: rank 1's probe shard ends in a batch of one sample, which BatchNorm cannot train on
         callback = FlatnessMonitor(
-            every_n_steps=1, at_fit_end=False, probe_size=65, probe_batch_size=32, bn_mode="train", progress=False
+            every_n_steps=1, at_fit_end=False, progress=False, probe={"size": 65, "batch_size": 32, "bn_mode": "train"}
         )
     pl.seed_everything(0)
     trainer = pl.Trainer(

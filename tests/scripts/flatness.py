@@ -19,10 +19,8 @@ SETTINGS = {
     "measures": ["lambda_max", "top_eigenvalues", "lambda_min", "trace", "sam_sharpness", "gradient_noise"],
     "every_n_epochs": None,
     "at_fit_end": False,
-    "probe_size": 64,
-    "probe_batch_size": 16,
-    "tol": 1e-6,
-    "top_k": 3,
+    "probe": {"size": 64, "batch_size": 16},
+    "spectrum": {"tol": 1e-6, "top_k": 3},
 }
 
 

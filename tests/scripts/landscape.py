@@ -23,7 +23,9 @@ class AtStart(RunAtTrainStart, LandscapeSampler):
 
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])
-    sampler = AtStart(resolution=7, line_points=9, at_fit_end=False, probe_size=48, probe_batch_size=16)
+    sampler = AtStart(
+        slices={"resolution": 7, "line_points": 9}, at_fit_end=False, probe={"size": 48, "batch_size": 16}
+    )
     fsdp2 = {"module_class": sharded_module_class(), "strategy": fsdp2_strategy(devices)} if sys.argv[3:] else {}
     root = Path(out).parent / f"root-{devices}{'-fsdp2' if fsdp2 else ''}"
     trainer = fit_one_step(devices, [sampler], default_root_dir=str(root), **fsdp2)

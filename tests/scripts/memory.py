@@ -62,7 +62,9 @@ if __name__ == "__main__":
     trainer([]).fit(Wide())  # the baseline: a plain training step of the same model
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     memory.free_bytes = lambda device: 2 * vectors * n * 4  # half of it holds `vectors` float32 vectors
-    monitor = FlatnessMonitor(every_n_steps=1, at_fit_end=False, measures=["lambda_max"], probe_size=2, progress=False)
+    monitor = FlatnessMonitor(
+        every_n_steps=1, at_fit_end=False, measures=["lambda_max"], progress=False, probe={"size": 2}
+    )
     trainer([monitor]).fit(model)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     record = monitor.history[-1]

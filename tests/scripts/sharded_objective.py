@@ -49,6 +49,6 @@ class ShardedAnalysis(RunAtTrainStart, LandscapeCallback):
 
 if __name__ == "__main__":
     out, devices = sys.argv[1], int(sys.argv[2])
-    callback = ShardedAnalysis(probe_size=64, probe_batch_size=16, at_fit_end=False)
+    callback = ShardedAnalysis(probe={"size": 64, "batch_size": 16}, at_fit_end=False)
     trainer = fit_one_step(devices, [callback])
     finish_script(trainer, out, callback.result)
