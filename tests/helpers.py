@@ -84,7 +84,7 @@ class DisturbingAnalysis(LandscapeCallback):
 
     def __init__(self, fail: bool = False, **kwargs) -> None:
         kwargs.setdefault("every_n_steps", 1)
-        kwargs.setdefault("probe_size", 32)
+        kwargs.setdefault("probe", {"size": 32})
         super().__init__(**kwargs)
         self.fail = fail
         self.probe_losses: list[float] = []

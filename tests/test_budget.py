@@ -195,11 +195,26 @@ def test_memory_is_planned_at_setup_refused_with_sizes_or_fitted(monkeypatch):
     assert sampler.max_snapshots == 13
     with pytest.raises(MemoryError, match=r"needs at least 6 vectors.*GiB.*HINT"):
         sampler.plan_memory(5 * 10**6, torch.device("cpu"))  # 6 x 20 MB do not fit in half of 200 MiB
-    with pytest.raises(MemoryError, match=r"certified float64 quench.*GiB.*HINT"):
-        EnergyLandscape().plan_memory(4 * 10**5, torch.device("cpu"))  # a path fits (31 x 1.6 MB), 34 x 3.2 MB not
+    with pytest.raises(MemoryError, match=r"certified float64 quench.*GiB.*HINT: quench.dtype='auto'"):
+        EnergyLandscape(quench={"dtype": "float64"}).plan_memory(4 * 10**5, torch.device("cpu"))  # 34 x 3.2 MB
+    EnergyLandscape().plan_memory(4 * 10**5, torch.device("cpu"))  # "auto": 34 float32 x 1.6 MB fit
     with pytest.raises(MemoryError, match=r"a path of 9 images.*HINT: fewer `paths.images`"):
         EnergyLandscape().plan_memory(10**6, torch.device("cpu"))  # 31 x 4 MB > half of 200 MiB
     EnergyLandscape().plan_memory(10**5, torch.device("cpu"))  # 34 x 0.8 MB fits
+
+
+def test_an_auto_quench_is_float32_where_float64_would_not_fit(monkeypatch):
+    from lightning_landscape.curvature import memory
+    from lightning_landscape.dynamics.pipeline import quench_objective
+
+    def mse(module, batch):
+        return torch.nn.functional.mse_loss(module(batch[0]), batch[1])
+
+    batches = [(torch.randn(8, 1000), torch.randn(8, 10))]
+    objective = Objective(torch.nn.Linear(1000, 10), batches, mse)  # 10,010 parameters
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 4 * 10**6)  # room for 24 float64 vectors, not 34
+    assert quench_objective(objective, "auto").dtype == torch.float32  # before any timing: it would not fit
+    assert quench_objective(objective, "float64").dtype == torch.float64  # asked for: plan_memory refuses it
 
 
 def test_replicas_stop_together_at_the_deadline_and_ragged_rounds_concatenate():

@@ -82,4 +82,4 @@ def test_a_one_rank_failure_in_any_stage_makes_every_rank_skip_without_hanging(t
 
 def test_a_one_sample_probe_batch_under_batchnorm_training_mode_is_refused_on_every_rank(tmp_path):
     result = run_script("faults", tmp_path, 2, "batchnorm", timeout=240)
-    assert result["steps"] == 0 and "probe_size" in result["error"] and "1 sample" in result["error"]
+    assert result["steps"] == 0 and "probe.size" in result["error"] and "1 sample" in result["error"]

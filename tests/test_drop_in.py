@@ -28,7 +28,8 @@ class ThreadCount(pl.Callback):
 
 
 def our_callbacks(loss_fn=None, outputs_fn=None):
-    common = {"probe_size": 32, "loss_fn": loss_fn, "progress": False}
+    probe = {"size": 32, "loss_fn": loss_fn}
+    common = {"probe": probe, "progress": False}
     return [
         TrajectoryRecorder(
             sketch_dim=16, sketch_every_n_steps=1, vector_stats_every_n_steps=1, snapshot_every_n_steps=2
@@ -39,11 +40,11 @@ def our_callbacks(loss_fn=None, outputs_fn=None):
         LandscapeSampler(every_n_steps=4, interpolation_steps=3, **common, slices={"resolution": 3, "line_points": 3}),
         EnergyLandscape(
             every_n_steps=5,
-            **common,
+            progress=False,
             sampling={"replicas": 2, "steps": 10, "record_every": 1, "pool_batches": 2},
             quench={"max_iter": 5},
             paths={"images": 3, "steps": 5},
-            probe={"outputs_fn": outputs_fn},
+            probe={**probe, "outputs_fn": outputs_fn},
         ),
     ]
 

@@ -228,9 +228,9 @@ def test_fsdp2_ranks_compute_the_single_process_grid_from_gathered_parameters(tm
 
 
 def test_bad_settings_are_rejected():
-    with pytest.raises(ValueError, match="`resolution`"):
+    with pytest.raises(ValueError, match=r"`slices\.resolution`"):
         LandscapeSampler(slices={"resolution": 1})
-    with pytest.raises(ValueError, match="`normalization`"):
+    with pytest.raises(ValueError, match=r"`slices\.normalization`"):
         LandscapeSampler(slices={"normalization": "per-filter"})
-    with pytest.raises(ValueError, match="`span`"):
+    with pytest.raises(ValueError, match=r"`slices\.span`"):
         LandscapeSampler(slices={"span": 0})

@@ -30,7 +30,7 @@ class MediaAnalysis(LandscapeCallback):
         self.reporter.figure("profile", fig, step)
         self.reporter.plotly("surface", go.Figure(go.Surface(z=np.outer(np.arange(3), np.arange(3)))), step)
         self.reporter.table("grid", ["alpha", "loss"], [[0.0, loss], [1.0, 2 * loss]], step)
-        path = self.reporter.arrays("grid", step, metadata={"probe_seed": self.probe_seed}, losses=np.ones((2, 2)))
+        path = self.reporter.arrays("grid", step, metadata=self.probe_metadata, losses=np.ones((2, 2)))
         self.reporter.artifact("grid-arrays", path)
 
 

@@ -182,7 +182,7 @@ class Stream(IterableDataset):
 
 
 def test_an_iterable_dataset_needs_probe_batches_and_works_with_them(tmp_path):
-    with pytest.raises(TypeError, match="probe_batches="):
+    with pytest.raises(TypeError, match=r"probe=\{'batches'"):
         trainer_for(tmp_path, [FlatnessMonitor(every_n_steps=2)]).fit(
             tiny_module_class()(), DataLoader(Stream(), batch_size=16)
         )
@@ -204,14 +204,14 @@ def test_an_iterable_dataset_needs_probe_batches_and_works_with_them(tmp_path):
 @pytest.mark.parametrize(
     ("cls", "kwargs", "name"),
     [
-        (FlatnessMonitor, {"top_k": 2.5}, "top_k"),
-        (FlatnessMonitor, {"trace_samples": "10"}, "trace_samples"),
-        (FlatnessMonitor, {"tol": float("nan")}, "tol"),
+        (FlatnessMonitor, {"spectrum": {"top_k": 2.5}}, "spectrum.top_k"),
+        (FlatnessMonitor, {"spectrum": {"trace_samples": "10"}}, "spectrum.trace_samples"),
+        (FlatnessMonitor, {"spectrum": {"tol": float("nan")}}, "spectrum.tol"),
         (FlatnessMonitor, {"measures": "trace"}, "measures"),
         (FlatnessMonitor, {"every_n_steps": 0}, "every_n_steps"),
-        (FlatnessMonitor, {"probe_batches": []}, "probe_batches"),
-        (LandscapeSampler, {"resolution": 2.5}, "resolution"),
-        (LandscapeSampler, {"span": -1}, "span"),
+        (FlatnessMonitor, {"probe": {"batches": []}}, "probe.batches"),
+        (LandscapeSampler, {"slices": {"resolution": 2.5}}, "slices.resolution"),
+        (LandscapeSampler, {"slices": {"span": -1}}, "slices.span"),
         (LandscapeSampler, {"max_snapshots": 2}, "max_snapshots"),
         (TrajectoryRecorder, {"sketch_nnz": 0}, "sketch_nnz"),
         (TrajectoryRecorder, {"sketch_dim": 16.0}, "sketch_dim"),
@@ -219,27 +219,27 @@ def test_an_iterable_dataset_needs_probe_batches_and_works_with_them(tmp_path):
         (EnergyLandscape, {"paths": {"images": 4.5}}, "paths.images"),
         (EnergyLandscape, {"budget": {"passes": 0}}, "budget.passes"),
         (EnergyLandscape, {"sampling": {"lr": float("inf")}}, "sampling.lr"),
-        (EnergyLandscape, {"outputs_fn": "logits"}, "outputs_fn"),
+        (EnergyLandscape, {"probe": {"outputs_fn": "logits"}}, "probe.outputs_fn"),
         (FlatnessMonitor, {"measures": "lambda_max"}, "measures"),
         (FlatnessMonitor, {"layers": {"x": []}}, "layers"),
         (FlatnessMonitor, {"layers": "net.0.*"}, "layers"),
         (TrajectoryRecorder, {"sketch_nnz": -1}, "sketch_nnz"),
         (EnergyLandscape, {"paths": {"max_paths": 1.5}}, "paths.max_paths"),
         (EnergyLandscape, {"msm": {"n_clusters": 2.5}}, "msm.n_clusters"),
-        (FlatnessMonitor, {"top_k": "5"}, "top_k"),
-        (FlatnessMonitor, {"rho": float("inf")}, "rho"),
-        (LandscapeSampler, {"span": float("inf")}, "span"),
+        (FlatnessMonitor, {"spectrum": {"top_k": "5"}}, "spectrum.top_k"),
+        (FlatnessMonitor, {"sharpness": {"rho": float("inf")}}, "sharpness.rho"),
+        (LandscapeSampler, {"slices": {"span": float("inf")}}, "slices.span"),
         (EnergyLandscape, {"sampling": {"temperature": float("nan")}}, "sampling.temperature"),
-        (LandscapeSampler, {"memory_mb": -5}, "memory_mb"),
-        (FlatnessMonitor, {"probe_seed": "a"}, "probe_seed"),
+        (LandscapeSampler, {"slices": {"memory_mb": -5}}, "slices.memory_mb"),
+        (FlatnessMonitor, {"probe": {"seed": "a"}}, "probe.seed"),
         (TrajectoryRecorder, {"store_dir": 123}, "store_dir"),
-        (EnergyLandscape, {"probe_size": 0}, "probe_size"),
+        (EnergyLandscape, {"probe": {"size": 0}}, "probe.size"),
         (EnergyLandscape, {"sampling": {"replicas": True}}, "sampling.replicas"),
-        (FlatnessMonitor, {"loss_fn": "mse"}, "loss_fn"),
-        (FlatnessMonitor, {"eigen_method": "qr"}, "eigen_method"),
-        (LandscapeSampler, {"normalization": "l2"}, "normalization"),
+        (FlatnessMonitor, {"probe": {"loss_fn": "mse"}}, "probe.loss_fn"),
+        (FlatnessMonitor, {"spectrum": {"method": "qr"}}, "spectrum.method"),
+        (LandscapeSampler, {"slices": {"normalization": "l2"}}, "slices.normalization"),
         (EnergyLandscape, {"paths": {"method": "dimer"}}, "paths.method"),
-        (EnergyLandscape, {"bn_mode": "batch"}, "bn_mode"),
+        (EnergyLandscape, {"probe": {"bn_mode": "batch"}}, "probe.bn_mode"),
     ],
 )
 def test_bad_constructor_values_are_refused_naming_the_parameter(cls, kwargs, name):
@@ -257,7 +257,7 @@ def test_a_resumed_sampler_and_monitor_keep_the_initial_point_and_figure_history
         trainer.fit(model, loader(), ckpt_path=ckpt_path)
         return init
 
-    settings = {"every_n_epochs": 1, "probe_size": 32, "progress": False}
+    settings = {"every_n_epochs": 1, "probe": {"size": 32}, "progress": False}
     sampler = LandscapeSampler(snapshot_every_n_steps=2, **settings, slices={"resolution": 3, "line_points": 3})
     monitor = FlatnessMonitor(measures=["lambda_max", "top_eigenvalues"], **settings, spectrum={"top_k": 2})
     init = fit(1, [sampler, monitor])

@@ -72,6 +72,7 @@ from lightning_landscape.dynamics import (
 from lightning_landscape.dynamics.excursions import saved_replicas, step_rule
 from lightning_landscape.dynamics.pipeline import (
     BARRIER_COLUMNS,
+    QUENCH_VECTORS,
     BasinConfig,
     BasinsResult,
     Budget,
@@ -338,7 +339,8 @@ class EnergyLandscape(LandscapeCallback):
     def plan_memory(self, n_params: int, device: torch.device) -> None:
         """Before training, the least a trigger holds must fit on the device (refused with sizes and a fix
         otherwise): one replica per rank (its point, velocity, gradient and the start: 4 vectors of ``P`` entries),
-        a float64 quench with its certificate (L-BFGS's 10 pairs and a Lanczos basis of 12: 34 float64 vectors),
+        a quench with its certificate (L-BFGS's 10 pairs and a Lanczos basis of 12: 34 vectors, float64 with
+        ``quench.dtype="float64"``; ``"auto"`` quenches in float32 when float64 would not fit),
         and a minimum-energy path (positions, velocities and forces of ``paths.images`` images). The replica rounds
         then grow only as far as the budget allows."""
         from lightning_landscape.curvature.memory import check_vectors
@@ -352,13 +354,18 @@ class EnergyLandscape(LandscapeCallback):
             f"{name} (a path of {self.paths.images} images)",
             "fewer `paths.images`, or `paths.max_paths=0` to join minima by straight lines.",
         )
+        float64 = self.quench.dtype == "float64" or self.probe.dtype == torch.float64  # "auto" falls back to float32
+        dtype = torch.float64 if float64 else torch.float32
         check_vectors(
-            34,
+            QUENCH_VECTORS,
             n_params,
-            torch.float64,
+            dtype,
             device,
-            f"{name} (a certified float64 quench)",
-            "a smaller model, or one with fewer trainable parameters (freeze a part).",
+            f"{name} (a certified {str(dtype).removeprefix('torch.')} quench)",
+            "quench.dtype='auto' (float32 when float64 does not fit), a smaller model, or one with fewer trainable"
+            " parameters (freeze a part)."
+            if float64
+            else "a smaller model, or fewer trainable parameters.",
         )
 
     @override

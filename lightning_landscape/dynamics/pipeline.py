@@ -442,11 +442,19 @@ def energy_resolution(ftol: float | None, level: float) -> float:
     return ftol if ftol is not None else level / 10
 
 
+#: the parameter vectors a certified quench holds: L-BFGS' 10 pairs and a Lanczos basis of 12 for its certificate
+QUENCH_VECTORS = 34
+
+
 def quench_objective(objective: Any, dtype: str = "auto") -> Any:
     """The objective quenches and certificates run on (see :attr:`QuenchConfig.dtype`): ``objective`` itself or its
-    float64 twin; for ``"auto"``, the twin when its loss costs at most 3x the objective's own, timed once (the
-    decision is kept on the objective)."""
+    float64 twin; for ``"auto"``, the twin when a float64 quench (:data:`QUENCH_VECTORS` vectors) fits in memory and
+    its loss costs at most 3x the objective's own, timed once (the decision is kept on the objective)."""
+    from lightning_landscape.curvature.memory import vectors_that_fit
+
     if dtype == "float32" or objective.dtype == torch.float64:
+        return objective
+    if dtype == "auto" and vectors_that_fit(objective.numel, torch.float64, objective.device) < QUENCH_VECTORS:
         return objective
     twin = objective.in_dtype(torch.float64)
     if dtype == "float64":
@@ -1155,6 +1163,7 @@ def training_stages(
 
 __all__ = [
     "BARRIER_COLUMNS",
+    "QUENCH_VECTORS",
     "BasinConfig",
     "BasinsResult",
     "Budget",

@@ -82,7 +82,7 @@ class Inject(pl.Callback):
 if __name__ == "__main__":
     out, devices, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     faults = FAULTS[name]
-    common = {"every_n_steps": 1, "at_fit_end": False, "probe_size": 32, "progress": False}
+    common = {"every_n_steps": 1, "at_fit_end": False, "probe": {"size": 32}, "progress": False}
     extra = []
     if name == "flatness":
         callback = FlatnessMonitor(measures=["lambda_max", "gradient_noise"], **common)
