@@ -75,20 +75,20 @@ def _first_tensor(batch: Any) -> Tensor | None:
     return None
 
 
-def _batch_size(batch: Any) -> int:
+def batch_size_of(batch: Any) -> int:
     first = _first_tensor(batch)
     return int(first.shape[0]) if first is not None and first.ndim > 0 else 1
 
 
-def _map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+def map_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(batch, Tensor):
         return fn(batch)
     if isinstance(batch, Mapping):
-        return type(batch)({k: _map_tensors(v, fn) for k, v in batch.items()})
+        return type(batch)({k: map_tensors(v, fn) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_map_tensors(v, fn) for v in batch))
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_map_tensors(v, fn) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
     return batch
 
 
@@ -287,8 +287,8 @@ class Objective:
         self._wrapper = _Evaluated(module, loss_fn, outputs_fn)
         device = self.device
         with torch.inference_mode(False):
-            self.batches = [_map_tensors(b, lambda t: self._cast(t.to(device)).clone()) for b in batches]
-        self.batch_sizes = [_batch_size(b) for b in self.batches]
+            self.batches = [map_tensors(b, lambda t: self._cast(t.to(device)).clone()) for b in batches]
+        self.batch_sizes = [batch_size_of(b) for b in self.batches]
         self.weights = [n / sum(self.batch_sizes) for n in self.batch_sizes]
         self._method: str | None = None  # how `losses` batches parameter vectors, once decided
         self._fixed: dict[str, Tensor] | None = None  # the fixed tensors, held inside `evaluating()` (else None)
@@ -339,7 +339,7 @@ class Objective:
         twin = twins[dtype] = copy.copy(self)
         twin.dtype, twin._fixed, twin._method = dtype, None, None
         twin.__dict__.pop("_stacked", None)  # the stacked minibatches are rebuilt from the cast batches
-        twin.batches = [_map_tensors(b, twin._cast) for b in self.batches]
+        twin.batches = [map_tensors(b, twin._cast) for b in self.batches]
         if isinstance(self.l2, Tensor):
             twin.l2 = self.l2.to(dtype)
         return twin
@@ -403,7 +403,7 @@ class Objective:
         if self._fixed is not None:  # already held
             yield
             return
-        with self._evaluation_mode():
+        with self.evaluation_mode():
             self._fixed = self._fixed_tensors()  # the module's tensors stay put meanwhile
             try:
                 yield
@@ -411,7 +411,7 @@ class Objective:
                 self._fixed = None
 
     @contextmanager
-    def _evaluation_mode(self) -> Iterator[None]:
+    def evaluation_mode(self) -> Iterator[None]:
         """Set train/eval flags for the declared mode, mute Lightning logging, turn autocast off; undo all."""
         if self._fixed is not None:  # inside evaluating(): already set
             yield
@@ -457,7 +457,8 @@ class Objective:
         )
         return out
 
-    def _tensors(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def tensors(self, theta: Tensor, buffers: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The module's tensors at the flat parameters ``theta`` (and ``buffers``), by name, for :meth:`call`."""
         return self._named(self.layout.unflatten(theta), buffers)
 
     def _named(
@@ -468,9 +469,10 @@ class Objective:
         fixed = self._fixed if self._fixed is not None and buffers is None else self._fixed_tensors(buffers)
         return {**fixed, **{f"module.{n}": t for n, t in parameters.items()}}
 
-    def _call(self, tensors: dict[str, Tensor], batch: Any, batch_idx: int, outputs: bool = False) -> Tensor:
+    def call(self, tensors: dict[str, Tensor], batch: Any, batch_idx: int, outputs: bool = False) -> Tensor:
         """The wrapper's forward (the loss of ``batch``, or the outputs) with the module's tensors swapped for
-        ``tensors`` (named as :meth:`_named` names them; a tied tensor also under its other names)."""
+        ``tensors`` (as :meth:`tensors` gives them; a tied tensor also under its other names), in the caller's
+        :meth:`evaluation_mode`."""
         for name, others in self._aliases.items():
             if name in tensors:
                 tensors = {**tensors, **dict.fromkeys(others, tensors[name])}
@@ -484,7 +486,7 @@ class Objective:
         self, theta: Tensor, batch: Any, batch_idx: int, buffers: Mapping[str, Tensor] | None = None
     ) -> Tensor:
         """The loss of ``batch`` at ``theta``, with the L2 term."""
-        loss = self._call(self._tensors(theta, buffers), batch, batch_idx)
+        loss = self.call(self.tensors(theta, buffers), batch, batch_idx)
         if isinstance(self.l2, Tensor) or self.l2:
             loss = loss + 0.5 * (self.l2 * theta * theta).sum()
         return loss
@@ -512,7 +514,7 @@ class Objective:
         evaluates the loss of that one probe batch only (a minibatch loss)."""
         theta = self._point(theta)
         self._spend(1 if batch is not None else len(self.batches))
-        with self._evaluation_mode(), torch.no_grad():
+        with self.evaluation_mode(), torch.no_grad():
             if batch is not None:
                 return self._batch_loss(theta, batch, buffers).detach()
             return self._loss_at(theta, buffers).detach()
@@ -523,9 +525,9 @@ class Objective:
         the permutation of their hidden units, so distances between outputs compare minima in function space."""
         theta = self._point(theta)
         self._spend(len(self.batches))
-        with self._evaluation_mode(), torch.no_grad():
-            tensors = self._tensors(theta)
-            return torch.cat([self._call(tensors, b, i, outputs=True) for i, b in enumerate(self.batches)])
+        with self.evaluation_mode(), torch.no_grad():
+            tensors = self.tensors(theta)
+            return torch.cat([self.call(tensors, b, i, outputs=True) for i, b in enumerate(self.batches)])
 
     def batchnorm_statistics(self, theta: Tensor) -> dict[str, Tensor]:
         """The module's buffers with BatchNorm running statistics recomputed at ``theta`` on the probe set.
@@ -543,7 +545,7 @@ class Objective:
             buffers[prefix + "running_var"].fill_(1.0)
             buffers[prefix + "num_batches_tracked"].zero_()
         self._spend(len(self.batches))
-        with self._evaluation_mode(), torch.no_grad():
+        with self.evaluation_mode(), torch.no_grad():
             saved = [(m, m.training, m.momentum, m.track_running_stats) for _, m in norms]
             try:
                 for _, m in norms:
@@ -560,7 +562,7 @@ class Objective:
         that one probe batch only (the minibatch loss and gradient that an SGD step sees)."""
         indices, weights = (range(len(self.batches)), self.weights) if batch is None else ([batch], [1.0])
         self._spend(len(indices), len(indices))
-        with self._evaluation_mode(), torch.enable_grad():
+        with self.evaluation_mode(), torch.enable_grad():
             theta = self._point(theta).detach().clone().requires_grad_(True)
             total = torch.zeros_like(theta)
             value = torch.zeros((), dtype=theta.dtype, device=theta.device)
@@ -606,7 +608,7 @@ class Objective:
         thetas = thetas.to(device=device, dtype=self.dtype).detach()
         self._spend(len(thetas), len(thetas) if with_grad else 0)
         losses, grads = [], []
-        with self._evaluation_mode(), torch.set_grad_enabled(with_grad):
+        with self.evaluation_mode(), torch.set_grad_enabled(with_grad):
             for start in range(0, len(thetas), self.chunk_size):
                 rows = index[start : start + self.chunk_size]
                 theta = thetas[start : start + self.chunk_size].requires_grad_(with_grad)
@@ -672,7 +674,7 @@ class Objective:
         return self._minibatch_method == "vmap"
 
     def _minibatch_loss(self, parameters: dict[str, Tensor], batch: Any) -> Tensor:
-        return self._call(self._named(parameters), batch, 0)  # without the L2 term
+        return self.call(self._named(parameters), batch, 0)  # without the L2 term
 
     def grad(self, theta: Tensor | None = None) -> Tensor:
         """``grad L(theta)``, accumulated batch by batch."""
@@ -687,14 +689,14 @@ class Objective:
             return torch.stack([self.grad(t) for t in thetas])
         thetas = thetas.to(device=self.device, dtype=self.dtype)
         self._spend(len(thetas) * len(self.batches), len(thetas) * len(self.batches))
-        with self._evaluation_mode():
+        with self.evaluation_mode():
             return vmap(torch.func.grad(self._loss_at), chunk_size=self.chunk_size)(thetas)
 
     def hvp(self, theta: Tensor | None, v: Tensor) -> Tensor:
         """The Hessian-vector product ``H(theta) v`` by double backward, accumulated batch by batch."""
         if v.shape != (self.numel,):
             raise ValueError(f"`v` must have shape ({self.numel},), got {tuple(v.shape)}.")
-        with self._evaluation_mode(), torch.enable_grad():
+        with self.evaluation_mode(), torch.enable_grad():
             theta = self._point(theta).detach().clone().requires_grad_(True)
             v = v.to(device=theta.device, dtype=theta.dtype).clone()
             total = torch.zeros_like(theta)
@@ -709,7 +711,7 @@ class Objective:
         (``create_graph=True``) and each product is a single backward pass through it, about half the cost of
         :meth:`hvp`. Holds the graphs in memory until the returned function is released."""
         self._spend(len(self.batches), len(self.batches))
-        with self._evaluation_mode(), torch.enable_grad():
+        with self.evaluation_mode(), torch.enable_grad():
             point = self._point(theta).detach().clone().requires_grad_(True)
             grads = [
                 torch.autograd.grad(self._batch_loss(point, i), point, create_graph=True)[0]
@@ -746,7 +748,7 @@ class Objective:
             )
         thetas = thetas.to(device=self.device, dtype=self.dtype)
         self._spend(len(thetas) * len(self.batches))
-        with self._evaluation_mode(), torch.no_grad():
+        with self.evaluation_mode(), torch.no_grad():
             if self._method is None and self.batching == "auto" and len(thetas) >= 2:
                 self._method = self._fastest(thetas[: min(self.chunk_size, 8)])  # 8 points tell; more cost
             method = self._method or ("loop" if self.batching == "loop" else "vmap")

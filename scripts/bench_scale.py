@@ -38,7 +38,7 @@ def gpt_outputs(module: Any, batch: dict) -> Any:
 def callbacks_for(name: str, model: str = "resnet20") -> list:
     from lightning_landscape import EnergyLandscape, FlatnessMonitor, LandscapeSampler, TrajectoryRecorder
 
-    extra = {EnergyLandscape: {"outputs_fn": gpt_outputs}} if model == "gpt" else {}
+    extra = {EnergyLandscape: {"probe": {"outputs_fn": gpt_outputs}}} if model == "gpt" else {}
     make = {
         "recorder": TrajectoryRecorder,
         "flatness": FlatnessMonitor,

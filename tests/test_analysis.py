@@ -27,6 +27,7 @@ def two_runs(tmp_path_factory):
     return root, config
 
 
+@pytest.mark.slow
 def test_analyze_merges_runs_and_finds_the_saddle_between_their_minima(two_runs):
     root, config = two_runs
     out = root / "analysis"
@@ -103,6 +104,7 @@ def copy_runs(two_runs, tmp_path):
     return config
 
 
+@pytest.mark.slow
 def test_rerunning_into_the_same_out_replaces_the_merged_database(two_runs, tmp_path):
     copy_runs(two_runs, tmp_path)
     args = ["analyze", str(tmp_path / "run-0"), str(tmp_path / "run-1"), "--out", str(tmp_path / "out")]
@@ -116,6 +118,7 @@ def test_rerunning_into_the_same_out_replaces_the_merged_database(two_runs, tmp_
     assert sum(visits) == first_visits  # not added up again on every re-run
 
 
+@pytest.mark.slow
 def test_corrupt_records_are_left_out_by_name_and_the_other_stages_still_run(two_runs, tmp_path):
     copy_runs(two_runs, tmp_path)
     chunk = next((tmp_path / "run-0").rglob("chunks/*.npz"))
@@ -132,6 +135,7 @@ def test_corrupt_records_are_left_out_by_name_and_the_other_stages_still_run(two
     assert summary["errors"] == {}
 
 
+@pytest.mark.slow
 def test_a_config_of_another_model_is_one_clear_line(two_runs, tmp_path, capsys):
     copy_runs(two_runs, tmp_path)
     config = tmp_path / "other.yaml"
@@ -147,6 +151,7 @@ def test_a_config_of_another_model_is_one_clear_line(two_runs, tmp_path, capsys)
     assert "builds a model with" in err and "HINT: pass the config the runs were trained with" in err
 
 
+@pytest.mark.slow
 def test_analyzes_chain_lists_the_step_rules_of_runs_at_two_learning_rates(two_runs, tmp_path):
     from lightning_landscape.analysis import analyze
 
@@ -157,6 +162,7 @@ def test_analyzes_chain_lists_the_step_rules_of_runs_at_two_learning_rates(two_r
     assert summary["chain"]["step_rules"] == [(0.01, 0.0), (0.02, 0.0)]  # a chain of a mixture of two dynamics
 
 
+@pytest.mark.slow
 def test_analyze_reports_the_training_transition_of_a_known_chain(tmp_path):
     """Stores whose sketches follow a known 3-state chain (wells at x = 0, 5, 10): the training path goes from the
     first well to the last, the replicas sample all three. The MFPT from the first set to the last is the exact
@@ -223,6 +229,7 @@ def console(*args, cwd):
     return subprocess.run([str(script), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_console_script_exits_0_with_nothing_on_stderr_and_2_with_one_line_per_bad_option(two_runs, tmp_path):
     root, _ = two_runs
     done = console("analyze", str(root / "run-0"), "--out", str(tmp_path / "out"), cwd=tmp_path)

@@ -77,6 +77,7 @@ def three_well_exact():
     return values[[0, 2, 4]], values[[1, 3]]  # minima A, B, C; saddles A-B, B-C
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_ring_valley_is_one_basin(tmp_path, seed):
     sampling = SamplingConfig(replicas=8, steps=1000, lr=0.01, temperature=0.05, record_every=25, seed=seed)
@@ -89,6 +90,7 @@ def test_a_ring_valley_is_one_basin(tmp_path, seed):
     assert run["n_basins"] == 1 and set(db.basins().tolist()) == {0}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_double_well_is_two_basins_at_the_default_noise_level(tmp_path, seed):
     sampling = SamplingConfig(replicas=8, steps=1500, lr=0.01, temperature=0.3, record_every=25, seed=seed)
@@ -100,6 +102,7 @@ def test_the_double_well_is_two_basins_at_the_default_noise_level(tmp_path, seed
     assert rows[0].startswith("basin,loss,minimum,members") and len(rows) == 3
 
 
+@pytest.mark.slow
 def test_three_wells_merge_at_their_exact_barriers(tmp_path):
     minima, saddles = three_well_exact()
     low_ab = saddles[0] - max(minima[0], minima[1])  # 0.47: A and B merge above it
@@ -137,6 +140,7 @@ def test_noise_level_is_the_temperature_plus_sgds_excess_loss():
     assert noise_level(pool, theta, lr=0.1, temperature=0.2) == pytest.approx(0.2 + 0.1 * spread / 4, rel=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("lr", "beta"), [(0.05, 0.0), (0.005, 0.9)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sgds_excess_loss_is_the_noise_level(seed, lr, beta):

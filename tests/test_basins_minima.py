@@ -140,6 +140,7 @@ def test_replicas_fall_back_to_the_loop_when_the_loss_cannot_be_vmapped():
     np.testing.assert_allclose(runs.sketches, exact.sketches, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sgld_samples_the_boltzmann_distribution_of_a_harmonic_well():
     """L = 0.5 k x^2 with SGLD at temperature T: stationary density exp(-L/T), variance T/k (to O(lr k))."""
     k, T, lr = 2.0, 0.05, 0.01
@@ -155,6 +156,7 @@ def test_sgld_samples_the_boltzmann_distribution_of_a_harmonic_well():
     assert abs(samples.mean()) < 4 * np.sqrt(exact / n_eff)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sgld_with_momentum_samples_the_same_boltzmann_distribution(seed):
     """Heavy-ball SGLD (momentum 0.9, the noise entering with the gradient) on L = 0.5 k x^2: variance T/k, as plain

@@ -85,6 +85,7 @@ def trainer_for(callbacks, tmp_path, **kwargs):
     )
 
 
+@pytest.mark.slow
 def test_each_trigger_keeps_to_its_share_and_still_reports_its_measure(tmp_path):
     # 10^5 SLQ vectors would take many minutes: the budget (a 0.3 s floor, a tiny share) cuts each trigger
     monitor = FlatnessMonitor(
@@ -122,6 +123,7 @@ class SlowStep(tiny_module_class()):
         return super().training_step(batch, batch_idx)
 
 
+@pytest.mark.slow
 def test_no_fit_end_analysis_starts_after_max_time_has_run_out(tmp_path):
     monitor = FlatnessMonitor(
         measures=["density"], every_n_steps=None, budget=None, probe={"size": 32}, spectrum={"density_vectors": 10**5}
@@ -135,6 +137,7 @@ def test_no_fit_end_analysis_starts_after_max_time_has_run_out(tmp_path):
     assert "max_time" in skipped[0]["reason"]
 
 
+@pytest.mark.slow
 def test_a_fit_end_analysis_is_cut_at_what_max_time_leaves(tmp_path):
     # no share limit, a 1 s floor: the fit-end trigger gets what the 5 s of max_time leave after 2 steps
     monitor = FlatnessMonitor(
@@ -169,6 +172,7 @@ def test_a_running_analysis_is_abandoned_on_sigterm_and_training_stops(tmp_path)
     assert monitor.history[-1]["n_hvp"] < 100 and trainer.global_step == 2
 
 
+@pytest.mark.slow
 def test_free_memory_honours_the_address_space_limit():
     # in a child process: RLIMIT_AS = its current size + 300 MB; the probe must say at most 300 MB are free
     code = (
@@ -185,7 +189,7 @@ def test_free_memory_honours_the_address_space_limit():
 
 
 def test_memory_is_planned_at_setup_refused_with_sizes_or_fitted(monkeypatch):
-    from lightning_landscape import EnergyLandscape
+    from lightning_landscape import EnergyLandscape, TrajectoryRecorder
     from lightning_landscape.curvature import memory
 
     monkeypatch.setattr(memory, "free_bytes", lambda device: 200 * 2**20)  # 200 MiB free
@@ -201,6 +205,9 @@ def test_memory_is_planned_at_setup_refused_with_sizes_or_fitted(monkeypatch):
     with pytest.raises(MemoryError, match=r"a path of 9 images.*HINT: fewer `paths.images`"):
         EnergyLandscape().plan_memory(10**6, torch.device("cpu"))  # 31 x 4 MB > half of 200 MiB
     EnergyLandscape().plan_memory(10**5, torch.device("cpu"))  # 34 x 0.8 MB fits
+    with pytest.raises(MemoryError, match=r"TrajectoryRecorder on 20,000,000 parameters.*4 vectors.*HINT"):
+        TrajectoryRecorder().plan_memory(2 * 10**7, torch.device("cpu"))  # 4 x 80 MB, half of 200 MiB holds 1
+    TrajectoryRecorder().plan_memory(5 * 10**6, torch.device("cpu"))  # 4 x 20 MB fit
 
 
 def test_an_auto_quench_is_float32_where_float64_would_not_fit(monkeypatch):

@@ -124,6 +124,7 @@ def test_quenches_from_the_mueller_brown_saddles_end_in_the_adjacent_minima_as_p
     assert labels[by_loss[1]] == labels[by_loss[2]] != labels[by_loss[0]]
 
 
+@pytest.mark.slow
 def test_a_float32_networks_minimum_is_located_to_its_stated_bound():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))

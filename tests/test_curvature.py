@@ -235,6 +235,7 @@ def measured_stability_limit(lr: float, **sgd) -> float:
     return (low + high) / 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sgd", [{}, {"momentum": 0.9}, {"momentum": 0.9, "nesterov": True}, {"momentum": 0.9, "dampening": 0.5}]
 )
@@ -243,6 +244,7 @@ def test_edge_of_stability_ratio_is_one_at_the_limit_measured_by_running_sgd(sgd
     assert edge_of_stability_ratio(measured, 0.1, **sgd) == pytest.approx(1.0, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_cnn_with_batchnorm_agrees_with_curvlinops():
     curvlinops = pytest.importorskip("curvlinops")
     from lightning_landscape.examples import SmallCNN
@@ -297,6 +299,7 @@ def test_lanczos_at_its_default_tolerance_is_that_accurate_from_any_start(which,
     assert max(errors) <= 1e-3  # the promised relative accuracy `tol`, for every value and all 20 start vectors
 
 
+@pytest.mark.slow
 def test_the_hutchpp_interval_has_its_nominal_coverage():
     g = torch.Generator().manual_seed(1)
     B = torch.randn(60, 60, generator=g, dtype=torch.float64)
@@ -312,6 +315,7 @@ def test_the_hutchpp_interval_has_its_nominal_coverage():
     assert naive < inside  # plus or minus two standard errors undercovers at 5 random samples
 
 
+@pytest.mark.slow
 def test_the_data_parallel_noise_estimators_are_unbiased_with_unequal_rank_batches():
     """Per-sample gradients G + noise (covariance diag(s^2)); 2 ranks with 16 and 3 samples (an epoch's last batch),
     averaged as DDP does. The estimators average to the true |G|^2 and tr(Sigma)."""

@@ -12,6 +12,7 @@ def results(tmp_path_factory):
     return run_script("sharded_objective", tmp, 1), run_script("sharded_objective", tmp, 2)
 
 
+@pytest.mark.ddp
 def test_sharded_probe_set_gives_the_single_process_objective(results):
     single, ddp = results
     assert single["world"] == 1 and ddp["world"] == 2
@@ -21,6 +22,7 @@ def test_sharded_probe_set_gives_the_single_process_objective(results):
         np.testing.assert_allclose(ddp[key], single[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.ddp
 def test_uneven_shards_are_gathered_in_rank_order(results):
     ddp = results[1]
     for r in results:
@@ -29,6 +31,7 @@ def test_uneven_shards_are_gathered_in_rank_order(results):
     assert ddp["broadcast"] == "from rank 0"
 
 
+@pytest.mark.ddp
 def test_flatness_monitor_on_two_ranks_equals_one_process(tmp_path):
     single = run_script("flatness", tmp_path, 1)
     ddp = run_script("flatness", tmp_path, 2)
@@ -40,6 +43,7 @@ def test_flatness_monitor_on_two_ranks_equals_one_process(tmp_path):
     assert ddp["published"] == pytest.approx(b["lambda_max"], rel=1e-6)
 
 
+@pytest.mark.ddp
 def test_flatness_monitor_under_fsdp2_gathers_the_parameters_and_equals_one_process(tmp_path):
     """Two ranks of ModelParallelStrategy with ``fully_shard``: every rank holds half of each weight; the monitor
     gathers them, evaluates with FSDP's hooks suspended, and measures what one process measures on the whole model
@@ -57,12 +61,14 @@ def test_flatness_monitor_under_fsdp2_gathers_the_parameters_and_equals_one_proc
     assert "tensor-parallel layers" in fsdp["tensor_parallel"] and "HINT" in fsdp["tensor_parallel"]
 
 
+@pytest.mark.ddp
 def test_a_failure_on_a_serving_rank_neither_hangs_nor_stops_training(tmp_path):
     result = run_script("flatness", tmp_path, 2, "fail", timeout=180)
     assert result["steps"] == 1  # training went on, and the processes finished (no hang)
     assert result["failures"] == 1 and result["history"] == []  # rank 0 recorded the failed analysis
 
 
+@pytest.mark.ddp
 @pytest.mark.parametrize(("callback", "expected_runs"), [("flatness", 1), ("landscape", 1), ("energy", 2)])
 def test_a_one_rank_failure_in_any_stage_makes_every_rank_skip_without_hanging(tmp_path, callback, expected_runs):
     from tests.scripts.faults import FAULTS
@@ -80,6 +86,7 @@ def test_a_one_rank_failure_in_any_stage_makes_every_rank_skip_without_hanging(t
     )  # failures of rank 1 are visible on rank 0
 
 
+@pytest.mark.ddp
 def test_a_one_sample_probe_batch_under_batchnorm_training_mode_is_refused_on_every_rank(tmp_path):
     result = run_script("faults", tmp_path, 2, "batchnorm", timeout=240)
     assert result["steps"] == 0 and "probe.size" in result["error"] and "1 sample" in result["error"]

@@ -158,6 +158,7 @@ def test_metric_states_survive_an_analysis_exactly():
     assert math.isclose(float(model.train_loss.compute()), 2.0)
 
 
+@pytest.mark.slow
 def test_batchnorm_minima_keep_their_loss_across_triggers(tmp_path):
     energy = EnergyLandscape(
         every_n_steps=4,

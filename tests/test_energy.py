@@ -75,6 +75,7 @@ def double_well(tmp_path_factory):
     return energy
 
 
+@pytest.mark.slow
 def test_double_well_minima_saddle_and_disconnectivity_are_exact(double_well):
     assert double_well.runs == 1 and double_well.failures == 0
     run = double_well.history[0]
@@ -91,6 +92,7 @@ def test_double_well_minima_saddle_and_disconnectivity_are_exact(double_well):
     assert saved["saddles"][0, 1] == pytest.approx(0.5, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_double_well_markov_state_model_finds_two_equally_populated_wells(double_well):
     run = double_well.history[0]
     assert run["metastable_states"] == 2
@@ -112,6 +114,7 @@ def test_double_well_markov_state_model_finds_two_equally_populated_wells(double
     assert len(replicas) == 8
 
 
+@pytest.mark.slow
 def test_msm_on_probe_outputs_finds_the_two_wells_too(tmp_path):
     energy = well_energy(paths={"max_paths": 0}, msm={"features": "outputs"})
     train([energy], tmp_path)
@@ -128,6 +131,7 @@ def test_a_spent_time_budget_leaves_only_the_current_minimum(tmp_path):
     assert run["spent_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_energy_landscape_on_a_network_logs_to_wandb_within_budget(tmp_path):
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ll-test")
     energy = EnergyLandscape(
@@ -176,6 +180,7 @@ def test_energy_landscape_on_a_network_logs_to_wandb_within_budget(tmp_path):
     assert run["spent_passes"] >= 104
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_minima_database(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -207,6 +212,7 @@ def test_a_resumed_run_continues_the_minima_database(tmp_path):
     assert "barrier_previous" in resumed.history[-1]  # to the minimum of step 12, from before the resume
 
 
+@pytest.mark.slow
 def test_a_resume_from_an_earlier_checkpoint_rolls_the_minima_back_to_it(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -263,6 +269,7 @@ def test_minima_are_fingerprinted_with_outputs_fn(tmp_path):
     np.testing.assert_allclose(db.outputs(0).reshape(32, 3).sum(1), 1.0, rtol=1e-5)  # probabilities, not logits
 
 
+@pytest.mark.slow
 def test_energy_landscape_leaves_training_unchanged(tmp_path):
     plain = fit("lightning.pytorch", [], tmp_path / "plain")
     energy = EnergyLandscape(
@@ -273,6 +280,7 @@ def test_energy_landscape_leaves_training_unchanged(tmp_path):
     assert energy.runs == 4 and energy.failures == 0  # steps 3, 6, 9, 12 (fit end = step 12)
 
 
+@pytest.mark.ddp
 def test_two_ranks_sample_the_single_process_replicas_minima_and_paths(tmp_path):
     single = run_script("energy", tmp_path, 1)
     ddp = run_script("energy", tmp_path, 2)
@@ -319,6 +327,7 @@ def test_bad_settings_are_rejected_naming_the_stage_and_field():
         EnergyLandscape(paths=5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight_decay", [5e-4, 0.0])
 def test_the_energy_is_the_trained_loss_with_the_optimizers_weight_decay_and_its_quenches_converge(
     tmp_path, weight_decay
@@ -374,6 +383,7 @@ class JumpingWell(DoubleWell):
         return torch.optim.SGD(self.parameters(), lr=0.3)
 
 
+@pytest.mark.slow
 def test_one_chain_of_all_triggers_gives_the_transition_from_the_initial_to_the_current_set(tmp_path):
     from lightning_landscape import TrajectoryStore
     from tests.test_tpt import smoluchowski_tpt_mfpt
@@ -410,6 +420,7 @@ def test_one_chain_of_all_triggers_gives_the_transition_from_the_initial_to_the_
     assert rows[0] == "sets,share" and float(rows[1].split(",")[1]) > 0.9  # one channel, over the barrier
 
 
+@pytest.mark.slow
 def test_replicas_restart_from_the_recorders_snapshots_least_visited_first(tmp_path):
     from lightning_landscape import TrajectoryRecorder
 
@@ -444,6 +455,7 @@ class CorruptSnapshots(pl.Callback):
                 snapshot.write_bytes(b"not an array")
 
 
+@pytest.mark.slow
 def test_an_unreadable_snapshot_leaves_its_replica_at_the_current_point_and_the_trigger_standing(tmp_path):
     from lightning_landscape import TrajectoryRecorder
 
@@ -475,6 +487,7 @@ class Weights(pl.Callback):
         self.at[trainer.global_step] = pl_module.w.detach().clone()
 
 
+@pytest.mark.slow
 def test_the_training_path_joins_the_chain_every_record_every_steps(tmp_path):
     sampling = SamplingConfig(replicas=4, steps=100, lr=0.01, temperature=0.05, record_every=5)
     energy = well_energy(every_n_steps=20, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})
@@ -549,6 +562,7 @@ def test_a_learning_rate_schedule_breaks_the_counted_path_where_the_rule_changed
     assert energy._path_fragments(trainer) == [[0], [1], [2, 3, 4]]
 
 
+@pytest.mark.slow
 def test_a_chain_of_replicas_at_two_learning_rates_says_it_mixes_dynamics(tmp_path):
     sampling = SamplingConfig(replicas=2, steps=20, record_every=5)
     energy = well_energy(every_n_steps=8, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})

@@ -77,6 +77,7 @@ def test_cifar_resnet_depths_and_skip_switch(skip):
         cifar_resnet(depth=21)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_every_config_runs_end_to_end_with_its_callbacks_on_fake_data(config, tmp_path):
     # the config as written, for 2 steps on fake data of the right shape; each callback once, at the end of the
@@ -149,6 +150,7 @@ def test_a_bad_value_is_one_line_without_traceback(capsys, override, expected):
     assert not any("not recommended to provide both" in str(w.message) for w in caught)
 
 
+@pytest.mark.slow
 def test_quickstart_command_trains_and_logs_offline(tmp_path):
     """The README's main job, as a user runs it (a short version: 2 epochs)."""
     # a fresh user shell: no W&B mode, and not the W&B service that an earlier test in this process started

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +31,7 @@ def fit(root, callbacks, model=None, **kwargs):
     return model
 
 
+@pytest.mark.slow
 def test_a_full_disk_warns_once_keeps_every_row_and_training_goes_on(tmp_path, monkeypatch):
     plain = fit(tmp_path / "plain", [])
     full = {"on": False}
@@ -134,6 +136,7 @@ class Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+@pytest.mark.slow
 def test_diverged_replicas_never_become_minima(tmp_path):
     energy = EnergyLandscape(
         every_n_steps=3,
@@ -186,6 +189,7 @@ def test_after_diverged_training_the_failure_says_the_parameters_are_not_finite(
     assert any("parameters are not finite" in str(w.message) for w in caught)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_never_decides_where_we_write_or_delete(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger

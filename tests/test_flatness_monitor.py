@@ -17,6 +17,7 @@ from tests.helpers import loader, tiny_module_class
 from tests.test_observer import assert_identical_runs, fit
 
 
+@pytest.mark.slow
 def test_monitor_logs_all_measures_and_matches_the_functional_core(tmp_path):
     wandb_logger = WandbLogger(save_dir=str(tmp_path), project="ll-test", offline=True)
     monitor = FlatnessMonitor(
@@ -104,6 +105,7 @@ def test_bad_settings_are_rejected_in_the_constructor(kwargs, match):
         FlatnessMonitor(**kwargs)
 
 
+@pytest.mark.slow
 def test_monitor_every_step_does_not_disturb_training(tmp_path):
     plain = fit("lightning.pytorch", [], tmp_path / "plain")
     monitor = FlatnessMonitor(
@@ -114,6 +116,7 @@ def test_monitor_every_step_does_not_disturb_training(tmp_path):
     assert monitor.runs == 12 and monitor.failures == 0
 
 
+@pytest.mark.ddp
 def test_a_20m_parameter_model_keeps_the_lanczos_basis_within_the_memory_cap(tmp_path):
     """20M parameters, free memory reported as room for 24 parameter vectors in half of it: the basis stops at that
     cap (without it, 30 steps), and the analysis holds at most the cap plus 18 vectors of working set (the probe

@@ -51,6 +51,7 @@ def quench(obj, theta, steps=3000, lr=1e-4):
     return theta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["string", "neb"])
 def test_path_with_default_settings_finds_the_known_saddle_barriers_and_intermediate_minimum(potential, method):
     a, b = quench(potential, point(MIN_A)), quench(potential, point(MIN_B))  # exact minima
@@ -79,6 +80,7 @@ def test_bad_settings_are_rejected(potential):
         minimum_energy_path(potential, point(MIN_A), point(MIN_B), method="nudged")
 
 
+@pytest.mark.slow
 def test_a_step_that_overflows_is_halved_instead_of_returning_nan(potential):
     a, b = quench(potential, point(MIN_A)), quench(potential, point(MIN_B))
     path = minimum_energy_path(potential, a, b, n_images=15, step_size=10.0)  # 1000x too large: the loss overflows
@@ -90,6 +92,7 @@ def test_ends_without_a_finite_gradient_are_refused(potential):
         minimum_energy_path(potential, point(MIN_A), torch.tensor([1e3, 1e3], dtype=torch.float64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["string", "neb"])
 def test_path_on_a_kinked_valley_converges_to_the_energy_resolution_and_finds_the_exact_saddle(method):
     well = Objective(nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)], kinked_well, dtype=torch.float64)

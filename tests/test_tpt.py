@@ -149,6 +149,7 @@ def smoluchowski_tpt_mfpt(potential, temperature: float, core: float, lo: float 
     return float((pi * (1 - plus)).sum() / flux)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sgld_double_well_slowest_timescale_matches_the_smoluchowski_generator(seed):
     lr, temperature = 0.01, 1 / 3
@@ -262,6 +263,7 @@ def net_flux_shares(net_flux: np.ndarray, x: np.ndarray, y: np.ndarray) -> float
     return float(across[upper].sum() / across.sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sgld_three_hole_flux_shares_and_populations_match_the_fine_grid(seed):
     # SGLD replicas (half from each deep well) -> 0.25-wide cells -> MSM at the shortest lag (0.1 time units: a
@@ -289,6 +291,7 @@ def test_sgld_three_hole_flux_shares_and_populations_match_the_fine_grid(seed):
     assert pi[y > 1.0].sum() == pytest.approx(exact["top"], rel=0.15)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_chains_transition_rate_and_channel_split_match_the_fine_grid_between_its_own_cores(seed):
     from scipy.spatial import cKDTree

@@ -94,6 +94,7 @@ def test_statistics_equal_hand_computed_values(tmp_path):
     assert "landscape-trajectory/update_norm" in metrics
 
 
+@pytest.mark.slow
 def test_sketch_preserves_distances_johnson_lindenstrauss():
     P, k = 20_000, 256
     g = torch.Generator().manual_seed(0)
@@ -141,6 +142,7 @@ def test_recorder_does_not_disturb_training(tmp_path):
     assert len(TrajectoryStore.open(recorder.store_dir).steps) == 12
 
 
+@pytest.mark.slow
 def test_store_figure_and_artifact_reach_wandb(tmp_path):
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ll-test")
     recorder = TrajectoryRecorder(sketch_dim=16)
@@ -162,6 +164,7 @@ def test_store_figure_and_artifact_reach_wandb(tmp_path):
     assert (recorder.reporter.run_dir / "trajectory-step0000006.png").exists()
 
 
+@pytest.mark.slow
 def test_several_runs_project_onto_a_common_basis(tmp_path):
     stores = []
     for seed in (0, 1):
@@ -188,6 +191,7 @@ def test_several_runs_project_onto_a_common_basis(tmp_path):
         TrajectoryStore.open(tmp_path / "nothing")
 
 
+@pytest.mark.ddp
 def test_sigkill_leaves_a_readable_store_and_resume_continues_it(tmp_path):
     full = TrajectoryStore.open(run_script("trajectory", tmp_path, 1, "full", str(tmp_path))["store"])
     run_script("trajectory", tmp_path, 1, "kill", str(tmp_path), expect_kill=True)
@@ -201,6 +205,7 @@ def test_sigkill_leaves_a_readable_store_and_resume_continues_it(tmp_path):
     assert resumed.snapshot_steps == full.snapshot_steps == [12, 24, 36]
 
 
+@pytest.mark.ddp
 def test_two_ddp_ranks_record_the_single_process_store(tmp_path):
     single = TrajectoryStore.open(run_script("trajectory", tmp_path, 1, "full", str(tmp_path))["store"])
     ddp = TrajectoryStore.open(run_script("trajectory", tmp_path, 2, "full", str(tmp_path))["store"])

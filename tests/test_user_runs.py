@@ -125,6 +125,7 @@ class NegativeLoss(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, weight_decay=1e-3)
 
 
+@pytest.mark.slow
 def test_a_negative_loss_gives_minima_basins_and_a_tree(tmp_path):
     energy = EnergyLandscape(
         sampling={"replicas": 4, "steps": 20, "record_every": 2, "lr": 0.05},
@@ -308,6 +309,7 @@ def test_other_callbacks_can_stop_or_checkpoint_on_any_of_our_measures(tmp_path)
     assert trainer.callback_metrics["landscape-flatness/trace"] == pytest.approx(monitor.history[0]["trace"])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_can_keep_the_lowest_barrier_to_the_previous_minimum(tmp_path):
     energy = EnergyLandscape(
         every_n_epochs=1,

@@ -45,11 +45,11 @@ from lightning_landscape._compat import CALLBACK_BASES
 from lightning_landscape.budget import Budget
 from lightning_landscape.checks import check_int
 from lightning_landscape.guard import preserve_state
-from lightning_landscape.objective import BNMode, Objective, _batch_size
+from lightning_landscape.objective import BNMode, Objective, batch_size_of
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.probe import ProbeSpec, probe_chunks
 from lightning_landscape.report import Reporter
-from lightning_landscape.report.dashboard import Logged
+from lightning_landscape.report.logged import Logged
 from lightning_landscape.report.reporter import check_prefix
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                     " HINT: give at least one batch per rank."
                 )
             mine = distributed.shard(len(given), rank, world_size)
-            self._probe_total = sum(_batch_size(b) for b in given)
+            self._probe_total = sum(batch_size_of(b) for b in given)
             self._probe_batches = [trainer.strategy.batch_to_device(given[j]) for j in mine]
         if self._probe_batches is None:
             self._probe_batches = self.draw_batches(

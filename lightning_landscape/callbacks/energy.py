@@ -106,7 +106,7 @@ from lightning_landscape.guard import preserve_state
 from lightning_landscape.objective import Objective
 from lightning_landscape.params import ParameterLayout, weight_decay_of
 from lightning_landscape.probe import ProbeSpec
-from lightning_landscape.report.dashboard import Logged
+from lightning_landscape.report.logged import Logged
 from lightning_landscape.report.plots import free_energy_figure, path_atlas_figure, paths_figure, timescales_figure
 
 if TYPE_CHECKING:

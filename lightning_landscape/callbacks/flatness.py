@@ -61,7 +61,7 @@ from lightning_landscape.checks import as_config, check_float, check_int
 from lightning_landscape.curvature.operator import parameter_indices
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.probe import ProbeSpec
-from lightning_landscape.report.dashboard import Logged
+from lightning_landscape.report.logged import Logged
 from lightning_landscape.report.plots import eigenvalue_figure, spectral_density_figure
 
 if TYPE_CHECKING:

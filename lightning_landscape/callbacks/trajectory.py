@@ -52,10 +52,10 @@ from lightning_landscape.callbacks.base import global_batch_size, record_failure
 from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.curvature import gradient_norm, two_batch_noise
 from lightning_landscape.dynamics import SparseProjection, TrajectoryStore
-from lightning_landscape.objective import _batch_size
+from lightning_landscape.objective import batch_size_of
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.report import Reporter
-from lightning_landscape.report.dashboard import Logged
+from lightning_landscape.report.logged import Logged
 from lightning_landscape.report.plots import trajectory_figure
 from lightning_landscape.report.reporter import check_prefix
 
@@ -225,6 +225,33 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             self.store_dir, self.store = self._given_store_dir, None
             self._last_step = self._resume_step = None
             self._copies, self._noise_state, self.failures = {}, {}, 0
+            self.plan_memory(ParameterLayout.from_module(pl_module, trainable_only=False).numel, pl_module.device)
+
+    def plan_memory(self, n_params: int, device: torch.device) -> None:
+        """Before training: rank 0 holds the initial parameters and the two steps before the next sampled one, and
+        reads the current ones (4 vectors of ``P`` float32 entries). On an accelerator without room for them in half
+        of its free memory they are held in host memory (a warning says so); where the host has no room either, the
+        recorder is refused with the sizes."""
+        from lightning_landscape.curvature.memory import check_vectors, vectors_that_fit
+
+        self._hold = device
+        if device.type != "cpu" and vectors_that_fit(n_params, torch.float32, device) < 4:
+            self._hold = torch.device("cpu")
+            warnings.warn(
+                f"TrajectoryRecorder: 4 parameter vectors of {n_params:,} entries do not fit in half of the free memory"
+                f" of {device}; the initial parameters and the recent steps are held in host memory (slower vector"
+                " statistics, no device memory).",
+                UserWarning,
+                stacklevel=2,
+            )
+        check_vectors(
+            4 if self._hold == device else 3,
+            n_params,
+            torch.float32,
+            self._hold,
+            f"TrajectoryRecorder on {n_params:,} parameters (the initial point, two recent steps, the current one)",
+            "leave TrajectoryRecorder out of this run, or train on a machine with more memory.",
+        )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -241,9 +268,10 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self.projection = SparseProjection(
             self.layout.numel, self.sketch_dim, self.projection_seed, self.sketch_nnz, flat.device
         )
-        self._copies = {step: c.to(flat) for step, c in self._copies.items()}
+        hold = getattr(self, "_hold", flat.device)
+        self._copies = {step: c.to(hold) for step, c in self._copies.items()}
         if self._resume_step is None:
-            self._copies = {0: flat}
+            self._copies = {0: flat.to(hold)}
         self._losses: list[torch.Tensor] = []  # this step's (accumulated) batch losses, kept as tensors
         self._samples = 0  # this step's samples on this rank
         self._device = flat.device
@@ -275,7 +303,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             init_path = Path(self.store_dir) / "snapshots" / "init.npy"
             if not init_path.exists():
                 self.store.save_snapshot("init", flat.cpu().numpy())
-            self._init = torch.from_numpy(np.array(self.store.snapshot("init"))).to(flat)
+            self._init = torch.from_numpy(np.array(self.store.snapshot("init"))).to(hold)
             self._init_norm = float(self._init.norm())
         self._register_ddp_hook(trainer)
 
@@ -352,7 +380,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         if not self._active:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        self._samples += _batch_size(batch)
+        self._samples += batch_size_of(batch)
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             # Lightning hands over the loss divided by accumulate_grad_batches: undo it
             self._losses.append(loss.detach().reshape(()) * self._accumulation)
@@ -436,7 +464,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
                     if keep or sampled:
                         self._copies = {s: c for s, c in self._copies.items() if s > step - 2}
                     if keep:
-                        self._copies[step] = flat
+                        self._copies[step] = flat.to(self._init.device)
                     if sketched:
                         sketch = self.projection(flat).cpu().numpy()
         except Exception as err:
@@ -461,19 +489,31 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
                 self._fail(trainer, err)
 
     def _vector_stats(self, flat: torch.Tensor, step: int, stats: dict[str, float]) -> np.ndarray:
-        """Update norm, cosine of consecutive updates and distances from init at a sampled step (in place)."""
+        """Update norm, cosine of consecutive updates and distances from init at a sampled step (in place), one
+        parameter tensor at a time: the working memory is that of the largest tensor, not of the whole vector."""
         before, before2 = self._copies.get(step - 1), self._copies.get(step - 2)
+        flat = flat.to(self._init.device)  # host memory where the device has no room (plan_memory)
+        sizes = self.layout.sizes
+        update_sq = previous_sq = dot = 0.0
         if before is not None:
-            update = flat - before
-            stats["update_norm"] = float(update.norm())
+            pairs = zip(flat.split(sizes), before.split(sizes), strict=True)
+            olders = before2.split(sizes) if before2 is not None else [None] * len(sizes)
+            for (now, last), older in zip(pairs, olders, strict=True):
+                update = now - last
+                update_sq += float(update.norm()) ** 2
+                if older is not None:
+                    previous = last - older
+                    previous_sq += float(previous.norm()) ** 2
+                    dot += float(torch.dot(update.reshape(-1), previous.reshape(-1)))
+            stats["update_norm"] = math.sqrt(update_sq)
             if before2 is not None:
-                previous = before - before2
-                denom = float(update.norm() * previous.norm())
-                stats["update_cosine"] = float(update @ previous) / denom if denom > 0 else float("nan")
-        diff = flat - self._init
-        stats["distance"] = float(diff.norm())
+                denom = math.sqrt(update_sq * previous_sq)
+                stats["update_cosine"] = dot / denom if denom > 0 else float("nan")
+        layers = zip(flat.split(sizes), self._init.split(sizes), strict=True)
+        layer = np.array([float((now - init).norm()) for now, init in layers])
+        stats["distance"] = float(np.sqrt(np.square(layer).sum()))
         stats["relative_distance"] = stats["distance"] / self._init_norm if self._init_norm > 0 else float("nan")
-        return torch.stack([d.norm() for d in diff.split(self.layout.sizes)]).cpu().numpy()
+        return layer
 
     def _noise_scale(self, mean_local_sq: float, inverse_size: float, world: int, lr: float | None) -> dict[str, float]:
         """McCandlish et al. (2018), appendix A: unbiased |G|^2 and tr(Sigma) from the per-rank and the averaged

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
-from lightning_landscape.objective import _batch_size, _map_tensors
+from lightning_landscape.objective import batch_size_of, map_tensors
 
 
 @dataclass
@@ -65,21 +65,21 @@ def gradient_moments(objective: Any, theta: Tensor | None = None, chunk_size: in
         raise ValueError("Per-sample gradients need `bn_mode='eval'` for a module with BatchNorm layers.")
 
     def sample_loss(t: Tensor, sample: Any) -> Tensor:
-        one = _map_tensors(sample, lambda x: x.unsqueeze(0))
-        return objective._call(objective._tensors(t), one, 0)
+        one = map_tensors(sample, lambda x: x.unsqueeze(0))
+        return objective.call(objective.tensors(t), one, 0)
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0), chunk_size=chunk_size)
     grad_sum = torch.zeros_like(theta)
     sq = torch.zeros((), dtype=theta.dtype, device=theta.device)
     n = 0
-    with objective._evaluation_mode():
+    with objective.evaluation_mode():
         for batch in objective.batches:
-            size = _batch_size(batch)
+            size = batch_size_of(batch)
             try:
                 grads = per_sample_grad(theta, batch)
             except Exception:  # not vmappable: one sample at a time
                 grads = torch.stack(
-                    [grad(sample_loss)(theta, _map_tensors(batch, lambda x, i=i: x[i])) for i in range(size)]
+                    [grad(sample_loss)(theta, map_tensors(batch, lambda x, i=i: x[i])) for i in range(size)]
                 )
             grad_sum += grads.sum(0)
             sq += (grads**2).sum()

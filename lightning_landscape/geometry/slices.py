@@ -147,7 +147,7 @@ class AffineInputLayers:
         self._vmap_ok: bool | None = None
         # for the batched path: every tensor at the center, and the parameters that move with the coordinates
         # (all but the shortcut layers' own weights and biases)
-        self._base = objective._tensors(center)
+        self._base = objective.tensors(center)
         skipped = {f"{name}.{kind}" for name in self.layers for kind in ("weight", "bias")}
         slices = objective.layout.slices()
         self._free = [
@@ -230,16 +230,16 @@ class AffineInputLayers:
                 for key, part, shape in self._free:
                     tensors[key] = (self.center[part] + s @ self.directions[:, part]).reshape(shape)
             else:
-                tensors = obj._tensors(torch.addmv(self.center, self.directions.T, s))
+                tensors = obj.tensors(torch.addmv(self.center, self.directions.T, s))
             total = 0.0
             for i, w in enumerate(obj.weights):
-                total = total + w * obj._call(tensors, obj.batches[i], i)
+                total = total + w * obj.call(tensors, obj.batches[i], i)
             return total
 
         try:
             for name, m in self._modules.items():
                 object.__setattr__(m, "forward", shortcut(name))
-            with obj._evaluation_mode(), torch.no_grad():
+            with obj.evaluation_mode(), torch.no_grad():
                 points = coords.to(self.center)
                 return vmap(loss)(points) if batched else torch.stack([loss(s) for s in points])
         finally:

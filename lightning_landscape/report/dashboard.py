@@ -1,6 +1,7 @@
 """A W&B workspace built from the keys the callbacks declare: one section per analysis, the right panel per key.
 
-Every callback declares what it logs as a :class:`Logged` (``logged`` class attribute): ``fnmatch`` patterns of
+Every callback declares what it logs as a :class:`~lightning_landscape.report.logged.Logged` (``logged`` class
+attribute): ``fnmatch`` patterns of
 its key names, by panel kind (scalars -> line plots, media -> media browsers, tables -> table panels). The
 dashboard is built from these declarations only, so a new measure cannot be forgotten: the test of this module
 runs the quickstart and checks that every key it logged has a panel, and nothing else does.
@@ -33,44 +34,16 @@ import fnmatch
 import json
 import re
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_landscape.callbacks import declarations as callback_declarations
+from lightning_landscape.report.logged import Logged
 from lightning_landscape.report.reporter import section
 
 #: scalars plotted on the same line plot as another key (the first), when both are logged
 COMPANIONS = {"flatness": {"lambda_max": ["stability_limit"]}}
-
-
-@dataclass(frozen=True)
-class Logged:
-    """What an analysis logs, as ``fnmatch`` patterns of its key names (the part after ``<prefix>-<analysis>/``).
-
-    Args:
-        scalars: numbers over training (line plots).
-        media: images and plotly figures (media browsers).
-        tables: ``wandb.Table`` values (table panels).
-    """
-
-    scalars: tuple[str, ...] = ()
-    media: tuple[str, ...] = ()
-    tables: tuple[str, ...] = ()
-
-    def kind(self, name: str) -> str | None:
-        """``"line"``, ``"media"``, ``"table"`` or None: the panel of key name ``name``."""
-        for kind, patterns in (("line", self.scalars), ("media", self.media), ("table", self.tables)):
-            if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-                return kind
-        return None
-
-
-def declarations() -> list[tuple[str, Logged]]:
-    """``(section, what it logs)`` of each callback, in the dashboard's order."""
-    from lightning_landscape.callbacks import EnergyLandscape, FlatnessMonitor, LandscapeSampler, TrajectoryRecorder
-
-    return [(cb.section, cb.logged) for cb in (TrajectoryRecorder, FlatnessMonitor, LandscapeSampler, EnergyLandscape)]
 
 
 def _panels(analysis: str, logged: Logged, names: list[str] | None) -> list[dict[str, Any]]:
@@ -100,7 +73,11 @@ def _panels(analysis: str, logged: Logged, names: list[str] | None) -> list[dict
     return panels
 
 
-def dashboard_spec(keys: Iterable[str] | None = None, prefix: str = "landscape") -> dict[str, Any]:
+def dashboard_spec(
+    keys: Iterable[str] | None = None,
+    prefix: str = "landscape",
+    declarations: Sequence[tuple[str, Logged]] | None = None,
+) -> dict[str, Any]:
     """The workspace specification: ``{"prefix", "sections": [{"name", "panels": [{"kind", "title", "keys" or
     "regex"}]}], "undeclared"}``.
 
@@ -108,13 +85,15 @@ def dashboard_spec(keys: Iterable[str] | None = None, prefix: str = "landscape")
         keys: the keys a run logged (e.g. :func:`run_keys`); the user's own keys are ignored. None: a panel per
             declared pattern.
         prefix: the callbacks' ``key_prefix``.
+        declarations: ``(section, what it logs)`` per analysis, in the dashboard's order; default: our four
+            callbacks' (:func:`~lightning_landscape.callbacks.declarations`).
 
     ``undeclared`` lists keys of our sections that no declaration covers (a callback that logs a key it did not
     declare): they get no panel.
     """
     keys = None if keys is None else sorted(set(keys))
     sections, undeclared = [], []
-    for analysis, logged in declarations():
+    for analysis, logged in declarations if declarations is not None else callback_declarations():
         name = section(prefix, analysis)
         names = None if keys is None else [k[len(name) + 1 :] for k in keys if k.startswith(name + "/")]
         panels = _panels(analysis, logged, names)

@@ -33,11 +33,11 @@ FAULTS = {
         ("lightning_landscape.report.reporter", "Reporter.arrays", 0),  # after the last collective
     ],
     "landscape": [
-        ("lightning_landscape.callbacks.landscape", "random_direction", 1),
-        ("lightning_landscape.callbacks.landscape", "evaluate_slice", 1),
+        ("lightning_landscape.callbacks.sampler", "random_direction", 1),
+        ("lightning_landscape.callbacks.sampler", "evaluate_slice", 1),
         ("lightning_landscape.dynamics", "TrajectoryStore.open", 0),
-        ("lightning_landscape.callbacks.landscape", "pca_directions", 0),
-        ("lightning_landscape.callbacks.landscape", "interpolate", 1),
+        ("lightning_landscape.callbacks.sampler", "pca_directions", 0),
+        ("lightning_landscape.callbacks.sampler", "interpolate", 1),
     ],
     "energy": [
         ("lightning_landscape.callbacks.energy", "sample", 1),

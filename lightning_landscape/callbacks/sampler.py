@@ -47,7 +47,7 @@ from lightning_landscape.geometry import (
 )
 from lightning_landscape.params import ParameterLayout
 from lightning_landscape.probe import ProbeSpec
-from lightning_landscape.report.dashboard import Logged
+from lightning_landscape.report.logged import Logged
 from lightning_landscape.report.plots import contour_figure, profile_figure, surface_figure
 
 if TYPE_CHECKING:

@@ -164,6 +164,7 @@ def test_nonconvexity_map_of_a_saddle():
     np.testing.assert_allclose(nonconvexity_map(obj, torch.zeros(3, dtype=torch.float64), dirs, coords), 0.5, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_sampler_with_recorder_logs_every_picture_and_keeps_training_unchanged(tmp_path):
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="ll-test")
     recorder = TrajectoryRecorder(sketch_dim=16, snapshot_every_n_steps=2)
@@ -207,6 +208,7 @@ def test_sampler_with_recorder_logs_every_picture_and_keeps_training_unchanged(t
     assert_identical_runs(plain, observed)
 
 
+@pytest.mark.ddp
 def test_two_ranks_compute_the_single_process_grid(tmp_path):
     single = run_script("landscape", tmp_path, 1)
     ddp = run_script("landscape", tmp_path, 2)
@@ -217,6 +219,7 @@ def test_two_ranks_compute_the_single_process_grid(tmp_path):
     )
 
 
+@pytest.mark.ddp
 def test_fsdp2_ranks_compute_the_single_process_grid_from_gathered_parameters(tmp_path):
     """Two ranks of ModelParallelStrategy with ``fully_shard``: the sampler gathers the sharded parameters (its own
     snapshots too) and splits the grid as under DDP; the slices equal one process's on the unsharded model."""
