@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+import pytest
+
 import lightning_landscape  # noqa: F401  (must precede lightning: see lightning_landscape/_compat.py)
 
 _WANDB_HOME = tempfile.mkdtemp(prefix="ll-wandb-")
@@ -17,3 +19,10 @@ def pytest_sessionfinish(session, exitstatus):
     import shutil
 
     shutil.rmtree(_WANDB_HOME, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _in_its_own_folder(tmp_path, monkeypatch):
+    """Every test runs in its own temporary folder: whatever a Trainer, a logger or an example writes to the current
+    directory (a run folder by default) lands under ``tmp_path``, never in the checkout."""
+    monkeypatch.chdir(tmp_path)

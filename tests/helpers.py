@@ -119,7 +119,7 @@ class DisturbingAnalysis(LandscapeCallback):
             raise RuntimeError("analysis exploded on purpose")
 
 
-def offline_wandb_records(save_dir, marker: bytes, attempts: int = 40, path: bool = False):
+def offline_wandb_records(save_dir, marker: bytes, attempts: int = 240, path: bool = False):
     """The record log of the (finished) offline W&B run under ``save_dir``, once it contains ``marker`` (its file's
     path with ``path=True``).
 

@@ -155,7 +155,9 @@ class EnergyLandscape(LandscapeCallback):
     its fields; in YAML a nested mapping), whose defaults work without tuning.
 
     Args:
-        every_n_steps, every_n_epochs, at_fit_end: triggers (and :meth:`run_now` on demand).
+        every_n_steps: run every ``n`` optimizer steps (and :meth:`run_now` on demand).
+        every_n_epochs: run at the end of every ``n``-th epoch.
+        at_fit_end: run when training ends.
         sampling: :class:`~lightning_landscape.dynamics.SamplingConfig`: replicas, their steps, ``lr`` (default:
             training's), SGLD ``temperature``, recording, the minibatch pool, seeds and the sketch. With a
             :class:`TrajectoryRecorder` in the trainer, its projection sketches the replicas too.
@@ -181,7 +183,8 @@ class EnergyLandscape(LandscapeCallback):
             function-space fingerprint of minima and the ``"outputs"`` features); default ``module(first tensor of
             the batch)``. With an iterable training dataset, the given ``probe.batches`` are also the replicas'
             minibatch pool.
-        progress, key_prefix: as for every callback.
+        progress: show a progress bar (rank 0).
+        key_prefix: keys are ``<key_prefix>-energy/<name>``.
 
     Raises:
         ValueError: for a bad value in any stage's config (named as ``stage.field``), or a stage given as something

@@ -92,7 +92,8 @@ class SpectrumConfig:
         tol: relative accuracy of the eigenvalues.
         method: ``"lanczos"`` (torch-native, measured fastest here), ``"arpack"`` or ``"power"``.
         trace_samples: Hessian-vector products for the Hutch++ trace (at least 3).
-        density_vectors: SLQ start vectors of the spectral density; density_steps: Lanczos steps each.
+        density_vectors: SLQ start vectors of the spectral density.
+        density_steps: Lanczos steps of each.
     """
 
     top_k: int = 5

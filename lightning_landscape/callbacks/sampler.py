@@ -91,7 +91,9 @@ class LandscapeSampler(LandscapeCallback):
     """2-D and 1-D slices, the trajectory's PCA plane and the init-to-current interpolation.
 
     Args:
-        every_n_steps, every_n_epochs, at_fit_end: triggers (and :meth:`run_now` on demand).
+        every_n_steps: run every ``n`` optimizer steps (and :meth:`run_now` on demand).
+        every_n_epochs: run at the end of every ``n``-th epoch.
+        at_fit_end: run when training ends.
         slices: the 1-D profile and the 2-D slice (:class:`SliceConfig` or a dict of its fields: ``resolution``,
             ``span``, ``line_points``, ``normalization``, ``direction_seed``, ``memory_mb``).
         interpolation_steps: points on the init-to-current line.
@@ -108,8 +110,10 @@ class LandscapeSampler(LandscapeCallback):
             3 x 3 plane and 3 interpolation points; the PCA plane and the interpolation are cut once the budget is
             spent; the slice's side is logged (``resolution``), and ``cut`` events name the sizes used and what was
             cut.
-        probe, progress, key_prefix: as for every callback (:class:`LandscapeCallback`); the energy's BatchNorm
-            mode is ``"eval"`` unless ``probe.bn_mode`` says otherwise.
+        probe: the probe set and the energy, as for every callback (:class:`LandscapeCallback`); BatchNorm in
+            ``"eval"`` mode unless ``probe.bn_mode`` says otherwise.
+        progress: show a progress bar (rank 0).
+        key_prefix: keys are ``<key_prefix>-slices/<name>``.
     """
 
     default_share = 0.04  # of training time (the floor: 10 s a trigger)

@@ -470,6 +470,8 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         except Exception as err:
             sketch = layer = None
             self._fail(trainer, err)
+        for key in ("update_norm", "update_cosine", "distance", "relative_distance"):  # a column from the first row
+            stats.setdefault(key, float("nan"))
         try:
             self.store.append(step, stats, sketch, layer)
             if self.snapshot_every_n_steps and step % self.snapshot_every_n_steps == 0:

@@ -97,7 +97,8 @@ class SamplingConfig:
         record_every: record a replica's point every this many steps.
         pool_batches: training batches (of the training batch size) the replicas draw their minibatches from.
         seed: seed of the replicas and of the pool.
-        sketch_dim, projection_seed: the replicas' sketch (with a TrajectoryRecorder, its projection instead).
+        sketch_dim: the size of the replicas' sketch (with a TrajectoryRecorder, its projection instead).
+        projection_seed: the seed of that sketch.
         restarts: the fraction of replicas that start from an earlier point instead of the current one (the
             previous trigger's replica ends, and a TrajectoryRecorder's parameter snapshots of the path so far when
             one runs), the least-visited in the chain of all triggers first (:func:`restart_points`), so that the
@@ -280,9 +281,10 @@ class MSMConfig:
         features: ``"sketch"`` (sketch coordinates) or ``"outputs"`` (outputs on the probe set, invariant to
             permutations of hidden units).
         max_metastable: PCCA+ sets at most (the number is chosen at the largest eigenvalue gap).
-        refit_seeds, refit_counts: the chain of all triggers is refitted with this many k-means seeds times this many
+        refit_seeds: the chain of all triggers is refitted with this many k-means seeds times ``refit_counts``
             state counts (``n``, ``2n``, ...), and a set or transition is reported as robust only when it survives
             every refit (:func:`chain_robustness`); 1 and 1: no refit.
+        refit_counts: the state counts of those refits.
     """
 
     lag: int = 1

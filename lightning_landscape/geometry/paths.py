@@ -223,7 +223,8 @@ def minimum_energy_path(
     Args:
         objective: an :class:`~lightning_landscape.Objective` (its ``loss``, ``grad`` and, for the default step,
             ``hvp`` are used).
-        theta_a, theta_b: the two ends (kept fixed).
+        theta_a: one end (kept fixed).
+        theta_b: the other end (kept fixed).
         n_images: images on the path, ends included.
         method: ``"string"`` or ``"neb"``.
         climbing: refine the highest image to the saddle (to the same ``tol``), once the path has converged; the
