@@ -6,7 +6,8 @@ samples, drawn once (seeded) and evaluated with autocast off, in ``dtype``, with
 
 ================ ===================================================================================================
 ``size``         samples in the probe set: the first ``size`` of a permutation of the training set drawn with ``seed``
-``batch_size``   its batch size (None: the train loader's; ``EnergyLandscape``: the whole probe set in one batch)
+``batch_size``   its batch size (None: the train loader's; ``EnergyLandscape``: the whole probe set in one batch
+                 where a Hessian-vector product on it fits in memory, else the largest batch that does)
 ``seed``         seed of the draw (recorded with every result)
 ``bn_mode``      ``"eval"`` (running statistics) or ``"train"`` (batch statistics); None: the analysis' default
                  (``"eval"`` for curvature and slices, ``"train"`` for ``EnergyLandscape``, the energy SGD sees)
@@ -94,11 +95,9 @@ class ProbeSpec:
         """``value`` as a ``ProbeSpec``: an instance, a dict of its fields (e.g. from YAML), or None (defaults)."""
         return as_config(cls, value, "probe")
 
-    def resolved(self, bn_mode: BNMode, one_batch: bool = False) -> ProbeSpec:
-        """The analysis' defaults filled in: its ``bn_mode`` when none is given, and with ``one_batch`` the whole
-        probe set in one batch when no ``batch_size`` is given."""
-        batch_size = self.batch_size if self.batch_size is not None or not one_batch else self.size
-        return dataclasses.replace(self, bn_mode=self.bn_mode or bn_mode, batch_size=batch_size)
+    def resolved(self, bn_mode: BNMode) -> ProbeSpec:
+        """The analysis' default BatchNorm mode filled in when none is given."""
+        return dataclasses.replace(self, bn_mode=self.bn_mode or bn_mode)
 
     @property
     def metadata(self) -> dict[str, Any]:

@@ -33,9 +33,34 @@ def test_every_callback_takes_the_same_spec_as_an_instance_or_a_dict(callback):
 def test_each_analysis_fills_in_its_own_defaults():
     assert FlatnessMonitor().probe == ProbeSpec(bn_mode="eval")  # curvature of the trained network
     assert LandscapeSampler().probe == ProbeSpec(bn_mode="eval")
-    # the energy of the weights alone, in one batch; a given batch size or mode is kept
-    assert EnergyLandscape().probe == ProbeSpec(bn_mode="train", batch_size=256)
+    # the energy of the weights alone; its batch size is planned from memory at the start of training
+    assert EnergyLandscape().probe == ProbeSpec(bn_mode="train")
     assert EnergyLandscape(probe={"size": 64, "batch_size": 8}).probe.batch_size == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("free_mib, batch_size", [(4000, 96), (200, 6)])
+def test_energy_evaluates_its_probe_set_in_one_batch_when_memory_allows(tmp_path, monkeypatch, free_mib, batch_size):
+    from lightning_landscape.curvature import memory
+
+    # a gradient's graph of 1 MiB a sample: a float64-capable HVP needs 4 x 2 x 1 MiB a sample, in a quarter of free
+    monkeypatch.setattr(memory, "graph_bytes", lambda objective, batch=0: len(objective.batches[0][0]) * 2**20)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: free_mib * 2**20)  # 200 MiB: 6 samples a batch
+    energy = EnergyLandscape(
+        every_n_steps=2, at_fit_end=False, progress=False, probe={"size": 96}, sampling={"replicas": 2, "steps": 5}
+    )
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, callbacks=[energy], enable_progress_bar=False,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    if batch_size < 96:  # 96 = 16 x 6
+        with pytest.warns(UserWarning, match="in batches of 6.*HINT: set `probe.batch_size`"):
+            trainer.fit(tiny_module_class()(), loader())
+    else:
+        trainer.fit(tiny_module_class()(), loader())
+    assert energy.probe.batch_size == batch_size and energy.runs == 1
+    assert [len(b[0]) for b in energy.probe_set(trainer)] == [batch_size] * (96 // batch_size)
+    assert energy.probe_metadata["probe_batch_size"] == batch_size
 
 
 @pytest.mark.parametrize("callback", [FlatnessMonitor, LandscapeSampler, EnergyLandscape])
@@ -92,7 +117,7 @@ def config(tmp_path):
 
 
 def recorded(**fields):
-    spec = ProbeSpec(size=32, seed=1, bn_mode="train", **fields).resolved("train", one_batch=True)
+    spec = ProbeSpec(size=32, seed=1, bn_mode="train", **{"batch_size": 32, **fields})
     return {**spec.metadata, "l2": 0.0}
 
 
@@ -121,3 +146,19 @@ def test_analyze_rebuilds_the_recorded_batches_dtype_and_loss(config):
 def test_analyze_refuses_an_energy_it_cannot_rebuild(config, fields, words):
     with pytest.raises(AnalysisError, match=words):
         _probe_objective(config, recorded(**fields), sum(p.numel() for p in BatchNormNet().parameters()))
+
+
+def test_the_graph_memory_of_a_gradient_grows_with_the_batch_and_is_what_autograd_saves():
+    from lightning_landscape.curvature.memory import graph_bytes
+
+    net = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 3)).double()
+    data = blobs(64)
+
+    def measured(n):
+        x = torch.randn(n, 10, dtype=torch.float64)
+        return graph_bytes(Objective(net, [(x, data.tensors[1][:n])], summed_loss, dtype=torch.float64))
+
+    one, two, three = measured(8), measured(16), measured(24)
+    assert one > 0 and two - one == three - two  # linear in the batch: activations, not parameters
+    # per sample at least the input (10), the hidden pre- and post-activation (20 + 20) and the logits (3), in float64
+    assert (two - one) / 8 >= 8 * (10 + 20 + 3)

@@ -132,8 +132,6 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     shard_probe = True
     #: the BatchNorm mode of the energy when the probe specification names none
     default_bn_mode: BNMode = "eval"
-    #: the whole probe set in one batch when the probe specification names no batch size (fewer, larger passes)
-    one_probe_batch = False
     #: the share of training time a trigger may take by default (``budget="default"``)
     default_share = 0.05
     #: whether the analysis counts batch passes (``Budget.passes``)
@@ -176,7 +174,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.every_n_epochs = every_n_epochs
         self.at_fit_end = at_fit_end
         #: the probe set and the energy on it, with this analysis' defaults filled in
-        self.probe: ProbeSpec = ProbeSpec.of(probe).resolved(self.default_bn_mode, self.one_probe_batch)
+        self.probe: ProbeSpec = ProbeSpec.of(probe).resolved(self.default_bn_mode)
         self.progress = progress
         self.failures = 0
         self.runs = 0

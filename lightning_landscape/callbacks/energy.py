@@ -175,7 +175,9 @@ class EnergyLandscape(LandscapeCallback):
             replicas see the energy that training descends. A cross-entropy loss on a probe set that the network can
             fit has no minimum at finite weights without it: its quenches run off without converging.
         probe: the probe set and the energy (:class:`~lightning_landscape.probe.ProbeSpec` or a dict of its fields), as
-            for every callback, with these defaults: the whole probe set in one batch (fewer, larger passes), and
+            for every callback, with these defaults: the whole probe set in one batch (fewer, larger passes) where a
+            Hessian-vector product on it fits in a quarter of the free memory, else the largest batch that does
+            (measured at the start of training, warned about and recorded as ``probe_batch_size``), and
             ``bn_mode="train"``: BatchNorm normalizes with the statistics of the probe batch, so the energy is a
             function of the weights alone and a minimum has the same loss at every trigger (``"eval"``, the running
             statistics, is refused for modules with BatchNorm, whose running statistics move between triggers).
@@ -246,7 +248,6 @@ class EnergyLandscape(LandscapeCallback):
     )
     shard_probe = False  # every rank holds the whole probe set; replicas, quenches and paths are split instead
     default_bn_mode = "train"  # the energy of the weights alone (see `probe`)
-    one_probe_batch = True
 
     def __init__(
         self,
@@ -371,6 +372,47 @@ class EnergyLandscape(LandscapeCallback):
             else "a smaller model, or fewer trainable parameters.",
         )
 
+    def _plan_probe_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The probe set's batch size when none is given: the whole set in one batch (fewer, larger passes) when a
+        Hessian-vector product on it fits in a quarter of the free memory (in float64 when the quench may take it),
+        else the largest batch that does, from the activation memory of a gradient measured on a sample batch
+        (:func:`~lightning_landscape.curvature.memory.graph_bytes`). Rank 0 decides for every rank; the choice is
+        recorded (``probe_batch_size``) and kept for the fit."""
+        from lightning_landscape.curvature.memory import HVP_GRAPH_FACTOR, free_bytes, graph_bytes
+
+        size = self.probe.size
+        decision: int | str = size
+        if trainer.is_global_zero:
+            try:
+                n = min(size, 16)
+                sample = self.draw_batches(trainer, n, n, self.probe.seed, sharded=False)
+                spec = self.probe
+                objective = Objective(pl_module, sample, spec.loss_fn, bn_mode=spec.bn_mode, dtype=spec.dtype)
+                per_sample = graph_bytes(objective) / n
+                wide = 2 if self.quench.dtype != "float32" and spec.dtype == torch.float32 else 1  # a float64 quench
+                need = HVP_GRAPH_FACTOR * wide * per_sample
+                fit = int(0.25 * free_bytes(pl_module.device) // max(need, 1.0))
+                if fit < size:
+                    batch = max(2, fit)
+                    while size % batch == 1 and batch > 2:  # no batch of one sample (BatchNorm in train mode)
+                        batch -= 1
+                    decision = batch
+            except Exception as err:  # the loss itself fails: the check that follows says why, with a hint
+                decision = f"{type(err).__name__}: {err}"
+        decision = distributed.broadcast(trainer.strategy, decision)
+        if isinstance(decision, str):
+            decision = size
+        if decision < size and trainer.is_global_zero:
+            warnings.warn(
+                f"EnergyLandscape: a Hessian-vector product on the {size} probe samples in one batch would not fit in"
+                f" a quarter of the free memory of {pl_module.device}, so the probe set is evaluated in batches of"
+                f" {decision} (recorded as `probe_batch_size`; with BatchNorm in train mode the batch defines the"
+                " energy). HINT: set `probe.batch_size` to choose it.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.probe = replace(self.probe, batch_size=decision)
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -447,6 +489,8 @@ class EnergyLandscape(LandscapeCallback):
 
     @override
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe.batch_size is None and self.probe.batches is None and self._probe_batches is None:
+            self._plan_probe_batches(trainer, pl_module)
         super().check(trainer, pl_module)
         objective = self.objective(trainer, pl_module)
         source = (

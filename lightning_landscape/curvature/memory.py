@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -107,3 +108,28 @@ def check_vectors(needed: int, dim: int, dtype: torch.dtype, device: torch.devic
             f" ({needed * dim * size / 2**30:.2f} GiB), but only {fit} fit in half of the"
             f" {free_bytes(device) / 2**30:.2f} GiB free on {device}. HINT: {hint}"
         )
+
+
+#: a Hessian-vector product holds about this many times the saved tensors of the loss's graph (the forward's saved
+#: activations, the first backward's graph over them, and its own backward); measured 3.4x on a GPT-2-style model
+#: (tests/scripts and ``scripts/bench_scale.py``), rounded up
+HVP_GRAPH_FACTOR = 4
+
+
+def graph_bytes(objective: Any, batch: int = 0) -> int:
+    """Bytes of the tensors that autograd saves for the backward of the loss of one probe batch (``batch``) at the
+    objective's parameters: the activation memory of a gradient, measured without running one (storages counted
+    once). A Hessian-vector product on that batch holds about :data:`HVP_GRAPH_FACTOR` times it."""
+    storages: dict[tuple[int, str], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = tensor.untyped_storage()
+            storages[(storage.data_ptr(), str(tensor.device))] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. some wrapper subclasses)
+            pass
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        objective.loss_and_grad(batch=batch)
+    return sum(storages.values())
