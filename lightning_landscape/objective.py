@@ -44,7 +44,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from types import MethodType
 from typing import Any, Literal
 
@@ -709,24 +709,41 @@ class Objective:
     def hvp_at(self, theta: Tensor | None = None) -> Callable[[Tensor], Tensor]:
         """``v -> H(theta) v`` for many ``v`` at one point: the gradient graph of every probe batch is built once
         (``create_graph=True``) and each product is a single backward pass through it, about half the cost of
-        :meth:`hvp`. Holds the graphs in memory until the returned function is released."""
-        self._spend(len(self.batches), len(self.batches))
+        :meth:`hvp`. Holds the graphs in memory until the returned function is released: as many batches' graphs as
+        fit in half of the memory free on the device (the first batch's saved tensors are measured), and the
+        batches beyond are recomputed at every product as :meth:`hvp` does, so that a large probe set on a large
+        model costs time, not the machine."""
+        from lightning_landscape.curvature.memory import free_bytes, saved_storages
+
+        room = 0.5 * free_bytes(self.device)
+        per_batch = 0
         with self.evaluation_mode(), torch.enable_grad():
             point = self._point(theta).detach().clone().requires_grad_(True)
-            grads = [
-                torch.autograd.grad(self._batch_loss(point, i), point, create_graph=True)[0]
-                for i in range(len(self.batches))
-            ]
+            grads: list[Tensor] = []
+            for i in range(len(self.batches)):
+                if grads and (len(grads) + 1) * per_batch > room:
+                    break  # the next graph would not fit: the rest are recomputed at each product
+                with saved_storages() if i == 0 else nullcontext() as storages:
+                    grads.append(torch.autograd.grad(self._batch_loss(point, i), point, create_graph=True)[0])
+                per_batch = sum(storages.values()) if i == 0 else per_batch
+        cached = len(grads)
+        self._spend(cached, cached)
 
         def product(v: Tensor) -> Tensor:
             if v.shape != (self.numel,):
                 raise ValueError(f"`v` must have shape ({self.numel},), got {tuple(v.shape)}.")
-            self._spend(0, len(self.batches))
+            rest = len(self.batches) - cached
+            self._spend(rest, cached + 2 * rest)
             with torch.inference_mode(False), torch.enable_grad():
                 v = v.to(device=point.device, dtype=point.dtype).clone()
                 total = torch.zeros_like(point)
-                for w, g in zip(self.weights, grads, strict=True):
+                for w, g in zip(self.weights, grads, strict=False):
                     total += w * _second_derivative(g, point, v, retain_graph=True)
+                if rest:
+                    with self.evaluation_mode():
+                        for i in range(cached, len(self.batches)):
+                            (g,) = torch.autograd.grad(self._batch_loss(point, i), point, create_graph=True)
+                            total += self.weights[i] * _second_derivative(g, point, v)
             return total
 
         return product

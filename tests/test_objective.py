@@ -143,8 +143,15 @@ def test_bad_l2_names_the_parameter():
         Objective(net, batches, ce, l2=torch.ones(3))
 
 
-def test_cached_graph_products_equal_fresh_products():
+@pytest.mark.parametrize("free", [None, 1])
+def test_cached_graph_products_equal_fresh_products(monkeypatch, free):
+    """Every batch's graph cached, or (no room: ``free`` bytes) the first one only and the others recomputed."""
+    from lightning_landscape.curvature import memory
+
+    if free is not None:
+        monkeypatch.setattr(memory, "free_bytes", lambda device: free)
     net, batches = mlp_and_data()
+    assert len(batches) > 1
     obj = Objective(net, batches, ce, dtype=torch.float64)
     theta = obj.theta0 + 0.1
     product = obj.hvp_at(theta)

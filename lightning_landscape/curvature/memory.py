@@ -25,6 +25,8 @@ Example::
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -116,20 +118,26 @@ def check_vectors(needed: int, dim: int, dtype: torch.dtype, device: torch.devic
 HVP_GRAPH_FACTOR = 4
 
 
-def graph_bytes(objective: Any, batch: int = 0) -> int:
-    """Bytes of the tensors that autograd saves for the backward of the loss of one probe batch (``batch``) at the
-    objective's parameters: the activation memory of a gradient, measured without running one (storages counted
-    once). A Hessian-vector product on that batch holds about :data:`HVP_GRAPH_FACTOR` times it."""
+@contextmanager
+def saved_storages() -> Iterator[dict[tuple[int, str], int]]:
+    """Inside the block, the storages autograd saves for a backward (of the forward passes, and of backward passes
+    with ``create_graph=True``), as ``{(address, device): bytes}``, each counted once."""
     storages: dict[tuple[int, str], int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        try:
+        with suppress(RuntimeError, NotImplementedError):  # tensors without a storage (some wrapper subclasses)
             storage = tensor.untyped_storage()
             storages[(storage.data_ptr(), str(tensor.device))] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. some wrapper subclasses)
-            pass
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield storages
+
+
+def graph_bytes(objective: Any, batch: int = 0) -> int:
+    """Bytes of the tensors that autograd saves for the backward of the loss of one probe batch (``batch``) at the
+    objective's parameters: the activation memory of a gradient, measured without keeping it. A Hessian-vector
+    product on that batch holds about :data:`HVP_GRAPH_FACTOR` times it."""
+    with saved_storages() as storages:
         objective.loss_and_grad(batch=batch)
     return sum(storages.values())
