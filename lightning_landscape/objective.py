@@ -344,6 +344,20 @@ class Objective:
             twin.l2 = self.l2.to(dtype)
         return twin
 
+    def first_batches(self, k: int) -> Objective:
+        """This objective on its first ``k`` probe batches only (weighted by their samples): the same module, loss,
+        L2 term and dtype, counting its batch passes into the same :attr:`passes`. ``self`` for ``k`` at least the
+        number of batches."""
+        if k >= len(self.batches):
+            return self
+        part = copy.copy(self)
+        part._fixed, part._method = None, None
+        part.__dict__.pop("_stacked", None)
+        part.__dict__.pop("_twins", None)
+        part.batches, part.batch_sizes = self.batches[:k], self.batch_sizes[:k]
+        part.weights = [n / sum(part.batch_sizes) for n in part.batch_sizes]
+        return part
+
     def _spend(self, forward: int, backward: int = 0) -> None:
         self.passes["forward"] += forward
         self.passes["backward"] += backward
@@ -710,12 +724,12 @@ class Objective:
         """``v -> H(theta) v`` for many ``v`` at one point: the gradient graph of every probe batch is built once
         (``create_graph=True``) and each product is a single backward pass through it, about half the cost of
         :meth:`hvp`. Holds the graphs in memory until the returned function is released: as many batches' graphs as
-        fit in half of the memory free on the device (the first batch's saved tensors are measured), and the
+        fit in a quarter of the memory free on the device (the first batch's saved tensors are measured), and the
         batches beyond are recomputed at every product as :meth:`hvp` does, so that a large probe set on a large
         model costs time, not the machine."""
         from lightning_landscape.curvature.memory import free_bytes, saved_storages
 
-        room = 0.5 * free_bytes(self.device)
+        room = 0.25 * free_bytes(self.device)  # the rest: the estimators' vectors, the model, the user's training
         per_batch = 0
         with self.evaluation_mode(), torch.enable_grad():
             point = self._point(theta).detach().clone().requires_grad_(True)

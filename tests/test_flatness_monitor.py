@@ -192,3 +192,26 @@ def test_eos_ratio_per_optimizer_is_each_blocks_largest_eigenvalue_over_its_limi
         assert last[f"stability_limit/{label}"] == pytest.approx(2 / lr)
         assert last[f"eos_ratio/{label}"] == pytest.approx(exact * lr / 2, rel=1e-6)
     assert last["lambda_max"] == pytest.approx(float(torch.linalg.eigvalsh(0.5 * (dense + dense.T))[-1]), rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("min_products", [12, 10**12])
+def test_the_hessian_measures_use_the_probe_batches_the_budget_affords(tmp_path, monkeypatch, min_products):
+    from lightning_landscape.callbacks import flatness
+
+    monkeypatch.setattr(flatness, "MIN_PRODUCTS", min_products)  # 10**12 products: no budget holds them
+    model = tiny_module_class()(batch_norm=False, dropout=0.0)
+    monitor = FlatnessMonitor(
+        every_n_steps=2, at_fit_end=False, measures=["lambda_max"], progress=False,
+        probe={"size": 64, "batch_size": 16, "dtype": torch.float64}, spectrum={"tol": 1e-8},
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[monitor],
+        enable_progress_bar=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(model, loader())
+    last = monitor.history[-1]
+    batches = monitor.probe_set(trainer)[: 1 if min_products > 12 else 4]
+    exact = hessian_eigenvalues(Objective(model, batches, dtype=torch.float64), tol=1e-10).eigenvalues[0]
+    assert last["probe_fraction"] == (0.25 if min_products > 12 else 1.0)
+    assert last["lambda_max"] == pytest.approx(float(exact), rel=1e-6)

@@ -45,6 +45,7 @@ Example::
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,11 @@ MEASURES = (
     "pac_bayes_sigma",
     "gradient_noise",
 )
+
+
+#: Hessian-vector products the cheapest Hessian measure needs (Lanczos' least number of steps for lambda_max): the
+#: probe set is cut to what a trigger's budget affords for this many
+MIN_PRODUCTS = 12
 
 
 @dataclass
@@ -156,7 +162,9 @@ class FlatnessMonitor(LandscapeCallback):
         budget: the share of training time the triggers may take (default 4%, at least 10 s a trigger; see
             :class:`LandscapeCallback`): Lanczos, the Hutchinson samples and the SLQ vectors stop at the deadline with
             what they have (``lambda_max_converged`` 0), and the measures not started by then are cut
-            (``measures_cut``, the ``cut`` event naming them).
+            (``measures_cut``, the ``cut`` event naming them). When 12 Hessian-vector products on the whole probe
+            set do not fit in the budget (a transformer on a CPU), the Hessian measures use its first batches only
+            (``probe_fraction``, a ``cut`` event).
         seed: seed of the random vectors of the estimators.
 
     Raises:
@@ -185,6 +193,7 @@ class FlatnessMonitor(LandscapeCallback):
             "n_hvp",
             "lambda_max_converged",
             "measures_cut",
+            "probe_fraction",
             "seconds",
             "budget_seconds",
             "skipped",
@@ -252,6 +261,7 @@ class FlatnessMonitor(LandscapeCallback):
         self.history: list[dict[str, Any]] = []
         self._eigenvalues: list[tuple[int, list[float]]] = []
         self._densities: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._hvp_seconds: float | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -333,6 +343,24 @@ class FlatnessMonitor(LandscapeCallback):
                 )
         lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         return lr, limits, global_batch_size(trainer)
+
+    def _affordable_probe(self, trainer: pl.Trainer, obj: Any) -> Any:
+        """The probe batches this trigger can afford for its Hessian measures: all of them when
+        :data:`MIN_PRODUCTS` Hessian-vector products on the whole probe set fit in the time left, else the first
+        ``k`` (at least one batch), from the seconds of one product on one batch (timed once, at the first trigger,
+        on rank 0; every rank takes rank 0's ``k`` of its own batches). Logged as ``probe_fraction``, with a ``cut``
+        event naming the batches used."""
+        left = self.time_left()
+        decision = len(obj.batches)
+        if trainer.is_global_zero and math.isfinite(left):
+            if self._hvp_seconds is None:
+                one = obj.first_batches(1)
+                start = time.perf_counter()
+                one.hvp(None, torch.randn(one.numel, generator=torch.Generator().manual_seed(0)).to(one.theta0))
+                self._hvp_seconds = time.perf_counter() - start
+                left -= self._hvp_seconds
+            decision = max(1, min(decision, int(left / (MIN_PRODUCTS * max(self._hvp_seconds, 1e-9)))))
+        return obj.first_batches(distributed.broadcast(trainer.strategy, decision))
 
     def _estimate(self, obj: Any, limits: dict[str, tuple[float, list[str]]]) -> dict[str, Any]:
         """All Hessian-based measures within the trigger's budget; runs on rank 0 with a sharded objective.
@@ -458,7 +486,13 @@ class FlatnessMonitor(LandscapeCallback):
         hessian_measures = set(self.measures) - {"gradient_noise"}
         out: dict[str, Any] = {"scalars": {}, "n_hvp": 0}
         if hessian_measures:
-            sharded = distributed.ShardedObjective(strategy, obj)
+            with self.stage(trainer, "probe size"):
+                used = self._affordable_probe(trainer, obj)
+            scalars["probe_fraction"] = sum(used.batch_sizes) / sum(obj.batch_sizes)
+            if used is not obj:
+                cut = f"probe set: the first {len(used.batches)} of its {len(obj.batches)} batches"
+                self.reporter.event("cut", {"step": step, "cut": [cut], "why": "the trigger's budget"})
+            sharded = distributed.ShardedObjective(strategy, used)
             with self.stage(trainer, "Hessian measures"):  # run() joins every collective before it raises
                 out = sharded.run(lambda o: self._estimate(o, limits))
         scalars.update(out["scalars"])
@@ -495,6 +529,7 @@ class FlatnessMonitor(LandscapeCallback):
     def reset(self) -> None:
         super().reset()
         self.history, self._eigenvalues, self._densities = [], [], []
+        self._hvp_seconds = None  # one Hessian-vector product on one probe batch, timed once
 
     @override
     def state_dict(self) -> dict[str, Any]:
