@@ -237,3 +237,25 @@ def test_bad_settings_are_rejected():
         LandscapeSampler(slices={"normalization": "per-filter"})
     with pytest.raises(ValueError, match=r"`slices\.span`"):
         LandscapeSampler(slices={"span": 0})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("min_points", [14, 10**12])
+def test_the_slices_use_the_probe_batches_the_budget_affords(tmp_path, monkeypatch, min_points):
+    from lightning_landscape.callbacks import sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "MIN_POINTS", min_points)  # 10**12 losses: no budget holds them
+    model = tiny_module_class()(batch_norm=False, dropout=0.0)
+    sampler = LandscapeSampler(
+        every_n_steps=2, at_fit_end=False, progress=False, probe={"size": 64, "batch_size": 16},
+        slices={"resolution": 3, "line_points": 5},
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[sampler],
+        enable_progress_bar=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(model, loader())
+    last = sampler.history[-1]
+    batches = sampler.probe_set(trainer)[: 1 if min_points > 14 else 4]
+    assert last["probe_fraction"] == (0.25 if min_points > 14 else 1.0)
+    assert last["center_loss"] == pytest.approx(float(Objective(model, batches).loss()), rel=1e-6)

@@ -54,6 +54,11 @@ if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
+#: the losses of the smallest slices (a 5-point profile and a 3 x 3 plane): the probe set is cut to what a trigger's
+#: budget affords for this many
+MIN_POINTS = 14
+
+
 @dataclass
 class SliceConfig:
     """The 1-D profile and the 2-D slice around the current point.
@@ -109,7 +114,8 @@ class LandscapeSampler(LandscapeCallback):
             size the PCA plane (70% of the rest) and the interpolation (the rest), each down to 5 line points, a
             3 x 3 plane and 3 interpolation points; the PCA plane and the interpolation are cut once the budget is
             spent; the slice's side is logged (``resolution``), and ``cut`` events name the sizes used and what was
-            cut.
+            cut. When even the smallest slices (14 losses) on the whole probe set do not fit in the budget (a
+            transformer on a CPU), the trigger uses the probe set's first batches only (``probe_fraction``).
         probe: the probe set and the energy, as for every callback (:class:`LandscapeCallback`); BatchNorm in
             ``"eval"`` mode unless ``probe.bn_mode`` says otherwise.
         progress: show a progress bar (rank 0).
@@ -124,6 +130,7 @@ class LandscapeSampler(LandscapeCallback):
     logged = Logged(
         scalars=(
             "center_loss",
+            "probe_fraction",
             "barrier_init",
             "roughness",
             "pca_explained",
@@ -297,6 +304,16 @@ class LandscapeSampler(LandscapeCallback):
             start = time.perf_counter()
             center_loss = float(obj.loss())
             per_point = (time.perf_counter() - start) / distributed.world(trainer.strategy)[1]
+        # the probe batches the smallest grids (5 line points and a 3 x 3 plane) afford in the time left
+        left = self.time_left()
+        n = len(obj.batches)
+        k = n if not math.isfinite(left) else max(1, min(n, int(left * n / (MIN_POINTS * max(per_point, 1e-9)))))
+        k = distributed.broadcast(trainer.strategy, k)
+        if k < n:
+            obj, per_point = obj.first_batches(k), per_point * k / n
+            center_loss = float(obj.loss())
+            cut = f"probe set: the first {k} of its {n} batches"
+            self.reporter.event("cut", {"step": step, "cut": [cut], "why": "the trigger's budget"})
         sizes = {
             "line": self._affordable(trainer, per_point, 0.1, self.slices.line_points, min(5, self.slices.line_points))
         }
@@ -313,6 +330,7 @@ class LandscapeSampler(LandscapeCallback):
         plane = plane.reshape(resolution, resolution)
         second = np.abs(np.diff(profile, 2)).mean() if len(profile) > 2 else np.nan
         scalars = {
+            "probe_fraction": k / n,
             "center_loss": center_loss,
             "roughness": float(second / max(abs(center_loss), 1e-12)),
             "resolution": resolution,
