@@ -162,3 +162,27 @@ def test_the_graph_memory_of_a_gradient_grows_with_the_batch_and_is_what_autogra
     assert one > 0 and two - one == three - two  # linear in the batch: activations, not parameters
     # per sample at least the input (10), the hidden pre- and post-activation (20 + 20) and the logits (3), in float64
     assert (two - one) / 8 >= 8 * (10 + 20 + 3)
+
+
+@pytest.mark.slow
+def test_energy_cuts_its_probe_set_to_what_a_trigger_affords_on_a_slow_model(tmp_path, monkeypatch):
+    import time
+
+    from lightning_landscape.curvature import memory
+
+    def slow_graph_bytes(objective, batch=0):  # a gradient of 0.1 s a sample: 64 x 2 x 0.1 = 12.8 s a sample
+        time.sleep(0.1 * len(objective.batches[0][0]))
+        return 1000
+
+    monkeypatch.setattr(memory, "graph_bytes", slow_graph_bytes)
+    energy = EnergyLandscape(
+        every_n_steps=2, at_fit_end=False, progress=False, probe={"size": 96}, sampling={"replicas": 2, "steps": 5}
+    )
+    trainer = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, callbacks=[energy], enable_progress_bar=False,
+        enable_checkpointing=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"cut to 32 samples.*about \d+ s, more than the 10 s.*HINT"):
+        trainer.fit(tiny_module_class()(), loader())  # at least two training batches of 16
+    assert energy.probe.size == 32 and energy.probe_metadata["probe_size"] == 32 and energy.runs == 1
+    assert sum(len(b[0]) for b in energy.probe_set(trainer)) == 32

@@ -131,6 +131,11 @@ def probe_accuracy(outputs: np.ndarray, batches: list[Any]) -> np.ndarray:
     return (predicted == labels).mean(-1)
 
 
+#: a trigger's least work, in gradients on the probe set: the current point's quench (about 40 gradients) and its
+#: certificate (about 8 Hessian-vector products of about 3 gradients each)
+LEAST_WORK = 64
+
+
 def _map_style(trainer: pl.Trainer) -> bool:
     loader = trainer.train_dataloader
     dataset = getattr(loader, "dataset", None)
@@ -372,46 +377,74 @@ class EnergyLandscape(LandscapeCallback):
             else "a smaller model, or fewer trainable parameters.",
         )
 
-    def _plan_probe_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The probe set's batch size when none is given: the whole set in one batch (fewer, larger passes) when a
-        Hessian-vector product on it fits in a quarter of the free memory (in float64 when the quench may take it),
-        else the largest batch that does, from the activation memory of a gradient measured on a sample batch
-        (:func:`~lightning_landscape.curvature.memory.graph_bytes`). Rank 0 decides for every rank; the choice is
-        recorded (``probe_batch_size``) and kept for the fit."""
+    def _plan_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The probe set's size and batch size, measured once at the start of training on a sample batch (rank 0
+        decides for every rank; both are recorded and kept for the fit, so every trigger measures one energy):
+
+        * size: cut, with a warning, where a trigger's least work (:data:`LEAST_WORK` gradients' worth: a certified
+          quench of the current point) on the whole probe set would not fit in the budget's floor (or its seconds),
+          down to two training batches at least; a model that cannot do even that in time is warned about;
+        * batch size, when none is given: the whole set in one batch (fewer, larger passes) when a Hessian-vector
+          product on it fits in a quarter of the free memory (in float64 when the quench may take it), else the
+          largest batch that does (:func:`~lightning_landscape.curvature.memory.graph_bytes`)."""
         from lightning_landscape.curvature.memory import HVP_GRAPH_FACTOR, free_bytes, graph_bytes
 
-        size = self.probe.size
-        decision: int | str = size
+        spec, size, budget = self.probe, self.probe.size, self.budget
+        # the seconds any trigger may take: the floor of a share, the cap without one, no limit without either
+        allowed = budget.floor if budget.share is not None else budget.seconds or math.inf
+        decision: tuple[int, int, float] | str = (size, spec.batch_size or size, 0.0)
         if trainer.is_global_zero:
             try:
                 n = min(size, 16)
-                sample = self.draw_batches(trainer, n, n, self.probe.seed, sharded=False)
-                spec = self.probe
+                sample = self.draw_batches(trainer, n, n, spec.seed, sharded=False)
                 objective = Objective(pl_module, sample, spec.loss_fn, bn_mode=spec.bn_mode, dtype=spec.dtype)
+                start = time.perf_counter()
                 per_sample = graph_bytes(objective) / n
+                seconds = (time.perf_counter() - start) / n  # a gradient, per sample
                 wide = 2 if self.quench.dtype != "float32" and spec.dtype == torch.float32 else 1  # a float64 quench
-                need = HVP_GRAPH_FACTOR * wide * per_sample
-                fit = int(0.25 * free_bytes(pl_module.device) // max(need, 1.0))
-                if fit < size:
+                least = LEAST_WORK * wide * seconds  # seconds of a trigger's least work, per probe sample
+                if least * size > allowed:
+                    smallest = min(size, 2 * (getattr(trainer.train_dataloader, "batch_size", None) or 16))
+                    size = max(smallest, int(allowed / least))
+                batch = spec.batch_size or size
+                fit = int(0.25 * free_bytes(pl_module.device) // max(HVP_GRAPH_FACTOR * wide * per_sample, 1.0))
+                if spec.batch_size is None and fit < size:
                     batch = max(2, fit)
                     while size % batch == 1 and batch > 2:  # no batch of one sample (BatchNorm in train mode)
                         batch -= 1
-                    decision = batch
+                decision = (size, batch, least * size)
             except Exception as err:  # the loss itself fails: the check that follows says why, with a hint
                 decision = f"{type(err).__name__}: {err}"
         decision = distributed.broadcast(trainer.strategy, decision)
         if isinstance(decision, str):
-            decision = size
-        if decision < size and trainer.is_global_zero:
+            decision = (spec.size, spec.batch_size or spec.size, 0.0)
+        size, batch, least = decision
+        if trainer.is_global_zero and size < spec.size:
+            overrun = (
+                f" Even so it takes about {least:.0f} s, more than the {allowed:g} s a trigger may take: triggers"
+                " will run over their budget by that."
+                if least > allowed
+                else ""
+            )
+            warnings.warn(
+                f"EnergyLandscape: a trigger's least work (a certified quench of the current point, about {LEAST_WORK}"
+                f" gradients' worth) on {spec.size} probe samples would not fit in its budget on this model, so the"
+                f" probe set is cut to {size} samples for this fit (recorded as `probe_size`).{overrun} HINT: set"
+                " `budget={'floor': ...}` (seconds a trigger may always take) to keep a larger probe set, or run on an"
+                " accelerator.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if trainer.is_global_zero and spec.batch_size is None and batch < size:
             warnings.warn(
                 f"EnergyLandscape: a Hessian-vector product on the {size} probe samples in one batch would not fit in"
                 f" a quarter of the free memory of {pl_module.device}, so the probe set is evaluated in batches of"
-                f" {decision} (recorded as `probe_batch_size`; with BatchNorm in train mode the batch defines the"
+                f" {batch} (recorded as `probe_batch_size`; with BatchNorm in train mode the batch defines the"
                 " energy). HINT: set `probe.batch_size` to choose it.",
                 UserWarning,
                 stacklevel=2,
             )
-        self.probe = replace(self.probe, batch_size=decision)
+        self.probe = replace(self.probe, size=size, batch_size=batch)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -489,8 +522,8 @@ class EnergyLandscape(LandscapeCallback):
 
     @override
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.probe.batch_size is None and self.probe.batches is None and self._probe_batches is None:
-            self._plan_probe_batches(trainer, pl_module)
+        if self.probe.batches is None and self._probe_batches is None:
+            self._plan_probe(trainer, pl_module)
         super().check(trainer, pl_module)
         objective = self.objective(trainer, pl_module)
         source = (
