@@ -103,7 +103,7 @@ from lightning_landscape.dynamics.pipeline import (
 )
 from lightning_landscape.geometry.paths import PathResult
 from lightning_landscape.guard import preserve_state
-from lightning_landscape.objective import Objective
+from lightning_landscape.objective import Objective, map_tensors
 from lightning_landscape.params import ParameterLayout, weight_decay_of
 from lightning_landscape.probe import ProbeSpec
 from lightning_landscape.report.logged import Logged
@@ -395,12 +395,14 @@ class EnergyLandscape(LandscapeCallback):
         decision: tuple[int, int, float] | str = (size, spec.batch_size or size, 0.0)
         if trainer.is_global_zero:
             try:
-                n = min(size, 16)
+                n = min(size, 32)
                 sample = self.draw_batches(trainer, n, n, spec.seed, sharded=False)
                 objective = Objective(pl_module, sample, spec.loss_fn, bn_mode=spec.bn_mode, dtype=spec.dtype)
+                warm = [map_tensors(sample[0], lambda t: t[:2])]  # the first call's one-off costs, on two samples
+                graph_bytes(Objective(pl_module, warm, spec.loss_fn, bn_mode=spec.bn_mode, dtype=spec.dtype))
                 start = time.perf_counter()
                 per_sample = graph_bytes(objective) / n
-                seconds = (time.perf_counter() - start) / n  # a gradient, per sample
+                seconds = (time.perf_counter() - start) / n  # a gradient, per sample (an overestimate: small batch)
                 wide = 2 if self.quench.dtype != "float32" and spec.dtype == torch.float32 else 1  # a float64 quench
                 least = LEAST_WORK * wide * seconds  # seconds of a trigger's least work, per probe sample
                 if least * size > allowed:
