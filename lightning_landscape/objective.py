@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from types import MethodType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -213,6 +213,28 @@ class _Evaluated(nn.Module):
             return _as_scalar_loss(self.loss_fn(self.module, batch), "`loss_fn`")
         out = self.module.training_step(batch, batch_idx) if self.pass_batch_idx else self.module.training_step(batch)
         return _as_scalar_loss(out, f"`{type(self.module).__name__}.training_step`")
+
+
+class Energy(Protocol):
+    """What the curvature estimators call: an :class:`Objective`, or under DDP a
+    :class:`~lightning_landscape.distributed.ShardedObjective` that sums every call over the ranks' probe shards."""
+
+    @property
+    def numel(self) -> int: ...
+
+    @property
+    def theta0(self) -> Tensor: ...
+
+    dtype: torch.dtype
+    layout: ParameterLayout
+
+    def loss(self, theta: Tensor | None = None) -> Tensor: ...
+
+    def grad(self, theta: Tensor | None = None) -> Tensor: ...
+
+    def hvp(self, theta: Tensor | None, v: Tensor) -> Tensor: ...
+
+    def losses(self, thetas: Tensor) -> Tensor: ...
 
 
 class Objective:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ from torch import Tensor
 from lightning_landscape.budget import time_up
 from lightning_landscape.curvature.lanczos import lanczos_tridiagonal, tridiagonal_eigh
 from lightning_landscape.curvature.operator import HessianOperator
+from lightning_landscape.objective import Energy
 
 
 @dataclass
@@ -141,7 +142,7 @@ def power_iteration(
 
 
 def hessian_eigenvalues(
-    objective: Any,
+    objective: Energy,
     k: int = 1,
     which: Literal["largest", "smallest"] = "largest",
     tol: float = 1e-3,

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_landscape.objective import Energy
+
 
 def parameter_indices(layout: Any, patterns: Sequence[str]) -> Tensor:
     """Indices into the flat vector of the parameters whose names match any of the ``fnmatch`` patterns.
@@ -51,7 +53,7 @@ class HessianOperator:
         params: name patterns of a parameter subset (default: all parameters).
     """
 
-    def __init__(self, objective: Any, theta: Tensor | None = None, params: Sequence[str] | None = None) -> None:
+    def __init__(self, objective: Energy, theta: Tensor | None = None, params: Sequence[str] | None = None) -> None:
         self.objective = objective
         self.theta = (objective.theta0 if theta is None else theta).detach()
         self.dtype, self.device = self.theta.dtype, self.theta.device

@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from scipy.optimize import minimize
 from torch import Tensor
+
+from lightning_landscape.objective import Energy
 
 
 @dataclass
@@ -56,12 +58,12 @@ class SharpnessResult:
     extra: dict[str, float] = field(default_factory=dict)
 
 
-def _point(objective: Any, theta: Tensor | None) -> Tensor:
+def _point(objective: Energy, theta: Tensor | None) -> Tensor:
     return (objective.theta0 if theta is None else theta).detach().to(objective.dtype)
 
 
 def epsilon_sharpness(
-    objective: Any, epsilon: float = 1e-3, *, theta: Tensor | None = None, max_iter: int = 10, seed: int = 0
+    objective: Energy, epsilon: float = 1e-3, *, theta: Tensor | None = None, max_iter: int = 10, seed: int = 0
 ) -> SharpnessResult:
     """Keskar et al.'s epsilon-sharpness (in percent) by L-BFGS-B over the box, from a random start in it."""
     if epsilon <= 0:
@@ -92,7 +94,7 @@ def epsilon_sharpness(
 
 
 def adaptive_sharpness(
-    objective: Any,
+    objective: Energy,
     rho: float = 0.05,
     kind: Literal["worst", "average"] = "worst",
     *,
@@ -143,7 +145,7 @@ def _project(u: Tensor, rho: float, p: float) -> Tensor:
     return u.clamp(-rho, rho)
 
 
-def sam_sharpness(objective: Any, rho: float = 0.05, *, theta: Tensor | None = None) -> SharpnessResult:
+def sam_sharpness(objective: Energy, rho: float = 0.05, *, theta: Tensor | None = None) -> SharpnessResult:
     """``L(w + rho g/|g|) - L(w)``: the sharpness SAM minimizes, from one gradient step."""
     w = _point(objective, theta)
     base = float(objective.loss(w))
@@ -153,7 +155,7 @@ def sam_sharpness(objective: Any, rho: float = 0.05, *, theta: Tensor | None = N
 
 
 def pac_bayes_sigma(
-    objective: Any,
+    objective: Energy,
     threshold: float = 0.1,
     *,
     n_samples: int = 16,

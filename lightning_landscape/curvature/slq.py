@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from torch import Tensor
 from lightning_landscape.budget import time_up
 from lightning_landscape.curvature.lanczos import lanczos_tridiagonal, tridiagonal_eigh
 from lightning_landscape.curvature.operator import HessianOperator
+from lightning_landscape.objective import Energy
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SpectralDensity:
 
 
 def spectral_density(
-    objective: Any,
+    objective: Energy,
     n_vectors: int = 5,
     n_steps: int = 60,
     *,

@@ -32,13 +32,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lightning_landscape.budget import time_up
 from lightning_landscape.curvature.operator import HessianOperator
+from lightning_landscape.objective import Energy
 
 
 @dataclass
@@ -90,7 +91,7 @@ def _samples(op: HessianOperator, n: int, generator: torch.Generator, Q: Tensor 
 
 
 def hessian_trace(
-    objective: Any,
+    objective: Energy,
     n_samples: int = 30,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
     *,
