@@ -494,6 +494,18 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             return 0.0
         return self._deadline - time.perf_counter()
 
+    def affordable_probe(self, trainer: pl.Trainer, obj: Objective, per_batch: float, least: int, step: int) -> Any:
+        """The probe batches this trigger affords: ``obj`` when ``least`` evaluations of ``per_batch`` seconds on
+        each of its batches fit in the time left (or there is no deadline), else its first ``k`` batches (at least
+        one), with a ``cut`` event naming them. Rank 0's ``k`` is every rank's (each of its own batches)."""
+        left, n = self.time_left(), len(obj.batches)
+        k = n if not math.isfinite(left) else max(1, min(n, int(left / (least * max(per_batch, 1e-9)))))
+        k = distributed.broadcast(trainer.strategy, k)
+        if k < n:
+            cut = f"probe set: the first {k} of its {n} batches"
+            self.reporter.event("cut", {"step": step, "cut": [cut], "why": "the trigger's budget"})
+        return obj.first_batches(k)
+
     def _record_skip(self, reason: str, step: int) -> None:
         self.skipped += 1
         try:

@@ -344,23 +344,15 @@ class FlatnessMonitor(LandscapeCallback):
         lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         return lr, limits, global_batch_size(trainer)
 
-    def _affordable_probe(self, trainer: pl.Trainer, obj: Any) -> Any:
-        """The probe batches this trigger can afford for its Hessian measures: all of them when
-        :data:`MIN_PRODUCTS` Hessian-vector products on the whole probe set fit in the time left, else the first
-        ``k`` (at least one batch), from the seconds of one product on one batch (timed once, at the first trigger,
-        on rank 0; every rank takes rank 0's ``k`` of its own batches). Logged as ``probe_fraction``, with a ``cut``
-        event naming the batches used."""
-        left = self.time_left()
-        decision = len(obj.batches)
-        if trainer.is_global_zero and math.isfinite(left):
-            if self._hvp_seconds is None:
-                one = obj.first_batches(1)
-                start = time.perf_counter()
-                one.hvp(None, torch.randn(one.numel, generator=torch.Generator().manual_seed(0)).to(one.theta0))
-                self._hvp_seconds = time.perf_counter() - start
-                left -= self._hvp_seconds
-            decision = max(1, min(decision, int(left / (MIN_PRODUCTS * max(self._hvp_seconds, 1e-9)))))
-        return obj.first_batches(distributed.broadcast(trainer.strategy, decision))
+    def _hvp_seconds_per_batch(self, trainer: pl.Trainer, obj: Any) -> float:
+        """Seconds of one Hessian-vector product on one probe batch, timed once (rank 0, at the first trigger with a
+        deadline): what :meth:`affordable_probe` sizes the Hessian measures' probe set by."""
+        if self._hvp_seconds is None and trainer.is_global_zero and math.isfinite(self.time_left()):
+            one = obj.first_batches(1)
+            start = time.perf_counter()
+            one.hvp(None, torch.randn(one.numel, generator=torch.Generator().manual_seed(0)).to(one.theta0))
+            self._hvp_seconds = time.perf_counter() - start
+        return self._hvp_seconds or 0.0
 
     def _estimate(self, obj: Any, limits: dict[str, tuple[float, list[str]]]) -> dict[str, Any]:
         """All Hessian-based measures within the trigger's budget; runs on rank 0 with a sharded objective.
@@ -487,11 +479,9 @@ class FlatnessMonitor(LandscapeCallback):
         out: dict[str, Any] = {"scalars": {}, "n_hvp": 0}
         if hessian_measures:
             with self.stage(trainer, "probe size"):
-                used = self._affordable_probe(trainer, obj)
+                per_batch = self._hvp_seconds_per_batch(trainer, obj)
+            used = self.affordable_probe(trainer, obj, per_batch, MIN_PRODUCTS, step)
             scalars["probe_fraction"] = sum(used.batch_sizes) / sum(obj.batch_sizes)
-            if used is not obj:
-                cut = f"probe set: the first {len(used.batches)} of its {len(obj.batches)} batches"
-                self.reporter.event("cut", {"step": step, "cut": [cut], "why": "the trigger's budget"})
             sharded = distributed.ShardedObjective(strategy, used)
             with self.stage(trainer, "Hessian measures"):  # run() joins every collective before it raises
                 out = sharded.run(lambda o: self._estimate(o, limits))

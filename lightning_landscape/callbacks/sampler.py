@@ -305,15 +305,12 @@ class LandscapeSampler(LandscapeCallback):
             center_loss = float(obj.loss())
             per_point = (time.perf_counter() - start) / distributed.world(trainer.strategy)[1]
         # the probe batches the smallest grids (5 line points and a 3 x 3 plane) afford in the time left
-        left = self.time_left()
         n = len(obj.batches)
-        k = n if not math.isfinite(left) else max(1, min(n, int(left * n / (MIN_POINTS * max(per_point, 1e-9)))))
-        k = distributed.broadcast(trainer.strategy, k)
-        if k < n:
-            obj, per_point = obj.first_batches(k), per_point * k / n
+        used = self.affordable_probe(trainer, obj, per_point / n, MIN_POINTS, step)
+        k = len(used.batches)
+        if used is not obj:
+            obj, per_point = used, per_point * k / n
             center_loss = float(obj.loss())
-            cut = f"probe set: the first {k} of its {n} batches"
-            self.reporter.event("cut", {"step": step, "cut": [cut], "why": "the trigger's budget"})
         sizes = {
             "line": self._affordable(trainer, per_point, 0.1, self.slices.line_points, min(5, self.slices.line_points))
         }
