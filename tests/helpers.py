@@ -14,6 +14,22 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_landscape.callbacks.base import LandscapeCallback
 
 
+def trainer_for(root, callbacks, **kwargs):
+    """A quiet CPU Trainer with no logger or checkpoints writing under ``root`` (one epoch unless ``kwargs`` say)."""
+    import lightning.pytorch as pl
+
+    settings = {
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "logger": False,
+        "default_root_dir": root,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return pl.Trainer(callbacks=callbacks, **{**settings, **kwargs})
+
+
 def blobs(n: int = 96, dim: int = 3, classes: int = 3, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(classes, (n,), generator=g)

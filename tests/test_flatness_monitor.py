@@ -13,7 +13,7 @@ from torch import nn
 from lightning_landscape import FlatnessMonitor, Objective
 from lightning_landscape.callbacks import FLATNESS_MEASURES
 from lightning_landscape.curvature import hessian_eigenvalues, hessian_trace
-from tests.helpers import loader, tiny_module_class
+from tests.helpers import loader, tiny_module_class, trainer_for
 from tests.test_observer import assert_identical_runs, fit
 
 
@@ -176,10 +176,7 @@ def test_eos_ratio_per_optimizer_is_each_blocks_largest_eigenvalue_over_its_limi
         every_n_steps=2, at_fit_end=False, measures=["lambda_max", "eos_ratio"], progress=False,
         spectrum={"tol": 1e-8}, probe={"size": 32, "loss_fn": cross_entropy_loss, "dtype": torch.float64},
     )  # fmt: skip
-    trainer = pl.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[monitor],
-        enable_progress_bar=False, enable_checkpointing=False,
-    )  # fmt: skip
+    trainer = trainer_for(tmp_path, [monitor], max_steps=2)
     trainer.fit(model, loader())
     last = monitor.history[-1]
     assert "eos_ratio" not in last  # one number would mix two learning rates
@@ -205,10 +202,7 @@ def test_the_hessian_measures_use_the_probe_batches_the_budget_affords(tmp_path,
         every_n_steps=2, at_fit_end=False, measures=["lambda_max"], progress=False,
         probe={"size": 64, "batch_size": 16, "dtype": torch.float64}, spectrum={"tol": 1e-8},
     )  # fmt: skip
-    trainer = pl.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[monitor],
-        enable_progress_bar=False, enable_checkpointing=False,
-    )  # fmt: skip
+    trainer = trainer_for(tmp_path, [monitor], max_steps=2)
     trainer.fit(model, loader())
     last = monitor.history[-1]
     batches = monitor.probe_set(trainer)[: 1 if min_products > 12 else 4]

@@ -14,7 +14,7 @@ from lightning_landscape import EnergyLandscape, FlatnessMonitor, LandscapeSampl
 from lightning_landscape.analysis import AnalysisError, _probe_objective
 from lightning_landscape.objective import Objective
 from lightning_landscape.probe import ProbeSpec, probe_chunks
-from tests.helpers import blobs, loader, tiny_module_class
+from tests.helpers import blobs, loader, tiny_module_class, trainer_for
 
 
 def summed_loss(module, batch):
@@ -49,10 +49,7 @@ def test_energy_evaluates_its_probe_set_in_one_batch_when_memory_allows(tmp_path
     energy = EnergyLandscape(
         every_n_steps=2, at_fit_end=False, progress=False, probe={"size": 96}, sampling={"replicas": 2, "steps": 5}
     )
-    trainer = pl.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, callbacks=[energy], enable_progress_bar=False,
-        enable_checkpointing=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = trainer_for(tmp_path, [energy], max_steps=2)
     if batch_size < 96:  # 96 = 16 x 6
         with pytest.warns(UserWarning, match="in batches of 6.*HINT: set `probe.batch_size`"):
             trainer.fit(tiny_module_class()(), loader())
@@ -78,10 +75,7 @@ def test_the_spec_is_recorded_with_every_result(tmp_path):
         every_n_steps=2, at_fit_end=False, measures=["lambda_max"], progress=False,
         probe={"size": 32, "batch_size": 8, "seed": 4, "loss_fn": summed_loss},
     )  # fmt: skip
-    trainer = pl.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[monitor],
-        enable_progress_bar=False, enable_checkpointing=False,
-    )  # fmt: skip
+    trainer = trainer_for(tmp_path, [monitor], max_steps=2)
     trainer.fit(tiny_module_class()(), loader())
     saved = np.load(monitor.reporter.run_dir / "flatness-step0000002.npz")
     meta = json.loads(str(saved["metadata"]))
@@ -178,10 +172,7 @@ def test_energy_cuts_its_probe_set_to_what_a_trigger_affords_on_a_slow_model(tmp
     energy = EnergyLandscape(
         every_n_steps=2, at_fit_end=False, progress=False, probe={"size": 96}, sampling={"replicas": 2, "steps": 5}
     )
-    trainer = pl.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, callbacks=[energy], enable_progress_bar=False,
-        enable_checkpointing=False, default_root_dir=tmp_path,
-    )  # fmt: skip
+    trainer = trainer_for(tmp_path, [energy], max_steps=2)
     with pytest.warns(UserWarning, match=r"cut to 32 samples.*about \d+ s, more than the 10 s.*HINT"):
         trainer.fit(tiny_module_class()(), loader())  # at least two training batches of 16
     assert energy.probe.size == 32 and energy.probe_metadata["probe_size"] == 32 and energy.runs == 1

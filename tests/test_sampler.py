@@ -19,7 +19,7 @@ from lightning_landscape.geometry import (
 )
 from lightning_landscape.geometry.slices import AffineInputLayers
 from tests.ddp import run_script
-from tests.helpers import blobs, loader, tiny_module_class
+from tests.helpers import blobs, loader, tiny_module_class, trainer_for
 from tests.test_observer import assert_identical_runs, fit
 
 
@@ -250,10 +250,7 @@ def test_the_slices_use_the_probe_batches_the_budget_affords(tmp_path, monkeypat
         every_n_steps=2, at_fit_end=False, progress=False, probe={"size": 64, "batch_size": 16},
         slices={"resolution": 3, "line_points": 5},
     )  # fmt: skip
-    trainer = pl.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, default_root_dir=tmp_path, callbacks=[sampler],
-        enable_progress_bar=False, enable_checkpointing=False,
-    )  # fmt: skip
+    trainer = trainer_for(tmp_path, [sampler], max_steps=2)
     trainer.fit(model, loader())
     last = sampler.history[-1]
     batches = sampler.probe_set(trainer)[: 1 if min_points > 14 else 4]

@@ -13,21 +13,8 @@ from lightning_landscape import EnergyLandscape, FlatnessMonitor, LandscapeSampl
 from lightning_landscape.dynamics import MinimaDatabase, TrajectoryStore
 from lightning_landscape.guard import preserve_state
 from lightning_landscape.objective import Objective
-from tests.helpers import blobs, loader, tiny_module_class
+from tests.helpers import blobs, loader, tiny_module_class, trainer_for
 from tests.shapes import SHAPES
-
-
-def trainer_for(root, callbacks, **kwargs):
-    settings = {
-        "max_epochs": 1,
-        "accelerator": "cpu",
-        "logger": False,
-        "default_root_dir": root,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    return pl.Trainer(callbacks=callbacks, **{**settings, **kwargs})
 
 
 class RecordsItsLosses(pl.LightningModule):
