@@ -9,16 +9,17 @@ Reads what the callbacks stored under each run directory (searched recursively):
 * one minima database merging every run's minima (deduplicated in function space, when the runs used the
   same probe set) and their known saddles;
 * with ``--config`` (the LightningCLI config of the runs), the joining stage of
-  :mod:`~lightning_landscape.dynamics.pipeline` on the merged database: straight lines, then minimum-energy paths
+  :mod:`~lightning_landscape.energy.basins` on the merged database: straight lines, then minimum-energy paths
   between minima of different basins, of *different* runs too (mode connectivity);
 * the basins at ``--merge-barrier`` (default: the largest fixed level the runs used, else each saddle's stored
   noise along it) and their disconnectivity graph.
 
-The same stage functions as :class:`~lightning_landscape.EnergyLandscape` compute all of it. Everything goes to
-``--out`` (default ``<first RUN_DIR>/landscape-analysis``): figures, ``analysis.npz``, ``metastable.csv``,
-``minima.csv`` (with each minimum's basin), ``basins.csv``, ``barriers.csv`` (both directions, method, convergence),
-``summary.json`` and the merged ``minima/`` folder, which is rebuilt on every call (an earlier analysis in the same
-folder is replaced, not merged into).
+The same stage functions as :class:`~lightning_landscape.EnergyLandscape` compute all of it, and the same
+:class:`~lightning_landscape.energy.EnergyResult` writes it, so its tables have the callback's columns. Everything
+goes to ``--out`` (default ``<first RUN_DIR>/landscape-analysis``): figures, ``analysis.npz``, ``metastable.csv``,
+``pathways.csv``, ``minima.csv`` (with each minimum's basin, certificate and run), ``basins.csv``, ``barriers.csv``
+(both directions, method, convergence), ``summary.json`` and the merged ``minima/`` folder, which is rebuilt on
+every call (an earlier analysis in the same folder is replaced, not merged into).
 
 Each stage (Markov model, minima, paths, graph) stands on its own: a stage that fails is named with its error in
 ``summary.json`` (``errors``) and the others still run; an unreadable store or database is left out and listed
@@ -32,7 +33,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
 import importlib
 import json
 import shutil
@@ -45,28 +45,14 @@ import numpy as np
 import torch
 
 from lightning_landscape.checks import OneLineParser, check_float, check_int, fail
-from lightning_landscape.dynamics import (
-    MinimaDatabase,
-    TrajectoryStore,
-    disconnectivity_figure,
-    disconnectivity_tree,
-)
-from lightning_landscape.dynamics.excursions import saved_replicas, step_rule
-from lightning_landscape.dynamics.pipeline import (
-    BARRIER_COLUMNS,
-    MSMConfig,
-    PathConfig,
-    barrier_rows,
-    basins_of,
-    chain_of,
-    join_basins,
-    markov_model,
-    not_robust,
-    training_stages,
-    transition_between,
-    transition_summary,
-)
-from lightning_landscape.report.plots import free_energy_figure, path_atlas_figure, paths_figure, timescales_figure
+from lightning_landscape.dynamics import MinimaDatabase, TrajectoryStore
+from lightning_landscape.energy.basins import basins_of, join_basins
+from lightning_landscape.energy.chain import ChainRun, chain_of_runs, stages_of, transition_of
+from lightning_landscape.energy.configs import MSMConfig, PathConfig
+from lightning_landscape.energy.markov import markov_model, transition_between, transition_summary
+from lightning_landscape.energy.result import EnergyResult
+from lightning_landscape.report.plots import path_atlas_figure
+from lightning_landscape.report.reporter import Reporter
 
 
 class AnalysisError(ValueError):
@@ -89,13 +75,6 @@ def find_records(run_dirs: list[Path]) -> tuple[list[tuple[str, Path]], list[tup
 def _basis(meta: dict[str, Any]) -> tuple[Any, ...]:
     size = meta.get("n_params") or sum(int(np.prod(s)) for s in meta.get("shapes", []))
     return meta.get("k"), meta.get("projection_seed"), meta.get("nnz"), size
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[list[Any]]) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(columns)
-        writer.writerows(rows)
 
 
 def _imported(name: str | None) -> Any:
@@ -209,7 +188,7 @@ def analyze(
         )
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"runs": [str(r) for r in runs], "out": str(out), "errors": {}, "skipped": []}
-    arrays: dict[str, Any] = {}
+    result = EnergyResult(metadata={"runs": summary["runs"], "seed": seed, "lag": lag})
 
     def stage(name: str, work: Any, *args: Any) -> None:
         try:
@@ -221,18 +200,18 @@ def analyze(
             print(f"lightning-landscape analyze: {name} failed ({type(err).__name__}: {err}).", file=sys.stderr)
 
     msm_config = MSMConfig(lag=lag, n_clusters=n_clusters, max_metastable=max_metastable)
-    stage("markov state model", _msm_stage, stores, msm_config, seed, out, summary, arrays)
-    stage("chain", _chain_stage, runs, msm_config, seed, out, summary)
+    stage("markov state model", _msm_stage, stores, msm_config, seed, result, summary)
+    stage("chain", _chain_stage, runs, msm_config, seed, out, result, summary)
     if databases:
         paths = PathConfig(images=path_images, steps=path_steps, step_size=path_lr, max_paths=max_paths)
         options = (dedup_tol, config, paths, merge_barrier)
-        stage("minima", _minima_stage, databases, runs, out, summary, arrays, options)
-    np.savez(out / "analysis.npz", **arrays)
+        stage("minima", _minima_stage, databases, runs, out, result, summary, options)
+    result.write(Reporter(out, namespace="", progress=False), arrays="analysis")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def _msm_stage(stores, msm_config: MSMConfig, seed, out: Path, summary: dict, arrays: dict) -> None:
+def _msm_stage(stores, msm_config: MSMConfig, seed, result: EnergyResult, summary: dict) -> None:
     """The MSM of the largest group of trajectories that share a sketch basis."""
     groups: dict[tuple[Any, ...], list[tuple[str, TrajectoryStore]]] = defaultdict(list)
     for run, path in stores:
@@ -271,90 +250,65 @@ def _msm_stage(stores, msm_config: MSMConfig, seed, out: Path, summary: dict, ar
                     " alone. summary['chain'] (runs with EnergyLandscape) joins them on their probe outputs, where"
                     " permuted copies of one function meet."
                 )
-            columns = ["set", "population", "mean_loss", "points"]
-            _write_csv(out / "metastable.csv", columns, [[row[c] for c in columns] for row in sets])
-            timescales_figure(msm.its_lags, msm.implied_timescales, "recorded points").savefig(out / "timescales.png")
-            centers, points, explained = fitted.plane
-            free_energy_figure(centers, msm.free_energy, points, explained).savefig(out / "free_energy.png")
+            result.add_markov(fitted, 1, "recorded points")
             training = [k for k, (_, s) in enumerate(group) if "excursions" not in Path(s.path).parts]
             if training:  # the longest training path: how it went from its first metastable set to its last
                 k = max(training, key=lambda i: len(sketches[i]))
                 spacing = float(np.median(np.diff(group[k][1].sketch_steps))) if len(sketches[k]) > 1 else 1.0
-                summary["transition"] = _transition(fitted, k, msm_config.lag * spacing, points, out, arrays)
-            arrays.update(
-                transition_matrix=msm.transition_matrix,
-                stationary=msm.stationary_distribution,
-                free_energy=msm.free_energy,
-                its_lags=msm.its_lags,
-                implied_timescales=msm.implied_timescales,
-                ck_steps=msm.ck_steps,
-                ck_error=msm.ck_error,
-            )
+                summary["transition"] = _transition(fitted, k, msm_config.lag * spacing, result)
 
 
-def _transition(fitted, k: int, step: float, points, out: Path, arrays: dict) -> dict[str, Any]:
+def _transition(fitted, k: int, step: float, result: EnergyResult) -> dict[str, Any]:
     """TPT from the set of trajectory ``k``'s first point to the set of its last (``step``: its steps per lag):
-    the summary entry, the arrays, and the path atlas figure."""
+    the summary entry, the arrays, the pathways and the path atlas."""
     found = transition_between(fitted, (k, 0), (k, len(fitted.dtrajs[k]) - 1), step)
     if isinstance(found, str):
         return {"none": found}
     summary = transition_summary(fitted, found)
-    path_atlas_figure(summary, points).savefig(out / "path_atlas.png")
-    arrays.update(forward_committor=found.forward_committor, net_flux=found.net_flux, set_flux=summary["set_flux"])
+    result.add_transition(summary, "path_atlas", fitted.plane[1])
+    result.arrays.update(forward_committor=found.forward_committor, net_flux=found.net_flux)
     return {key: summary[key] for key in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")}
 
 
-def _chain_stage(runs: list[Path], msm_config: MSMConfig, seed: int, out: Path, summary: dict) -> None:
+def _chain_stage(
+    runs: list[Path], config: MSMConfig, seed: int, out: Path, result: EnergyResult, summary: dict
+) -> None:
     """One chain of every run's EnergyLandscape replicas and training paths on their outputs on the probe set (the
-    callback's chain features, so runs of different seeds meet where their weights never do), for the largest group
-    of runs with one probe set and the same output coordinates: the fraction of points in its largest connected
-    set, each run's metastable stages of training, and the transition of the first run's path (from the first set
-    it enters to its last point's; rate and MFPT in replica steps): ``summary["chain"]``, ``chain_path_atlas.png``."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    callback's chain, :func:`~lightning_landscape.energy.chain.chain_of_runs`, so runs of different seeds meet
+    where their weights never do), for the largest group of runs with one probe set and the same output
+    coordinates: the fraction of points in its largest connected set, each run's metastable stages of training,
+    and the transition of the first run's path (from the first set it enters to its last point's; rate and MFPT in
+    replica steps): ``summary["chain"]``, ``chain_path_atlas.png``."""
+    groups: dict[tuple[Any, ...], list[tuple[str, ChainRun]]] = defaultdict(list)
     for run in runs:
         for saved in sorted(run.rglob("excursions/training-path.npz")):
             if saved.resolve().is_relative_to(out.resolve()):
                 continue
             try:
-                record = _chain_record(run, saved, summary)
+                record, key = ChainRun.load(saved)
             except (OSError, ValueError, KeyError) as err:  # an unreadable path or outputs file: this run is left out
                 summary["skipped"].append({"path": str(saved), "reason": f"{type(err).__name__}: {err}"})
                 continue
-            groups[record.pop("key")].append(record)
+            listed = {entry["path"] for entry in summary["skipped"]}
+            summary["skipped"] += [entry for entry in record.replicas.skipped if entry["path"] not in listed]
+            groups[key].append((str(run), record))
     if not groups:
         return
-    group = max(groups.values(), key=lambda g: sum(len(r["replicas"]) for r in g))
-    features, losses, first = [], [], []
-    for record in group:
-        features += record["replicas"]
-        losses += record["losses"]
-    for record in group:
-        first.append(len(features))
-        features += [record["path"][piece] for piece in record["pieces"]]
-        losses += [np.full(len(piece), np.nan) for piece in record["pieces"]]
-    head = group[0]
-    path = [(first[0] + f, i) for f, piece in enumerate(head["pieces"]) for i in range(len(piece))]
-    step = msm_config.lag * head["every"]  # replica steps per lag
-    chain = chain_of(features, {"loss": losses}, path, path, msm_config, seed, step=step)
-    result: dict[str, Any] = {"runs": [r["run"] for r in group], "points": chain.points, "connected": chain.connected}
+    group = max(groups.values(), key=lambda g: sum(len(r.replicas.features) for _, r in g))
+    records = [record for _, record in group]
+    chain, first = chain_of_runs(records, config, seed)
+    info: dict[str, Any] = {"runs": [run for run, _ in group], "points": chain.points, "connected": chain.connected}
     # the replicas' step rules (lr, momentum): more than one makes the chain one of a mixture of dynamics
-    result["step_rules"] = sorted({rule for record in group for rule in record["rules"]}, key=str)
-    summary["chain"] = result
+    info["step_rules"] = sorted({rule for record in records for rule in record.replicas.rules}, key=str)
+    summary["chain"] = info
     if chain.model is None:
-        result["transition"] = {"none": str(chain.transition)}
+        info["transition"] = {"none": str(chain.transition)}
         return
-    result["sets"] = len(chain.model.sets) or 1
-    result["stages"] = {
-        record["run"]: training_stages(
-            chain.model,
-            chain.model.dtrajs[start : start + len(record["pieces"])],
-            [record["steps"][piece] for piece in record["pieces"]],
-        )
-        for record, start in zip(group, first, strict=True)
-    }
+    info["sets"] = len(chain.model.sets) or 1
+    info["stages"] = dict(zip(info["runs"], stages_of(chain, records, first), strict=True))
     robustness = chain.robustness
     if robustness is not None:  # what survives other k-means seeds and state counts, and whether sets are metastable
-        result["robustness"] = {
+        info["robustness"] = {
             "refits": [list(r) for r in robustness.refits],
             "set_agreement": robustness.agreement,
             "robust_sets": robustness.robust_sets(),
@@ -362,52 +316,15 @@ def _chain_stage(runs: list[Path], msm_config: MSMConfig, seed: int, out: Path, 
             "metastable": robustness.metastable,
             "timescales_lags": robustness.timescales,
         }
-    if isinstance(chain.transition, str):
-        result["transition"] = {"none": chain.transition}
+    found = transition_of(chain)
+    if "none" in found:
+        info["transition"] = found
         return
-    if robustness is not None and not robustness.transition_survives:
-        result["transition"] = {"none": not_robust(robustness)}
-        return
-    found = transition_summary(chain.model, chain.transition)
-    path_atlas_figure(found).savefig(out / "chain_path_atlas.png")
-    result["transition"] = {
-        k: found[k] for k in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")
-    }
+    result.figures["chain_path_atlas"] = path_atlas_figure(found)
+    info["transition"] = {k: found[k] for k in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")}
 
 
-def _chain_record(run: Path, saved: Path, summary: dict) -> dict[str, Any]:
-    """One run's saved training path (its pieces, features, steps) and replicas (outputs at the chain's coordinates,
-    losses) from the excursions beside it, with the key of runs that can share a chain (probe set, coordinates); a
-    replica whose store cannot be read keeps its outputs, with NaN losses, and is listed as skipped."""
-    data = np.load(saved)
-    columns, fragment = data["columns"], data["fragment"]
-    record: dict[str, Any] = {
-        "run": str(run),
-        "key": (tuple(data["probe"].tolist()), columns.tobytes()),
-        "pieces": [np.flatnonzero(fragment == f) for f in np.unique(fragment)],
-        "path": data["features"].astype(np.float64),
-        "steps": data["steps"],
-        "replicas": [],
-        "losses": [],
-        "every": 1,
-        "rules": set(),
-    }
-    listed = {entry["path"] for entry in summary["skipped"]}
-    for _, _, outputs, replica in saved_replicas(saved.parent):
-        record["replicas"].append(np.asarray(outputs[:, columns], dtype=np.float64))
-        try:
-            store = TrajectoryStore.open(replica)
-            record["losses"].append(store.stats["loss"])
-            record["every"] = int(store.meta.get("record_every", 1))
-            record["rules"].add(step_rule(store.meta))
-        except (OSError, ValueError) as err:
-            record["losses"].append(np.full(len(record["replicas"][-1]), np.nan))
-            if not any(str(replica) in path for path in listed):
-                summary["skipped"].append({"path": str(replica), "reason": str(err)})
-    return record
-
-
-def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, options: tuple) -> None:
+def _minima_stage(databases, runs, out: Path, result: EnergyResult, summary: dict, options: tuple) -> None:
     """The merged minima database, straight lines and minimum-energy paths between its minima of different basins
     (paths with ``--config``), the basins, and their disconnectivity graph."""
     dedup_tol, config, paths, merge_barrier = options
@@ -435,22 +352,27 @@ def _minima_stage(databases, runs, out: Path, summary: dict, arrays: dict, optio
     if merge_barrier is None:  # the runs' own fixed level (the largest, when they differ); none: each saddle's own
         levels = [db.merge_barrier for _, db in comparable if db.merge_barrier is not None]
         merge_barrier = max(levels) if levels else None
-    profiles: list = []
+    computed: list = []
     if config is not None and len(merged) > 1:
         try:
-            _paths(merged, Path(config), probe, profiles, paths, merge_barrier, summary)
+            computed = _paths(merged, Path(config), probe, paths, merge_barrier, summary)
         except AnalysisError:
             raise
         except Exception as err:
             summary["errors"]["paths"] = f"{type(err).__name__}: {err}"
-        if profiles:
-            paths_figure(profiles).savefig(out / "paths.png")
-    _minima_outputs(merged, merge_barrier, runs, out, summary, arrays, len(profiles))
+    basins = basins_of(merged, merge_barrier)
+    summary.update(
+        minima=len(merged),
+        basins=basins.n_basins,
+        merge_barrier=merge_barrier,
+        known_saddles=len(merged.saddles),
+        paths_computed=len(computed),
+    )
+    result.add_paths(computed)
+    result.add_minima(merged, basins, f"in {len(runs)} run(s)")
 
 
-def _paths(
-    merged, config: Path, probe: dict, profiles: list, paths: PathConfig, level: float | None, summary: dict
-) -> None:
+def _paths(merged, config: Path, probe: dict, paths: PathConfig, level: float | None, summary: dict) -> list:
     """Paths between the merged runs' minima. Pairs merge at ``level``; when None, at the noise along them that
     the runs stored with their saddles, and a pair that only ``analyze`` joins (no noise measured) merges only
     below the energy error of its ends: pass ``--merge-barrier`` to merge such pairs at a fixed level."""
@@ -458,38 +380,7 @@ def _paths(
     objective = _probe_objective(config, probe, n_params)
     _, plan, computed = join_basins(merged, objective, list(range(len(merged))), level, paths, source="analyze")
     summary["linear_joins"] = len(plan.linear)
-    profiles += [(f"{i} - {j}", path.arc, path.losses) for i, j, path in computed]
-
-
-def _minima_outputs(merged, level: float | None, runs, out: Path, summary: dict, arrays: dict, n_paths: int) -> None:
-    basins = basins_of(merged, level)
-    summary.update(
-        minima=len(merged),
-        basins=basins.n_basins,
-        merge_barrier=level,
-        known_saddles=len(merged.saddles),
-        paths_computed=n_paths,
-    )
-    _write_csv(
-        out / "minima.csv",
-        ["id", "basin", "loss", "run", "source", "step"],
-        [
-            [r["id"], int(basins.labels[r["id"]]), r["loss"], r.get("run"), r.get("source"), r.get("step")]
-            for r in merged.records
-        ],
-    )
-    _write_csv(
-        out / "basins.csv",
-        ["basin", "loss", "minimum", "members", "visits"],
-        [[b["basin"], b["loss"], b["minimum"], " ".join(map(str, b["members"])), b["visits"]] for b in basins.rows],
-    )
-    _write_csv(out / "barriers.csv", BARRIER_COLUMNS, barrier_rows(merged))
-    arrays.update(minima_losses=merged.losses, saddles=merged.saddle_matrix(), basin_labels=basins.labels)
-    if basins.n_basins > 1:
-        tree = disconnectivity_tree([b["loss"] for b in basins.rows], basins.saddles)
-        title = f"disconnectivity graph of {basins.n_basins} basins, {len(runs)} run(s)"
-        disconnectivity_figure(tree, title).savefig(out / "disconnectivity.png")
-        arrays.update(basin_saddles=basins.saddles, merge_levels=tree.merge_levels)
+    return computed
 
 
 #: the config fields that the command-line options set, as the error messages name them

@@ -39,6 +39,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from lightning_landscape.checks import as_config, check_int
@@ -133,3 +134,17 @@ def probe_chunks(n_samples: int, size: int, batch_size: int, seed: int) -> list[
     size = min(size, n_samples)
     indices = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))[:size].tolist()
     return [indices[i : i + batch_size] for i in range(0, size, batch_size)]
+
+
+def probe_accuracy(outputs: np.ndarray, batches: list[Any]) -> np.ndarray:
+    """Accuracy of flattened probe outputs ``(..., N * C)`` against the probe batches' integer targets (their
+    second tensor), or NaN when the batches carry no class labels."""
+    targets = [b[1] for b in batches if isinstance(b, (list, tuple)) and len(b) > 1 and torch.is_tensor(b[1])]
+    if not batches or len(targets) != len(batches) or targets[0].is_floating_point() or targets[0].ndim != 1:
+        return np.full(outputs.shape[:-1], np.nan)
+    labels = torch.cat(targets).cpu().numpy()
+    n_classes = outputs.shape[-1] // len(labels)
+    if n_classes < 2 or n_classes * len(labels) != outputs.shape[-1]:
+        return np.full(outputs.shape[:-1], np.nan)
+    predicted = outputs.reshape(*outputs.shape[:-1], len(labels), n_classes).argmax(-1)
+    return (predicted == labels).mean(-1)

@@ -1,5 +1,6 @@
 """``lightning-landscape analyze``: two recorded runs of the double well analyzed together."""
 
+import csv
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 
 from lightning_landscape import TrajectoryRecorder
 from lightning_landscape.cli import main
-from lightning_landscape.dynamics import SamplingConfig
+from lightning_landscape.energy import SamplingConfig
 from tests.test_energy import train, well_energy
 
 
@@ -66,8 +67,10 @@ def test_analyze_merges_runs_and_finds_the_saddle_between_their_minima(two_runs)
     assert chain["step_rules"] == [[0.01, 0.0]]  # both runs' replicas step alike: one dynamics
     for name in ("disconnectivity", "timescales", "paths", "free_energy"):
         assert (out / f"{name}.png").exists(), name
-    runs = {line.split(",")[3] for line in (out / "minima.csv").read_text().splitlines()[1:]}
-    assert runs <= {"run-0", "run-1"}
+    with (out / "minima.csv").open() as fh:
+        minima = list(csv.DictReader(fh))
+    assert {row["run"] for row in minima} <= {"run-0", "run-1"}
+    assert all(row["certified"] == "True" for row in minima)  # the certificates travel with the merged minima
     # the basins at the runs' own level (0.1 < the barrier 0.5): the two wells; both barriers in barriers.csv
     assert summary["merge_barrier"] == pytest.approx(0.1) and summary["basins"] == 2
     assert len((out / "basins.csv").read_text().splitlines()) == 3

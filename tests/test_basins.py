@@ -11,11 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import EnergyLandscape, Objective
-from lightning_landscape.dynamics import MinimaDatabase, SamplingConfig
-from lightning_landscape.dynamics.pipeline import (
+from lightning_landscape.energy import (
     CrossingNoise,
+    MinimaDatabase,
     PathConfig,
     QuenchConfig,
+    SamplingConfig,
     add_minimum,
     join_basins,
     noise_level,

@@ -212,7 +212,7 @@ def test_memory_is_planned_at_setup_refused_with_sizes_or_fitted(monkeypatch):
 
 def test_an_auto_quench_is_float32_where_float64_would_not_fit(monkeypatch):
     from lightning_landscape.curvature import memory
-    from lightning_landscape.dynamics.pipeline import quench_objective
+    from lightning_landscape.energy.quench import quench_objective
 
     def mse(module, batch):
         return torch.nn.functional.mse_loss(module(batch[0]), batch[1])

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import EnergyLandscape
-from lightning_landscape.dynamics import MinimaDatabase, PathConfig, SamplingConfig
+from lightning_landscape.energy import MinimaDatabase, PathConfig, SamplingConfig
 from lightning_landscape.report.dashboard import run_keys
 from tests.ddp import run_script
 from tests.helpers import assert_dashboard_covers, loader, offline_wandb_records, tiny_module_class
@@ -487,6 +487,11 @@ class Weights(pl.Callback):
         self.at[trainer.global_step] = pl_module.w.detach().clone()
 
 
+def fragments(energy, trainer):
+    """The training path's pieces as the next trigger would cut them."""
+    return energy.path.fragments(energy._replica_rule(trainer), energy.sampling.record_every)
+
+
 @pytest.mark.slow
 def test_the_training_path_joins_the_chain_every_record_every_steps(tmp_path):
     sampling = SamplingConfig(replicas=4, steps=100, lr=0.01, temperature=0.05, record_every=5)
@@ -495,30 +500,30 @@ def test_the_training_path_joins_the_chain_every_record_every_steps(tmp_path):
     trainer = train([weights, energy], tmp_path, model=SlidingWell(), max_steps=40)
     assert energy.failures == 0 and len(energy.history) == 2
     steps = list(range(0, 41, 5))
-    assert energy._path_steps == steps
+    assert energy.path.steps == steps
     # the path's features are its outputs on the probe set (here the weights, one row per probe sample) at the
     # chain's coordinates, recorded at the weights of that step, before the trigger of that step
-    for step, features in zip(steps, energy._path_features, strict=True):
+    for step, features in zip(steps, energy.path.features, strict=True):
         outputs = weights.at[step].expand(16, 2).reshape(-1).numpy()
         np.testing.assert_allclose(features, outputs[energy._columns], rtol=1e-6)
     saved = np.load(energy.reporter.run_dir / "excursions" / "training-path.npz")
     assert saved["steps"].tolist() == steps and saved["features"].shape == (9, 32)
     # plain SGD at the replicas' lr: one trajectory whose transitions count; its stages cover all its points
-    assert energy._path_fragments(trainer) == [list(range(9))]
+    assert fragments(energy, trainer) == [list(range(9))]
     assert energy.history[-1]["chain_points"] == 2 * 4 * 21 + 9
     stages = energy.chain_stages
     assert stages[0]["first_step"] == 0 and stages[-1]["last_step"] == 40 and sum(s["points"] for s in stages) == 9
     # another learning rate: its points are located in the chain, one by one, not counted
     energy.sampling.lr = 0.02
-    assert energy._path_fragments(trainer) == [[i] for i in range(9)]
+    assert fragments(energy, trainer) == [[i] for i in range(9)]
     # the replicas take training's heavy-ball momentum by default; the path's points keep the rule training stepped
     # with when they were recorded (plain SGD at 0.01), so they link only while the replicas step that way too
     energy.sampling.lr = None
     group = trainer.optimizers[0].param_groups[0]
     group["momentum"] = 0.9
-    assert energy._replica_rule(trainer) == (0.01, 0.9) and energy._path_fragments(trainer) == [[i] for i in range(9)]
+    assert energy._replica_rule(trainer) == (0.01, 0.9) and fragments(energy, trainer) == [[i] for i in range(9)]
     energy.sampling.momentum = 0.0
-    assert energy._replica_rule(trainer) == (0.01, 0.0) and energy._path_fragments(trainer) == [list(range(9))]
+    assert energy._replica_rule(trainer) == (0.01, 0.0) and fragments(energy, trainer) == [list(range(9))]
     energy.sampling.momentum, group["nesterov"] = None, True
     assert energy._replica_rule(trainer) == (0.01, 0.0)  # Nesterov is not a replica's rule: plain SGD replicas
     trainer.strategy._optimizers = [torch.optim.Adam(trainer.lightning_module.parameters(), lr=0.01)]
@@ -539,7 +544,7 @@ def test_replicas_step_with_trainings_momentum(tmp_path):
     assert energy.failures == 0 and len(energy.history) == 1
     store = TrajectoryStore.open(energy.reporter.run_dir / "excursions" / "step-000000010" / "replica-000")
     assert (store.meta["lr"], store.meta["momentum"]) == (0.01, 0.9)
-    assert energy._path_fragments(trainer) == [[0, 1, 2]]  # steps 0, 5, 10: momentum SGD's path counts
+    assert fragments(energy, trainer) == [[0, 1, 2]]  # steps 0, 5, 10: momentum SGD's path counts
 
 
 class ScheduledWell(SlidingWell):
@@ -555,11 +560,11 @@ def test_a_learning_rate_schedule_breaks_the_counted_path_where_the_rule_changed
     sampling = SamplingConfig(replicas=2, steps=20, record_every=5)
     energy = well_energy(every_n_steps=20, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})
     trainer = train([energy], tmp_path, model=ScheduledWell(), max_steps=20)
-    assert energy.failures == 0 and energy._path_steps == [0, 5, 10, 15, 20]
+    assert energy.failures == 0 and energy.path.steps == [0, 5, 10, 15, 20]
     # the replicas step at the current lr 0.005; the points from step 10 on were recorded at it (the lr of the step
     # after them), the earlier ones at 0.01: located, not counted
     assert energy._replica_rule(trainer) == (0.005, 0.0)
-    assert energy._path_fragments(trainer) == [[0], [1], [2, 3, 4]]
+    assert fragments(energy, trainer) == [[0], [1], [2, 3, 4]]
 
 
 @pytest.mark.slow

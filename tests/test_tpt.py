@@ -81,7 +81,7 @@ def test_a_set_that_owns_no_state_still_gets_a_place_and_its_flux_row():
     keeps all sets, placing each at its membership- and stationary-weighted mean position."""
     from types import SimpleNamespace
 
-    from lightning_landscape.dynamics.pipeline import transition_summary
+    from lightning_landscape.energy import transition_summary
 
     T, pi = reversible_chain(4, 0)
     found = transition_paths(T, [0], [3], pi)
@@ -296,7 +296,7 @@ def test_sgld_three_hole_flux_shares_and_populations_match_the_fine_grid(seed):
 def test_the_chains_transition_rate_and_channel_split_match_the_fine_grid_between_its_own_cores(seed):
     from scipy.spatial import cKDTree
 
-    from lightning_landscape.dynamics.pipeline import MSMConfig, chain_of
+    from lightning_landscape.energy import MSMConfig, chain_of
 
     # the whole chain at its defaults (k-means states, lag 1, PCCA+ sets, cores of membership >= 0.9) from the
     # left well's first point to the right well's; the reference is the fine grid's TPT between the same regions
@@ -322,7 +322,7 @@ def test_the_chains_transition_rate_and_channel_split_match_the_fine_grid_betwee
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_chain_starts_from_the_first_training_point_inside_its_connected_set(seed):
-    from lightning_landscape.dynamics.pipeline import MSMConfig, chain_of
+    from lightning_landscape.energy import MSMConfig, chain_of
 
     # replicas of a known 2-state chain (stay 0.95), each state a cloud of features; the "training path" starts
     # far from every cloud (no replica comes near: outside the connected set), enters state 0, then 1, and ends far
@@ -359,7 +359,7 @@ def test_the_chain_starts_from_the_first_training_point_inside_its_connected_set
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_downhill_relaxation_has_no_metastable_sets_and_no_transition_to_report(seed):
-    from lightning_landscape.dynamics.pipeline import MSMConfig, chain_of, not_robust
+    from lightning_landscape.energy.chain import MSMConfig, chain_of, not_robust
 
     # 8 replicas relaxing from x = 10 towards 0 (x ~ 10 exp(-t / 10) plus noise), as SGD replicas at temperature 0
     # relax from the current point: the "sets" a chain finds are strata of the one descent

@@ -1,37 +1,20 @@
 """EnergyLandscape: the global energy landscape around the training trajectory, built trigger by trigger.
 
 Each trigger (every ``n`` steps or epochs, at fit end, or :meth:`run_now`) runs the stages of
-:mod:`lightning_landscape.dynamics.pipeline`, each configured by one small dataclass:
+:mod:`lightning_landscape.energy`, each configured by one small dataclass: **basin sampling** (``sampling``:
+replicas of SGD or SGLD from the current point, split over DDP ranks), **minima** (``quench``: the current point and
+every replica's end quenched and certified, into a persistent minima database), **basins** (``basins``, ``paths``:
+minima joined by straight lines or minimum-energy paths, merged where the barrier is below the noise along it), the
+**Markov state model** of this trigger's replicas and the **chain of all triggers** (``msm``: every replica so far
+and the training path; metastable stages of training, transition path theory from the initial weights' set to the
+current one's), and the **disconnectivity graph** of the basins. The callback only decides when and where: it
+schedules the stages, splits them over ranks and keeps to its ``budget`` (every rank follows rank 0's decision);
+what a trigger found is one :class:`~lightning_landscape.energy.EnergyResult`, written once at its end.
 
-1. **basin sampling** (``sampling``): replicas of SGD (or SGLD at ``temperature``) from the current point, at the
-   training learning rate and batch size (constant ``lr/B``), on a fixed pool of training batches; never touching
-   the module or the optimizer. Replicas are split over DDP ranks.
-2. **minima** (``quench``): the current point and every replica's end are quenched (L-BFGS on the probe set, a
-   relative gradient tolerance, or to the energy resolution) and added to a persistent
-   :class:`~lightning_landscape.dynamics.MinimaDatabase`, deduplicated in function space (outputs on the probe set).
-3. **basins** (``basins``, ``paths``): minima joined by a path whose lower barrier is below their merge level
-   (default: the temperature of the replicas' noise along the line between them; ``basins.merge_barrier`` fixes
-   one level for all) are one basin. A straight line joins what it can; minimum-energy paths
-   (string or NEB, FIRE, climbing image) the rest, split over DDP ranks: the current minimum to the previous
-   trigger's, each new minimum to its nearest ones in other basins, then the spanning tree's gaps.
-4. **Markov state model** (``msm``) of this trigger's replicas: k-means, a reversible MSM at ``lag``, implied
-   timescales, Chapman-Kolmogorov test, PCCA+ sets; then the **chain of all triggers** (every replica so far, a
-   fraction ``sampling.restarts`` of them restarted from the previous trigger's ends or a TrajectoryRecorder's
-   snapshots, the least-visited first, and the training path,
-   recorded every ``sampling.record_every`` steps): the training path's metastable stages, and transition path
-   theory from the initial weights' metastable set to the current weights' (pathways, rate, MFPT, the path atlas).
-5. **disconnectivity graph** of the basins.
-
-The work is done in that order, item by item, while the ``budget`` lasts (every rank follows rank 0's decision);
-what was spent is logged. Outputs, in ``<run dir>/energy/`` and W&B: figures ``disconnectivity``,
-``timescales``, ``paths``, ``free_energy``, ``path_atlas``; tables ``minima``, ``basins``, ``barriers`` (both
-directions), ``metastable``, ``pathways``, ``stages``; scalars ``n_basins``, ``current_basin``, ``noise_level``,
-``crossing_temperature`` (the median merge level of the pairs joined), ``merge_barrier`` (when fixed),
-``barrier_previous`` (saddle loss minus the current minimum's loss), ``slowest_timescale`` (in optimizer steps),
-``metastable_states``, ``n_minima``, ``chain_mfpt``, ``chain_connected``, ``chain_stages``,
-``new_minima``, ``quenches_converged``, ``paths_converged``, ``linear_joins``, ``spent_passes``, ``spent_seconds``;
-the minima database (with its basins) in ``minima/``, every replica as a trajectory store in
-``excursions/step-<n>/`` and the training path's chain features in ``excursions/training-path.npz``.
+Outputs, in ``<run dir>/energy/`` and W&B (see ``docs/energy.md``): figures ``disconnectivity``, ``timescales``,
+``paths``, ``free_energy``, ``path_atlas``; tables ``minima``, ``basins``, ``barriers``, ``metastable``,
+``pathways``, ``stages``; the scalars of :attr:`EnergyLandscape.logged`; the minima database in ``minima/``, every
+replica in ``excursions/step-<n>/`` and the training path's chain features in ``excursions/training-path.npz``.
 
 Example::
 
@@ -59,55 +42,32 @@ from typing_extensions import override
 
 from lightning_landscape import budget as clock
 from lightning_landscape import distributed
+from lightning_landscape.budget import Budget
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
 from lightning_landscape.checks import as_config, check_float
-from lightning_landscape.dynamics import (
-    Excursions,
-    MinimaDatabase,
-    SparseProjection,
-    TrajectoryStore,
-    disconnectivity_figure,
-    disconnectivity_tree,
-)
-from lightning_landscape.dynamics.excursions import saved_replicas, step_rule
-from lightning_landscape.dynamics.pipeline import (
-    BARRIER_COLUMNS,
-    QUENCH_VECTORS,
-    BasinConfig,
-    BasinsResult,
-    Budget,
-    CrossingNoise,
-    MarkovModel,
-    Minimum,
-    MSMConfig,
-    PathConfig,
-    QuenchConfig,
-    SamplingConfig,
-    add_minimum,
-    barrier_rows,
-    basins_of,
+from lightning_landscape.dynamics import Excursions, MinimaDatabase, SparseProjection
+from lightning_landscape.energy import plan, trigger
+from lightning_landscape.energy.basins import basins_of, minimum_path, plan_joins
+from lightning_landscape.energy.chain import (
+    ChainRun,
+    TrainingPath,
     chain_columns,
-    chain_of,
-    dips,
-    energy_resolution,
-    markov_model,
-    minimum_path,
-    not_robust,
-    plan_joins,
-    quench_point,
-    record_path,
+    chain_of_runs,
+    read_replicas,
     restart_points,
-    sample,
-    training_stages,
-    transition_summary,
+    stages_of,
+    transition_of,
 )
+from lightning_landscape.energy.configs import BasinConfig, MSMConfig, PathConfig, QuenchConfig, SamplingConfig
+from lightning_landscape.energy.quench import quench_point
+from lightning_landscape.energy.result import STAGE_COLUMNS, EnergyResult
+from lightning_landscape.energy.sampling import CrossingNoise, sample
 from lightning_landscape.geometry.paths import PathResult
 from lightning_landscape.guard import preserve_state
-from lightning_landscape.objective import Objective, map_tensors
+from lightning_landscape.objective import Objective
 from lightning_landscape.params import ParameterLayout, weight_decay_of
-from lightning_landscape.probe import ProbeSpec
+from lightning_landscape.probe import ProbeSpec, probe_accuracy
 from lightning_landscape.report.logged import Logged
-from lightning_landscape.report.plots import free_energy_figure, path_atlas_figure, paths_figure, timescales_figure
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -115,25 +75,6 @@ if TYPE_CHECKING:
 
 def _passes(objective: Objective) -> int:
     return objective.passes["forward"] + objective.passes["backward"]
-
-
-def probe_accuracy(outputs: np.ndarray, batches: list[Any]) -> np.ndarray:
-    """Accuracy of flattened probe outputs ``(..., N * C)`` against the probe batches' integer targets (their
-    second tensor), or NaN when the batches carry no class labels."""
-    targets = [b[1] for b in batches if isinstance(b, (list, tuple)) and len(b) > 1 and torch.is_tensor(b[1])]
-    if len(targets) != len(batches) or targets[0].is_floating_point() or targets[0].ndim != 1:
-        return np.full(outputs.shape[:-1], np.nan)
-    labels = torch.cat(targets).cpu().numpy()
-    n_classes = outputs.shape[-1] // len(labels)
-    if n_classes < 2 or n_classes * len(labels) != outputs.shape[-1]:
-        return np.full(outputs.shape[:-1], np.nan)
-    predicted = outputs.reshape(*outputs.shape[:-1], len(labels), n_classes).argmax(-1)
-    return (predicted == labels).mean(-1)
-
-
-#: a trigger's least work, in gradients on the probe set: the current point's quench (about 40 gradients) and its
-#: certificate (about 8 Hessian-vector products of about 3 gradients each)
-LEAST_WORK = 64
 
 
 def _map_style(trainer: pl.Trainer) -> bool:
@@ -156,22 +97,22 @@ class EnergyLandscape(LandscapeCallback):
     """Basin sampling, quenched minima joined into basins, minimum-energy paths, a Markov state model and the
     disconnectivity graph of the basins, every trigger.
 
-    Each stage is configured by one small dataclass of :mod:`lightning_landscape.dynamics.pipeline` (or a dict of
+    Each stage is configured by one small dataclass of :mod:`lightning_landscape.energy` (or a dict of
     its fields; in YAML a nested mapping), whose defaults work without tuning.
 
     Args:
         every_n_steps: run every ``n`` optimizer steps (and :meth:`run_now` on demand).
         every_n_epochs: run at the end of every ``n``-th epoch.
         at_fit_end: run when training ends.
-        sampling: :class:`~lightning_landscape.dynamics.SamplingConfig`: replicas, their steps, ``lr`` (default:
+        sampling: :class:`~lightning_landscape.energy.SamplingConfig`: replicas, their steps, ``lr`` (default:
             training's), SGLD ``temperature``, recording, the minibatch pool, seeds and the sketch. With a
             :class:`TrajectoryRecorder` in the trainer, its projection sketches the replicas too.
-        quench: :class:`~lightning_landscape.dynamics.QuenchConfig`: L-BFGS iterations, relative tolerance and the
+        quench: :class:`~lightning_landscape.energy.QuenchConfig`: L-BFGS iterations, relative tolerance and the
             function-space dedup of minima.
-        basins: :class:`~lightning_landscape.dynamics.BasinConfig`: ``merge_barrier`` (default: each pair's noise
-            along its barrier, ``T + lr s_d / (2 (1 - beta))``, see :mod:`~lightning_landscape.dynamics.pipeline`).
-        paths: :class:`~lightning_landscape.dynamics.PathConfig`: images, FIRE iterations, method and ``max_paths``.
-        msm: :class:`~lightning_landscape.dynamics.MSMConfig`: lag, states, features and PCCA+ sets.
+        basins: :class:`~lightning_landscape.energy.BasinConfig`: ``merge_barrier`` (default: each pair's noise
+            along its barrier, ``T + lr s_d / (2 (1 - beta))``, see :mod:`~lightning_landscape.energy`).
+        paths: :class:`~lightning_landscape.energy.PathConfig`: images, FIRE iterations, method and ``max_paths``.
+        msm: :class:`~lightning_landscape.energy.MSMConfig`: lag, states, features and PCCA+ sets.
         budget: :class:`~lightning_landscape.budget.Budget`: the share of training time the triggers may take
             (default 5%, at least 10 s a trigger), a cap in seconds and in batch passes per trigger.
         weight_decay: the L2 coefficient of the energy, ``E(theta) = L(theta) + weight_decay |theta|^2 / 2``, which the
@@ -317,10 +258,7 @@ class EnergyLandscape(LandscapeCallback):
         self._path_visits: dict[int, float] = {}  # rank 0: the chain's points in the state of each path point's step
         # rank 0: the training path in the chain's features, every `sampling.record_every` optimizer steps from the
         # initial weights (step 0) on; with its probe accuracy
-        self._path_steps: list[int] = []
-        self._path_rules: list[tuple[float, float] | None] = []  # training's step rule (_sgd_rule) at each point
-        self._path_features: list[np.ndarray] = []
-        self._path_accuracy: list[float] = []
+        self.path = TrainingPath()
         self._path_failed = False
         self._columns: np.ndarray | None = None  # the output coordinates that are the chain's features
         #: the training path's metastable stages in the last chain: ``{"set", "first_step", "last_step", "points"}``
@@ -346,107 +284,30 @@ class EnergyLandscape(LandscapeCallback):
             )
 
     def plan_memory(self, n_params: int, device: torch.device) -> None:
-        """Before training, the least a trigger holds must fit on the device (refused with sizes and a fix
-        otherwise): one replica per rank (its point, velocity, gradient and the start: 4 vectors of ``P`` entries),
-        a quench with its certificate (L-BFGS's 10 pairs and a Lanczos basis of 12: 34 vectors, float64 with
-        ``quench.dtype="float64"``; ``"auto"`` quenches in float32 when float64 would not fit),
-        and a minimum-energy path (positions, velocities and forces of ``paths.images`` images). The replica rounds
-        then grow only as far as the budget allows."""
-        from lightning_landscape.curvature.memory import check_vectors
-
-        name = f"EnergyLandscape on {n_params:,} parameters"
-        check_vectors(
-            4 + 3 * self.paths.images,
-            n_params,
-            self.probe.dtype,
-            device,
-            f"{name} (a path of {self.paths.images} images)",
-            "fewer `paths.images`, or `paths.max_paths=0` to join minima by straight lines.",
-        )
-        float64 = self.quench.dtype == "float64" or self.probe.dtype == torch.float64  # "auto" falls back to float32
-        dtype = torch.float64 if float64 else torch.float32
-        check_vectors(
-            QUENCH_VECTORS,
-            n_params,
-            dtype,
-            device,
-            f"{name} (a certified {str(dtype).removeprefix('torch.')} quench)",
-            "quench.dtype='auto' (float32 when float64 does not fit), a smaller model, or one with fewer trainable"
-            " parameters (freeze a part)."
-            if float64
-            else "a smaller model, or fewer trainable parameters.",
-        )
+        """Refuse, before training, a model on which a trigger's least work does not fit on ``device``
+        (:func:`~lightning_landscape.energy.plan.check_memory`)."""
+        plan.check_memory(n_params, self.probe.dtype, self.quench.dtype, self.paths, device)
 
     def _plan_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The probe set's size and batch size, measured once at the start of training on a sample batch (rank 0
-        decides for every rank; both are recorded and kept for the fit, so every trigger measures one energy):
-
-        * size: cut, with a warning, where a trigger's least work (:data:`LEAST_WORK` gradients' worth: a certified
-          quench of the current point) on the whole probe set would not fit in the budget's floor (or its seconds),
-          down to two training batches at least; a model that cannot do even that in time is warned about;
-        * batch size, when none is given: the whole set in one batch (fewer, larger passes) when a Hessian-vector
-          product on it fits in a quarter of the free memory (in float64 when the quench may take it), else the
-          largest batch that does (:func:`~lightning_landscape.curvature.memory.graph_bytes`)."""
-        from lightning_landscape.curvature.memory import HVP_GRAPH_FACTOR, free_bytes, graph_bytes
-
-        spec, size, budget = self.probe, self.probe.size, self.budget
-        # the seconds any trigger may take: the floor of a share, the cap without one, no limit without either
-        allowed = budget.floor if budget.share is not None else budget.seconds or math.inf
-        decision: tuple[int, int, float] | str = (size, spec.batch_size or size, 0.0)
+        """The probe set's size and batch size, measured once at the start of training on a sample batch
+        (:func:`~lightning_landscape.energy.plan.plan_probe`; rank 0 decides for every rank; both are warned about,
+        recorded and kept for the fit, so every trigger measures one energy)."""
+        spec, allowed = self.probe, plan.allowed_seconds(self.budget)
+        decision: plan.ProbePlan | str = plan.ProbePlan(spec.size, spec.batch_size or spec.size)
         if trainer.is_global_zero:
             try:
-                n = min(size, 32)
+                n = min(spec.size, 32)
                 sample = self.draw_batches(trainer, n, n, spec.seed, sharded=False)
-                objective = Objective(pl_module, sample, spec.loss_fn, bn_mode=spec.bn_mode, dtype=spec.dtype)
-                warm = [map_tensors(sample[0], lambda t: t[:2])]  # the first call's one-off costs, on two samples
-                graph_bytes(Objective(pl_module, warm, spec.loss_fn, bn_mode=spec.bn_mode, dtype=spec.dtype))
-                start = time.perf_counter()
-                per_sample = graph_bytes(objective) / n
-                seconds = (time.perf_counter() - start) / n  # a gradient, per sample (an overestimate: small batch)
-                wide = 2 if self.quench.dtype != "float32" and spec.dtype == torch.float32 else 1  # a float64 quench
-                least = LEAST_WORK * wide * seconds  # seconds of a trigger's least work, per probe sample
-                if least * size > allowed:
-                    smallest = min(size, 2 * (getattr(trainer.train_dataloader, "batch_size", None) or 16))
-                    size = max(smallest, int(allowed / least))
-                batch = spec.batch_size or size
-                fit = int(0.25 * free_bytes(pl_module.device) // max(HVP_GRAPH_FACTOR * wide * per_sample, 1.0))
-                if spec.batch_size is None and fit < size:
-                    batch = max(2, fit)
-                    while size % batch == 1 and batch > 2:  # no batch of one sample (BatchNorm in train mode)
-                        batch -= 1
-                decision = (size, batch, least * size)
+                smallest = 2 * (getattr(trainer.train_dataloader, "batch_size", None) or 16)
+                decision = plan.plan_probe(pl_module, sample, spec, self.quench.dtype, allowed, smallest)
             except Exception as err:  # the loss itself fails: the check that follows says why, with a hint
                 decision = f"{type(err).__name__}: {err}"
         decision = distributed.broadcast(trainer.strategy, decision)
         if isinstance(decision, str):
-            decision = (spec.size, spec.batch_size or spec.size, 0.0)
-        size, batch, least = decision
-        if trainer.is_global_zero and size < spec.size:
-            overrun = (
-                f" Even so it takes about {least:.0f} s, more than the {allowed:g} s a trigger may take: triggers"
-                " will run over their budget by that."
-                if least > allowed
-                else ""
-            )
-            warnings.warn(
-                f"EnergyLandscape: a trigger's least work (a certified quench of the current point, about {LEAST_WORK}"
-                f" gradients' worth) on {spec.size} probe samples would not fit in its budget on this model, so the"
-                f" probe set is cut to {size} samples for this fit (recorded as `probe_size`).{overrun} HINT: set"
-                " `budget={'floor': ...}` (seconds a trigger may always take) to keep a larger probe set, or run on an"
-                " accelerator.",
-                UserWarning,
-                stacklevel=2,
-            )
-        if trainer.is_global_zero and spec.batch_size is None and batch < size:
-            warnings.warn(
-                f"EnergyLandscape: a Hessian-vector product on the {size} probe samples in one batch would not fit in"
-                f" a quarter of the free memory of {pl_module.device}, so the probe set is evaluated in batches of"
-                f" {batch} (recorded as `probe_batch_size`; with BatchNorm in train mode the batch defines the"
-                " energy). HINT: set `probe.batch_size` to choose it.",
-                UserWarning,
-                stacklevel=2,
-            )
-        self.probe = replace(self.probe, size=size, batch_size=batch)
+            return
+        if trainer.is_global_zero:
+            plan.warn_plan(decision, spec, allowed, pl_module.device)
+        self.probe = replace(self.probe, size=decision.size, batch_size=decision.batch_size)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -470,7 +331,7 @@ class EnergyLandscape(LandscapeCallback):
         if not trainer.is_global_zero or self._path_failed or trainer.sanity_checking or trainer.fast_dev_run:
             return
         due = self.sampling.training_path and step % self.sampling.record_every == 0
-        if not (always or due) or (self._path_steps and self._path_steps[-1] == step):
+        if not (always or due) or (self.path.steps and self.path.steps[-1] == step):
             return
         try:
             with preserve_state(pl_module, ()), torch.inference_mode(False):
@@ -478,10 +339,8 @@ class EnergyLandscape(LandscapeCallback):
                 outputs = probe.outputs(probe.theta0).reshape(1, -1).double().cpu().numpy()
             if self._columns is None:
                 self._columns = chain_columns(outputs.shape[1], self.sampling.seed)
-            self._path_features.append(outputs[0, self._columns].astype(np.float32))
-            self._path_accuracy.append(float(probe_accuracy(outputs, probe.batches)[0]))
-            self._path_rules.append(_sgd_rule(trainer))
-            self._path_steps.append(step)
+            accuracy = float(probe_accuracy(outputs, probe.batches)[0])
+            self.path.add(step, outputs[0, self._columns], accuracy, _sgd_rule(trainer))
         except Exception as err:
             self._path_failed = True
             self._part_failed(
@@ -657,7 +516,7 @@ class EnergyLandscape(LandscapeCallback):
     def _analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         start = self._mark = time.perf_counter()
         self._timings: dict[str, float] = {}
-        strategy = trainer.strategy
+        strategy, configs = trainer.strategy, (self.basins, self.paths, self.quench)
         with self.stage(trainer, "objectives"):
             probe = self.objective(trainer, pl_module)
             pool = self._pool_objective(trainer, pl_module)
@@ -740,11 +599,20 @@ class EnergyLandscape(LandscapeCallback):
         self.advance("minima")
 
         # 3. the database, basins and the paths that join them (rank 0 plans, whole paths split over ranks)
-        plan, new_minima, current, db, linear_joins, joins = None, 0, None, None, 0, None
+        plan, new_minima, current, db, joins = None, 0, None, None, None
         with self.stage(trainer, "minima database"):
             if trainer.is_global_zero:
-                db, current, new_minima, joins = self._database(probe, quenched, excursions, step, noise)
-                linear_joins = len(joins.linear)
+                db = self._database(probe, step)
+                sources = ["training", *(f"replica {r}" for r in excursions.replica_ids)][: len(quenched)]
+                ids, new_minima = trigger.admit_all(db, quenched, sources, probe.batches, step)
+                current, previous = ids[0] if ids else None, self.previous_minimum
+                first = (
+                    [] if None in (previous, current) or previous == current else [tuple(sorted((previous, current)))]
+                )
+                found = [i for i in ids if i is not None]
+                joins = plan_joins(
+                    db, probe, found, fixed, self.basins, self.paths, first, noise, self.quench, step=step
+                )
                 plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in joins.paths]
         plan = distributed.broadcast(strategy, plan)
 
@@ -757,127 +625,72 @@ class EnergyLandscape(LandscapeCallback):
         passes = self._passes(trainer, spend)
         if not trainer.is_global_zero:
             return
+
+        # 4. rank 0: the dips along the paths, the basins, this trigger's Markov model and the chain of all triggers
         local_mark = _passes(probe)
-        scalars: dict[str, float] = {"new_minima": new_minima}
-        dipped = []
-        for i, j, found in found_paths:
-            record_path(db, i, j, found, step=step, merge_level=joins.levels[(i, j)])
-            # a dip along the path deeper than the merge level: quench it, it may be a new minimum
-            for theta in [found.images[k] for k in dips(found.losses, joins.levels[(i, j)])[:2]]:
-                try:
-                    point = quench_point(probe, theta, self.quench, level, step=step, source=f"path {i}-{j}")
-                    k, new = self._add_minimum(db, probe, point)
-                except ValueError:  # not finite
-                    continue
-                scalars["new_minima"] += new
-                dipped.append(k)
-        if dipped:  # join them to the others by straight lines; their paths wait for the next trigger
-            no_paths = replace(self.paths, max_paths=0)
-            more = plan_joins(
-                db, probe, dipped, fixed, self.basins, no_paths, noise=noise, quench=self.quench, step=step
-            )
-            linear_joins += len(more.linear)
+        dipped, more = trigger.follow_paths(db, probe, found_paths, joins, configs, level, fixed, noise, step)
         basins = basins_of(db, fixed)
-        self._check_quenches(quenched, level, probe, step)
+        warning = trigger.unconverged_warning(quenched, level, self.quench, probe.l2, step)
+        if warning is not None and not self._warned_quenches:
+            self._warned_quenches = True
+            warnings.warn(warning, RuntimeWarning, stacklevel=2)
         passes += _passes(probe) - local_mark
-        if self.previous_minimum is not None and current is not None and current != self.previous_minimum:
-            saddle = db.saddles.get((min(current, self.previous_minimum), max(current, self.previous_minimum)))
-            if saddle is not None:
-                scalars["barrier_previous"] = saddle["saddle"] - db.records[current]["loss"]
+        result = EnergyResult()
+        barrier = trigger.barrier_between(db, current, self.previous_minimum)
+        if barrier is not None:
+            result.scalars["barrier_previous"] = barrier
         self.previous_minimum = current
         self.advance("basins")
         try:
-            msm = self._markov_state_model(excursions, scalars)
+            every = self.sampling.record_every
+            msm, scalars = trigger.replica_model(excursions, self.msm, self._probe_batches, self.sampling.seed, every)
+            result.scalars.update(scalars)
+            if msm is not None:
+                result.add_markov(msm, every, "replica steps")
         except Exception as err:  # too little or disconnected data: the rest of the trigger still stands
-            msm = None
-            self._part_failed(
-                step,
-                "markov state model",
-                "fit the Markov state model",
-                err,
-                "minima, basins and graph are still reported. HINT: raise `sampling.replicas` or `sampling.steps`.",
-            )
+            hint = "minima, basins and graph are still reported. HINT: raise `sampling.replicas` or `sampling.steps`."
+            self._part_failed(step, "markov state model", "fit the Markov state model", err, hint)
         try:
-            self._chain(trainer, step, excursions, probe, scalars, restarts)
+            self._chain(trainer, step, excursions, result, restarts)
         except Exception as err:  # the chain is a view over all triggers: this trigger still stands
-            self._part_failed(
-                step, "chain", "fit the chain of all triggers", err, "this trigger's results are still reported."
-            )
+            standing = "this trigger's results are still reported."
+            self._part_failed(step, "chain", "fit the chain of all triggers", err, standing)
         self.advance("Markov state model")
-        tree = None
-        if basins.n_basins > 1:
-            tree = disconnectivity_tree([r["loss"] for r in basins.rows], basins.saddles)
-        elif len(joined := np.flatnonzero(np.isfinite(saddles := db.saddle_matrix()).sum(1) > 1)):  # one basin
-            tree = disconnectivity_tree(db.losses[joined], saddles[np.ix_(joined, joined)], joined)
+        result.add_minima(db, basins, f"at step {step}")
+        result.add_paths(found_paths)
         self.advance("disconnectivity graph")
-        scalars.update(self._timings)
-        scalars.update(
+        result.scalars.update(self._timings)
+        result.scalars.update(trigger.quench_scalars(quenched))
+        result.scalars.update(trigger.path_scalars(found_paths, [joins] + ([more] if more is not None else [])))
+        result.scalars.update(
+            new_minima=new_minima + dipped,
             n_minima=len(db),
             n_basins=basins.n_basins,
             current_basin=int(basins.labels[current]) if current is not None else -1,
             noise_level=level,
+            minima_certified=sum(db.certified),
+            replicas_run=len(excursions.replica_ids),
             spent_passes=passes,
             spent_seconds=time.perf_counter() - start,
-            replicas_run=len(excursions.replica_ids),
-            quenches_run=len(quenched),
-            quenches_converged=sum(q.converged for q in quenched),
-            quenches_stationary=sum(q.criterion == "gradient" for q in quenched),
-            quench_loss_drop=float(np.median([q.loss_drop for q in quenched])) if quenched else float("nan"),
-            quench_grads=sum(q.n_grad_total for q in quenched),
-            # a quenched point is certified when it is a minimum, or a saddle whose kicked sides all are
-            quenches_certified=sum(all(k.certified for k in q.kicked) if q.kicked else q.certified for q in quenched),
-            saddles_kicked=sum(bool(q.kicked) for q in quenched),
-            certificate_hvps=sum(q.n_hvp for q in quenched),
-            minima_refined=len(joins.refined) + (len(more.refined) if dipped else 0),
-            minima_certified=sum(db.certified),
-            linear_joins=linear_joins,
-            paths_run=len(found_paths),
-            paths_converged=sum(p.converged for _, _, p in found_paths),
-            path_grads=sum(p.n_grad for _, _, p in found_paths),
         )
-        if self.basins.merge_barrier is not None:
-            scalars["merge_barrier"] = self.basins.merge_barrier
-        if joins is not None and joins.levels:  # the noise along the pairs looked at (or the fixed level)
-            scalars["crossing_temperature"] = float(np.median(list(joins.levels.values())))
-        self.history.append({"step": step, **scalars})
-        self.history[-1]["restarted_from"] = restarted_from
-        self._report(step, db, basins, found_paths, msm, tree, scalars, probe.metadata)
+        if fixed is not None:
+            result.scalars["merge_barrier"] = fixed
+        self.history.append({"step": step, **result.scalars, "restarted_from": restarted_from})
+        result.metadata = {
+            **probe.metadata,
+            **self.probe_metadata,
+            "step": step,
+            "lag_steps": self.msm.lag * self.sampling.record_every,
+            "temperature": self.sampling.temperature,
+            "seed": self.sampling.seed,
+            "features": self.msm.features,
+            "merge_barrier": fixed,  # None: each pair at the noise along it
+        }
+        result.write(self.reporter, step)
 
-    def _check_quenches(self, quenched: list[Minimum], level: float, probe: Objective, step: int) -> None:
-        """Warn once per run when most quenches do not converge: the minima, basins and barriers are then upper
-        bounds, and the warning says why it likely is so and what to change."""
-        if self._warned_quenches or not quenched or sum(q.converged for q in quenched) * 2 >= len(quenched):
-            return
-        self._warned_quenches = True
-        drop = float(np.median([q.loss_drop for q in quenched]))
-        ratio = float(np.median([q.grad_ratio for q in quenched]))
-        ftol = energy_resolution(self.quench.ftol, level)
-        without_l2 = not isinstance(probe.l2, torch.Tensor) and probe.l2 == 0
-        why = (
-            " Without weight decay, a cross-entropy loss on a probe set the network can fit has no minimum at finite"
-            " weights: quenches run off towards |theta| -> infinity."
-            if without_l2
-            else ""
-        )
-        warnings.warn(
-            f"lightning-landscape: EnergyLandscape at step {step}: {len(quenched) - sum(q.converged for q in quenched)}"
-            f" of {len(quenched)} quenches did not converge in quench.max_iter={self.quench.max_iter} iterations"
-            f" (median gradient ratio {ratio:.2g}, against quench.rtol={self.quench.rtol:g}; the loss still falling"
-            f" by more than the energy resolution {ftol:.3g} per 20 iterations); they lowered the loss"
-            f" by a median {drop:.3g}. The replicas end far above the minima of the probe loss, so minima, barriers"
-            f" and basins are upper bounds.{why}"
-            " HINT: train with weight decay (or set `weight_decay=`), raise `quench.max_iter`, or take a larger"
-            " `probe.size` (harder to fit).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-
-    def _database(
-        self, probe: Objective, quenched: list[Minimum], excursions: Excursions, step: int, noise: CrossingNoise | None
-    ):
-        """Rank 0: the quenched points into the minima database, the straight-line joins, and the paths to compute:
-        ``(database, current minimum, new minima, joining plan)``."""
-        new_minima, current = 0, None
+    def _database(self, probe: Objective, step: int) -> MinimaDatabase:
+        """Rank 0: the run's minima database; a new one when the trainable parameters or the weight decay changed
+        (minima of another parameter space or energy cannot be compared with the old ones)."""
         meta = {**probe.metadata, **self.probe_metadata}
         names = list(probe.layout.names)
         exists = self.minima_dir is not None and Path(self.minima_dir).exists()
@@ -898,46 +711,9 @@ class EnergyLandscape(LandscapeCallback):
             self.previous_minimum = None
         self.minima_names = names
         db = MinimaDatabase(self.minima_dir, tol=self.quench.dedup_tol, meta=meta)
-        rejected, found = [], []
-        for index, point in enumerate(quenched):
-            source = "training" if index == 0 else f"replica {excursions.replica_ids[index - 1]}"
-            try:
-                i, new = self._add_minimum(db, probe, point, step=step, source=source)
-            except ValueError:  # not finite: a diverged replica is no minimum
-                rejected.append(source)
-                continue
-            new_minima += new
-            found.append(i)
-            current = i if index == 0 else current
-        if rejected:
-            warnings.warn(
-                f"lightning-landscape: EnergyLandscape at step {step} rejected {len(rejected)} quenched points whose"
-                f" loss or parameters are not finite ({', '.join(rejected[:4])}). HINT: lower the replicas'"
-                " `sampling.lr` or `sampling.temperature`.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        previous = self.previous_minimum
-        first = []
-        if previous is not None and current is not None and previous != current and previous < len(db):
-            first = [(min(previous, current), max(previous, current))]
-        return (
-            db,
-            current,
-            new_minima,
-            plan_joins(
-                db,
-                probe,
-                found,
-                self.basins.merge_barrier,
-                self.basins,
-                self.paths,
-                first,
-                noise,
-                self.quench,
-                step=step,
-            ),
-        )
+        if self.previous_minimum is not None and self.previous_minimum >= len(db):
+            self.previous_minimum = None
+        return db
 
     def _restarts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[int, Any]:
         """Rank 0: which replicas restart, and where (:func:`restart_points` over the candidates, least-visited
@@ -976,73 +752,40 @@ class EnergyLandscape(LandscapeCallback):
         return restarts
 
     def _chain(
-        self,
-        trainer: pl.Trainer,
-        step: int,
-        excursions: Excursions,
-        probe: Objective,
-        scalars: dict,
-        restarts: dict[int, Any],
+        self, trainer: pl.Trainer, step: int, excursions: Excursions, result: EnergyResult, restarts: dict[int, Any]
     ) -> None:
         """Rank 0: one Markov chain of every replica of every trigger so far (read back from the run directory) and
-        of the training path; the training path's metastable stages; the transition from the initial weights' set to
-        the current weights' (where they lie outside the connected set: from the first set the path entered, to the
-        last, ``chain_transition["source_step"]`` and ``["target_step"]``), by TPT: pathways, rate, MFPT in replica
-        steps; the path atlas; and the chain's visits of this trigger's ends, for the next trigger's restarts."""
+        of the training path (:func:`~lightning_landscape.energy.chain.chain_of_runs`); the training path's
+        metastable stages; the transition from the initial weights' set to the current weights' (where they lie
+        outside the connected set: from the first set the path entered, to the last, ``chain_transition
+        ["source_step"]`` and ``["target_step"]``), by TPT: pathways, rate, MFPT in replica steps; the path atlas;
+        and the chain's visits of this trigger's ends, for the next trigger's restarts."""
         if not len(excursions.replica_ids):
             return
         if self._columns is None:
             self._columns = chain_columns(excursions.outputs.shape[-1], self.sampling.seed)
-        if not self._path_steps:  # the path could not be recorded: this trigger's start stands for it
-            self._path_steps, self._path_accuracy, self._path_rules = [step], [float("nan")], [None]
-            self._path_features = [np.asarray(excursions.outputs[0][0, self._columns], dtype=np.float32)]
+        if not self.path.steps:  # the path could not be recorded: this trigger's start stands for it
+            self.path.add(step, excursions.outputs[0][0, self._columns], float("nan"), None)
         folder = self.reporter.run_dir / "excursions"
-        features, losses, accuracy, keys, rules = [], [], [], {}, {}
-        for trigger, replica, outputs, path in saved_replicas(folder):
-            keys[(trigger, replica)] = len(features)
-            outputs = np.asarray(outputs)
-            features.append(outputs[:, self._columns].astype(np.float64))
-            store = TrajectoryStore.open(path)
-            losses.append(store.stats["loss"])
-            accuracy.append(probe_accuracy(outputs, self._probe_batches))
-            rules.setdefault(step_rule(store.meta), trigger)
-        if len(rules) > 1 and not self._warned_rules:
+        replicas = read_replicas(folder, self._columns, self._probe_batches)
+        if len(replicas.rules) > 1 and not self._warned_rules:
             self._warned_rules = True
             warnings.warn(
                 f"lightning-landscape: EnergyLandscape at step {step}: the chain of all triggers mixes replicas of"
-                f" {len(rules)} step rules ((lr, momentum) first seen at steps "
-                + ", ".join(f"{rule} at {at}" for rule, at in rules.items())
+                f" {len(replicas.rules)} step rules ((lr, momentum) first seen at steps "
+                + ", ".join(f"{rule} at {at}" for rule, at in replicas.rules.items())
                 + "), e.g. under a learning-rate schedule: its transition matrix, rates and first-passage times are"
                 " of that mixture. HINT: fix `sampling.lr` (and `sampling.momentum`) for one dynamics.",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        fragments = self._path_fragments(trainer)
-        first, steps = len(features), np.asarray(self._path_steps)
-        np.savez(
-            folder / "training-path.npz",
-            steps=steps,
-            features=np.stack(self._path_features),
-            accuracy=np.asarray(self._path_accuracy),
-            columns=self._columns,
-            fragment=np.concatenate([np.full(len(piece), k) for k, piece in enumerate(fragments)]),
-            probe=[self.probe_metadata["probe_size"], self.probe.seed],  # analyze joins runs of one probe set only
-        )
-        for piece in fragments:
-            features.append(np.stack([self._path_features[i] for i in piece]).astype(np.float64))
-            losses.append(np.full(len(piece), np.nan))  # the replicas' losses are minibatch energies; no such here
-            accuracy.append(np.asarray([self._path_accuracy[i] for i in piece]))
-        path = [(first + f, i) for f, piece in enumerate(fragments) for i in range(len(piece))]
-        chain = chain_of(
-            features,
-            {"loss": losses, "accuracy": accuracy},
-            path,
-            [*path, (keys[(step, 0)], 0)],  # the current point last: the target when it is in the connected set
-            self.msm,
-            self.sampling.seed,
-            step=self.msm.lag * self.sampling.record_every,
-        )
-        scalars.update(
+        pieces = self.path.fragments(self._replica_rule(trainer), self.sampling.record_every)
+        probe_key = [self.probe_metadata["probe_size"], self.probe.seed]
+        self.path.save(folder / "training-path.npz", self._columns, pieces, probe_key)
+        features = np.stack(self.path.features).astype(np.float64)
+        run = ChainRun(replicas, features, np.asarray(self.path.steps), pieces, np.asarray(self.path.accuracy))
+        chain, first = chain_of_runs([run], self.msm, self.sampling.seed, current=(step, 0))
+        result.scalars.update(
             chain_points=chain.points,
             chain_connected=chain.connected,
             chain_restarts=len(restarts),
@@ -1052,17 +795,15 @@ class EnergyLandscape(LandscapeCallback):
             self.chain_transition = {"none": str(chain.transition)}
             return
         counts = np.bincount(np.concatenate(chain.model.dtrajs))
-        self._visits = [float(counts[chain.model.dtrajs[keys[key]][-1]]) for key in self._candidate_keys]
+        self._visits = [float(counts[chain.model.dtrajs[replicas.keys[key]][-1]]) for key in self._candidate_keys]
         self._path_visits = {
-            int(steps[i]): float(counts[state])
-            for piece, dtraj in zip(fragments, chain.model.dtrajs[first:], strict=True)
+            int(run.steps[i]): float(counts[state])
+            for piece, dtraj in zip(pieces, chain.model.dtrajs[first[0] :], strict=True)
             for i, state in zip(piece, dtraj, strict=True)
         }
-        scalars["chain_sets"] = len(chain.model.sets) or 1
-        self.chain_stages = training_stages(chain.model, chain.model.dtrajs[first:], [steps[p] for p in fragments])
-        scalars["chain_stages"] = len(self.chain_stages)
-        columns = ["set", "first_step", "last_step", "points"]
-        self.reporter.table("stages", columns, [[row[c] for c in columns] for row in self.chain_stages], step)
+        self.chain_stages = stages_of(chain, [run], first)[0]
+        result.scalars.update(chain_sets=len(chain.model.sets) or 1, chain_stages=len(self.chain_stages))
+        result.table("stages", STAGE_COLUMNS, [[row[c] for c in STAGE_COLUMNS] for row in self.chain_stages])
         if chain.connected < 0.9 and not self._warned_chain:
             self._warned_chain = True
             warnings.warn(
@@ -1074,27 +815,21 @@ class EnergyLandscape(LandscapeCallback):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        robustness = chain.robustness
-        if robustness is not None:
-            scalars.update(
-                chain_sets_robust=len(robustness.robust_sets()),
-                chain_transition_agreement=robustness.transition,
-                chain_metastable=float(robustness.metastable),
+        if chain.robustness is not None:
+            result.scalars.update(
+                chain_sets_robust=len(chain.robustness.robust_sets()),
+                chain_transition_agreement=chain.robustness.transition,
+                chain_metastable=float(chain.robustness.metastable),
             )
-        if isinstance(chain.transition, str):
-            self.chain_transition = {"none": chain.transition}
+        summary = transition_of(chain)
+        if "none" in summary:
+            self.chain_transition = summary
             return
-        if robustness is not None and not robustness.transition_survives:  # claimed only where the data hold it
-            self.chain_transition = {"none": not_robust(robustness)}
-            return
-        summary = transition_summary(chain.model, chain.transition)
         self.chain_transition = {k: summary[k] for k in ("source_set", "target_set", "mfpt_steps", "pathways")}
         for end, (t, i) in (("source_step", chain.source), ("target_step", chain.target)):
-            self.chain_transition[end] = int(steps[fragments[t - first][i]]) if t >= first else step
-        scalars.update(chain_mfpt=summary["mfpt_steps"], chain_rate=summary["rate_per_step"])
-        rows = [[" -> ".join(map(str, p["sets"])), p["share"]] for p in summary["pathways"]]
-        self.reporter.table("pathways", ["sets", "share"], rows, step)
-        self.reporter.figure("path_atlas", path_atlas_figure(summary), step)
+            self.chain_transition[end] = int(run.steps[pieces[t - first[0]][i]]) if t >= first[0] else step
+        result.scalars.update(chain_mfpt=summary["mfpt_steps"], chain_rate=summary["rate_per_step"])
+        result.add_transition(summary)
 
     def _replica_rule(self, trainer: pl.Trainer) -> tuple[float, float]:
         """The replicas' ``(lr, momentum)``: ``sampling.lr`` and ``sampling.momentum``, each None taken from
@@ -1103,159 +838,6 @@ class EnergyLandscape(LandscapeCallback):
         lr = self.sampling.lr or float(trainer.optimizers[0].param_groups[0]["lr"])
         momentum = self.sampling.momentum if self.sampling.momentum is not None else rule[1] if rule else 0.0
         return lr, float(momentum)
-
-    def _path_fragments(self, trainer: pl.Trainer) -> list[list[int]]:
-        """The training path's points (indices) as the chain's trajectories: runs of consecutive recordings, one
-        ``record_every`` apart (a resume or ``training_path=False`` breaks them), linked where training stepped as
-        the replicas do (:meth:`_replica_rule`: one SGD at their learning rate and momentum, at both points, so a
-        learning-rate schedule breaks the path where the rule changed); single points otherwise, located in the
-        chain but not counted: a step of Adam, or of SGD at another rate, is not a replica's step, and counting it
-        would mix two dynamics in one transition matrix."""
-        rule = self._replica_rule(trainer)
-        fragments: list[list[int]] = []
-        for i, step in enumerate(self._path_steps):
-            follows = i > 0 and step - self._path_steps[i - 1] == self.sampling.record_every
-            if follows and self._path_rules[i - 1] == self._path_rules[i] == rule:
-                fragments[-1].append(i)
-            else:
-                fragments.append([i])
-        return fragments
-
-    @staticmethod
-    def _add_minimum(db: MinimaDatabase, probe: Objective, point: Minimum, **info: Any) -> tuple[int, bool]:
-        """A quenched point into the database, with its probe accuracy."""
-        accuracy = float(probe_accuracy(point.outputs[None], probe.batches)[0])
-        return add_minimum(db, point, accuracy=accuracy, **info)
-
-    def _markov_state_model(self, excursions: Excursions, scalars: dict[str, float]) -> MarkovModel | None:
-        """The MSM of this trigger's replicas: the metastable sets of the basin that training is in now, at the
-        training noise (rank 0). None while there are too few points."""
-        sketches, losses = list(excursions.sketches), list(excursions.losses)
-        outputs = list(excursions.outputs) if excursions.outputs is not None else [None] * len(sketches)
-        features = sketches if self.msm.features == "sketch" or excursions.outputs is None else outputs
-        accuracy = [
-            probe_accuracy(o, self._probe_batches) if o is not None else np.full(len(values), np.nan)
-            for o, values in zip(outputs, losses, strict=True)
-        ]
-        model = markov_model(
-            features, self.msm, {"loss": losses, "accuracy": accuracy}, self.sampling.seed, plane_points=sketches
-        )
-        if model is None:
-            return None
-        if len(model.msm.timescales):
-            scalars["slowest_timescale"] = float(model.msm.timescales[0]) * self.sampling.record_every
-        scalars["metastable_states"] = len(model.sets) or 1
-        return model
-
-    def _report(
-        self,
-        step: int,
-        db: MinimaDatabase,
-        basins: BasinsResult,
-        paths: list,
-        msm: MarkovModel | None,
-        tree: Any,
-        scalars: dict,
-        meta: dict,
-    ) -> None:
-        rep = self.reporter
-        rep.scalars(scalars, step)
-        rep.table(
-            "minima",
-            [
-                "id",
-                "basin",
-                "loss",
-                "grad_norm",
-                "grad_ratio",
-                "quench_converged",
-                "quench_criterion",
-                "certified",
-                "lambda_min",
-                "energy_error",
-                "accuracy",
-                "visits",
-                "step",
-                "source",
-            ],
-            [
-                [
-                    r["id"],
-                    int(basins.labels[r["id"]]),
-                    r["loss"],
-                    r.get("grad_norm", np.nan),
-                    r.get("grad_ratio", np.nan),
-                    bool(r.get("quench_converged", False)),
-                    r.get("quench_criterion", ""),
-                    certified,
-                    r.get("lambda_min", np.nan),
-                    r.get("energy_error", np.nan),
-                    r.get("accuracy", np.nan),
-                    r.get("visits", 1),
-                    r.get("step", -1),
-                    r.get("source", ""),
-                ]
-                for r, certified in zip(db.records, db.certified, strict=True)
-            ],
-            step,
-        )
-        rep.table(
-            "basins",
-            ["basin", "loss", "minimum", "members", "visits", "first_step"],
-            [
-                [b["basin"], b["loss"], b["minimum"], " ".join(map(str, b["members"])), b["visits"], b["first_step"]]
-                for b in basins.rows
-            ],
-            step,
-        )
-        rep.table("barriers", BARRIER_COLUMNS, barrier_rows(db), step)
-        if paths:
-            rep.figure("paths", paths_figure([(f"{i} - {j}", p.arc, p.losses) for i, j, p in paths]), step)
-        if tree is not None:
-            what = f"{basins.n_basins} basins" if basins.n_basins > 1 else "the minima of 1 basin"
-            title = f"disconnectivity graph of {what} at step {step}"
-            rep.figure("disconnectivity", disconnectivity_figure(tree, title), step)
-        arrays: dict[str, Any] = {
-            "minima_losses": db.losses,
-            "saddles": db.saddle_matrix(),
-            "basin_labels": basins.labels,
-            "basin_losses": np.asarray([r["loss"] for r in basins.rows]),
-            "basin_saddles": basins.saddles,
-        }
-        if msm is not None:
-            model = msm.msm
-            every = self.sampling.record_every
-            rep.figure(
-                "timescales",
-                timescales_figure(model.its_lags * every, model.implied_timescales * every, "replica steps"),
-                step,
-            )
-            centers, points, explained = msm.plane
-            rep.figure("free_energy", free_energy_figure(centers, model.free_energy, points, explained), step)
-            if model.metastable_assignment is not None:
-                columns = ["set", "population", "mean_loss", "mean_accuracy", "points"]
-                rep.table("metastable", columns, [[row[c] for c in columns] for row in msm.sets], step)
-            arrays.update(
-                transition_matrix=model.transition_matrix,
-                stationary=model.stationary_distribution,
-                free_energy=model.free_energy,
-                its_lags=model.its_lags,
-                implied_timescales=model.implied_timescales,
-                ck_steps=model.ck_steps,
-                ck_error=model.ck_error,
-                active_set=model.active_set,
-            )
-        metadata = {
-            **meta,
-            **self.probe_metadata,
-            "step": step,
-            "lag_steps": self.msm.lag * self.sampling.record_every,
-            "temperature": self.sampling.temperature,
-            "seed": self.sampling.seed,
-            "features": self.msm.features,
-            "merge_barrier": self.basins.merge_barrier,  # None: each pair at the noise along it
-        }
-        rep.arrays("energy", step, metadata=metadata, **arrays)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -1266,8 +848,8 @@ class EnergyLandscape(LandscapeCallback):
             "minima_dir": self.minima_dir,
             "minima_names": self.minima_names,
             # the training path's first point, the chain's start: a resumed run keeps it (the rest is in the run dir)
-            "path_start": [self._path_steps[0], self._path_features[0].tolist(), self._path_accuracy[0]]
-            if self._path_steps
+            "path_start": [self.path.steps[0], self.path.features[0].tolist(), self.path.accuracy[0]]
+            if self.path.steps
             else None,
         }
 
@@ -1281,5 +863,5 @@ class EnergyLandscape(LandscapeCallback):
         self.minima_names = state_dict.get("minima_names", self.minima_names)
         start = state_dict.get("path_start")
         if start is not None:
-            self._path_steps, self._path_accuracy, self._path_rules = [int(start[0])], [float(start[2])], [None]
-            self._path_features = [np.asarray(start[1], dtype=np.float32)]
+            self.path = TrainingPath()
+            self.path.add(int(start[0]), np.asarray(start[1]), float(start[2]), None)

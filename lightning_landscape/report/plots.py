@@ -216,7 +216,7 @@ def free_energy_figure(
 
 def path_atlas_figure(summary: Mapping[str, Any], points: np.ndarray | None = None) -> Figure:
     """The path atlas of a transition's ``summary``
-    (:func:`~lightning_landscape.dynamics.pipeline.transition_summary`): metastable sets at their ``positions``
+    (:func:`~lightning_landscape.energy.markov.transition_summary`): metastable sets at their ``positions``
     (2-D), sized by population and coloured by mean loss, with an arrow for every net reactive flux between two sets
     (width by its share of the total), from the ``source_set`` (the initial point's) to the ``target_set`` (the
     current one's); the sampled ``points`` in grey."""
