@@ -250,3 +250,34 @@ def test_the_console_script_exits_0_with_nothing_on_stderr_and_2_with_one_line_p
         done = console("analyze", str(root / "run-0"), option, value, cwd=tmp_path)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and named in lines[0] and "Traceback" not in done.stderr
+
+
+def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open() as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames), list(reader)
+
+
+@pytest.mark.slow
+def test_one_recorded_run_gives_the_same_tables_online_and_offline(tmp_path):
+    """The callback's last trigger and `analyze` of its run write the minima, basins and barriers with the same
+    functions (energy.result): the same columns and, for one run, the same rows; `analyze` adds the run's name."""
+    sampling = SamplingConfig(replicas=4, steps=300, lr=0.01, temperature=0.5, record_every=5)
+    energy = well_energy(sampling=sampling)
+    train([energy], tmp_path / "run-0", max_steps=8)
+    assert energy.failures == 0 and energy.history[-1]["n_minima"] == 2 and energy.history[-1]["paths_run"] == 1
+    out = tmp_path / "offline"
+    summary = main(["analyze", str(tmp_path / "run-0"), "--out", str(out)])
+    assert summary["errors"] == {} and summary["basins"] == 2
+    online = energy.reporter.run_dir
+    for name in ("minima", "basins", "barriers"):
+        columns, rows = read_table(online / f"{name}-step0000008.csv")
+        offline_columns, offline_rows = read_table(out / f"{name}.csv")
+        assert offline_columns == columns, name
+        assert len(rows) == len(offline_rows) > 0, name
+        for row, offline_row in zip(rows, offline_rows, strict=True):
+            if name == "minima":
+                assert row.pop("run") == "" and offline_row.pop("run") == "run-0"
+            assert offline_row == row, name
+    # the metastable sets of this trigger's replicas and of the recorded trajectories: one table shape
+    assert read_table(online / "metastable-step0000008.csv")[0] == read_table(out / "metastable.csv")[0]

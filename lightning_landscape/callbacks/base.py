@@ -87,7 +87,77 @@ def global_batch_size(trainer: pl.Trainer) -> int | None:
     return size * trainer.world_size * trainer.accumulate_grad_batches if size else None
 
 
-class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
+class ObserverCallback(*CALLBACK_BASES):  # type: ignore[misc]
+    """The base of every lightning-landscape callback: its name and W&B section, its reporter, its failure record
+    and its checkpoint identity. :class:`LandscapeCallback` adds triggers, the probe set and the budget;
+    :class:`~lightning_landscape.TrajectoryRecorder`, which works at every step, derives from this one directly.
+
+    Args:
+        key_prefix: the logged keys are ``<key_prefix>-<section>/<name>``, one W&B section per analysis; ``""``
+            gives ``<section>/<name>``.
+        progress: show a progress bar for long analyses (rank 0).
+    """
+
+    name = "observer"
+    #: the W&B section and run-directory folder (keys ``<key_prefix>-<section>/<name>``); a subclass that does not
+    #: set it gets its ``name``
+    section = "observer"
+    #: what it logs (:class:`~lightning_landscape.report.logged.Logged`), for the dashboard
+    logged = Logged(scalars=("failures",))
+    #: run under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), gathering the full parameters on every rank
+    #: at each trigger (:mod:`~lightning_landscape.sharding`); the others refuse sharded strategies in ``setup``
+    gathers_fsdp2 = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "section" not in cls.__dict__:
+            cls.section = cls.name
+
+    def __init__(self, key_prefix: str = "landscape", progress: bool = True) -> None:
+        super().__init__()
+        check_prefix(key_prefix)
+        self.key_prefix = key_prefix
+        self.progress = progress
+        self.failures = 0
+        self.reporter = Reporter(".", is_global_zero=False)
+
+    @classmethod
+    def find(cls, trainer: pl.Trainer) -> Any:
+        """The trainer's callback of this class, if it has one (other callbacks reuse the recorder's snapshots)."""
+        return next((c for c in trainer.callbacks if isinstance(c, cls)), None)
+
+    def identity(self) -> dict[str, Any]:
+        """What tells two callbacks of this class apart in a checkpoint (:attr:`state_key`)."""
+        return {"name": self.name}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # Lightning reads it at every hook call of every step (profiler labels): build the string once
+        if getattr(self, "_state_key", None) is None:
+            self._state_key = self._generate_state_key(**self.identity())
+        return self._state_key
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """For a fit: a strategy it supports, a module with trainable parameters, the reporter, a fresh state."""
+        if stage != "fit":
+            return
+        distributed.check_strategy(trainer.strategy, type(self).__name__, fsdp2=self.gathers_fsdp2)
+        ParameterLayout.from_module(pl_module)  # raises early for a module with nothing to analyze
+        self.reporter = Reporter.from_trainer(trainer, self.section, self.progress, self.key_prefix)
+        self.reset()  # a checkpoint's state, loaded after setup, turns this into a resume
+
+    def reset(self) -> None:
+        """Forget the previous fit (another model, other data): a reused callback starts anew. Subclasses extend it."""
+        self.failures = 0
+
+    def _record_failure(self, err: BaseException, step: int) -> None:
+        self.failures += 1
+        record_failure(self.reporter, self, err, step, self.failures)
+
+
+class LandscapeCallback(ObserverCallback):
     """Base class: triggers, probe set, state guard, failure handling and reporting.
 
     Args:
@@ -116,16 +186,8 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     """
 
     name = "analysis"
-    #: the analysis' W&B section and run-directory folder (keys ``<key_prefix>-<section>/<name>``); a subclass that
-    #: does not set it gets its ``name``
     section = "analysis"
-    #: what the analysis logs (:class:`~lightning_landscape.report.dashboard.Logged`), for the dashboard
     logged = Logged(scalars=("seconds", "budget_seconds", "skipped", "failures"))
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "section" not in cls.__dict__:
-            cls.section = cls.name
 
     #: split the probe set over DDP ranks (True: curvature, products summed over ranks) or give every rank the
     #: whole probe set (False: work items such as grid points are split instead)
@@ -138,9 +200,6 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     counts_passes = False
     #: whether the analysis differentiates the loss (gradients, Hessian-vector products): sparse gradients refused
     needs_gradients = True
-    #: run under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``), gathering the full parameters on every rank
-    #: at each trigger (:mod:`~lightning_landscape.sharding`); the others refuse sharded strategies in ``setup``
-    gathers_fsdp2 = False
 
     def __init__(
         self,
@@ -152,15 +211,13 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         key_prefix: str = "landscape",
         budget: Budget | float | dict | str | None = "default",
     ) -> None:
-        super().__init__()
-        check_prefix(key_prefix)
+        super().__init__(key_prefix, progress)
         self.budget = Budget.of(budget, self.default_share)
         if self.budget.passes is not None and not self.counts_passes:
             raise ValueError(
                 f"{type(self).__name__} does not count batch passes, so `budget.passes={self.budget.passes}` would do"
                 " nothing. HINT: limit it by `budget.share` or `budget.seconds`."
             )
-        self.key_prefix = key_prefix
         check_int("every_n_steps", every_n_steps, optional=True, example=100)
         check_int("every_n_epochs", every_n_epochs, optional=True, example=1)
         if every_n_steps is None and every_n_epochs is None and not at_fit_end:
@@ -175,8 +232,6 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self.at_fit_end = at_fit_end
         #: the probe set and the energy on it, with this analysis' defaults filled in
         self.probe: ProbeSpec = ProbeSpec.of(probe).resolved(self.default_bn_mode)
-        self.progress = progress
-        self.failures = 0
         self.runs = 0
         self.skipped = 0
         self._spent = 0.0  # seconds of this fit's triggers
@@ -184,7 +239,6 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         self._last_step: int | None = None
         self._probe_batches: list[Any] | None = None
         self._objective: Objective | None = None
-        self.reporter = Reporter(".", is_global_zero=False)
 
     # ----------------------------------------------------------------- to override
     def analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
@@ -203,15 +257,9 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
             bar.update()
 
     # ----------------------------------------------------------------- identity and state
-    @property
     @override
-    def state_key(self) -> str:
-        # Lightning reads it at every hook call of every step (profiler labels): build the string once
-        if getattr(self, "_state_key", None) is None:
-            self._state_key = self._generate_state_key(
-                name=self.name, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs
-            )
-        return self._state_key
+    def identity(self) -> dict[str, Any]:
+        return {"name": self.name, "every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs}
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -351,8 +399,7 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        distributed.check_strategy(trainer.strategy, type(self).__name__, fsdp2=self.gathers_fsdp2)
-        ParameterLayout.from_module(pl_module)  # raises early for a module with nothing to analyze
+        super().setup(trainer, pl_module, stage)
         sparse = [n for n, m in pl_module.named_modules() if getattr(m, "sparse", False) is True]
         if sparse and self.needs_gradients:
             raise ValueError(
@@ -366,13 +413,11 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
                 f" itself, so {type(self).__name__} cannot use it as the loss. HINT: pass the loss to analyze, e.g."
                 f" `{type(self).__name__}(probe={{'loss_fn': lambda module, batch: module.generator_loss(batch)}})`."
             )
-        self.reporter = Reporter.from_trainer(trainer, self.section, self.progress, self.key_prefix)
-        self.reset()  # a checkpoint's state, loaded after setup, turns this into a resume
 
     def reset(self) -> None:
-        """Forget the previous fit (another model, other data): a reused callback starts anew. Subclasses extend it."""
+        super().reset()
         self._objective, self._probe_batches = None, None
-        self.failures, self.runs, self.skipped, self._spent, self._last_step = 0, 0, 0, 0.0, None
+        self.runs, self.skipped, self._spent, self._last_step = 0, 0, 0.0, None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -533,7 +578,3 @@ class LandscapeCallback(*CALLBACK_BASES):  # type: ignore[misc]
         """``with self.stage(trainer, "quench"):`` around local work between collectives: a failure on any rank
         makes every rank leave the analysis together (:func:`~lightning_landscape.distributed.agreed`)."""
         return distributed.agreed(trainer.strategy, f"{type(self).__name__} stage {name!r}")
-
-    def _record_failure(self, err: BaseException, step: int) -> None:
-        self.failures += 1
-        record_failure(self.reporter, self, err, step, self.failures)

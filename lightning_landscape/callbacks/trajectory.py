@@ -47,17 +47,14 @@ import torch
 from typing_extensions import override
 
 from lightning_landscape import distributed
-from lightning_landscape._compat import CALLBACK_BASES
-from lightning_landscape.callbacks.base import global_batch_size, record_failure
+from lightning_landscape.callbacks.base import ObserverCallback, global_batch_size, record_failure
 from lightning_landscape.checks import check_float, check_int
 from lightning_landscape.curvature import gradient_norm, two_batch_noise
 from lightning_landscape.dynamics import SparseProjection, TrajectoryStore
 from lightning_landscape.objective import batch_size_of
 from lightning_landscape.params import ParameterLayout
-from lightning_landscape.report import Reporter
 from lightning_landscape.report.logged import Logged
 from lightning_landscape.report.plots import trajectory_figure
-from lightning_landscape.report.reporter import check_prefix
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -79,7 +76,7 @@ def _local_norm_allreduce(state: _LocalGradNorm, bucket):
     return default_hooks.allreduce_hook(state.process_group, bucket)
 
 
-class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
+class TrajectoryRecorder(ObserverCallback):
     """Record the SGD trajectory and its statistics into a trajectory store.
 
     Args:
@@ -142,9 +139,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         log_artifact: bool = True,
         key_prefix: str = "landscape",
     ) -> None:
-        super().__init__()
-        check_prefix(key_prefix)
-        self.key_prefix = key_prefix
+        super().__init__(key_prefix)
         check_int("sketch_dim", sketch_dim, example=256)
         check_int("sketch_every_n_steps", sketch_every_n_steps, example=50)
         check_int("vector_stats_every_n_steps", vector_stats_every_n_steps, example=100)
@@ -172,8 +167,6 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self.flush_every_n_steps, self.store_dir = flush_every_n_steps, store_dir
         self._given_store_dir = str(store_dir) if store_dir is not None else None
         self.noise_ema, self.log_artifact = noise_ema, log_artifact
-        self.failures = 0
-        self.reporter = Reporter(".", is_global_zero=False)
         self.store: TrajectoryStore | None = None
         self._last_step: int | None = None
         self._resume_step: int | None = None
@@ -182,19 +175,10 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
         self._hook_state: _LocalGradNorm | None = None
         self._active = False
 
-    @classmethod
-    def find(cls, trainer: pl.Trainer) -> TrajectoryRecorder | None:
-        """The trainer's TrajectoryRecorder, if it has one (other callbacks reuse its snapshots and projection)."""
-        return next((c for c in trainer.callbacks if isinstance(c, cls)), None)
-
     # ------------------------------------------------------------------ state
-    @property
     @override
-    def state_key(self) -> str:
-        # Lightning reads it at every hook call of every step (profiler labels): build the string once
-        if getattr(self, "_state_key", None) is None:
-            self._state_key = self._generate_state_key(projection_seed=self.projection_seed, sketch_dim=self.sketch_dim)
-        return self._state_key
+    def identity(self) -> dict[str, Any]:
+        return {"projection_seed": self.projection_seed, "sketch_dim": self.sketch_dim}  # as in older checkpoints
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -217,15 +201,17 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
     # ------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            distributed.check_strategy(trainer.strategy, type(self).__name__)
-            ParameterLayout.from_module(pl_module)  # raises early for a module without trainable parameters
-            self.reporter = Reporter.from_trainer(trainer, self.name, prefix=self.key_prefix)
-            # a new fit starts a new store; a checkpoint's state (loaded after setup) turns it into a resume
-            self.store_dir, self.store = self._given_store_dir, None
-            self._last_step = self._resume_step = None
-            self._copies, self._noise_state, self.failures = {}, {}, 0
             self.plan_memory(ParameterLayout.from_module(pl_module, trainable_only=False).numel, pl_module.device)
+
+    @override
+    def reset(self) -> None:
+        """A new fit starts a new store; a checkpoint's state (loaded after setup) turns it into a resume."""
+        super().reset()
+        self.store_dir, self.store = self._given_store_dir, None
+        self._last_step = self._resume_step = None
+        self._copies, self._noise_state = {}, {}
 
     def plan_memory(self, n_params: int, device: torch.device) -> None:
         """Before training: rank 0 holds the initial parameters and the two steps before the next sampled one, and
@@ -407,8 +393,7 @@ class TrajectoryRecorder(*CALLBACK_BASES):  # type: ignore[misc]
             self._record(trainer, step, stats)
 
     def _fail(self, trainer: pl.Trainer, err: BaseException) -> None:
-        self.failures += 1
-        record_failure(self.reporter, self, err, trainer.global_step, self.failures)
+        self._record_failure(err, trainer.global_step)
 
     def _step_numbers(self, trainer: pl.Trainer) -> dict[str, Any]:
         """Loss, gradient norm, learning rate and the DDP noise estimators of this step. Every rank joins the one
