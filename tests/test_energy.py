@@ -489,7 +489,7 @@ class Weights(pl.Callback):
 
 def fragments(energy, trainer):
     """The training path's pieces as the next trigger would cut them."""
-    return energy.path.fragments(energy._replica_rule(trainer), energy.sampling.record_every)
+    return energy.chain.path.fragments(energy._replica_rule(trainer), energy.sampling.record_every)
 
 
 @pytest.mark.slow
@@ -500,12 +500,12 @@ def test_the_training_path_joins_the_chain_every_record_every_steps(tmp_path):
     trainer = train([weights, energy], tmp_path, model=SlidingWell(), max_steps=40)
     assert energy.failures == 0 and len(energy.history) == 2
     steps = list(range(0, 41, 5))
-    assert energy.path.steps == steps
+    assert energy.chain.path.steps == steps
     # the path's features are its outputs on the probe set (here the weights, one row per probe sample) at the
     # chain's coordinates, recorded at the weights of that step, before the trigger of that step
-    for step, features in zip(steps, energy.path.features, strict=True):
+    for step, features in zip(steps, energy.chain.path.features, strict=True):
         outputs = weights.at[step].expand(16, 2).reshape(-1).numpy()
-        np.testing.assert_allclose(features, outputs[energy._columns], rtol=1e-6)
+        np.testing.assert_allclose(features, outputs[energy.chain.columns], rtol=1e-6)
     saved = np.load(energy.reporter.run_dir / "excursions" / "training-path.npz")
     assert saved["steps"].tolist() == steps and saved["features"].shape == (9, 32)
     # plain SGD at the replicas' lr: one trajectory whose transitions count; its stages cover all its points
@@ -560,7 +560,7 @@ def test_a_learning_rate_schedule_breaks_the_counted_path_where_the_rule_changed
     sampling = SamplingConfig(replicas=2, steps=20, record_every=5)
     energy = well_energy(every_n_steps=20, at_fit_end=False, sampling=sampling, paths={"max_paths": 0})
     trainer = train([energy], tmp_path, model=ScheduledWell(), max_steps=20)
-    assert energy.failures == 0 and energy.path.steps == [0, 5, 10, 15, 20]
+    assert energy.failures == 0 and energy.chain.path.steps == [0, 5, 10, 15, 20]
     # the replicas step at the current lr 0.005; the points from step 10 on were recorded at it (the lr of the step
     # after them), the earlier ones at 0.01: located, not counted
     assert energy._replica_rule(trainer) == (0.005, 0.0)

@@ -48,19 +48,10 @@ from lightning_landscape.checks import as_config, check_float
 from lightning_landscape.dynamics import Excursions, MinimaDatabase, SparseProjection
 from lightning_landscape.energy import plan, trigger
 from lightning_landscape.energy.basins import basins_of, minimum_path, plan_joins
-from lightning_landscape.energy.chain import (
-    ChainRun,
-    TrainingPath,
-    chain_columns,
-    chain_of_runs,
-    read_replicas,
-    restart_points,
-    stages_of,
-    transition_of,
-)
+from lightning_landscape.energy.chain import TriggerChain, restart_points
 from lightning_landscape.energy.configs import BasinConfig, MSMConfig, PathConfig, QuenchConfig, SamplingConfig
 from lightning_landscape.energy.quench import quench_point
-from lightning_landscape.energy.result import STAGE_COLUMNS, EnergyResult
+from lightning_landscape.energy.result import EnergyResult
 from lightning_landscape.energy.sampling import CrossingNoise, sample
 from lightning_landscape.geometry.paths import PathResult
 from lightning_landscape.guard import preserve_state
@@ -250,21 +241,11 @@ class EnergyLandscape(LandscapeCallback):
         self.history: list[dict[str, Any]] = []
         self._pool: list[Any] | None = None
         self._warned_quenches = False
-        self._warned_chain = False
-        self._warned_rules = False
         self._candidates: list[torch.Tensor] = []  # the last trigger's replica ends: where restarts may start
         self._candidate_keys: list[tuple[int, int]] = []  # (step, replica) of each
-        self._visits: list[float] = []  # rank 0: the chain's points in each candidate's state
-        self._path_visits: dict[int, float] = {}  # rank 0: the chain's points in the state of each path point's step
-        # rank 0: the training path in the chain's features, every `sampling.record_every` optimizer steps from the
-        # initial weights (step 0) on; with its probe accuracy
-        self.path = TrainingPath()
         self._path_failed = False
-        self._columns: np.ndarray | None = None  # the output coordinates that are the chain's features
-        #: the training path's metastable stages in the last chain: ``{"set", "first_step", "last_step", "points"}``
-        self.chain_stages: list[dict[str, int]] = []
-        #: the last trigger's transition in the chain of all triggers (sets, MFPT, pathways), or ``{"none": why}``
-        self.chain_transition: dict[str, Any] = {}
+        #: rank 0: the training path and the chain of all triggers
+        self.chain = TriggerChain(self.msm, self.sampling.seed, self.sampling.record_every)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -331,16 +312,13 @@ class EnergyLandscape(LandscapeCallback):
         if not trainer.is_global_zero or self._path_failed or trainer.sanity_checking or trainer.fast_dev_run:
             return
         due = self.sampling.training_path and step % self.sampling.record_every == 0
-        if not (always or due) or (self.path.steps and self.path.steps[-1] == step):
+        if not (always or due) or (self.chain.path.steps and self.chain.path.steps[-1] == step):
             return
         try:
             with preserve_state(pl_module, ()), torch.inference_mode(False):
                 probe = self.objective(trainer, pl_module) if self._stale(pl_module) else self._objective
                 outputs = probe.outputs(probe.theta0).reshape(1, -1).double().cpu().numpy()
-            if self._columns is None:
-                self._columns = chain_columns(outputs.shape[1], self.sampling.seed)
-            accuracy = float(probe_accuracy(outputs, probe.batches)[0])
-            self.path.add(step, outputs[0, self._columns], accuracy, _sgd_rule(trainer))
+            self.chain.record(step, outputs, float(probe_accuracy(outputs, probe.batches)[0]), _sgd_rule(trainer))
         except Exception as err:
             self._path_failed = True
             self._part_failed(
@@ -573,7 +551,6 @@ class EnergyLandscape(LandscapeCallback):
             # this trigger's ends, on every rank (gathered): where the next trigger's restarts may start
             self._candidates = [excursions.finals[i] for i in range(len(excursions.replica_ids))]
             self._candidate_keys = [(step, int(r)) for r in excursions.replica_ids]
-            self._visits = [float("nan")] * len(self._candidates)  # rank 0 counts them in the chain
             if trainer.is_global_zero and len(excursions.replica_ids):
                 layout = {"names": list(probe.layout.names), "shapes": [list(s) for s in probe.layout.shapes]}
                 store_meta = {"k": sketch.k, "projection_seed": sketch.seed, "nnz": sketch.nnz, "step": step, **layout}
@@ -651,7 +628,15 @@ class EnergyLandscape(LandscapeCallback):
             hint = "minima, basins and graph are still reported. HINT: raise `sampling.replicas` or `sampling.steps`."
             self._part_failed(step, "markov state model", "fit the Markov state model", err, hint)
         try:
-            self._chain(trainer, step, excursions, result, restarts)
+            if len(excursions.replica_ids):
+                result.scalars.update(
+                    chain_restarts=len(restarts),
+                    chain_restarts_snapshots=sum(not isinstance(origin, int) for origin in restarts.values()),
+                )
+                folder, width = self.reporter.run_dir / "excursions", excursions.outputs.shape[-1]
+                probe_key = [self.probe_metadata["probe_size"], self.probe.seed]
+                rule = self._replica_rule(trainer)
+                self.chain.update(folder, step, width, rule, self._probe_batches, probe_key, result)
         except Exception as err:  # the chain is a view over all triggers: this trigger still stands
             standing = "this trigger's results are still reported."
             self._part_failed(step, "chain", "fit the chain of all triggers", err, standing)
@@ -729,17 +714,18 @@ class EnergyLandscape(LandscapeCallback):
             snapshots = [(s, s) for s in store.snapshot_steps if s < step]
             if not (snapshots and snapshots[0][0] == 0) and (store.path / "snapshots" / "init.npy").exists():
                 snapshots.insert(0, (0, "init"))
-        visits = [*self._visits, *(self._path_visits.get(s, float("nan")) for s, _ in snapshots)]
+        ends = [self.chain.visits.get(key, float("nan")) for key in self._candidate_keys]
+        visits = [*ends, *(self.chain.path_visits.get(s, float("nan")) for s, _ in snapshots)]
         chosen = restart_points(self.sampling.replicas, self.sampling.restarts, visits)
         restarts: dict[int, Any] = {}
         if chosen and snapshots:
             everything = ParameterLayout.from_module(pl_module, trainable_only=False)
             trainable = [everything.slices()[n] for n in ParameterLayout.from_module(pl_module).names]
         for replica, k in chosen.items():
-            if k < len(self._visits):
+            if k < len(ends):
                 restarts[replica] = k
                 continue
-            at, name = snapshots[k - len(self._visits)]
+            at, name = snapshots[k - len(ends)]
             try:
                 flat = np.asarray(store.snapshot(name))
             except Exception as err:  # a snapshot is one candidate: the trigger stands without it
@@ -751,85 +737,15 @@ class EnergyLandscape(LandscapeCallback):
                 restarts[replica] = (at, np.concatenate([flat[s] for s in trainable]))
         return restarts
 
-    def _chain(
-        self, trainer: pl.Trainer, step: int, excursions: Excursions, result: EnergyResult, restarts: dict[int, Any]
-    ) -> None:
-        """Rank 0: one Markov chain of every replica of every trigger so far (read back from the run directory) and
-        of the training path (:func:`~lightning_landscape.energy.chain.chain_of_runs`); the training path's
-        metastable stages; the transition from the initial weights' set to the current weights' (where they lie
-        outside the connected set: from the first set the path entered, to the last, ``chain_transition
-        ["source_step"]`` and ``["target_step"]``), by TPT: pathways, rate, MFPT in replica steps; the path atlas;
-        and the chain's visits of this trigger's ends, for the next trigger's restarts."""
-        if not len(excursions.replica_ids):
-            return
-        if self._columns is None:
-            self._columns = chain_columns(excursions.outputs.shape[-1], self.sampling.seed)
-        if not self.path.steps:  # the path could not be recorded: this trigger's start stands for it
-            self.path.add(step, excursions.outputs[0][0, self._columns], float("nan"), None)
-        folder = self.reporter.run_dir / "excursions"
-        replicas = read_replicas(folder, self._columns, self._probe_batches)
-        if len(replicas.rules) > 1 and not self._warned_rules:
-            self._warned_rules = True
-            warnings.warn(
-                f"lightning-landscape: EnergyLandscape at step {step}: the chain of all triggers mixes replicas of"
-                f" {len(replicas.rules)} step rules ((lr, momentum) first seen at steps "
-                + ", ".join(f"{rule} at {at}" for rule, at in replicas.rules.items())
-                + "), e.g. under a learning-rate schedule: its transition matrix, rates and first-passage times are"
-                " of that mixture. HINT: fix `sampling.lr` (and `sampling.momentum`) for one dynamics.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        pieces = self.path.fragments(self._replica_rule(trainer), self.sampling.record_every)
-        probe_key = [self.probe_metadata["probe_size"], self.probe.seed]
-        self.path.save(folder / "training-path.npz", self._columns, pieces, probe_key)
-        features = np.stack(self.path.features).astype(np.float64)
-        run = ChainRun(replicas, features, np.asarray(self.path.steps), pieces, np.asarray(self.path.accuracy))
-        chain, first = chain_of_runs([run], self.msm, self.sampling.seed, current=(step, 0))
-        result.scalars.update(
-            chain_points=chain.points,
-            chain_connected=chain.connected,
-            chain_restarts=len(restarts),
-            chain_restarts_snapshots=sum(not isinstance(origin, int) for origin in restarts.values()),
-        )
-        if chain.model is None:
-            self.chain_transition = {"none": str(chain.transition)}
-            return
-        counts = np.bincount(np.concatenate(chain.model.dtrajs))
-        self._visits = [float(counts[chain.model.dtrajs[replicas.keys[key]][-1]]) for key in self._candidate_keys]
-        self._path_visits = {
-            int(run.steps[i]): float(counts[state])
-            for piece, dtraj in zip(pieces, chain.model.dtrajs[first[0] :], strict=True)
-            for i, state in zip(piece, dtraj, strict=True)
-        }
-        self.chain_stages = stages_of(chain, [run], first)[0]
-        result.scalars.update(chain_sets=len(chain.model.sets) or 1, chain_stages=len(self.chain_stages))
-        result.table("stages", STAGE_COLUMNS, [[row[c] for c in STAGE_COLUMNS] for row in self.chain_stages])
-        if chain.connected < 0.9 and not self._warned_chain:
-            self._warned_chain = True
-            warnings.warn(
-                f"lightning-landscape: EnergyLandscape at step {step}: the chain of all triggers is disconnected, only"
-                f" {100 * chain.connected:.0f}% of its {chain.points} points lie in its largest connected set: the"
-                " replicas of different triggers do not meet, so rates and pathways between them are unknown."
-                " HINT: raise `sampling.restarts` (replicas from earlier ends), `sampling.steps`, or trigger more"
-                " often.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        if chain.robustness is not None:
-            result.scalars.update(
-                chain_sets_robust=len(chain.robustness.robust_sets()),
-                chain_transition_agreement=chain.robustness.transition,
-                chain_metastable=float(chain.robustness.metastable),
-            )
-        summary = transition_of(chain)
-        if "none" in summary:
-            self.chain_transition = summary
-            return
-        self.chain_transition = {k: summary[k] for k in ("source_set", "target_set", "mfpt_steps", "pathways")}
-        for end, (t, i) in (("source_step", chain.source), ("target_step", chain.target)):
-            self.chain_transition[end] = int(run.steps[pieces[t - first[0]][i]]) if t >= first[0] else step
-        result.scalars.update(chain_mfpt=summary["mfpt_steps"], chain_rate=summary["rate_per_step"])
-        result.add_transition(summary)
+    @property
+    def chain_stages(self) -> list[dict[str, int]]:
+        """The training path's metastable stages in the last chain: ``{"set", "first_step", "last_step", "points"}``."""
+        return self.chain.stages
+
+    @property
+    def chain_transition(self) -> dict[str, Any]:
+        """The last trigger's transition in the chain of all triggers (sets, MFPT, pathways), or ``{"none": why}``."""
+        return self.chain.transition
 
     def _replica_rule(self, trainer: pl.Trainer) -> tuple[float, float]:
         """The replicas' ``(lr, momentum)``: ``sampling.lr`` and ``sampling.momentum``, each None taken from
@@ -847,10 +763,7 @@ class EnergyLandscape(LandscapeCallback):
             "previous_minimum": self.previous_minimum,
             "minima_dir": self.minima_dir,
             "minima_names": self.minima_names,
-            # the training path's first point, the chain's start: a resumed run keeps it (the rest is in the run dir)
-            "path_start": [self.path.steps[0], self.path.features[0].tolist(), self.path.accuracy[0]]
-            if self.path.steps
-            else None,
+            **self.chain.state_dict(),
         }
 
     @override
@@ -861,7 +774,4 @@ class EnergyLandscape(LandscapeCallback):
         self.minima_dir = state_dict.get("minima_dir", self.minima_dir)
         self._resumed = True
         self.minima_names = state_dict.get("minima_names", self.minima_names)
-        start = state_dict.get("path_start")
-        if start is not None:
-            self.path = TrainingPath()
-            self.path.add(int(start[0]), np.asarray(start[1]), float(start[2]), None)
+        self.chain.load_state_dict(state_dict)

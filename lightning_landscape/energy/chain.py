@@ -3,6 +3,7 @@ metastable stages of training."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from lightning_landscape.dynamics.msm import (
 from lightning_landscape.dynamics.tpt import TransitionPaths
 from lightning_landscape.energy.configs import MSMConfig
 from lightning_landscape.energy.markov import MarkovModel, markov_model, transition_between
+from lightning_landscape.energy.result import STAGE_COLUMNS
 
 
 def restart_points(replicas: int, fraction: float, visits: Sequence[float]) -> dict[int, int]:
@@ -405,3 +407,128 @@ def transition_of(chain: Chain) -> dict[str, Any]:
     if chain.robustness is not None and not chain.robustness.transition_survives:
         return {"none": not_robust(chain.robustness)}
     return transition_summary(chain.model, chain.transition)
+
+
+class TriggerChain:
+    """The chain of all triggers as :class:`~lightning_landscape.EnergyLandscape` keeps it from trigger to trigger
+    (rank 0): the training path (:attr:`path`, recorded every ``every`` optimizer steps at the chain's
+    :attr:`columns`), and after each trigger (:meth:`update`) the chain of every replica saved so far and of the
+    path: its :attr:`stages` (the training path's metastable stages), its :attr:`transition` (from the initial
+    weights' set to the current weights', or ``{"none": why}``) and its :attr:`visits` of each replica end and of
+    each path point's step (where the next trigger's restarts start: the least visited first).
+
+    Args:
+        config: the chain's Markov model (lag, states, sets).
+        seed: seeds the chain's columns and its k-means.
+        every: the optimizer steps between recorded points (the replicas' ``record_every``).
+    """
+
+    def __init__(self, config: MSMConfig, seed: int, every: int) -> None:
+        self.config, self.seed, self.every = config, seed, every
+        self.path = TrainingPath()
+        self.columns: np.ndarray | None = None
+        self.visits: dict[tuple[int, int], float] = {}  # (trigger step, replica) -> the chain's points in its state
+        self.path_visits: dict[int, float] = {}  # training step -> the chain's points in its state
+        self.stages: list[dict[str, int]] = []
+        self.transition: dict[str, Any] = {}
+        self._warned: set[str] = set()
+
+    def record(self, step: int, outputs: np.ndarray, accuracy: float, rule: tuple[float, float] | None) -> None:
+        """The training path's point at ``step``: its flattened probe ``outputs``, accuracy and step rule."""
+        if self.columns is None:
+            self.columns = chain_columns(outputs.size, self.seed)
+        self.path.add(step, outputs.reshape(-1)[self.columns], accuracy, rule)
+
+    def update(
+        self,
+        folder: Path,
+        step: int,
+        width: int,
+        rule: tuple[float, float],
+        batches: list[Any] | None,
+        probe: list[int],
+        result: Any,
+    ) -> None:
+        """The chain after the trigger at ``step`` whose replicas (the first recorded at the current point) are saved
+        in ``folder`` (``width``: the number of their probe outputs): the training path saved beside them (with the
+        ``probe`` set's ``[size, seed]``), cut into pieces by the replicas' step ``rule``; the chain of all of it
+        (:func:`chain_of_runs`); its scalars, the ``stages`` table and the transition's pathways and path atlas into
+        ``result`` (:class:`~lightning_landscape.energy.EnergyResult`). Warns once when the replicas mix step rules or
+        the chain is disconnected."""
+        if self.columns is None:
+            self.columns = chain_columns(width, self.seed)
+        replicas = read_replicas(folder, self.columns, batches)
+        if not self.path.steps:  # the path could not be recorded: this trigger's start stands for it
+            first_replica = min(key for key in replicas.keys if key[0] == step)
+            self.path.add(step, replicas.features[replicas.keys[first_replica]][0], float("nan"), None)
+        if len(replicas.rules) > 1:
+            self._warn_once(
+                "rules",
+                f"the chain of all triggers mixes replicas of {len(replicas.rules)} step rules ((lr, momentum) first"
+                " seen at steps " + ", ".join(f"{r} at {at}" for r, at in replicas.rules.items()) + "), e.g. under a"
+                " learning-rate schedule: its transition matrix, rates and first-passage times are of that mixture."
+                " HINT: fix `sampling.lr` (and `sampling.momentum`) for one dynamics.",
+                step,
+            )
+        pieces = self.path.fragments(rule, self.every)
+        self.path.save(folder / "training-path.npz", self.columns, pieces, probe)
+        steps = np.asarray(self.path.steps)
+        run = ChainRun(replicas, np.stack(self.path.features).astype(np.float64), steps, pieces, self.path.accuracy)
+        chain, first = chain_of_runs([run], self.config, self.seed, current=(step, 0))
+        result.scalars.update(chain_points=chain.points, chain_connected=chain.connected)
+        if chain.model is None:
+            self.transition = {"none": str(chain.transition)}
+            return
+        counts = np.bincount(np.concatenate(chain.model.dtrajs))
+        ends = [key for key in replicas.keys if key[0] == step]
+        self.visits = {key: float(counts[chain.model.dtrajs[replicas.keys[key]][-1]]) for key in ends}
+        self.path_visits = {
+            int(steps[i]): float(counts[state])
+            for piece, dtraj in zip(pieces, chain.model.dtrajs[first[0] :], strict=True)
+            for i, state in zip(piece, dtraj, strict=True)
+        }
+        self.stages = stages_of(chain, [run], first)[0]
+        result.scalars.update(chain_sets=len(chain.model.sets) or 1, chain_stages=len(self.stages))
+        result.table("stages", STAGE_COLUMNS, [[s[c] for c in STAGE_COLUMNS] for s in self.stages])
+        if chain.connected < 0.9:
+            self._warn_once(
+                "disconnected",
+                f"the chain of all triggers is disconnected, only {100 * chain.connected:.0f}% of its {chain.points}"
+                " points lie in its largest connected set: the replicas of different triggers do not meet, so rates"
+                " and pathways between them are unknown. HINT: raise `sampling.restarts` (replicas from earlier"
+                " ends), `sampling.steps`, or trigger more often.",
+                step,
+            )
+        if chain.robustness is not None:
+            result.scalars.update(
+                chain_sets_robust=len(chain.robustness.robust_sets()),
+                chain_transition_agreement=chain.robustness.transition,
+                chain_metastable=float(chain.robustness.metastable),
+            )
+        summary = transition_of(chain)
+        if "none" in summary:
+            self.transition = summary
+            return
+        self.transition = {k: summary[k] for k in ("source_set", "target_set", "mfpt_steps", "pathways")}
+        for end, (t, i) in (("source_step", chain.source), ("target_step", chain.target)):
+            self.transition[end] = int(steps[pieces[t - first[0]][i]]) if t >= first[0] else step
+        result.scalars.update(chain_mfpt=summary["mfpt_steps"], chain_rate=summary["rate_per_step"])
+        result.add_transition(summary)
+
+    def _warn_once(self, kind: str, message: str, step: int) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"lightning-landscape: EnergyLandscape at step {step}: {message}", RuntimeWarning, 3)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The path's first point, the chain's start: a resumed run keeps it (the rest is in the run directory)."""
+        path = self.path
+        if not path.steps:
+            return {"path_start": None}
+        return {"path_start": [path.steps[0], path.features[0].tolist(), path.accuracy[0]]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        start = state.get("path_start")
+        self.path = TrainingPath()
+        if start is not None:
+            self.path.add(int(start[0]), np.asarray(start[1]), float(start[2]), None)

@@ -73,26 +73,33 @@ STAGE_COLUMNS = ["set", "first_step", "last_step", "points"]
 PATHWAY_COLUMNS = ["sets", "share"]
 
 
+#: what a minimum's row shows for a field its record lacks (or stores as null)
+MINIMA_DEFAULTS: dict[str, Any] = {
+    "grad_norm": np.nan,
+    "grad_ratio": np.nan,
+    "quench_converged": False,
+    "quench_criterion": "",
+    "lambda_min": np.nan,
+    "energy_error": np.nan,
+    "accuracy": np.nan,
+    "visits": 1,
+    "step": -1,
+    "source": "",
+    "run": "",
+}
+
+
 def minima_rows(db: MinimaDatabase, labels: np.ndarray) -> list[list[Any]]:
-    """The database's minima as rows of :data:`MINIMA_COLUMNS`, with their basin ``labels``."""
+    """The database's minima as rows of :data:`MINIMA_COLUMNS`, with their basin ``labels`` and certificates."""
+
+    def value(record: dict[str, Any], name: str) -> Any:
+        found = record.get(name)
+        return MINIMA_DEFAULTS[name] if found is None else found
+
     return [
-        [
-            r["id"],
-            int(labels[r["id"]]),
-            r["loss"],
-            r.get("grad_norm", np.nan),
-            r.get("grad_ratio", np.nan),
-            bool(r.get("quench_converged", False)),
-            r.get("quench_criterion", ""),
-            certified,
-            r.get("lambda_min", np.nan),
-            r.get("energy_error", np.nan),
-            r.get("accuracy", np.nan),
-            r.get("visits", 1),
-            r.get("step", -1),
-            r.get("source", ""),
-            r.get("run", ""),
-        ]
+        [r["id"], int(labels[r["id"]]), r["loss"], value(r, "grad_norm"), value(r, "grad_ratio")]
+        + [bool(value(r, "quench_converged")), value(r, "quench_criterion"), certified]
+        + [value(r, name) for name in MINIMA_COLUMNS[8:]]
         for r, certified in zip(db.records, db.certified, strict=True)
     ]
 
