@@ -31,11 +31,10 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
@@ -50,7 +49,7 @@ from lightning_landscape.energy import plan, trigger
 from lightning_landscape.energy.basins import basins_of, minimum_path, plan_joins
 from lightning_landscape.energy.chain import TriggerChain, restart_points
 from lightning_landscape.energy.configs import BasinConfig, MSMConfig, PathConfig, QuenchConfig, SamplingConfig
-from lightning_landscape.energy.quench import quench_point
+from lightning_landscape.energy.quench import Minimum, quench_point
 from lightning_landscape.energy.result import EnergyResult
 from lightning_landscape.energy.sampling import CrossingNoise, sample
 from lightning_landscape.geometry.paths import PathResult
@@ -82,6 +81,26 @@ def _sgd_rule(trainer: pl.Trainer) -> tuple[float, float] | None:
     rules = {(float(g["lr"]), float(g["momentum"])) for g in trainer.optimizers[0].param_groups if g["params"]}
     plain = all(not g["nesterov"] and not g["dampening"] for g in trainer.optimizers[0].param_groups)
     return rules.pop() if len(rules) == 1 and plain else None
+
+
+@dataclass
+class _Work:
+    """What the stages of one trigger share: its step, the probe and pool objectives and the batch passes they
+    had spent before it, the current point, the replicas' step rule and sketch, and what the stages decide on the
+    way (the noise and merge level, where restarted replicas came from)."""
+
+    step: int
+    probe: Objective
+    pool: Objective
+    x0: torch.Tensor
+    lr: float
+    momentum: float
+    sketch: SparseProjection
+    spend: list[tuple[Objective, int]]
+    start: float
+    noise: CrossingNoise | None = None
+    level: float = 0.0
+    restarted_from: list[list[int]] = field(default_factory=list)
 
 
 class EnergyLandscape(LandscapeCallback):
@@ -399,21 +418,14 @@ class EnergyLandscape(LandscapeCallback):
         return 6
 
     def _projection(self, trainer: pl.Trainer, pl_module: pl.LightningModule, x0: torch.Tensor) -> SparseProjection:
-        """The recorder's projection when a TrajectoryRecorder runs (one basis for trajectories and replicas): it
-        projects all parameters, so the replicas' trainable ones are sketched with the frozen ones held fixed."""
+        """The replicas' sketch: a TrajectoryRecorder's projection when one runs (one basis for trajectories and
+        replicas), else their own."""
         from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
         recorder = TrajectoryRecorder.find(trainer)
-        if recorder is None:
-            return SparseProjection(x0.numel(), self.sampling.sketch_dim, self.sampling.projection_seed, 1, x0.device)
-        everything = ParameterLayout.from_module(pl_module, trainable_only=False)
-        full = SparseProjection(
-            everything.numel, recorder.sketch_dim, recorder.projection_seed, recorder.sketch_nnz, x0.device
-        )
-        trainable = [everything.slices()[n] for n in ParameterLayout.from_module(pl_module).names]
-        positions = torch.cat([torch.arange(s.start, s.stop) for s in trainable]).to(x0.device)
-        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).to(x0)
-        return full.restricted(positions, flat)
+        if recorder is not None:
+            return recorder.projection_for(pl_module, x0)
+        return SparseProjection(x0.numel(), self.sampling.sketch_dim, self.sampling.projection_seed, 1, x0.device)
 
     @override
     def advance(self, stage: str) -> None:
@@ -492,126 +504,170 @@ class EnergyLandscape(LandscapeCallback):
             self._analyze(trainer, pl_module, step)
 
     def _analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        start = self._mark = time.perf_counter()
-        self._timings: dict[str, float] = {}
-        strategy, configs = trainer.strategy, (self.basins, self.paths, self.quench)
+        """The trigger as its list of stages: every rank samples, quenches and computes paths (their work split over
+        ranks, rank 0 deciding between items while the budget lasts); rank 0 admits the minima, plans the joins and
+        concludes (dips, basins, the Markov models, the result)."""
+        self._mark, self._timings = time.perf_counter(), {}
+        work = self._objectives(trainer, pl_module, step)
+        excursions, restarts = self._sample(trainer, pl_module, work)
+        quenched = self._quench(trainer, work, excursions)
+        joining = self._join(trainer, work, quenched, excursions)
+        passes = self._passes(trainer, work.spend)
+        if trainer.is_global_zero:
+            result = self._conclude(trainer, work, excursions, restarts, quenched, joining, passes)
+            result.write(self.reporter, step)
+
+    def _objectives(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> _Work:
         with self.stage(trainer, "objectives"):
             probe = self.objective(trainer, pl_module)
             pool = self._pool_objective(trainer, pl_module)
-            spend = [(probe, _passes(probe)), (pool, _passes(pool))]
             lr, momentum = self._replica_rule(trainer)
             l2 = self.weight_decay if self.weight_decay is not None else weight_decay_of(trainer.optimizers, pl_module)
             probe.set_l2(l2)
             pool.set_l2(l2)
-            x0 = probe.theta0
-            sketch = self._projection(trainer, pl_module, x0)
+            sketch = self._projection(trainer, pl_module, probe.theta0)
+            spend = [(probe, _passes(probe)), (pool, _passes(pool))]
+            return _Work(step, probe, pool, probe.theta0, lr, momentum, sketch, spend, time.perf_counter())
 
-        def budget_left(first: int) -> bool:
-            return self._may_continue(trainer, spend)
-
-        # 1. basin sampling: some replicas from earlier points (previous ends, the recorder's snapshots; least-visited
-        # first), the rest from x0
+    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, work: _Work) -> tuple[Excursions, dict]:
+        """1. Basin sampling: some replicas from earlier points (previous ends, the recorder's snapshots; the
+        least-visited first), the rest from the current point, in rounds while the budget lasts; saved (rank 0)."""
         restarts: dict[int, Any] = {}
         if self.sampling.restarts > 0:  # the same on every rank: a collective follows
             with self.stage(trainer, "basin sampling"):
                 if trainer.is_global_zero:
-                    restarts = self._restarts(trainer, pl_module, step)
-            restarts = distributed.broadcast(strategy, restarts)
-        # where each restarted replica starts: [replica, step, replica there (-1: the recorder's snapshot)]
-        restarted_from = [
-            [k, *map(int, self._candidate_keys[o] if isinstance(o, int) else (o[0], -1))]
-            for k, o in sorted(restarts.items())
-        ]
+                    restarts = self._restarts(trainer, pl_module, work.step)
+            restarts = distributed.broadcast(trainer.strategy, restarts)
         starts = None
         if restarts:
-            starts = x0.detach().cpu().expand(self.sampling.replicas, -1).clone()
+            starts = work.x0.detach().cpu().expand(self.sampling.replicas, -1).clone()
             for replica, origin in restarts.items():
                 point = self._candidates[origin] if isinstance(origin, int) else torch.from_numpy(origin[1])
                 starts[replica] = point.to(starts.dtype)
 
         def replicas(ids: list[int]) -> Excursions:
             run = sample(
-                pool,
-                x0,
+                work.pool,
+                work.x0,
                 self.sampling,
-                lr,
+                work.lr,
                 replicas=ids,
-                seed_offset=step,
-                sketch=sketch,
-                probe=probe,
+                seed_offset=work.step,
+                sketch=work.sketch,
+                probe=work.probe,
                 starts=starts,
-                momentum=momentum,
+                momentum=work.momentum,
             )
             run.finals = run.finals.cpu()  # gathered between ranks: no device indices
             return run
 
-        runs = self._replica_rounds(trainer, spend, replicas)
+        runs = self._replica_rounds(trainer, work.spend, replicas)
         with self.stage(trainer, "basin sampling"):
             excursions = Excursions.concatenate(runs) if runs else replicas([])
+            # where each restarted replica started: [replica, step, replica there (-1: the recorder's snapshot)]
+            work.restarted_from = [
+                [k, *map(int, self._candidate_keys[o] if isinstance(o, int) else (o[0], -1))]
+                for k, o in sorted(restarts.items())
+            ]
             # this trigger's ends, on every rank (gathered): where the next trigger's restarts may start
             self._candidates = [excursions.finals[i] for i in range(len(excursions.replica_ids))]
-            self._candidate_keys = [(step, int(r)) for r in excursions.replica_ids]
+            self._candidate_keys = [(work.step, int(r)) for r in excursions.replica_ids]
             if trainer.is_global_zero and len(excursions.replica_ids):
-                layout = {"names": list(probe.layout.names), "shapes": [list(s) for s in probe.layout.shapes]}
-                store_meta = {"k": sketch.k, "projection_seed": sketch.seed, "nnz": sketch.nnz, "step": step, **layout}
-                excursions.save(self.reporter.run_dir / "excursions" / f"step-{step:09d}", store_meta)
+                layout = {"names": list(work.probe.layout.names), "shapes": [list(s) for s in work.probe.layout.shapes]}
+                sketch = {"k": work.sketch.k, "projection_seed": work.sketch.seed, "nnz": work.sketch.nnz}
+                folder = self.reporter.run_dir / "excursions" / f"step-{work.step:09d}"
+                excursions.save(folder, {**sketch, "step": work.step, **layout})
         self.advance("basin sampling")
+        return excursions, restarts
 
-        # 2. quench the current point (always) and the replicas' ends, to a tenth of the fixed merge level or of the
-        # noise level; without a fixed level, each pair of minima merges at the noise along it (rank 0 measures it)
-        fixed, noise, level = self.basins.merge_barrier, None, self.basins.merge_barrier
+    def _quench(self, trainer: pl.Trainer, work: _Work, excursions: Excursions) -> list[Minimum]:
+        """2. The current point (always) and the replicas' ends quenched, to a tenth of the fixed merge level or of
+        the noise level (without a fixed level, each pair of minima merges at the noise along it: rank 0 measures
+        it), split over ranks while the budget lasts."""
         with self.stage(trainer, "minima"):
-            candidates = torch.cat([x0[None].cpu(), excursions.finals.to(x0.dtype)])
-            if fixed is None and trainer.is_global_zero:
-                noise = CrossingNoise.measure(pool, x0, lr, self.sampling.temperature, momentum)
-                level = noise.level
-        level = float(distributed.broadcast(strategy, level))
+            candidates = torch.cat([work.x0[None].cpu(), excursions.finals.to(work.x0.dtype)])
+            if self.basins.merge_barrier is None and trainer.is_global_zero:
+                work.noise = CrossingNoise.measure(
+                    work.pool, work.x0, work.lr, self.sampling.temperature, work.momentum
+                )
+        level = self.basins.merge_barrier if work.noise is None else work.noise.level
+        work.level = float(distributed.broadcast(trainer.strategy, level))
         quenched = self._rounds(
             trainer,
             len(candidates),
             "minima",
-            lambda i: quench_point(probe, candidates[i].to(x0), self.quench, level),
-            lambda first: first == 0 or self._may_continue(trainer, spend),
+            lambda i: quench_point(work.probe, candidates[i].to(work.x0), self.quench, work.level),
+            lambda first: first == 0 or self._may_continue(trainer, work.spend),
         )
         self.advance("minima")
+        return quenched
 
-        # 3. the database, basins and the paths that join them (rank 0 plans, whole paths split over ranks)
-        plan, new_minima, current, db, joins = None, 0, None, None, None
+    def _join(self, trainer: pl.Trainer, work: _Work, quenched: list[Minimum], excursions: Excursions) -> Any:
+        """3. Rank 0: the quenched points into the minima database and the joins planned (straight lines where they
+        suffice; the current minimum to the previous trigger's first); the planned paths split over ranks.
+        Returns ``(database, current minimum, new minima, plan, computed paths)`` on rank 0."""
+        plan, joined = None, (None, None, 0, None)
         with self.stage(trainer, "minima database"):
             if trainer.is_global_zero:
-                db = self._database(probe, step)
+                db = self._database(work.probe, work.step)
                 sources = ["training", *(f"replica {r}" for r in excursions.replica_ids)][: len(quenched)]
-                ids, new_minima = trigger.admit_all(db, quenched, sources, probe.batches, step)
+                ids, new_minima = trigger.admit_all(db, quenched, sources, work.probe.batches, work.step)
                 current, previous = ids[0] if ids else None, self.previous_minimum
                 first = (
-                    [] if None in (previous, current) or previous == current else [tuple(sorted((previous, current)))]
+                    []
+                    if None in (previous, current) or previous == current
+                    else [(min(ids[0], previous), max(ids[0], previous))]
                 )
                 found = [i for i in ids if i is not None]
+                configs = (self.basins, self.paths)
                 joins = plan_joins(
-                    db, probe, found, fixed, self.basins, self.paths, first, noise, self.quench, step=step
+                    db,
+                    work.probe,
+                    found,
+                    self.basins.merge_barrier,
+                    *configs,
+                    first,
+                    work.noise,
+                    self.quench,
+                    step=work.step,
                 )
                 plan = [(i, j, torch.from_numpy(db.theta(i)), torch.from_numpy(db.theta(j))) for i, j in joins.paths]
-        plan = distributed.broadcast(strategy, plan)
+                joined = (db, current, new_minima, joins)
+        plan = distributed.broadcast(trainer.strategy, plan)
 
         def path(k: int) -> tuple[int, int, PathResult]:
             i, j, a, b = plan[k]
-            return i, j, minimum_path(probe, a.to(x0), b.to(x0), self.paths, level)
+            return i, j, minimum_path(work.probe, a.to(work.x0), b.to(work.x0), self.paths, work.level)
 
-        found_paths = self._rounds(trainer, len(plan), "paths", path, budget_left)
+        found_paths = self._rounds(
+            trainer, len(plan), "paths", path, lambda first: self._may_continue(trainer, work.spend)
+        )
         self.advance("paths")
-        passes = self._passes(trainer, spend)
-        if not trainer.is_global_zero:
-            return
+        return (*joined, found_paths)
 
-        # 4. rank 0: the dips along the paths, the basins, this trigger's Markov model and the chain of all triggers
-        local_mark = _passes(probe)
-        dipped, more = trigger.follow_paths(db, probe, found_paths, joins, configs, level, fixed, noise, step)
+    def _conclude(
+        self,
+        trainer: pl.Trainer,
+        work: _Work,
+        excursions: Excursions,
+        restarts: dict[int, Any],
+        quenched: list[Minimum],
+        joining: Any,
+        passes: int,
+    ) -> EnergyResult:
+        """4. Rank 0: the dips along the paths, the basins, this trigger's Markov model and the chain of all
+        triggers, as one :class:`~lightning_landscape.energy.EnergyResult`."""
+        db, current, new_minima, joins, found_paths = joining
+        probe, step, fixed = work.probe, work.step, self.basins.merge_barrier
+        mark = _passes(probe)
+        configs = (self.basins, self.paths, self.quench)
+        dipped, more = trigger.follow_paths(db, probe, found_paths, joins, configs, work.level, fixed, work.noise, step)
         basins = basins_of(db, fixed)
-        warning = trigger.unconverged_warning(quenched, level, self.quench, probe.l2, step)
+        warning = trigger.unconverged_warning(quenched, work.level, self.quench, probe.l2, step)
         if warning is not None and not self._warned_quenches:
             self._warned_quenches = True
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        passes += _passes(probe) - local_mark
+        passes += _passes(probe) - mark
         result = EnergyResult()
         barrier = trigger.barrier_between(db, current, self.previous_minimum)
         if barrier is not None:
@@ -652,15 +708,15 @@ class EnergyLandscape(LandscapeCallback):
             n_minima=len(db),
             n_basins=basins.n_basins,
             current_basin=int(basins.labels[current]) if current is not None else -1,
-            noise_level=level,
+            noise_level=work.level,
             minima_certified=sum(db.certified),
             replicas_run=len(excursions.replica_ids),
             spent_passes=passes,
-            spent_seconds=time.perf_counter() - start,
+            spent_seconds=time.perf_counter() - work.start,
         )
         if fixed is not None:
             result.scalars["merge_barrier"] = fixed
-        self.history.append({"step": step, **result.scalars, "restarted_from": restarted_from})
+        self.history.append({"step": step, **result.scalars, "restarted_from": work.restarted_from})
         result.metadata = {
             **probe.metadata,
             **self.probe_metadata,
@@ -671,7 +727,7 @@ class EnergyLandscape(LandscapeCallback):
             "features": self.msm.features,
             "merge_barrier": fixed,  # None: each pair at the noise along it
         }
-        result.write(self.reporter, step)
+        return result
 
     def _database(self, probe: Objective, step: int) -> MinimaDatabase:
         """Rank 0: the run's minima database; a new one when the trainable parameters or the weight decay changed
@@ -708,33 +764,24 @@ class EnergyLandscape(LandscapeCallback):
         from lightning_landscape.callbacks.trajectory import TrajectoryRecorder
 
         recorder = TrajectoryRecorder.find(trainer)
-        store = recorder.store if recorder is not None else None
-        snapshots: list[tuple[int, int | str]] = []  # (step, the store's name of the snapshot)
-        if store is not None:
-            snapshots = [(s, s) for s in store.snapshot_steps if s < step]
-            if not (snapshots and snapshots[0][0] == 0) and (store.path / "snapshots" / "init.npy").exists():
-                snapshots.insert(0, (0, "init"))
+        snapshots = recorder.snapshots_before(step) if recorder is not None else []
         ends = [self.chain.visits.get(key, float("nan")) for key in self._candidate_keys]
         visits = [*ends, *(self.chain.path_visits.get(s, float("nan")) for s, _ in snapshots)]
-        chosen = restart_points(self.sampling.replicas, self.sampling.restarts, visits)
         restarts: dict[int, Any] = {}
-        if chosen and snapshots:
-            everything = ParameterLayout.from_module(pl_module, trainable_only=False)
-            trainable = [everything.slices()[n] for n in ParameterLayout.from_module(pl_module).names]
-        for replica, k in chosen.items():
+        for replica, k in restart_points(self.sampling.replicas, self.sampling.restarts, visits).items():
             if k < len(ends):
                 restarts[replica] = k
                 continue
             at, name = snapshots[k - len(ends)]
             try:
-                flat = np.asarray(store.snapshot(name))
+                flat = recorder.trainable_snapshot(name, pl_module)
             except Exception as err:  # a snapshot is one candidate: the trigger stands without it
                 self._part_failed(
                     step, "restarts", f"read the snapshot of step {at}", err, "that replica starts at x0."
                 )
                 continue
-            if flat.shape == (everything.numel,):  # else the module has changed since: that replica starts at x0
-                restarts[replica] = (at, np.concatenate([flat[s] for s in trainable]))
+            if flat is not None:  # else the module has changed since: that replica starts at x0
+                restarts[replica] = (at, flat)
         return restarts
 
     @property

@@ -239,6 +239,35 @@ class TrajectoryRecorder(ObserverCallback):
             "leave TrajectoryRecorder out of this run, or train on a machine with more memory.",
         )
 
+    # ------------------------------------------------------------------ what other callbacks reuse
+    def projection_for(self, pl_module: pl.LightningModule, theta: torch.Tensor) -> SparseProjection:
+        """Its projection, which sketches all parameters, restricted to the module's trainable ones at ``theta``'s
+        device and dtype with the frozen ones held at their values: one sketch basis for the trajectory and for
+        points of the trainable parameters (e.g. EnergyLandscape's replicas)."""
+        everything = ParameterLayout.from_module(pl_module, trainable_only=False)
+        full = SparseProjection(everything.numel, self.sketch_dim, self.projection_seed, self.sketch_nnz, theta.device)
+        trainable = [everything.slices()[n] for n in ParameterLayout.from_module(pl_module).names]
+        positions = torch.cat([torch.arange(s.start, s.stop) for s in trainable]).to(theta.device)
+        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).to(theta)
+        return full.restricted(positions, flat)
+
+    def snapshots_before(self, step: int) -> list[tuple[int, int | str]]:
+        """``(step, name)`` of the stored parameter snapshots taken before ``step``, the initial one first."""
+        if self.store is None:
+            return []
+        snapshots: list[tuple[int, int | str]] = [(s, s) for s in self.store.snapshot_steps if s < step]
+        if not (snapshots and snapshots[0][0] == 0) and (self.store.path / "snapshots" / "init.npy").exists():
+            snapshots.insert(0, (0, "init"))
+        return snapshots
+
+    def trainable_snapshot(self, name: int | str, pl_module: pl.LightningModule) -> np.ndarray | None:
+        """The module's trainable parameters in snapshot ``name`` (None when the module has changed since)."""
+        flat = np.asarray(self.store.snapshot(name))
+        everything = ParameterLayout.from_module(pl_module, trainable_only=False)
+        if flat.shape != (everything.numel,):
+            return None
+        return np.concatenate([flat[everything.slices()[n]] for n in ParameterLayout.from_module(pl_module).names])
+
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._active = not trainer.fast_dev_run

@@ -201,3 +201,33 @@ def join_basins(
         computed.append((i, j, minimum_path(objective, a, b, paths, resolution_level)))
         record_path(db, i, j, computed[-1][2], merge_level=plan.levels[(i, j)], **info)
     return basins_of(db, merge_barrier), plan, computed
+
+
+#: what minima databases must share to be merged: one probe set, energy and parameter space
+PROBE_KEYS = (
+    "probe_size",
+    "probe_batch_size",
+    "probe_seed",
+    "probe_batches",
+    "n_params",
+    "bn_mode",
+    "dtype",
+    "loss_fn",
+    "l2",
+)
+
+
+def merge_databases(
+    databases: list[tuple[str, MinimaDatabase]], folder: Any, dedup_tol: float
+) -> tuple[MinimaDatabase, int, float | None]:
+    """One database in ``folder`` of every given ``(run, database)`` that shares the first one's probe set and
+    energy (:data:`PROBE_KEYS`), deduplicated in function space at ``dedup_tol``, each minimum with its ``run``.
+    Returns it, the number of databases left out, and the runs' fixed merge level (the largest; None when each
+    saddle merges at its own noise)."""
+    probe = {k: databases[0][1].meta.get(k) for k in PROBE_KEYS}
+    comparable = [(run, db) for run, db in databases if all(db.meta.get(k) == v for k, v in probe.items())]
+    merged = MinimaDatabase(folder, tol=dedup_tol, meta={**databases[0][1].meta, "merged_by_analyze": True})
+    for run, db in comparable:
+        merged.absorb(db, run=run)
+    levels = [db.merge_barrier for _, db in comparable if db.merge_barrier is not None]
+    return merged, len(databases) - len(comparable), max(levels) if levels else None

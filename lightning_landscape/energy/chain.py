@@ -532,3 +532,47 @@ class TriggerChain:
         self.path = TrainingPath()
         if start is not None:
             self.path.add(int(start[0]), np.asarray(start[1]), float(start[2]), None)
+
+
+def chain_of_saved_runs(saved: list[tuple[str, ChainRun, tuple[Any, ...]]], config: MSMConfig, seed: int, result: Any):
+    """One chain of several runs' saved replicas and training paths (``(run, ChainRun, key)`` as
+    :meth:`ChainRun.load` reads them) on their probe outputs, so runs of different seeds meet where their weights
+    never do: for the largest group of runs with one key (probe set and output coordinates), the fraction of its
+    points in the largest connected set, the replicas' step rules, each run's metastable stages of training, the
+    robustness of its sets and the transition along the first run's path (the ``chain_path_atlas`` figure into
+    ``result``). Returns that summary (empty without runs)."""
+    groups: dict[tuple[Any, ...], list[tuple[str, ChainRun]]] = {}
+    for run, record, key in saved:
+        groups.setdefault(key, []).append((run, record))
+    if not groups:
+        return {}
+    group = max(groups.values(), key=lambda g: sum(len(r.replicas.features) for _, r in g))
+    records = [record for _, record in group]
+    chain, first = chain_of_runs(records, config, seed)
+    info: dict[str, Any] = {"runs": [run for run, _ in group], "points": chain.points, "connected": chain.connected}
+    # the replicas' step rules (lr, momentum): more than one makes the chain one of a mixture of dynamics
+    info["step_rules"] = sorted({rule for record in records for rule in record.replicas.rules}, key=str)
+    if chain.model is None:
+        info["transition"] = {"none": str(chain.transition)}
+        return info
+    info["sets"] = len(chain.model.sets) or 1
+    info["stages"] = dict(zip(info["runs"], stages_of(chain, records, first), strict=True))
+    robustness = chain.robustness
+    if robustness is not None:  # what survives other k-means seeds and state counts, and whether sets are metastable
+        info["robustness"] = {
+            "refits": [list(r) for r in robustness.refits],
+            "set_agreement": robustness.agreement,
+            "robust_sets": robustness.robust_sets(),
+            "transition_agreement": robustness.transition,
+            "metastable": robustness.metastable,
+            "timescales_lags": robustness.timescales,
+        }
+    found = transition_of(chain)
+    if "none" in found:
+        info["transition"] = found
+        return info
+    from lightning_landscape.report.plots import path_atlas_figure
+
+    result.figures["chain_path_atlas"] = path_atlas_figure(found)
+    info["transition"] = {k: found[k] for k in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")}
+    return info

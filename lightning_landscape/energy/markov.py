@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,3 +134,67 @@ def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, 
         "set_flux": net,
         "positions": (weights.T @ centers) / np.maximum(weights.sum(0), np.finfo(float).tiny)[:, None],
     }
+
+
+def sketch_basis(meta: dict[str, Any]) -> tuple[Any, ...]:
+    """What trajectory stores must share for one Markov model of their sketches: sketch size, projection seed,
+    non-zeros per column and parameter count."""
+    size = meta.get("n_params") or sum(int(np.prod(s)) for s in meta.get("shapes", []))
+    return meta.get("k"), meta.get("projection_seed"), meta.get("nnz"), size
+
+
+def model_of_stores(stores: list[Any], config: MSMConfig, seed: int, result: Any) -> dict[str, Any]:
+    """The Markov model of the sketches of the largest group of trajectory ``stores`` that share a
+    :func:`sketch_basis` (training trajectories and replicas of several runs): its figures, sets and arrays into
+    ``result`` (:class:`~lightning_landscape.energy.EnergyResult`), and the transition of the longest training
+    trajectory (from its first point's set to its last's). Returns the summary: trajectories, points, connected
+    fraction (in words when below 0.9), slowest timescale, sets, transition."""
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for store in stores:
+        if len(store.sketches) > 2 * config.lag:
+            groups.setdefault(sketch_basis(store.meta), []).append(store)
+    if not groups:
+        return {}
+    group = max(groups.values(), key=lambda g: sum(len(s.sketches) for s in g))
+    sketches = [s.sketches.astype(np.float64) for s in group]
+    losses = [s.stats.get("loss", np.full(len(s.steps), np.nan))[np.isin(s.steps, s.sketch_steps)] for s in group]
+    fitted = markov_model(sketches, config, {"loss": losses}, seed)
+    summary: dict[str, Any] = {
+        "trajectories": len(group),
+        "points": int(sum(len(s) for s in sketches)),
+        "skipped_trajectories": sum(len(g) for g in groups.values()) - len(group),
+    }
+    if fitted is None:
+        return summary
+    msm = fitted.msm
+    summary.update(
+        slowest_timescale=float(msm.timescales[0]) if len(msm.timescales) else None,
+        metastable_states=len(fitted.sets) or 1,
+        active_states=len(msm.active_set),
+        # points in the largest connected set: runs or triggers that never meet in sketch space are apart
+        active_points=int(sum(np.isin(d, msm.active_set).sum() for d in fitted.dtrajs)),
+    )
+    summary["connected"] = summary["active_points"] / summary["points"]
+    if summary["connected"] < 0.9:
+        summary["disconnected"] = (
+            f"only {summary['connected']:.0%} of the points lie in the largest connected set of this MSM (on the"
+            " parameter sketches): trajectories that never meet in parameter space (other seeds, the replicas of other"
+            " triggers) stay apart, so its sets, timescales and transition describe that set alone. summary['chain']"
+            " (runs with EnergyLandscape) joins them on their probe outputs, where permuted copies of one function"
+            " meet."
+        )
+    result.add_markov(fitted, 1, "recorded points")
+    training = [k for k, s in enumerate(group) if "excursions" not in Path(s.path).parts]
+    if training:  # the longest training path: how it went from its first metastable set to its last
+        k = max(training, key=lambda i: len(sketches[i]))
+        spacing = float(np.median(np.diff(group[k].sketch_steps))) if len(sketches[k]) > 1 else 1.0
+        found = transition_between(fitted, (k, 0), (k, len(fitted.dtrajs[k]) - 1), config.lag * spacing)
+        if isinstance(found, str):
+            summary["transition"] = {"none": found}
+        else:
+            described = transition_summary(fitted, found)
+            result.add_transition(described, "path_atlas", fitted.plane[1])
+            result.arrays.update(forward_committor=found.forward_committor, net_flux=found.net_flux)
+            keys = ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")
+            summary["transition"] = {key: described[key] for key in keys}
+    return summary
