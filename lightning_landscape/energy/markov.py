@@ -67,7 +67,7 @@ def transition_between(
     single-state core is too small to be found again within a lag (rate 35-60% low, counted directly from the
     recorded points as well as from the MSM). At 0.9, with 50 and 100 k-means states, the TPT rate at lag 1 is
     within 12% of the fine-grid reference between the same regions and the upper channel's share of the flux within
-    10% (``tests/test_tpt.py``, 3 seeds)."""
+    10% (``tests/dynamics/test_tpt.py``, 3 seeds)."""
     msm = model.msm
     if msm.metastable_assignment is None:
         return "the chain has a single metastable set"

@@ -12,6 +12,7 @@ from torch import nn
 from lightning_landscape import Objective
 from lightning_landscape.dynamics import markov_state_model, sample_basin
 from lightning_landscape.dynamics.tpt import transition_paths
+from tests.potentials import smoluchowski_timescale
 
 
 def reversible_chain(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,44 +110,6 @@ def test_bad_sets_are_refused_naming_both():
         transition_paths(T, [0, 1], [1])
     with pytest.raises(ValueError, match="must be disjoint, non-empty"):
         transition_paths(T, [], [1])
-
-
-def smoluchowski_timescale(potential, temperature: float, lo: float = -2.2, hi: float = 2.2, n: int = 1200) -> float:
-    """The slowest relaxation time of dx = -U'(x) dt + sqrt(2T) dW: -1/lambda_2 of its generator on a fine grid
-    (square-root approximation, Lie, Fackeldey & Weber 2013: Q_ij = T/h^2 sqrt(pi_j / pi_i) between neighbours)."""
-    x = np.linspace(lo, hi, n)
-    h = x[1] - x[0]
-    log_pi = -potential(x) / temperature
-    q = np.zeros((n, n))
-    for i in range(n - 1):
-        q[i, i + 1] = temperature / h**2 * np.exp(0.5 * (log_pi[i + 1] - log_pi[i]))
-        q[i + 1, i] = temperature / h**2 * np.exp(0.5 * (log_pi[i] - log_pi[i + 1]))
-    q -= np.diag(q.sum(1))
-    sym = np.exp(0.5 * log_pi)[:, None] * q * np.exp(-0.5 * log_pi)[None, :]  # similar, symmetric
-    eigenvalues = np.sort(np.linalg.eigvalsh(0.5 * (sym + sym.T)))[::-1]
-    return -1.0 / eigenvalues[1]
-
-
-def smoluchowski_tpt_mfpt(potential, temperature: float, core: float, lo: float = -2.2, hi: float = 2.2) -> float:
-    """The TPT mean first-passage time (1 / k_AB) of the same generator from the core x < -core to x > core."""
-    x = np.linspace(lo, hi, 1500)
-    h = x[1] - x[0]
-    log_pi = -potential(x) / temperature
-    n = len(x)
-    q = np.zeros((n, n))
-    for i in range(n - 1):
-        q[i, i + 1] = temperature / h**2 * np.exp(0.5 * (log_pi[i + 1] - log_pi[i]))
-        q[i + 1, i] = temperature / h**2 * np.exp(0.5 * (log_pi[i] - log_pi[i + 1]))
-    q -= np.diag(q.sum(1))
-    pi = np.exp(log_pi - log_pi.max())
-    pi /= pi.sum()
-    a, b = x < -core, x > core
-    inner = ~(a | b)
-    plus = np.zeros(n)
-    plus[b] = 1.0
-    plus[inner] = np.linalg.solve(q[np.ix_(inner, inner)], -q[np.ix_(inner, b)].sum(1))
-    flux = (pi[a][:, None] * q[np.ix_(a, ~a)] * plus[~a][None, :]).sum()
-    return float((pi * (1 - plus)).sum() / flux)
 
 
 @pytest.mark.slow

@@ -13,8 +13,7 @@ from torch import nn
 from lightning_landscape import FlatnessMonitor, Objective
 from lightning_landscape.callbacks import FLATNESS_MEASURES
 from lightning_landscape.curvature import hessian_eigenvalues, hessian_trace
-from tests.helpers import loader, tiny_module_class, trainer_for
-from tests.test_observer import assert_identical_runs, fit
+from tests.helpers import assert_identical_runs, fit, loader, tiny_module_class, trainer_for
 
 
 @pytest.mark.slow

@@ -8,41 +8,12 @@ from torch import nn
 from lightning_landscape import Objective
 from lightning_landscape.geometry import interpolate
 from lightning_landscape.geometry.paths import minimum_energy_path
-
-# Mueller & Brown (1979): sum_k A_k exp(a_k (x - x_k)^2 + b_k (x - x_k)(y - y_k) + c_k (y - y_k)^2)
-A = [-200.0, -100.0, -170.0, 15.0]
-a_ = [-1.0, -1.0, -6.5, 0.7]
-b_ = [0.0, 0.0, 11.0, 0.6]
-c_ = [-10.0, -10.0, -6.5, 0.7]
-x0 = [1.0, 0.0, -0.5, -1.0]
-y0 = [0.0, 0.5, 1.5, 1.0]
-# the two deep minima, the intermediate one, and the two saddles between them (Mueller & Brown 1979)
-MIN_A, MIN_B, MIN_C = (-0.558, 1.442, -146.70), (0.623, 0.028, -108.17), (-0.050, 0.467, -80.77)
-SADDLE_1, SADDLE_2 = (-0.822, 0.624, -40.66), (0.212, 0.293, -72.25)
-
-
-def mueller_brown(module, _batch):
-    x, y = module.weight[0, 0], module.weight[0, 1]
-    return sum(
-        A[k] * torch.exp(a_[k] * (x - x0[k]) ** 2 + b_[k] * (x - x0[k]) * (y - y0[k]) + c_[k] * (y - y0[k]) ** 2)
-        for k in range(4)
-    )
-
-
-def kinked_well(module, _batch):
-    """``(x^2 - 1)^2 + |y - 0.3 (1 - x^2)|``: minima (+-1, 0) at loss 0 on a kink of the loss (the gradient does
-    not vanish there, as at the minima of ReLU networks), the saddle (0, 0.3) at loss 1 on the kink too."""
-    x, y = module.weight[0, 0], module.weight[0, 1]
-    return (x**2 - 1) ** 2 + torch.abs(y - 0.3 * (1 - x**2))
+from tests.potentials import MIN_A, MIN_B, MIN_C, SADDLE_1, kinked_well, mueller_brown, point
 
 
 @pytest.fixture(scope="module")
 def potential():
     return Objective(nn.Linear(2, 1, bias=False).double(), [torch.zeros(1)], mueller_brown, dtype=torch.float64)
-
-
-def point(xy):
-    return torch.tensor(xy[:2], dtype=torch.float64)
 
 
 def quench(obj, theta, steps=3000, lr=1e-4):

@@ -22,7 +22,7 @@ from lightning_landscape.examples.fake_data import write_cifar10, write_mnist
 from lightning_landscape.report.dashboard import run_keys
 from tests.helpers import assert_dashboard_covers, offline_wandb_records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

@@ -14,8 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning_landscape import TrajectoryRecorder, TrajectoryStore
 from lightning_landscape.dynamics import SparseProjection, common_projection
 from tests.ddp import run_script
-from tests.helpers import loader, offline_wandb_records, tiny_module_class
-from tests.test_observer import assert_identical_runs, fit
+from tests.helpers import assert_identical_runs, fit, loader, offline_wandb_records, tiny_module_class
 
 
 class ParamHistory(Callback):

@@ -19,8 +19,7 @@ from lightning_landscape.geometry import (
 )
 from lightning_landscape.geometry.slices import AffineInputLayers
 from tests.ddp import run_script
-from tests.helpers import blobs, loader, tiny_module_class, trainer_for
-from tests.test_observer import assert_identical_runs, fit
+from tests.helpers import assert_identical_runs, blobs, fit, loader, tiny_module_class, trainer_for
 
 
 def quadratic(A):

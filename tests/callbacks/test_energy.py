@@ -9,63 +9,20 @@ import pytest
 import torch
 import wandb
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape import EnergyLandscape
-from lightning_landscape.energy import MinimaDatabase, PathConfig, SamplingConfig
+from lightning_landscape.energy import MinimaDatabase, SamplingConfig
 from lightning_landscape.report.dashboard import run_keys
 from tests.ddp import run_script
-from tests.helpers import assert_dashboard_covers, loader, offline_wandb_records, tiny_module_class
-from tests.test_observer import assert_identical_runs, fit
-
-
-class DoubleWell(pl.LightningModule):
-    """L(x, y) = (x^2 - 1)^2 / 2 + 2 y^2: minima (+-1, 0) at loss 0, the saddle (0, 0) at loss 1/2. The outputs are
-    the parameters themselves, so the two minima are two different functions."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor([-1.0, 0.0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w.expand(len(x), 2)
-
-    def training_step(self, batch, batch_idx):
-        (x,) = batch
-        return 0.5 * (self.w[0] ** 2 - 1) ** 2 + 2 * self.w[1] ** 2 + 0 * x.sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.zeros(64, 1)), batch_size=16)
-
-
-def train(callbacks, root, model=None, max_steps=2, logger=None):
-    pl.seed_everything(0)
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=logger if logger is not None else CSVLogger(root),
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(model or DoubleWell())
-    return trainer
-
-
-def well_energy(**overrides) -> EnergyLandscape:
-    """SGLD replicas that hop the double well's barrier about ten times in all, and exact paths."""
-    settings = dict(
-        sampling=SamplingConfig(replicas=8, steps=1500, lr=0.01, temperature=0.5, record_every=5),
-        paths=PathConfig(images=9, steps=400, step_size=0.02),
-        basins={"merge_barrier": 0.1},  # below the barrier (0.5): two basins, joined by a computed path
-        probe={"size": 16, "dtype": torch.float64},
-    )
-    return EnergyLandscape(**{**settings, **overrides})
+from tests.helpers import (
+    assert_dashboard_covers,
+    assert_identical_runs,
+    fit,
+    loader,
+    offline_wandb_records,
+    tiny_module_class,
+)
+from tests.potentials import DoubleWell, train, well_energy
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +343,7 @@ class JumpingWell(DoubleWell):
 @pytest.mark.slow
 def test_one_chain_of_all_triggers_gives_the_transition_from_the_initial_to_the_current_set(tmp_path):
     from lightning_landscape import TrajectoryStore
-    from tests.test_tpt import smoluchowski_tpt_mfpt
+    from tests.potentials import smoluchowski_tpt_mfpt
 
     sampling = SamplingConfig(replicas=16, steps=1000, lr=0.01, temperature=0.25, record_every=5)
     energy = well_energy(every_n_steps=2, at_fit_end=False, sampling=sampling, paths={"max_paths": 0}, msm={"lag": 4})

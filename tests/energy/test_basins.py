@@ -22,7 +22,7 @@ from lightning_landscape.energy import (
     noise_level,
     quench_point,
 )
-from tests.test_energy import train
+from tests.potentials import train
 
 
 class Potential(pl.LightningModule):

@@ -12,7 +12,7 @@ from lightning_landscape import Objective
 from lightning_landscape.dynamics import MinimaDatabase
 from lightning_landscape.dynamics.minima import certify
 from lightning_landscape.energy import QuenchConfig, add_minimum, basins_of, quench_point
-from tests.test_paths import MIN_A, MIN_B, MIN_C, SADDLE_1, SADDLE_2, mueller_brown
+from tests.potentials import MIN_A, MIN_B, MIN_C, SADDLE_1, SADDLE_2, mueller_brown
 
 
 def ridge_well(module, _batch):

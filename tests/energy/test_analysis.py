@@ -13,7 +13,7 @@ import pytest
 from lightning_landscape import TrajectoryRecorder
 from lightning_landscape.cli import main
 from lightning_landscape.energy import SamplingConfig
-from tests.test_energy import train, well_energy
+from tests.potentials import train, well_energy
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def two_runs(tmp_path_factory):
         energy = well_energy(sampling=sampling, paths={"max_paths": 0})
         train([TrajectoryRecorder(sketch_dim=16, sketch_every_n_steps=1), energy], root / f"run-{seed}", max_steps=8)
     config = root / "double_well.yaml"
-    config.write_text("model:\n  class_path: tests.test_energy.DoubleWell\ntrainer:\n  accelerator: cpu\n")
+    config.write_text("model:\n  class_path: tests.potentials.DoubleWell\ntrainer:\n  accelerator: cpu\n")
     return root, config
 
 

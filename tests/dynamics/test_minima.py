@@ -8,7 +8,7 @@ from torch import nn
 from lightning_landscape import Objective
 from lightning_landscape.dynamics import MinimaDatabase, SparseProjection, quench, sample_basin
 from lightning_landscape.geometry.paths import minimum_energy_path
-from tests.test_paths import MIN_A, MIN_C, kinked_well, mueller_brown, point
+from tests.potentials import MIN_A, MIN_C, kinked_well, mueller_brown, point
 
 
 def quadratic(A, targets):

@@ -81,7 +81,7 @@ def test_the_spec_is_recorded_with_every_result(tmp_path):
     meta = json.loads(str(saved["metadata"]))
     assert meta["probe_size"] == 32 and meta["probe_batch_size"] == 8 and meta["probe_seed"] == 4
     assert meta["bn_mode"] == "eval" and meta["dtype"] == "float32" and meta["probe_batches"] is None
-    assert meta["loss_fn"] == "tests.test_probe.summed_loss"
+    assert meta["loss_fn"] == "tests.core.test_probe.summed_loss"
     assert [len(b[0]) for b in monitor.probe_set(trainer)] == [8, 8, 8, 8]
 
 
@@ -106,7 +106,7 @@ class BatchNormNet(pl.LightningModule):
 @pytest.fixture
 def config(tmp_path):
     path = tmp_path / "bn.yaml"
-    path.write_text("model:\n  class_path: tests.test_probe.BatchNormNet\ntrainer:\n  accelerator: cpu\n")
+    path.write_text("model:\n  class_path: tests.core.test_probe.BatchNormNet\ntrainer:\n  accelerator: cpu\n")
     return path
 
 
