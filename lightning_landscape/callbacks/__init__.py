@@ -1,6 +1,6 @@
 """The Lightning callbacks. Each one decides when to run the functional core, on which data and ranks."""
 
-from lightning_landscape.callbacks.base import LandscapeCallback
+from lightning_landscape.callbacks.base import LandscapeCallback, ObserverCallback
 from lightning_landscape.callbacks.energy import EnergyLandscape
 from lightning_landscape.callbacks.flatness import MEASURES as FLATNESS_MEASURES
 from lightning_landscape.callbacks.flatness import FlatnessMonitor, SharpnessConfig, SpectrumConfig
@@ -20,6 +20,7 @@ __all__ = [
     "FlatnessMonitor",
     "LandscapeCallback",
     "LandscapeSampler",
+    "ObserverCallback",
     "SharpnessConfig",
     "SliceConfig",
     "SpectrumConfig",

@@ -51,7 +51,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -60,6 +60,9 @@ from torch import Tensor
 from lightning_landscape.budget import time_up
 from lightning_landscape.dynamics.sketch import SparseProjection
 from lightning_landscape.dynamics.store import TrajectoryStore
+
+if TYPE_CHECKING:
+    from lightning_landscape.objective import Objective
 
 
 def replica_seed(seed: int, replica: int) -> int:
@@ -135,7 +138,7 @@ def step_rule(meta: dict[str, Any]) -> tuple[float | None, float]:
     return meta.get("lr"), meta.get("momentum", 0.0)
 
 
-def _stack_outputs(outputs: list[np.ndarray], probe: Any, theta: Tensor, n: int) -> np.ndarray | None:
+def _stack_outputs(outputs: list[np.ndarray], probe: Objective | None, theta: Tensor, n: int) -> np.ndarray | None:
     if probe is None:
         return None
     if outputs:
@@ -144,7 +147,7 @@ def _stack_outputs(outputs: list[np.ndarray], probe: Any, theta: Tensor, n: int)
 
 
 def sample_basin(
-    objective: Any,
+    objective: Objective,
     theta: Tensor,
     replicas: int | Sequence[int] = 8,
     steps: int = 100,
@@ -154,7 +157,7 @@ def sample_basin(
     seed: int = 0,
     sketch: SparseProjection | None = None,
     record_every: int = 1,
-    probe: Any = None,
+    probe: Objective | None = None,
     momentum: float = 0.0,
 ) -> Excursions:
     """Run replicas of SGD (``temperature=0``) or SGLD from ``theta`` on random batches of ``objective``.

@@ -45,7 +45,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -57,6 +57,9 @@ from torch import Tensor
 from lightning_landscape.budget import time_up
 from lightning_landscape.curvature.lanczos import lanczos_tridiagonal, tridiagonal_eigh
 from lightning_landscape.dynamics.store import _atomic_write
+
+if TYPE_CHECKING:
+    from lightning_landscape.objective import Objective
 
 
 @dataclass
@@ -75,7 +78,7 @@ class Quench:
 
 
 def quench(
-    objective: Any,
+    objective: Objective,
     theta: Tensor,
     method: Literal["lbfgs", "gd"] = "lbfgs",
     max_iter: int = 200,
@@ -211,7 +214,7 @@ class Certificate:
         return self.kind == "minimum"
 
 
-def certify(objective: Any, theta: Tensor, resolution: float, steps: int = 20, seed: int = 0) -> Certificate:
+def certify(objective: Objective, theta: Tensor, resolution: float, steps: int = 20, seed: int = 0) -> Certificate:
     """The certificate of a quenched point: is ``theta`` a minimum, located to the energy ``resolution``?
 
     Two Lanczos runs of at most ``steps`` Hessian-vector products each (the practice of GMIN/OPTIM: a minimum is

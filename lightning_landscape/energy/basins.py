@@ -4,7 +4,7 @@ barriers between them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from lightning_landscape.energy.configs import BasinConfig, PathConfig, QuenchCo
 from lightning_landscape.energy.quench import certificate_fields, energy_resolution, quench_point, set_saddle
 from lightning_landscape.energy.sampling import CrossingNoise, merge_level
 from lightning_landscape.geometry.paths import PathResult, minimum_energy_path
+
+if TYPE_CHECKING:
+    from lightning_landscape.objective import Energy, Objective
 
 
 def record_path(db: MinimaDatabase, i: int, j: int, path: PathResult, **info: Any) -> float:
@@ -32,14 +35,14 @@ def record_path(db: MinimaDatabase, i: int, j: int, path: PathResult, **info: An
     return set_saddle(db, i, j, float(path.losses.max()), n_grad=path.n_grad, **info)
 
 
-def linear_saddle(objective: Any, a: Tensor, b: Tensor, images: int) -> float:
+def linear_saddle(objective: Energy, a: Tensor, b: Tensor, images: int) -> float:
     """The highest loss on the straight line from ``a`` to ``b`` (``images`` points, ends included): an upper
     bound of the saddle between them."""
     ts = torch.linspace(0, 1, images, dtype=a.dtype, device=a.device).unsqueeze(1)
     return float(objective.losses(a + ts * (b - a)).max())
 
 
-def minimum_path(objective: Any, a: Tensor, b: Tensor, config: PathConfig, level: float = 0.0) -> PathResult:
+def minimum_path(objective: Energy, a: Tensor, b: Tensor, config: PathConfig, level: float = 0.0) -> PathResult:
     """The minimum-energy path between ``a`` and ``b`` with ``config``'s settings, resolved to ``config.ftol``
     (default: a tenth of the merge level ``level``)."""
     return minimum_energy_path(
@@ -82,7 +85,7 @@ def _candidate_pairs(
 
 def plan_joins(
     db: MinimaDatabase,
-    objective: Any,
+    objective: Objective,
     found: list[int],
     merge_barrier: float | None,
     basins: BasinConfig,
@@ -130,7 +133,7 @@ def plan_joins(
     return Joining(linear, planned, checks, levels, sorted(refined))
 
 
-def refine_minimum(db: MinimaDatabase, objective: Any, k: int, config: QuenchConfig, resolution: float) -> bool:
+def refine_minimum(db: MinimaDatabase, objective: Objective, k: int, config: QuenchConfig, resolution: float) -> bool:
     """Quench stored minimum ``k`` on, to the energy ``resolution`` (no kicks), and store the result in its place
     (:meth:`MinimaDatabase.relocate`) when it is no higher; returns whether it was stored. It stays certified at the
     resolution it was certified at when the finer one is not reached."""
@@ -180,7 +183,7 @@ def basins_of(db: MinimaDatabase, merge_barrier: float | None = None) -> BasinsR
 
 def join_basins(
     db: MinimaDatabase,
-    objective: Any,
+    objective: Objective,
     found: list[int],
     merge_barrier: float | None,
     paths: PathConfig,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -12,6 +13,9 @@ from torch import Tensor
 
 from lightning_landscape.dynamics.minima import Certificate, MinimaDatabase, certify, quench
 from lightning_landscape.energy.configs import QuenchConfig
+
+if TYPE_CHECKING:
+    from lightning_landscape.objective import Objective
 
 
 @dataclass
@@ -55,11 +59,14 @@ def energy_resolution(ftol: float | None, level: float) -> float:
     return ftol if ftol is not None else level / 10
 
 
+#: whether a float64 quench is affordable on an objective, timed once per objective
+_FLOAT64_AFFORDABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 #: the parameter vectors a certified quench holds: L-BFGS' 10 pairs and a Lanczos basis of 12 for its certificate
 QUENCH_VECTORS = 34
 
 
-def quench_objective(objective: Any, dtype: str = "auto") -> Any:
+def quench_objective(objective: Objective, dtype: str = "auto") -> Objective:
     """The objective quenches and certificates run on (see :attr:`QuenchConfig.dtype`): ``objective`` itself or its
     float64 twin; for ``"auto"``, the twin when a float64 quench (:data:`QUENCH_VECTORS` vectors) fits in memory and
     its loss costs at most 3x the objective's own, timed once (the decision is kept on the objective)."""
@@ -72,7 +79,7 @@ def quench_objective(objective: Any, dtype: str = "auto") -> Any:
     twin = objective.in_dtype(torch.float64)
     if dtype == "float64":
         return twin
-    affordable = objective.__dict__.get("_float64_affordable")
+    affordable = _FLOAT64_AFFORDABLE.get(objective)
     if affordable is None:
         seconds = []
         for candidate in (objective, twin):  # a loss each (the forward's ratio is the gradient's)
@@ -80,12 +87,12 @@ def quench_objective(objective: Any, dtype: str = "auto") -> Any:
             start = time.perf_counter()
             candidate.loss(theta)
             seconds.append(time.perf_counter() - start)
-        affordable = objective.__dict__["_float64_affordable"] = seconds[1] <= 3 * seconds[0]
+        affordable = _FLOAT64_AFFORDABLE[objective] = seconds[1] <= 3 * seconds[0]
     return twin if affordable else objective
 
 
 def quench_point(
-    objective: Any,
+    objective: Objective,
     theta: Tensor,
     config: QuenchConfig,
     level: float = 0.0,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -13,9 +13,12 @@ from lightning_landscape.dynamics.excursions import Excursions, sample_basin
 from lightning_landscape.dynamics.sketch import SparseProjection
 from lightning_landscape.energy.configs import SamplingConfig
 
+if TYPE_CHECKING:
+    from lightning_landscape.objective import Objective
+
 
 def sample(
-    pool: Any,
+    pool: Objective,
     theta: Tensor,
     config: SamplingConfig,
     lr: float,
@@ -23,7 +26,7 @@ def sample(
     replicas: list[int] | None = None,
     seed_offset: int = 0,
     sketch: SparseProjection | None = None,
-    probe: Any = None,
+    probe: Objective | None = None,
     starts: Tensor | None = None,
     momentum: float = 0.0,
 ) -> Excursions:
@@ -66,7 +69,9 @@ class CrossingNoise:
     momentum: float = 0.0
 
     @classmethod
-    def measure(cls, pool: Any, theta: Tensor, lr: float, temperature: float, momentum: float = 0.0) -> CrossingNoise:
+    def measure(
+        cls, pool: Objective, theta: Tensor, lr: float, temperature: float, momentum: float = 0.0
+    ) -> CrossingNoise:
         """The gradients of every batch of ``pool`` at ``theta`` (one gradient pass per batch), centred."""
         if len(pool.batches) < 2:
             return cls(torch.zeros(0, pool.numel), lr, float(temperature), momentum)
@@ -97,7 +102,7 @@ class CrossingNoise:
         return self.along(d / d.norm()) if float(d.norm()) > 0 else self.temperature
 
 
-def noise_level(pool: Any, theta: Tensor, lr: float, temperature: float, momentum: float = 0.0) -> float:
+def noise_level(pool: Objective, theta: Tensor, lr: float, temperature: float, momentum: float = 0.0) -> float:
     """``T + lr tr(Sigma_B) / (4 (1 - momentum))``, the replicas' noise level in loss units (see the module
     docstring); ``tr(Sigma_B)`` from the gradients of the pool's batches at ``theta`` (unbiased over batches)."""
     return CrossingNoise.measure(pool, theta, lr, temperature, momentum).level

@@ -33,11 +33,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning_landscape.objective import Energy
 
 
 @dataclass
@@ -73,13 +76,13 @@ def dips(losses: np.ndarray, depth: float = 0.0) -> list[int]:
     ]
 
 
-def _losses(objective: Any, images: Tensor) -> Tensor:
+def _losses(objective: Energy, images: Tensor) -> Tensor:
     if hasattr(objective, "losses"):
         return objective.losses(images).to(images)
     return torch.stack([objective.loss(x) for x in images])
 
 
-def _grads(objective: Any, images: Tensor) -> Tensor:
+def _grads(objective: Energy, images: Tensor) -> Tensor:
     if hasattr(objective, "grads"):  # all images at once (Objective.grads batches them with vmap when faster)
         return objective.grads(images).to(images)
     return torch.stack([objective.grad(x) for x in images])
@@ -118,7 +121,7 @@ def _tangents(images: Tensor, energies: Tensor) -> Tensor:
     return tau
 
 
-def _curvature(objective: Any, ends: tuple[Tensor, Tensor]) -> float:
+def _curvature(objective: Energy, ends: tuple[Tensor, Tensor]) -> float:
     """The largest Hessian eigenvalue at the ends, from a few Lanczos products (1e4 without Hessian-vector products,
     which makes the derived step small and the springs stiff: safe, if slow)."""
     if not hasattr(objective, "hvp"):
@@ -176,7 +179,9 @@ class _Fire:
             )
 
 
-def _descend(objective: Any, theta: Tensor, fire: _Fire, n_steps: int, tol: float, scale: float) -> tuple[Tensor, int]:
+def _descend(
+    objective: Energy, theta: Tensor, fire: _Fire, n_steps: int, tol: float, scale: float
+) -> tuple[Tensor, int]:
     """FIRE on ``L`` from ``theta`` until ``|grad L| <= tol * scale``: an intermediate minimum of a path."""
     grad = objective.grad(theta)
     used = 1
@@ -194,7 +199,7 @@ def _descend(objective: Any, theta: Tensor, fire: _Fire, n_steps: int, tol: floa
 
 
 def minimum_energy_path(
-    objective: Any,
+    objective: Energy,
     theta_a: Tensor,
     theta_b: Tensor,
     n_images: int = 15,
