@@ -173,3 +173,35 @@ __all__ = [
     "time_left",
     "time_up",
 ]
+
+
+class PassCount:
+    """The batch passes (forward and backward) that objectives have spent since it was made: :meth:`local` on this
+    rank, :meth:`total` summed over ranks (a collective), for ``Budget.passes``.
+
+    Example::
+
+        >>> from types import SimpleNamespace
+        >>> objective = SimpleNamespace(passes={"forward": 3, "backward": 1})
+        >>> count = PassCount(objective)
+        >>> objective.passes["forward"] += 2
+        >>> count.local()
+        2
+    """
+
+    def __init__(self, *objectives: Any) -> None:
+        self.marks = [(o, self._spent(o)) for o in objectives]
+
+    @staticmethod
+    def _spent(objective: Any) -> int:
+        return objective.passes["forward"] + objective.passes["backward"]
+
+    def local(self) -> int:
+        return sum(self._spent(o) - mark for o, mark in self.marks)
+
+    def total(self, strategy: Any) -> int:
+        import torch
+
+        from lightning_landscape import distributed
+
+        return int(distributed.reduce_sum(strategy, torch.tensor(float(self.local()))).item())

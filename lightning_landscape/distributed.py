@@ -146,6 +146,31 @@ def agreed(strategy: Any, stage: str) -> Iterator[None]:
         raise failure
 
 
+def in_rounds(strategy: Any, n: int, work: Any, go_on: Any, stage: str) -> list[Any]:
+    """``work(i)`` for every ``i < n``, one item per rank per round, while ``go_on(first item of the round)`` (a
+    decision every rank takes alike, e.g. rank 0's, broadcast); each round :func:`agreed`, so that a failure on any
+    rank raises on all; every result but None, in item order, on every rank.
+
+    Example (one process)::
+
+        >>> from types import SimpleNamespace
+        >>> single = SimpleNamespace(global_rank=0, world_size=1)
+        >>> in_rounds(single, 5, lambda i: i * i, lambda first: first < 3, "squares")
+        [0, 1, 4]
+    """
+    rank, world_size = world(strategy)
+    results: list[Any] = []
+    for first in range(0, n, world_size):
+        if not go_on(first):
+            break
+        mine = None
+        with agreed(strategy, stage):
+            if first + rank < n:
+                mine = work(first + rank)
+        results += [r for r in gather_objects(strategy, mine) if r is not None]
+    return results
+
+
 class ShardedObjective:
     """Rank 0's view of an objective whose probe set is split over ranks; the other ranks serve it.
 

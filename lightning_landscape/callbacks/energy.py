@@ -41,7 +41,7 @@ from typing_extensions import override
 
 from lightning_landscape import budget as clock
 from lightning_landscape import distributed
-from lightning_landscape.budget import Budget
+from lightning_landscape.budget import Budget, PassCount
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
 from lightning_landscape.checks import as_config, check_float
 from lightning_landscape.dynamics import Excursions, MinimaDatabase, SparseProjection
@@ -61,10 +61,6 @@ from lightning_landscape.report.logged import Logged
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-
-def _passes(objective: Objective) -> int:
-    return objective.passes["forward"] + objective.passes["backward"]
 
 
 def _map_style(trainer: pl.Trainer) -> bool:
@@ -96,7 +92,7 @@ class _Work:
     lr: float
     momentum: float
     sketch: SparseProjection
-    spend: list[tuple[Objective, int]]
+    spend: PassCount
     start: float
     noise: CrossingNoise | None = None
     level: float = 0.0
@@ -401,14 +397,9 @@ class EnergyLandscape(LandscapeCallback):
             ) from err
 
     # ------------------------------------------------------------------ budget
-    def _passes(self, trainer: pl.Trainer, spend: list[tuple[Objective, int]]) -> int:
-        """Batch passes spent this trigger by each objective since its mark, summed over ranks (a collective)."""
-        local = sum(_passes(o) - mark for o, mark in spend)
-        return int(distributed.reduce_sum(trainer.strategy, torch.tensor(float(local))).item())
-
-    def _may_continue(self, trainer: pl.Trainer, spend: list[tuple[Objective, int]]) -> bool:
-        """Rank 0's decision, on every rank: is any budget left?"""
-        passes = self._passes(trainer, spend)
+    def _may_continue(self, trainer: pl.Trainer, spend: PassCount) -> bool:
+        """Rank 0's decision, on every rank: is any budget left (batch passes summed over ranks, and time)?"""
+        passes = spend.total(trainer.strategy)
         left = (self.budget.passes is None or passes < self.budget.passes) and self.time_left() > 0
         return bool(distributed.broadcast(trainer.strategy, left))
 
@@ -445,22 +436,18 @@ class EnergyLandscape(LandscapeCallback):
         spec = self.probe
         return Objective(pl_module, self._pool, spec.loss_fn, bn_mode=spec.bn_mode, dtype=spec.dtype)
 
-    def _rounds(self, trainer: pl.Trainer, n: int, stage: str, work: Any, go_on: Any) -> list[Any]:
-        """``work(i)`` for ``i < n``, one item per rank per round, while ``go_on(first item of the round)`` (the same
-        decision on every rank); every result, in order, on every rank."""
-        rank, world_size = distributed.world(trainer.strategy)
-        results: list[Any] = []
-        for first in range(0, n, world_size):
-            if not go_on(first):
-                break
-            mine = None
-            with self.stage(trainer, stage):
-                if first + rank < n:
-                    mine = work(first + rank)
-            results += [r for r in distributed.gather_objects(trainer.strategy, mine) if r is not None]
-        return results
+    def _rounds(
+        self, trainer: pl.Trainer, n: int, stage: str, work: Any, spend: PassCount, first_always: bool = False
+    ) -> list[Any]:
+        """``work(i)`` for ``i < n`` split over ranks (:func:`~lightning_landscape.distributed.in_rounds`) while the
+        budget lasts (with ``first_always``, the first round in any case)."""
 
-    def _replica_rounds(self, trainer: pl.Trainer, spend: list, run: Any) -> list[Excursions]:
+        def go_on(first: int) -> bool:
+            return (first_always and first == 0) or self._may_continue(trainer, spend)
+
+        return distributed.in_rounds(trainer.strategy, n, work, go_on, f"EnergyLandscape stage {stage!r}")
+
+    def _replica_rounds(self, trainer: pl.Trainer, spend: PassCount, run: Any) -> list[Excursions]:
         """The replicas in rounds while the budget lasts, each rank running its share of a round together
         (:func:`sample_basin` steps them in one vmapped call): one replica per rank first, then as many per rank as
         the budget left is estimated to allow from what the first cost (all the rest, without a budget). The
@@ -477,7 +464,7 @@ class EnergyLandscape(LandscapeCallback):
             if not distributed.broadcast(trainer.strategy, done == 0 or stage_left() > 0):
                 break
             ids = list(range(done, min(total, done + per_rank * world)))
-            began, passes = time.perf_counter(), self._passes(trainer, spend)
+            began, passes = time.perf_counter(), spend.total(trainer.strategy)
             mine = None
             with self.stage(trainer, "basin sampling"), clock.deadline(stage_left(), trainer):
                 if ids[rank::world]:
@@ -487,12 +474,12 @@ class EnergyLandscape(LandscapeCallback):
             affordable = float(total - done)  # replicas the budget left allows, at the cost of this round's
             seconds, spent = (
                 (time.perf_counter() - began) / len(ids),
-                (self._passes(trainer, spend) - passes) / len(ids),
+                (spend.total(trainer.strategy) - passes) / len(ids),
             )
             if math.isfinite(stage_left()):
                 affordable = min(affordable, stage_left() / max(seconds, 1e-9))
             if self.budget.passes is not None:
-                affordable = min(affordable, (self.budget.passes - self._passes(trainer, spend)) / max(spent, 1.0))
+                affordable = min(affordable, (self.budget.passes - spend.total(trainer.strategy)) / max(spent, 1.0))
             per_rank = int(distributed.broadcast(trainer.strategy, max(1, int(affordable // world))))
         return results
 
@@ -512,7 +499,7 @@ class EnergyLandscape(LandscapeCallback):
         excursions, restarts = self._sample(trainer, pl_module, work)
         quenched = self._quench(trainer, work, excursions)
         joining = self._join(trainer, work, quenched, excursions)
-        passes = self._passes(trainer, work.spend)
+        passes = work.spend.total(trainer.strategy)
         if trainer.is_global_zero:
             result = self._conclude(trainer, work, excursions, restarts, quenched, joining, passes)
             result.write(self.reporter, step)
@@ -526,7 +513,7 @@ class EnergyLandscape(LandscapeCallback):
             probe.set_l2(l2)
             pool.set_l2(l2)
             sketch = self._projection(trainer, pl_module, probe.theta0)
-            spend = [(probe, _passes(probe)), (pool, _passes(pool))]
+            spend = PassCount(probe, pool)
             return _Work(step, probe, pool, probe.theta0, lr, momentum, sketch, spend, time.perf_counter())
 
     def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, work: _Work) -> tuple[Excursions, dict]:
@@ -592,13 +579,8 @@ class EnergyLandscape(LandscapeCallback):
                 )
         level = self.basins.merge_barrier if work.noise is None else work.noise.level
         work.level = float(distributed.broadcast(trainer.strategy, level))
-        quenched = self._rounds(
-            trainer,
-            len(candidates),
-            "minima",
-            lambda i: quench_point(work.probe, candidates[i].to(work.x0), self.quench, work.level),
-            lambda first: first == 0 or self._may_continue(trainer, work.spend),
-        )
+        quench = lambda i: quench_point(work.probe, candidates[i].to(work.x0), self.quench, work.level)  # noqa: E731
+        quenched = self._rounds(trainer, len(candidates), "minima", quench, work.spend, first_always=True)
         self.advance("minima")
         return quenched
 
@@ -639,9 +621,7 @@ class EnergyLandscape(LandscapeCallback):
             i, j, a, b = plan[k]
             return i, j, minimum_path(work.probe, a.to(work.x0), b.to(work.x0), self.paths, work.level)
 
-        found_paths = self._rounds(
-            trainer, len(plan), "paths", path, lambda first: self._may_continue(trainer, work.spend)
-        )
+        found_paths = self._rounds(trainer, len(plan), "paths", path, work.spend)
         self.advance("paths")
         return (*joined, found_paths)
 
@@ -659,7 +639,7 @@ class EnergyLandscape(LandscapeCallback):
         triggers, as one :class:`~lightning_landscape.energy.EnergyResult`."""
         db, current, new_minima, joins, found_paths = joining
         probe, step, fixed = work.probe, work.step, self.basins.merge_barrier
-        mark = _passes(probe)
+        rank_zero = PassCount(probe)  # what rank 0 spends alone from here
         configs = (self.basins, self.paths, self.quench)
         dipped, more = trigger.follow_paths(db, probe, found_paths, joins, configs, work.level, fixed, work.noise, step)
         basins = basins_of(db, fixed)
@@ -667,7 +647,7 @@ class EnergyLandscape(LandscapeCallback):
         if warning is not None and not self._warned_quenches:
             self._warned_quenches = True
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        passes += _passes(probe) - mark
+        passes += rank_zero.local()
         result = EnergyResult()
         barrier = trigger.barrier_between(db, current, self.previous_minimum)
         if barrier is not None:

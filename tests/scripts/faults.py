@@ -46,7 +46,7 @@ FAULTS = {
         ("lightning_landscape.dynamics.minima", "MinimaDatabase.add", 0),
         ("lightning_landscape.callbacks.energy", "plan_joins", 0),
         ("lightning_landscape.callbacks.energy", "minimum_path", 1),
-        ("lightning_landscape.callbacks.energy", "markov_model", 0),  # warned about, the trigger stands
+        ("lightning_landscape.energy.trigger", "markov_model", 0),  # warned about, the trigger stands
     ],
     "batchnorm": [],
 }
