@@ -19,7 +19,7 @@ from lightning_landscape.energy.markov import MarkovModel, markov_model
 from lightning_landscape.energy.quench import Minimum, add_minimum, energy_resolution, quench_point
 from lightning_landscape.energy.sampling import CrossingNoise
 from lightning_landscape.geometry.paths import PathResult, dips
-from lightning_landscape.objective import Energy
+from lightning_landscape.objective import Objective
 from lightning_landscape.probe import probe_accuracy
 
 
@@ -58,7 +58,7 @@ def admit_all(
 
 def follow_paths(
     db: MinimaDatabase,
-    probe: Energy,
+    probe: Objective,
     paths: list[tuple[int, int, PathResult]],
     joins: Joining,
     configs: tuple[BasinConfig, PathConfig, QuenchConfig],
