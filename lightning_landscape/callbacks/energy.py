@@ -32,7 +32,6 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,13 +43,14 @@ from lightning_landscape import distributed
 from lightning_landscape.budget import Budget, PassCount
 from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_size
 from lightning_landscape.checks import as_config, check_float
-from lightning_landscape.dynamics import Excursions, MinimaDatabase, SparseProjection
+from lightning_landscape.dynamics import Excursions, SparseProjection
 from lightning_landscape.energy import plan, trigger
 from lightning_landscape.energy.basins import basins_of, minimum_path, plan_joins
 from lightning_landscape.energy.chain import TriggerChain, restart_points
 from lightning_landscape.energy.configs import BasinConfig, MSMConfig, PathConfig, QuenchConfig, SamplingConfig
 from lightning_landscape.energy.quench import Minimum, quench_point
 from lightning_landscape.energy.result import EnergyResult
+from lightning_landscape.energy.run_minima import RunMinima
 from lightning_landscape.energy.sampling import CrossingNoise, sample
 from lightning_landscape.geometry.paths import PathResult
 from lightning_landscape.guard import preserve_state
@@ -249,9 +249,8 @@ class EnergyLandscape(LandscapeCallback):
     @override
     def reset(self) -> None:
         super().reset()
-        self.previous_minimum: int | None = None
-        self.minima_dir: str | None = None  # kept in checkpoints: a resumed run continues the same database
-        self.minima_names: list[str] | None = None  # the parameters its minima are vectors of
+        #: rank 0: the run's minima database across triggers
+        self.minima = RunMinima(self.quench.dedup_tol)
         self._resumed = False
         self.history: list[dict[str, Any]] = []
         self._pool: list[Any] | None = None
@@ -309,7 +308,7 @@ class EnergyLandscape(LandscapeCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if self._resumed and trainer.is_global_zero:
-            self._carry_minima(trainer.global_step)
+            self.minima.resume(self.reporter.run_dir, trainer.global_step)
         self._resumed = False
         self._record_path(trainer, pl_module, always=True)  # the chain's start (a resumed run: where it resumes)
 
@@ -354,25 +353,6 @@ class EnergyLandscape(LandscapeCallback):
             stacklevel=3,
         )
         self.reporter.event("failures", {"step": step, "stage": stage, "error": message})
-
-    def _carry_minima(self, step: int) -> None:
-        """A resumed run continues the checkpoint's minima database in its own folder, rolled back to the
-        checkpoint's step (minima and visits of the abandoned timeline are dropped); the checkpoint's folder is
-        only read, unless it is this run's own."""
-        source = Path(self.minima_dir) if self.minima_dir else None
-        target = self.reporter.run_dir / "minima"
-        if source is None or not (source / "minima.json").exists():
-            self.minima_dir, self.previous_minimum = None, None
-            return
-        if source.resolve() != target.resolve():
-            if target.exists():
-                target = target.with_name(f"minima-resumed-step{step}")
-            MinimaDatabase(source).copy_to(target)
-        db = MinimaDatabase(target)
-        db.rollback(step)
-        self.minima_dir = str(target)
-        if self.previous_minimum is not None and self.previous_minimum >= len(db):
-            self.previous_minimum = None
 
     @override
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -591,10 +571,11 @@ class EnergyLandscape(LandscapeCallback):
         plan, joined = None, (None, None, 0, None)
         with self.stage(trainer, "minima database"):
             if trainer.is_global_zero:
-                db = self._database(work.probe, work.step)
+                meta, names = {**work.probe.metadata, **self.probe_metadata}, list(work.probe.layout.names)
+                db = self.minima.open(self.reporter.run_dir, meta, names, work.step)
                 sources = ["training", *(f"replica {r}" for r in excursions.replica_ids)][: len(quenched)]
                 ids, new_minima = trigger.admit_all(db, quenched, sources, work.probe.batches, work.step)
-                current, previous = ids[0] if ids else None, self.previous_minimum
+                current, previous = ids[0] if ids else None, self.minima.previous
                 first = (
                     []
                     if None in (previous, current) or previous == current
@@ -649,10 +630,10 @@ class EnergyLandscape(LandscapeCallback):
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
         passes += rank_zero.local()
         result = EnergyResult()
-        barrier = trigger.barrier_between(db, current, self.previous_minimum)
+        barrier = trigger.barrier_between(db, current, self.minima.previous)
         if barrier is not None:
             result.scalars["barrier_previous"] = barrier
-        self.previous_minimum = current
+        self.minima.previous = current
         self.advance("basins")
         try:
             every = self.sampling.record_every
@@ -709,32 +690,10 @@ class EnergyLandscape(LandscapeCallback):
         }
         return result
 
-    def _database(self, probe: Objective, step: int) -> MinimaDatabase:
-        """Rank 0: the run's minima database; a new one when the trainable parameters or the weight decay changed
-        (minima of another parameter space or energy cannot be compared with the old ones)."""
-        meta = {**probe.metadata, **self.probe_metadata}
-        names = list(probe.layout.names)
-        exists = self.minima_dir is not None and Path(self.minima_dir).exists()
-        changed = self.minima_names not in (None, names)
-        changed = changed or (exists and MinimaDatabase(self.minima_dir).meta.get("l2", 0.0) != meta["l2"])
-        if changed and exists:
-            warnings.warn(
-                f"lightning-landscape: the trainable parameters or the weight decay changed before step {step} (e.g."
-                " layers unfrozen); EnergyLandscape starts a new minima database, since minima of another parameter"
-                " space or energy cannot be compared with the old ones.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.minima_dir = None
-        if self.minima_dir is None or not Path(self.minima_dir).exists():
-            folder = self.reporter.run_dir / "minima"
-            self.minima_dir = str(folder if not folder.exists() else folder.with_name(f"minima-step{step}"))
-            self.previous_minimum = None
-        self.minima_names = names
-        db = MinimaDatabase(self.minima_dir, tol=self.quench.dedup_tol, meta=meta)
-        if self.previous_minimum is not None and self.previous_minimum >= len(db):
-            self.previous_minimum = None
-        return db
+    @property
+    def minima_dir(self) -> str | None:
+        """The folder of the run's minima database (:class:`~lightning_landscape.energy.run_minima.RunMinima`)."""
+        return self.minima.folder
 
     def _restarts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> dict[int, Any]:
         """Rank 0: which replicas restart, and where (:func:`restart_points` over the candidates, least-visited
@@ -787,9 +746,7 @@ class EnergyLandscape(LandscapeCallback):
         return {
             **super().state_dict(),
             "history": self.history,
-            "previous_minimum": self.previous_minimum,
-            "minima_dir": self.minima_dir,
-            "minima_names": self.minima_names,
+            **self.minima.state_dict(),
             **self.chain.state_dict(),
         }
 
@@ -797,8 +754,6 @@ class EnergyLandscape(LandscapeCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.history = list(state_dict.get("history", []))
-        self.previous_minimum = state_dict.get("previous_minimum")
-        self.minima_dir = state_dict.get("minima_dir", self.minima_dir)
+        self.minima.load_state_dict(state_dict)
         self._resumed = True
-        self.minima_names = state_dict.get("minima_names", self.minima_names)
         self.chain.load_state_dict(state_dict)
