@@ -45,7 +45,7 @@ from lightning_landscape.callbacks.base import LandscapeCallback, global_batch_s
 from lightning_landscape.checks import as_config, check_float
 from lightning_landscape.dynamics import Excursions, SparseProjection
 from lightning_landscape.energy import plan, trigger
-from lightning_landscape.energy.basins import basins_of, minimum_path, plan_joins
+from lightning_landscape.energy.basins import minimum_path, plan_joins
 from lightning_landscape.energy.chain import TriggerChain, restart_points
 from lightning_landscape.energy.configs import BasinConfig, MSMConfig, PathConfig, QuenchConfig, SamplingConfig
 from lightning_landscape.energy.quench import Minimum, quench_point
@@ -619,20 +619,24 @@ class EnergyLandscape(LandscapeCallback):
         """4. Rank 0: the dips along the paths, the basins, this trigger's Markov model and the chain of all
         triggers, as one :class:`~lightning_landscape.energy.EnergyResult`."""
         db, current, new_minima, joins, found_paths = joining
-        probe, step, fixed = work.probe, work.step, self.basins.merge_barrier
-        rank_zero = PassCount(probe)  # what rank 0 spends alone from here
-        configs = (self.basins, self.paths, self.quench)
-        dipped, more = trigger.follow_paths(db, probe, found_paths, joins, configs, work.level, fixed, work.noise, step)
-        basins = basins_of(db, fixed)
-        warning = trigger.unconverged_warning(quenched, work.level, self.quench, probe.l2, step)
+        step, rank_zero = work.step, PassCount(work.probe)  # what rank 0 spends alone from here
+        result, warning = trigger.minima_result(
+            db,
+            work.probe,
+            quenched,
+            found_paths,
+            joins,
+            (self.basins, self.paths, self.quench),
+            level=work.level,
+            noise=work.noise,
+            step=step,
+            current=current,
+            previous=self.minima.previous,
+            new_minima=new_minima,
+        )
         if warning is not None and not self._warned_quenches:
             self._warned_quenches = True
             warnings.warn(warning, RuntimeWarning, stacklevel=2)
-        passes += rank_zero.local()
-        result = EnergyResult()
-        barrier = trigger.barrier_between(db, current, self.minima.previous)
-        if barrier is not None:
-            result.scalars["barrier_previous"] = barrier
         self.minima.previous = current
         self.advance("basins")
         try:
@@ -658,35 +662,23 @@ class EnergyLandscape(LandscapeCallback):
             standing = "this trigger's results are still reported."
             self._part_failed(step, "chain", "fit the chain of all triggers", err, standing)
         self.advance("Markov state model")
-        result.add_minima(db, basins, f"at step {step}")
-        result.add_paths(found_paths)
         self.advance("disconnectivity graph")
         result.scalars.update(self._timings)
-        result.scalars.update(trigger.quench_scalars(quenched))
-        result.scalars.update(trigger.path_scalars(found_paths, [joins] + ([more] if more is not None else [])))
         result.scalars.update(
-            new_minima=new_minima + dipped,
-            n_minima=len(db),
-            n_basins=basins.n_basins,
-            current_basin=int(basins.labels[current]) if current is not None else -1,
-            noise_level=work.level,
-            minima_certified=sum(db.certified),
             replicas_run=len(excursions.replica_ids),
-            spent_passes=passes,
+            spent_passes=passes + rank_zero.local(),
             spent_seconds=time.perf_counter() - work.start,
         )
-        if fixed is not None:
-            result.scalars["merge_barrier"] = fixed
         self.history.append({"step": step, **result.scalars, "restarted_from": work.restarted_from})
         result.metadata = {
-            **probe.metadata,
+            **work.probe.metadata,
             **self.probe_metadata,
             "step": step,
             "lag_steps": self.msm.lag * self.sampling.record_every,
             "temperature": self.sampling.temperature,
             "seed": self.sampling.seed,
             "features": self.msm.features,
-            "merge_barrier": fixed,  # None: each pair at the noise along it
+            "merge_barrier": self.basins.merge_barrier,  # None: each pair at the noise along it
         }
         return result
 

@@ -13,10 +13,11 @@ import numpy as np
 
 from lightning_landscape.dynamics.excursions import Excursions
 from lightning_landscape.dynamics.minima import MinimaDatabase
-from lightning_landscape.energy.basins import Joining, plan_joins, record_path
+from lightning_landscape.energy.basins import Joining, basins_of, plan_joins, record_path
 from lightning_landscape.energy.configs import BasinConfig, MSMConfig, PathConfig, QuenchConfig
 from lightning_landscape.energy.markov import MarkovModel, markov_model
 from lightning_landscape.energy.quench import Minimum, add_minimum, energy_resolution, quench_point
+from lightning_landscape.energy.result import EnergyResult
 from lightning_landscape.energy.sampling import CrossingNoise
 from lightning_landscape.geometry.paths import PathResult, dips
 from lightning_landscape.objective import Objective
@@ -175,3 +176,48 @@ def replica_model(
     if len(model.msm.timescales):
         scalars["slowest_timescale"] = float(model.msm.timescales[0]) * every
     return model, scalars
+
+
+def minima_result(
+    db: MinimaDatabase,
+    probe: Objective,
+    quenched: list[Minimum],
+    paths: list[tuple[int, int, PathResult]],
+    joins: Joining,
+    configs: tuple[BasinConfig, PathConfig, QuenchConfig],
+    *,
+    level: float,
+    noise: CrossingNoise | None,
+    step: int,
+    current: int | None,
+    previous: int | None,
+    new_minima: int,
+) -> tuple[EnergyResult, str | None]:
+    """Rank 0, once a trigger's paths are in: the dips along them followed (:func:`follow_paths`), the basins at
+    ``configs[0].merge_barrier`` (None: each pair at the noise along it), and the trigger's
+    :class:`~lightning_landscape.energy.EnergyResult` with the minima, basins and barriers tables, the
+    disconnectivity graph, the paths figure and the scalars of the quenches, joins and database (``current``: this
+    trigger's minimum, ``previous``: the last trigger's, ``new_minima``: those the quenches added); with the
+    unconverged-quench warning (None when most quenches converged)."""
+    merge_barrier = configs[0].merge_barrier
+    dipped, more = follow_paths(db, probe, paths, joins, configs, level, merge_barrier, noise, step)
+    basins = basins_of(db, merge_barrier)
+    result = EnergyResult()
+    barrier = barrier_between(db, current, previous)
+    if barrier is not None:
+        result.scalars["barrier_previous"] = barrier
+    result.add_minima(db, basins, f"at step {step}")
+    result.add_paths(paths)
+    result.scalars.update(quench_scalars(quenched))
+    result.scalars.update(path_scalars(paths, [joins] + ([more] if more is not None else [])))
+    result.scalars.update(
+        new_minima=new_minima + dipped,
+        n_minima=len(db),
+        n_basins=basins.n_basins,
+        current_basin=int(basins.labels[current]) if current is not None else -1,
+        noise_level=level,
+        minima_certified=sum(db.certified),
+    )
+    if merge_barrier is not None:
+        result.scalars["merge_barrier"] = merge_barrier
+    return result, unconverged_warning(quenched, level, configs[2], probe.l2, step)
