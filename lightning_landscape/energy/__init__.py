@@ -60,11 +60,20 @@ from __future__ import annotations
 from lightning_landscape.budget import Budget
 from lightning_landscape.dynamics.minima import MinimaDatabase
 from lightning_landscape.energy.basins import BasinsResult, Joining, basins_of, join_basins, plan_joins
-from lightning_landscape.energy.chain import Chain, ChainRun, TrainingPath, chain_of, chain_of_runs, read_replicas
+from lightning_landscape.energy.chain import (
+    Chain,
+    ChainRun,
+    TrainingPath,
+    TriggerChain,
+    chain_of,
+    chain_of_runs,
+    read_replicas,
+)
 from lightning_landscape.energy.configs import BasinConfig, MSMConfig, PathConfig, QuenchConfig, SamplingConfig
 from lightning_landscape.energy.markov import MarkovModel, markov_model, transition_between, transition_summary
 from lightning_landscape.energy.quench import Minimum, add_minimum, quench_point
 from lightning_landscape.energy.result import EnergyResult
+from lightning_landscape.energy.run_minima import RunMinima
 from lightning_landscape.energy.sampling import CrossingNoise, noise_level, sample
 
 __all__ = [
@@ -82,8 +91,10 @@ __all__ = [
     "Minimum",
     "PathConfig",
     "QuenchConfig",
+    "RunMinima",
     "SamplingConfig",
     "TrainingPath",
+    "TriggerChain",
     "add_minimum",
     "basins_of",
     "chain_of",
