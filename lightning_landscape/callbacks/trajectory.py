@@ -262,11 +262,11 @@ class TrajectoryRecorder(ObserverCallback):
 
     def trainable_snapshot(self, name: int | str, pl_module: pl.LightningModule) -> np.ndarray | None:
         """The module's trainable parameters in snapshot ``name`` (None when the module has changed since)."""
-        flat = np.asarray(self.store.snapshot(name))
+        flat = torch.from_numpy(np.array(self.store.snapshot(name)))  # a copy: the stored file stays read-only
         everything = ParameterLayout.from_module(pl_module, trainable_only=False)
         if flat.shape != (everything.numel,):
             return None
-        return np.concatenate([flat[everything.slices()[n]] for n in ParameterLayout.from_module(pl_module).names])
+        return everything.select(flat, ParameterLayout.from_module(pl_module)).numpy()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -18,7 +18,7 @@ from lightning_landscape.dynamics.msm import (
 )
 from lightning_landscape.dynamics.tpt import TransitionPaths
 from lightning_landscape.energy.configs import MSMConfig
-from lightning_landscape.energy.markov import MarkovModel, markov_model, transition_between
+from lightning_landscape.energy.markov import TRANSITION_KEYS, MarkovModel, markov_model, transition_between
 from lightning_landscape.energy.result import STAGE_COLUMNS
 
 
@@ -574,5 +574,5 @@ def chain_of_saved_runs(saved: list[tuple[str, ChainRun, tuple[Any, ...]]], conf
     from lightning_landscape.report.plots import path_atlas_figure
 
     result.figures["chain_path_atlas"] = path_atlas_figure(found)
-    info["transition"] = {k: found[k] for k in ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")}
+    info["transition"] = {k: found[k] for k in TRANSITION_KEYS}
     return info

@@ -88,6 +88,10 @@ def transition_between(
     return found
 
 
+#: what a summary reports of a transition (:func:`transition_summary`)
+TRANSITION_KEYS = ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")
+
+
 def transition_summary(model: MarkovModel, found: TransitionPaths) -> dict[str, Any]:
     """What a transition says at the level of metastable sets: ``source_set``, ``target_set``, ``rate_per_step``,
     ``mfpt_steps``, ``set_flux`` (the net reactive flux between sets: the states' net flux summed over set
@@ -195,6 +199,5 @@ def model_of_stores(stores: list[Any], config: MSMConfig, seed: int, result: Any
             described = transition_summary(fitted, found)
             result.add_transition(described, "path_atlas", fitted.plane[1])
             result.arrays.update(forward_committor=found.forward_committor, net_flux=found.net_flux)
-            keys = ("source_set", "target_set", "rate_per_step", "mfpt_steps", "pathways")
-            summary["transition"] = {key: described[key] for key in keys}
+            summary["transition"] = {key: described[key] for key in TRANSITION_KEYS}
     return summary

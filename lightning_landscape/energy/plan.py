@@ -20,7 +20,7 @@ import torch
 
 from lightning_landscape.energy.configs import PathConfig
 from lightning_landscape.energy.quench import QUENCH_VECTORS
-from lightning_landscape.objective import Objective, map_tensors
+from lightning_landscape.objective import Objective, batch_size_of, map_tensors
 from lightning_landscape.probe import ProbeSpec
 
 #: a trigger's least work, in gradients on the probe set: the current point's quench (about 40 gradients) and its
@@ -82,7 +82,6 @@ def plan_probe(
 
     The first call's one-off costs are paid on two samples before the timing."""
     from lightning_landscape.curvature.memory import HVP_GRAPH_FACTOR, free_bytes, graph_bytes
-    from lightning_landscape.objective import batch_size_of
 
     size, n = spec.size, sum(batch_size_of(b) for b in sample)
     objective = Objective(module, sample, spec.loss_fn, bn_mode=spec.bn_mode, dtype=spec.dtype)
